@@ -1,0 +1,44 @@
+"""Named errors: part of diffstudio's interface (ARCHITECTURE.md, principle 9).
+
+Every message says what went wrong *and* what the user can do about it.
+"""
+
+
+class DiffstudioError(Exception):
+    """Base class of every error diffstudio raises on purpose."""
+
+
+class ModelNotFoundError(DiffstudioError, FileNotFoundError):
+    """A path does not exist, or a folder holds no model file diffstudio can read."""
+
+
+class UnsupportedFormatError(DiffstudioError, ValueError):
+    """A file whose format diffstudio does not read (by extension and magic bytes)."""
+
+
+class CorruptFileError(DiffstudioError, ValueError):
+    """A file that claims a known format but is empty, truncated or malformed."""
+
+
+class UnsafeCheckpointError(DiffstudioError):
+    """A pickle-based checkpoint that would execute code or build non-tensor objects.
+
+    diffstudio only unpickles with ``torch.load(weights_only=True)``; nothing in a
+    refused file is ever run.
+    """
+
+
+class UnknownModelError(DiffstudioError, ValueError):
+    """A state dict that matches no family/component record. Never guessed."""
+
+
+class ConversionError(DiffstudioError, ValueError):
+    """A layout conversion left keys unconsumed, missed keys or changed shapes."""
+
+
+class InvalidSizeError(DiffstudioError, ValueError):
+    """An image size (or frame count) the model cannot take."""
+
+
+class NaNError(DiffstudioError, FloatingPointError):
+    """A model produced NaN or inf values (often fp16 overflow: try bf16 or fp32)."""
