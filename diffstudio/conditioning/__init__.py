@@ -1,0 +1,27 @@
+"""Prompt conditioning: tokenizers and text encoding (long prompts, clip skip).
+
+See docs/prompts.md for the conventions (A1111-compatible chunking, clip skip semantics).
+"""
+
+from __future__ import annotations
+
+from diffstudio.conditioning.clip_encode import (
+    CHUNK_LEN,
+    chunk_token_ids,
+    encode_clip,
+    prompt_token_ids,
+    special_ids,
+    tokenize_chunks,
+)
+from diffstudio.conditioning.tokenizers import PACKAGED_CLIP_TOKENIZER, load_clip_tokenizer
+
+__all__ = [
+    "CHUNK_LEN",
+    "PACKAGED_CLIP_TOKENIZER",
+    "chunk_token_ids",
+    "encode_clip",
+    "load_clip_tokenizer",
+    "prompt_token_ids",
+    "special_ids",
+    "tokenize_chunks",
+]
