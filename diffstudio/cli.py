@@ -1,0 +1,113 @@
+"""The `diffstudio` command line: info, generate, fastblend."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from diffstudio.errors import DiffstudioError
+
+
+def cmd_info(args) -> int:
+    from diffstudio.loader import read_source
+
+    path = Path(args.path)
+    if path.is_file():
+        from diffstudio.io.state_dict import read_file_metadata, read_state_dict_meta
+
+        from diffstudio.detect import detect
+
+        sd, _ = read_state_dict_meta(path)
+        detection = detect(sd, read_file_metadata(path))
+    else:
+        detection, _ = read_source(path)
+    print(f"{path}")
+    print(detection.summary())
+    for comp in detection.components.values():
+        print(f"  {comp.role} config: {comp.config}")
+    return 0
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+            "fp16": torch.float16, "float16": torch.float16}[name]
+
+
+def cmd_generate(args) -> int:
+    import diffstudio
+    from diffstudio.io.recipe import save_png
+
+    paths = [args.model] if args.model else []
+    if args.vae:
+        paths.append(args.vae)
+    models = diffstudio.load(*paths, dtype=_dtype(args.dtype), device=args.device)
+    pipe = diffstudio.Pipeline(models)
+    sigmas = [float(s) for s in args.sigmas.split(",")] if args.sigmas else None
+    images = pipe(args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
+                  cfg_scale=args.cfg, seed=args.seed, sampler=args.sampler, scheduler=args.scheduler,
+                  sigmas=sigmas, batch_size=args.batch_size, init_image=args.init_image,
+                  strength=args.strength, mask=args.mask, clip_skip=args.clip_skip,
+                  tiled_vae=True if args.tiled_vae else None)
+    out = Path(args.output)
+    for i, image in enumerate(images):
+        target = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        save_png(image, target, image.info["diffstudio_recipe"])
+        print(f"wrote {target}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffstudio", description="A unified diffusion engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="say what a model file or folder is (or why it is not recognised)")
+    info.add_argument("path")
+    info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="model file or diffusers folder (default: the packaged Shapes demo model)")
+    gen.add_argument("--vae", help="a separate VAE file to use instead of the bundled one")
+    gen.add_argument("-o", "--output", default="out.png")
+    gen.add_argument("--negative", default="")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--cfg", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--sampler")
+    gen.add_argument("--scheduler")
+    gen.add_argument("--sigmas", help="custom comma-separated sigmas, ending in 0")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--batch-size", type=int, default=1)
+    gen.add_argument("--init-image")
+    gen.add_argument("--strength", type=float, default=0.75)
+    gen.add_argument("--mask", help="white = repaint (needs --init-image)")
+    gen.add_argument("--clip-skip", type=int)
+    gen.add_argument("--tiled-vae", action="store_true", help="encode/decode in tiles (large images)")
+    gen.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"])
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(func=cmd_generate)
+
+    try:
+        from diffstudio.video.fastblend import cli as fastblend_cli
+
+        fastblend_cli.add_parser(sub)
+    except ImportError:  # the video extra is optional
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DiffstudioError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

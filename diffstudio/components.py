@@ -1,0 +1,101 @@
+"""Component architectures: the kinds of weight blocks a checkpoint can hold.
+
+A family record (``diffstudio/families``) says *which* components a model has and
+where their keys live; a ``ComponentArch`` says how to recognise one block of keys,
+derive its config from shapes, build the module and convert other layouts to ours.
+Every family that uses an LDM UNet shares the one ``ldm_unet`` entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+def _lazy(path: str) -> Callable:
+    """``"pkg.mod:name"`` -> a callable that imports on first use (keeps `import diffstudio` light)."""
+    module_name, attr = path.split(":")
+
+    def call(*args, **kwargs):
+        target = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+        return target(*args, **kwargs)
+
+    call.__qualname__ = attr
+    return call
+
+
+def _constant(path: str) -> Any:
+    module_name, attr = path.split(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+@dataclass(frozen=True)
+class ComponentArch:
+    name: str
+    sentinels: str  # "module:CONSTANT" naming a tuple of canonical keys
+    diffusers_sentinels: str
+    derive_config: Callable  # (state_dict, hints) -> config
+    config_from_diffusers: Callable  # (config.json dict) -> config
+    build: Callable  # (config) -> nn.Module
+    from_diffusers: Callable  # (diffusers state dict) -> canonical state dict
+    to_diffusers: Callable  # (canonical state dict, config) -> diffusers state dict
+    config_to_dict: Callable  # config -> JSON-able dict
+    config_from_dict: Callable  # JSON dict -> config
+
+    def is_canonical(self, keys: Mapping | set) -> bool:
+        return all(k in keys for k in _constant(self.sentinels))
+
+    def is_diffusers(self, keys: Mapping | set) -> bool:
+        return all(k in keys for k in _constant(self.diffusers_sentinels))
+
+    def missing_sentinels(self, keys: Mapping | set) -> list[str]:
+        return [k for k in _constant(self.sentinels) if k not in keys]
+
+
+def _dataclass_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+ARCHS: dict[str, ComponentArch] = {
+    "ldm_unet": ComponentArch(
+        name="ldm_unet",
+        sentinels="diffstudio.detect.unet:UNET_SENTINELS",
+        diffusers_sentinels="diffstudio.detect.unet:UNET_DIFFUSERS_SENTINELS",
+        derive_config=_lazy("diffstudio.detect.unet:derive_unet_config"),
+        config_from_diffusers=_lazy("diffstudio.detect.unet:config_from_diffusers"),
+        build=_lazy("diffstudio.models.unet:UNetModel"),
+        from_diffusers=_lazy("diffstudio.convert.unet:unet_from_diffusers"),
+        to_diffusers=_lazy("diffstudio.convert.unet:unet_to_diffusers"),
+        config_to_dict=_dataclass_to_dict,
+        config_from_dict=_lazy("diffstudio.models.unet:UNetConfig.from_dict"),
+    ),
+    "ldm_vae": ComponentArch(
+        name="ldm_vae",
+        sentinels="diffstudio.detect.vae:VAE_SENTINELS",
+        diffusers_sentinels="diffstudio.detect.vae:VAE_DIFFUSERS_SENTINELS",
+        derive_config=_lazy("diffstudio.detect.vae:derive_vae_config"),
+        config_from_diffusers=_lazy("diffstudio.detect.vae:config_from_diffusers"),
+        build=_lazy("diffstudio.models.vae:AutoencoderKL"),
+        from_diffusers=_lazy("diffstudio.convert.vae:vae_from_diffusers"),
+        to_diffusers=_lazy("diffstudio.convert.vae:vae_to_diffusers"),
+        config_to_dict=_dataclass_to_dict,
+        config_from_dict=_lazy("diffstudio.models.vae:VAEConfig.from_dict"),
+    ),
+    "clip_text": ComponentArch(
+        name="clip_text",
+        sentinels="diffstudio.detect.clip:CLIP_SENTINELS",
+        diffusers_sentinels="diffstudio.detect.clip:CLIP_SENTINELS",
+        derive_config=_lazy("diffstudio.detect.clip:derive_clip_config"),
+        config_from_diffusers=_lazy("diffstudio.families.base:clip_config_from_json"),
+        build=_lazy("diffstudio.convert.clip:build_clip_text_model"),
+        from_diffusers=_lazy("diffstudio.convert.clip:canonical_clip_keys"),
+        to_diffusers=lambda sd, config: dict(sd),
+        config_to_dict=lambda config: config.to_dict(),
+        config_from_dict=_lazy("diffstudio.families.base:clip_config_from_json"),
+    ),
+}

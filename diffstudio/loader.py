@@ -1,0 +1,241 @@
+"""`diffstudio.load(*paths)`: files and folders on disk -> ready-to-run components.
+
+The first path is the base model (a single file in the original layout, or a diffusers
+folder); later paths add or replace components (a VAE file, a UNet file, a text
+encoder). Modules are built on the meta device and the weights are assigned in the
+requested dtype, so a model is never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffstudio.components import ARCHS
+from diffstudio.detect import Component, Detection, detect
+from diffstudio.errors import ModelNotFoundError, UnknownModelError
+from diffstudio.families import get_family
+from diffstudio.families.base import Family
+
+
+@dataclass
+class Models:
+    """A loaded model: components by role (``models.unet``, ``models.vae``, ...) and its family."""
+
+    family: Family
+    components: dict[str, Any]
+    configs: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)  # role -> the path it came from
+    detection: Detection | None = None
+
+    def __getattr__(self, name: str):
+        components = self.__dict__.get("components", {})
+        if name in components:
+            return components[name]
+        raise AttributeError(f"this {self.__dict__.get('family').name} model has no component {name!r}; "
+                             f"it has: {', '.join(components)}")
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.components[self.family.denoiser_role]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading sources: every source becomes {role: (canonical state dict, config, layout)}.
+
+@dataclass
+class _Part:
+    state_dict: dict
+    config: Any
+    source: str
+
+
+def _cast(sd: dict, dtype: torch.dtype, device) -> dict:
+    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
+
+
+def _read_file(path: Path) -> tuple[Detection, dict[str, _Part]]:
+    from diffstudio.io.state_dict import read_file_metadata, read_state_dict
+
+    sd = read_state_dict(path)
+    detection = detect(sd, read_file_metadata(path))
+    parts = {}
+    for role, comp in detection.components.items():
+        parts[role] = _Part(_canonical(sd, comp), comp.config, str(path))
+    return detection, parts
+
+
+def _canonical(sd: dict, comp: Component) -> dict:
+    n = len(comp.prefix)
+    sub = {k[n:]: v for k, v in sd.items() if k.startswith(comp.prefix)} if comp.prefix else dict(sd)
+    arch = ARCHS[comp.arch]
+    if comp.layout == "diffusers":
+        sub = arch.from_diffusers(sub)
+    return sub
+
+
+def _read_folder(folder: Path) -> tuple[Detection, dict[str, _Part]]:
+    """A diffusers/HF folder: model_index.json and one subfolder per component."""
+    from diffstudio.families import FAMILIES
+    from diffstudio.io.folders import read_component, read_model_index
+
+    index = read_model_index(folder)
+    family = _family_of_folder(folder, index)
+    parts: dict[str, _Part] = {}
+    components: dict[str, Component] = {}
+    for role in family.roles:
+        sub = folder / role.subfolder
+        if not sub.is_dir():
+            continue
+        sd, config_json = read_component(sub)
+        arch = ARCHS[role.arch]
+        canonical = arch.from_diffusers(sd) if arch.is_diffusers(sd) and not arch.is_canonical(sd) else sd
+        if role.arch == "clip_text":
+            canonical = arch.from_diffusers(sd)
+        config = arch.config_from_diffusers(config_json) if config_json else arch.derive_config(canonical, role.hints)
+        parts[role.name] = _Part(canonical, config, str(sub))
+        components[role.name] = Component(role.name, role.arch, "", "diffusers", config,
+                                          sum(int(v.numel()) for v in canonical.values()),
+                                          str(next(iter(canonical.values())).dtype).replace("torch.", ""))
+    if family.denoiser_role not in parts:
+        raise ModelNotFoundError(f"{folder} has no {family.role(family.denoiser_role).subfolder}/ folder with "
+                                 f"weights; a {family.name} folder needs one")
+    reason = family.check_denoiser(parts[family.denoiser_role].config)
+    if reason:
+        names = ", ".join(f.name for f in FAMILIES)
+        raise UnknownModelError(f"{folder}: model_index.json says {family.name} but {reason} (known: {names})")
+    variant = "inpaint" if family.concat_channels(parts[family.denoiser_role].config) else None
+    return Detection(family.name, components, variant), parts
+
+
+def _family_of_folder(folder: Path, index: dict) -> Family:
+    from diffstudio.families import FAMILIES
+
+    class_name = index.get("_class_name", "")
+    for family in FAMILIES:
+        if class_name in family.diffusers_pipelines:
+            return family
+    # Not a pipeline we know by name: place it by the structure of its denoiser.
+    for family in FAMILIES:
+        den = family.role(family.denoiser_role)
+        sub = folder / den.subfolder
+        if sub.is_dir():
+            from diffstudio.io.folders import read_component
+
+            sd, config_json = read_component(sub)
+            arch = ARCHS[den.arch]
+            canonical = arch.from_diffusers(sd) if arch.is_diffusers(sd) else sd
+            config = arch.config_from_diffusers(config_json) if config_json else arch.derive_config(canonical,
+                                                                                                     den.hints)
+            if family.check_denoiser(config) is None:
+                return family
+    raise UnknownModelError(f"{folder}: model_index.json names pipeline {class_name!r}, which diffstudio does "
+                            "not know, and no subfolder holds a denoiser of a known family")
+
+
+def read_source(path: str | Path) -> tuple[Detection, dict[str, _Part]]:
+    """One path (file or folder) -> its detection and canonical parts by role."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        if (path / "model_index.json").exists():
+            return _read_folder(path)
+        raise ModelNotFoundError(f"{path} is a folder without model_index.json: pass the model file inside it, "
+                                 "or a diffusers folder (model_index.json, unet/, vae/, text_encoder/, ...)")
+    return _read_file(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building modules.
+
+def build_component(role: str, arch_name: str, part: _Part, dtype: torch.dtype, device) -> torch.nn.Module:
+    arch = ARCHS[arch_name]
+    with torch.device("meta"):
+        module = arch.build(part.config)
+    state = _cast(part.state_dict, dtype, device)
+    if arch_name == "clip_text":
+        from diffstudio.convert.clip import to_installed_transformers_layout
+
+        state = to_installed_transformers_layout(state, module)
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        from diffstudio.errors import ConversionError
+
+        raise ConversionError(f"{role} from {part.source}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    # Buffers that are not in checkpoints (e.g. position_ids) are still on meta: materialise them.
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:
+            _materialise_buffer(module, name, buf, device)
+    return module.eval().requires_grad_(False)
+
+
+def _materialise_buffer(module, name, buf, device):
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr == "position_ids":
+        value = torch.arange(buf.shape[-1], device=device).expand(buf.shape)
+    else:
+        raise UnknownModelError(f"buffer {name} is not in the checkpoint and has no known default")
+    owner.register_buffer(attr, value.clone(), persistent=False)
+
+
+def _tokenizer(family: Family, spec, sources: dict[str, str]):
+    from diffstudio.conditioning.tokenizers import load_clip_tokenizer
+
+    source = sources.get(spec.encoder_role)
+    folder = Path(source).parent / spec.tokenizer_role if source and Path(source).is_dir() else None
+    if folder is not None and (folder / "vocab.json").exists():
+        return load_clip_tokenizer(folder)
+    return load_clip_tokenizer()
+
+
+def default_model_path() -> Path:
+    return Path(__file__).parent / "demo" / "weights" / "shapes-sd.safetensors"
+
+
+def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Models:
+    """Load a model from files/folders; with no path, the packaged Shapes demo model."""
+    if not paths:
+        paths = (default_model_path(),)
+        if not paths[0].exists():
+            raise ModelNotFoundError(f"the demo model is not at {paths[0]}; rebuild it with "
+                                     "`python -m diffstudio.demo train` (see docs/shapes.md) or pass a model path")
+    base_detection, parts = read_source(paths[0])
+    if base_detection.family is None:
+        raise UnknownModelError(f"{paths[0]} holds only {', '.join(parts)}: the first path must be a whole "
+                                "model (or a denoiser); add lone components after it")
+    family = get_family(base_detection.family)
+    for extra in paths[1:]:
+        detection, extra_parts = read_source(extra)
+        if detection.family not in (None, family.name):
+            raise UnknownModelError(f"{extra} is a {detection.family} model but the base is {family.name}")
+        parts.update(extra_parts)
+        base_detection.components.update(detection.components)
+    missing = [r.name for r in family.roles if r.required and r.name not in parts]
+    if missing:
+        raise ModelNotFoundError(f"{paths[0]} is a {family.name} model without {', '.join(missing)}; "
+                                 f"add the missing component files after it, e.g. load(base, 'vae.safetensors')")
+    device = torch.device(device)
+    components: dict[str, Any] = {}
+    for role in family.roles:
+        if role.name in parts:
+            components[role.name] = build_component(role.name, role.arch, parts[role.name], dtype, device)
+    sources = {role: part.source for role, part in parts.items()}
+    for spec in family.text_encoders:
+        components[spec.tokenizer_role] = _tokenizer(family, spec, sources)
+    return Models(family, components, {r: p.config for r, p in parts.items()}, sources, base_detection)

@@ -1,0 +1,52 @@
+"""Write a model as one original-layout single file, with its configs in the metadata.
+
+The layout is the one people download (LDM prefixes for SD 1.x), so the file loads in
+other tools too; the stored configs make diffstudio re-load it without guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from diffstudio.components import ARCHS
+
+
+def component_state_dict(role_arch: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = module.state_dict()
+    if role_arch == "clip_text":
+        from diffstudio.convert.clip import canonical_clip_keys
+
+        sd = canonical_clip_keys(sd)
+    return sd
+
+
+def metadata_for(family: str, configs: dict[str, tuple[str, object]], extra: dict | None = None) -> dict[str, str]:
+    """{role: (arch, config)} -> safetensors metadata with a JSON ``diffstudio`` entry."""
+    data = {"family": family, "configs": {role: ARCHS[arch].config_to_dict(cfg) for role, (arch, cfg) in configs.items()}}
+    return {"diffstudio": json.dumps(data), **(extra or {})}
+
+
+def save_single_file(models, path: str | Path, dtype: torch.dtype | None = None,
+                     extra_metadata: dict | None = None) -> Path:
+    from diffstudio.io.safetensors_file import save_safetensors
+
+    family = models.family
+    tensors: dict[str, torch.Tensor] = {}
+    configs = {}
+    for role in family.roles:
+        if role.name not in models.components:
+            continue
+        sd = component_state_dict(role.arch, models.components[role.name])
+        prefix = role.prefixes[0]
+        for k, v in sd.items():
+            if k.endswith("position_ids"):
+                continue
+            v = v.detach().cpu()
+            tensors[prefix + k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        configs[role.name] = (role.arch, models.configs[role.name])
+    path = Path(path)
+    save_safetensors(tensors, path, metadata_for(family.name, configs, extra_metadata))
+    return path

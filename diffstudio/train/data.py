@@ -1,0 +1,69 @@
+"""Training data: a folder of images with captions.
+
+Captions come from ``metadata.csv`` (columns ``file_name,text``, the Hugging Face
+image-folder convention) or from a ``.txt`` file beside each image.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from diffstudio.errors import ModelNotFoundError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_captions(folder: str | Path) -> list[tuple[Path, str]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"training data folder {folder} does not exist")
+    meta = folder / "metadata.csv"
+    if meta.exists():
+        with meta.open(newline="", encoding="utf-8") as f:
+            rows = [(folder / r["file_name"], r["text"]) for r in csv.DictReader(f)]
+    else:
+        rows = []
+        for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            txt = image.with_suffix(".txt")
+            rows.append((image, txt.read_text(encoding="utf-8").strip() if txt.exists() else ""))
+    if not rows:
+        raise ModelNotFoundError(f"{folder} has no images (looked for metadata.csv or {', '.join(IMAGE_SUFFIXES)})")
+    missing = [str(p) for p, _ in rows if not p.exists()]
+    if missing:
+        raise ModelNotFoundError(f"{len(missing)} images listed in {meta} are missing, e.g. {missing[0]}")
+    return rows
+
+
+def image_to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL -> (3, H, W) float in [-1, 1], resized (centre crop to the aspect first) when a size is given."""
+    image = image.convert("RGB")
+    if size is not None and image.size != size:
+        w, h = image.size
+        tw, th = size
+        scale = max(tw / w, th / h)
+        image = image.resize((round(w * scale), round(h * scale)), Image.LANCZOS)
+        left, top = (image.width - tw) // 2, (image.height - th) // 2
+        image = image.crop((left, top, left + tw, top + th))
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
+    return data.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_folder_tensors(folder: str | Path, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """All images of a (small) folder as one (N, 3, H, W) tensor, and their captions."""
+    rows = read_captions(folder)
+    images = [image_to_tensor(Image.open(p), size) for p, _ in rows]
+    return torch.stack(images), [text for _, text in rows]
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """The sample indices of training step `step`: a pure function of (seed, step), so a resumed
+    run sees exactly the batches an uninterrupted one would (epoch-wise permutations)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[offset * batch_size:(offset + 1) * batch_size]

@@ -1,0 +1,121 @@
+"""One training loop for everything diffstudio trains (VAE, denoiser from scratch, LoRA).
+
+Built on accelerate, so the same code runs on a CPU, one GPU or many (launch with
+``accelerate launch``; DDP/FSDP/DeepSpeed come from the accelerate config).
+
+Exact resume: a batch and its noise are pure functions of (seed, step) — see
+``step_generator`` and ``train.data.batch_indices`` — and checkpoints hold the model,
+the optimizer, the step and the loss history. A run killed and resumed therefore
+follows the same loss curve as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+CHECKPOINT = "checkpoint"
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random source of one training step (noise, timesteps, caption dropout)."""
+    return torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1)
+
+
+def _save(accelerator, model, optimizer, out_dir: Path, step: int, losses: list[float]) -> None:
+    """Write the checkpoint next to the old one, then swap, so a kill mid-write loses nothing."""
+    tmp, final = out_dir / (CHECKPOINT + ".tmp"), out_dir / CHECKPOINT
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    torch.save({"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict()},
+               tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
+    old = out_dir / (CHECKPOINT + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _load(model, optimizer, out_dir: Path) -> tuple[int, list[float]]:
+    ckpt = out_dir / CHECKPOINT
+    if not (ckpt / "progress.json").exists():
+        return 0, []
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    progress = json.loads((ckpt / "progress.json").read_text())
+    return int(progress["step"]), list(progress["losses"])
+
+
+def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torch.Tensor], *, steps: int,
+          out_dir: str | Path, lr: float = 1e-4, weight_decay: float = 0.0, warmup: int = 0,
+          checkpoint_every: int = 500, grad_clip: float | None = 1.0, mixed_precision: str = "no",
+          optimizer: str = "adamw", progress: bool = True, desc: str = "train",
+          stop_after: int | None = None) -> list[float]:
+    """Minimise ``loss_fn(model, step)`` for `steps` steps; resumes from `out_dir` if a checkpoint is there.
+
+    ``stop_after`` ends the run early after that many steps of this call (used by tests to
+    simulate an interrupted run). Returns the loss history of the whole run.
+    """
+    from accelerate import Accelerator
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(optimizer, params, lr, weight_decay)
+    start, losses = _load(model, opt, out_dir)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    for _ in range(start):
+        schedule.step()
+    model, opt = accelerator.prepare(model, opt)
+    model.train()
+    bar = tqdm(range(start, steps), desc=desc, disable=not progress or not accelerator.is_main_process,
+               initial=start, total=steps)
+    done = 0
+    for step in bar:
+        loss = loss_fn(model, step)
+        if not torch.isfinite(loss):
+            from diffstudio.errors import NaNError
+
+            raise NaNError(f"loss became {loss.item()} at step {step}; lower the learning rate or use fp32. "
+                           f"The last checkpoint in {out_dir} is intact.")
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if grad_clip:
+            accelerator.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        done += 1
+        finished = step + 1 == steps
+        if (step + 1) % checkpoint_every == 0 or finished or (stop_after and done >= stop_after):
+            if accelerator.is_main_process:
+                _save(accelerator, model, opt, out_dir, step + 1, losses)
+        if stop_after and done >= stop_after:
+            break
+    bar.close()
+    model.eval()
+    return losses
+
+
+def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ImportError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from exc
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; known: adamw, adamw8bit")

@@ -1,0 +1,49 @@
+"""Training objectives, one per prediction type, shared by every family.
+
+eps / v (Ho et al. 2020; Salimans & Ho 2022): t ~ U{0..N-1}, x_t = sqrt(a_t) x0 + sqrt(1-a_t) n,
+the network predicts n (eps) or v = sqrt(a_t) n - sqrt(1-a_t) x0.
+flow (Lipman et al. 2023; Esser et al. 2024): s ~ logit-normal, x_s = (1-s) x0 + s n, the
+network predicts v = n - x0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def alphas_cumprod(family) -> torch.Tensor:
+    from diffstudio.sampling import schedules
+
+    s = family.schedule
+    betas = schedules.betas_for(s.kind, s.beta_start, s.beta_end, s.num_steps)
+    return torch.cumprod(1.0 - betas.double(), dim=0).float()
+
+
+def diffusion_loss(family, net, x0: torch.Tensor, cond: dict, gen: torch.Generator,
+                   acp: torch.Tensor | None = None, flow_t_scale: float = 1000.0) -> torch.Tensor:
+    """Mean-squared error of the network's prediction at a random noise level."""
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=gen).to(x0)
+    if family.prediction == "flow":
+        s = torch.sigmoid(torch.randn(b, generator=gen)).to(x0)
+        sv = s.view(b, *([1] * (x0.ndim - 1)))
+        out = net((1 - sv) * x0 + sv * noise, s * flow_t_scale, **cond)
+        return F.mse_loss(out.float(), (noise - x0).float())
+    acp = alphas_cumprod(family) if acp is None else acp
+    t = torch.randint(0, len(acp), (b,), generator=gen)
+    a = acp[t].sqrt().to(x0).view(b, *([1] * (x0.ndim - 1)))
+    s = (1 - acp[t]).sqrt().to(x0).view_as(a)
+    out = net(a * x0 + s * noise, t.float().to(x0.device), **cond)
+    target = noise if family.prediction == "eps" else a * noise - s * x0
+    return F.mse_loss(out.float(), target.float())
+
+
+def vae_loss(vae, images: torch.Tensor, gen: torch.Generator, kl_weight: float = 1e-6) -> torch.Tensor:
+    """Reconstruction (L1 + L2) plus a small KL to N(0, 1), as in LDM's autoencoder (without the GAN)."""
+    mean, logvar = vae.encode_dist(images)
+    logvar = logvar.clamp(-30, 20)
+    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(mean)
+    recon = vae.decode(z)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+    return F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl
