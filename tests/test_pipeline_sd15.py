@@ -56,7 +56,8 @@ def test_same_seed_same_image_and_batch_items_equal_single_runs(pipe):
     assert np.array_equal(arr(a), arr(b))
     batch = pipe("a red circle", width=64, height=64, steps=4, seed=7, batch_size=2, progress=False)
     second = pipe("a red circle", width=64, height=64, steps=4, seed=8, progress=False)[0]
-    assert np.array_equal(arr(batch[0]), arr(a))
+    # Batched matmuls round differently from single ones: equal up to one 8-bit step.
+    assert np.abs(arr(batch[0]) - arr(a)).max() <= 1
     assert np.abs(arr(batch[1]) - arr(second)).max() <= 1
     assert not np.array_equal(arr(batch[0]), arr(batch[1]))
 
@@ -109,9 +110,11 @@ def test_every_sampler_and_scheduler_runs(pipe):
     for sampler in SAMPLERS:
         img = pipe("a circle", width=64, height=64, steps=3, sampler=sampler, seed=0, progress=False)[0]
         assert np.isfinite(arr(img)).all()
-    for scheduler in SCHEDULERS:
+    for scheduler in [name for name in SCHEDULERS if name != "flow"]:
         img = pipe("a circle", width=64, height=64, steps=3, scheduler=scheduler, seed=0, progress=False)[0]
         assert img.info["diffstudio_recipe"]["scheduler"] == scheduler
+    with pytest.raises(ValueError, match="Flow denoiser"):  # flow schedules are for flow models only
+        pipe("a circle", width=64, height=64, steps=3, scheduler="flow", progress=False)
 
 
 def test_long_prompts_reach_the_encoder(pipe):

@@ -11,21 +11,40 @@ def main() -> None:
     tr = sub.add_parser("train", help="train the shapes-sd demo model from scratch")
     tr.add_argument("--out", default="diffstudio/demo/weights/shapes-sd.safetensors")
     tr.add_argument("--workdir", default="runs/shapes")
-    tr.add_argument("--images", type=int, default=30000)
-    tr.add_argument("--vae-steps", type=int, default=3000)
-    tr.add_argument("--unet-steps", type=int, default=30000)
+    tr.add_argument("--images", type=int, default=20000)
+    tr.add_argument("--vae-steps", type=int, default=800)
+    tr.add_argument("--decoder-steps", type=int, default=2000)
+    tr.add_argument("--unet-steps", type=int, default=6000)
+    tr.add_argument("--stage", action="append", choices=["vae", "latents", "unet", "decoder", "assemble"],
+                    help="run only these stages (repeatable); default: all, in order")
     tr.add_argument("--seed", type=int, default=0)
     ds = sub.add_parser("dataset", help="write a Shapes dataset folder (images + metadata.csv)")
     ds.add_argument("folder")
     ds.add_argument("-n", type=int, default=1000)
     ds.add_argument("--size", type=int, default=64)
     ds.add_argument("--seed", type=int, default=0)
+    ev = sub.add_parser("evaluate", help="score the demo model on single-shape prompts")
+    ev.add_argument("--model", help="model path (default: the packaged demo model)")
+    ev.add_argument("--pairs", type=int, default=120)
+    ev.add_argument("--steps", type=int)
+    ev.add_argument("--sampler")
     args = parser.parse_args()
     if args.command == "train":
         from diffstudio.demo.build import build
 
+        from diffstudio.demo.build import STAGES
+
         print(build(args.out, args.workdir, n_images=args.images, vae_steps=args.vae_steps,
-                    unet_steps=args.unet_steps, seed=args.seed))
+                    decoder_steps=args.decoder_steps, unet_steps=args.unet_steps, seed=args.seed,
+                    stages=tuple(args.stage or STAGES)))
+    elif args.command == "evaluate":
+        import json
+
+        import diffstudio
+        from diffstudio.demo.evaluate import evaluate
+
+        models = diffstudio.load(args.model) if args.model else None
+        print(json.dumps(evaluate(models, args.pairs, args.steps, args.sampler), indent=1))
     else:
         from diffstudio.demo.shapes import write_dataset
 

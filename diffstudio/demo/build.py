@@ -9,7 +9,13 @@ Reproduce the shipped weights (about an hour on 2 CPU cores):
 
     python -m diffstudio.demo train --workdir runs/shapes --out diffstudio/demo/weights/shapes-sd.safetensors
 
-The run checkpoints into --workdir and resumes if killed.
+Stages (each checkpoints into --workdir and resumes if killed; `--stage` runs one):
+1. `vae`: the autoencoder, encoder and decoder together, on full 64x64 images;
+2. `latents`: rescale the latent space to SD's 0.18215 convention, encode the dataset;
+3. `unet`: UNet and text encoder from scratch on the cached latents;
+4. `decoder`: the decoder alone, encoder frozen (the latent space does not move, so this
+   stage can run beside `unet` on a second core, like SD's fine-tuned "ft-MSE" decoders);
+5. `assemble`: one SD 1.x single file (fp16) with its configs in the metadata.
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ def demo_configs():
     from diffstudio.models.unet import UNetConfig
     from diffstudio.models.vae import VAEConfig
 
-    vae = VAEConfig(latent_channels=4, base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1)
+    # 8 norm groups (4 channels each): with SD's 32 groups at this width every group would be a single
+    # channel, an instance norm that erases each channel's mean - the colour of a flat image.
+    vae = VAEConfig(latent_channels=4, base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+                    norm_groups=8)
     unet = UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
                       transformer_depth=(1, 1, 0), transformer_depth_middle=1, context_dim=64, num_heads=8,
                       num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None)
@@ -66,17 +75,25 @@ def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
 # --- stage 1: the VAE ------------------------------------------------------------------------------
 
 
-def train_vae(vae, images_u8, *, steps: int, batch: int, workdir: Path, seed: int, lr: float = 4e-4):
+def train_vae(vae, images_u8, *, steps: int, batch: int, out_dir: Path, seed: int, lr: float = 1e-3,
+              decoder_only: bool = False):
+    """Autoencoder training (L1 + L2 + tiny KL). With decoder_only, the encoder (and so the
+    latent space) is frozen and only the decoder learns."""
     from diffstudio.train.data import batch_indices
     from diffstudio.train.loop import step_generator, train
     from diffstudio.train.objectives import vae_loss
 
-    def loss_fn(model, step):
-        idx = batch_indices(len(images_u8), batch, step, seed)
-        return vae_loss(model, to_unit(images_u8[idx]), step_generator(seed, step))
+    if decoder_only:
+        for name, p in vae.named_parameters():
+            p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
 
-    return train(vae, loss_fn, steps=steps, out_dir=workdir / "vae", lr=lr, warmup=200, desc="vae",
-                 checkpoint_every=250)
+    def loss_fn(model, step):
+        gen = step_generator(seed, step)
+        idx = batch_indices(len(images_u8), batch, step, seed)
+        return vae_loss(model, to_unit(images_u8[idx]), gen)
+
+    return train(vae, loss_fn, steps=steps, out_dir=out_dir, lr=lr, warmup=100,
+                 desc="decoder" if decoder_only else "vae", checkpoint_every=100)
 
 
 @torch.no_grad()
@@ -97,7 +114,7 @@ def rescale_latents(vae, images_u8, scale: float, n: int = 2000) -> float:
     return k
 
 
-# --- stage 2: UNet + text encoder on cached latents ---------------------------------------------------
+# --- stage 3: UNet + text encoder on cached latents ---------------------------------------------------
 
 
 class DemoDenoiser(torch.nn.Module):
@@ -119,8 +136,8 @@ def tokenize_all(captions: list[str]) -> torch.Tensor:
     return torch.tensor(tok(captions, padding="max_length", max_length=77, truncation=True).input_ids)
 
 
-def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch, workdir: Path, seed: int,
-                   lr: float = 5e-4, drop_caption: float = 0.1):
+def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch, out_dir: Path, seed: int,
+                   lr: float = 1e-3, drop_caption: float = 0.1):
     from diffstudio.train.data import batch_indices
     from diffstudio.train.loop import step_generator, train
     from diffstudio.train.objectives import alphas_cumprod, diffusion_loss
@@ -130,22 +147,29 @@ def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch
     def loss_fn(net, step):
         gen = step_generator(seed, step)
         idx = batch_indices(len(latents), batch, step, seed)
-        x0 = latents[idx]
         batch_ids = ids[idx].clone()
         dropped = torch.rand(len(idx), generator=gen) < drop_caption  # unconditional training for CFG
         batch_ids[dropped] = empty_ids
-        return diffusion_loss(SD15, lambda x, t: net(x, t, batch_ids), x0, {}, gen, acp=acp)
+        return diffusion_loss(SD15, lambda x, t: net(x, t, batch_ids), latents[idx], {}, gen, acp=acp)
 
-    return train(model, loss_fn, steps=steps, out_dir=workdir / "unet", lr=lr, warmup=500, desc="unet",
-                 checkpoint_every=500)
+    return train(model, loss_fn, steps=steps, out_dir=out_dir, lr=lr, warmup=300, desc="unet",
+                 checkpoint_every=250)
 
 
 # --- the whole recipe ----------------------------------------------------------------------------------
 
+STAGES = ("vae", "latents", "unet", "decoder", "assemble")
 
-def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int = 30000, size: int = 64,
-          vae_steps: int = 3000, unet_steps: int = 30000, vae_batch: int = 32, unet_batch: int = 128,
-          seed: int = 0) -> Path:
+
+def _checkpoint_model(out_dir: Path) -> dict:
+    from diffstudio.train.loop import CHECKPOINT
+
+    return torch.load(out_dir / CHECKPOINT / "state.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int = 20000, size: int = 64,
+          vae_steps: int = 800, decoder_steps: int = 2000, unet_steps: int = 6000, vae_batch: int = 8,
+          unet_batch: int = 32, seed: int = 0, stages: tuple[str, ...] = STAGES) -> Path | None:
     from diffstudio.convert.clip import build_clip_text_model
     from diffstudio.loader import Models
     from diffstudio.models.unet import UNetModel
@@ -156,30 +180,59 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     vae_cfg, unet_cfg, clip_cfg = demo_configs()
-    started = time.time()
-    images, captions = render_dataset(n_images, size, seed)
+    cache = workdir / f"dataset-{n_images}-{size}-{seed}.pt"
+    if cache.exists():
+        images, captions = torch.load(cache, weights_only=True).values()
+    else:
+        images, captions = render_dataset(n_images, size, seed)
+        torch.save({"images": images, "captions": captions}, cache)
+    recipe_path = workdir / "recipe.json"
+    recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
+    recipe.update({"n_images": n_images, "size": size, "vae_steps": vae_steps, "decoder_steps": decoder_steps,
+                   "unet_steps": unet_steps, "vae_batch": vae_batch, "unet_batch": unet_batch, "seed": seed})
 
+    if "vae" in stages:
+        started = time.time()
+        losses = train_vae(AutoencoderKL(vae_cfg), images, steps=vae_steps, batch=vae_batch,
+                           out_dir=workdir / "vae", seed=seed)
+        recipe["vae_loss"] = sum(losses[-50:]) / len(losses[-50:])
+        recipe["vae_minutes"] = round((time.time() - started) / 60, 1)
+    if "latents" in stages:
+        vae = AutoencoderKL(vae_cfg)
+        vae.load_state_dict(_checkpoint_model(workdir / "vae"))
+        vae.eval()
+        recipe["latent_rescale"] = rescale_latents(vae, images, SD15.latent.scale)
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(to_unit(images[i:i + 256])) for i in range(0, len(images), 256)])
+        torch.save({"vae": vae.state_dict(), "latents": SD15.latent.to_model(latents)}, workdir / "latents.pt")
+    if "unet" in stages:
+        started = time.time()
+        latents = torch.load(workdir / "latents.pt", weights_only=True)["latents"]
+        model = DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
+        losses = train_denoiser(model, latents, tokenize_all(captions), tokenize_all([""])[0], steps=unet_steps,
+                                batch=unet_batch, out_dir=workdir / "unet", seed=seed)
+        recipe["unet_loss"] = sum(losses[-100:]) / len(losses[-100:])
+        recipe["unet_minutes"] = round((time.time() - started) / 60, 1)
+    if "decoder" in stages:
+        started = time.time()
+        vae = AutoencoderKL(vae_cfg)
+        vae.load_state_dict(torch.load(workdir / "latents.pt", weights_only=True)["vae"])
+        losses = train_vae(vae, images, steps=decoder_steps, batch=vae_batch, out_dir=workdir / "decoder",
+                           seed=seed + 1, lr=5e-4, decoder_only=True)
+        recipe["decoder_loss"] = sum(losses[-50:]) / len(losses[-50:])
+        recipe["decoder_minutes"] = round((time.time() - started) / 60, 1)
+    recipe_path.write_text(json.dumps(recipe, indent=1))
+    if "assemble" not in stages:
+        return None
     vae = AutoencoderKL(vae_cfg)
-    vae_losses = train_vae(vae, images, steps=vae_steps, batch=vae_batch, workdir=workdir, seed=seed)
-    k = rescale_latents(vae, images, SD15.latent.scale)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(to_unit(images[i:i + 256])) for i in range(0, len(images), 256)])
-        latents = SD15.latent.to_model(latents)
-
-    ids = tokenize_all(captions)
-    empty = tokenize_all([""])[0]
+    decoder_dir = workdir / "decoder"
+    vae.load_state_dict(_checkpoint_model(decoder_dir) if (decoder_dir / "checkpoint").exists()
+                        else torch.load(workdir / "latents.pt", weights_only=True)["vae"])
     model = DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
-    unet_losses = train_denoiser(model, latents, ids, empty, steps=unet_steps, batch=unet_batch,
-                                 workdir=workdir, seed=seed)
-
+    model.load_state_dict(_checkpoint_model(workdir / "unet"))
     models = Models(SD15, {"unet": model.unet, "vae": vae, "text_encoder": model.text_encoder},
                     {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": clip_cfg})
-    recipe = {"n_images": n_images, "size": size, "vae_steps": vae_steps, "unet_steps": unet_steps,
-              "vae_batch": vae_batch, "unet_batch": unet_batch, "seed": seed, "latent_rescale": k,
-              "final_vae_loss": sum(vae_losses[-100:]) / 100, "final_unet_loss": sum(unet_losses[-100:]) / 100,
-              "minutes": round((time.time() - started) / 60, 1)}
-    path = save_single_file(models, out, dtype=torch.float16,
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return save_single_file(models, out, dtype=torch.float16,
                             extra_metadata={"diffstudio.training": json.dumps(recipe),
                                             "modelspec.title": "shapes-sd (diffstudio demo)"})
-    (workdir / "recipe.json").write_text(json.dumps(recipe, indent=1))
-    return path

@@ -100,8 +100,8 @@ class Pipeline:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if init_image is not None and (width is None or height is None):
             w0, h0 = load_image(init_image).size
-            width, height = width or w0, height or h0
-        width, height = width or d.width, height or d.height
+            width, height = w0 if width is None else width, h0 if height is None else height
+        width, height = d.width if width is None else width, d.height if height is None else height
         check_size(width, height, fam.latent.downscale)
         steps = steps or d.steps
         cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale

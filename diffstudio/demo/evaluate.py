@@ -1,0 +1,51 @@
+"""Measure the demo model with the scorer: does the picture show what the prompt says?
+
+    python -m diffstudio.demo evaluate --pairs 120
+
+Single-shape prompts drawn from the Shapes world's own caption grammar (held-out seeds),
+one image per (prompt, seed) pair at the default sampler and steps.
+"""
+
+from __future__ import annotations
+
+import random
+
+from diffstudio.demo.shapes import KINDS, POSITIONS, ShapeSpec
+
+SAMPLED_KINDS = ("circle", "square", "triangle", "star")
+
+
+def single_shape_prompts(n: int, seed: int = 12345) -> list[tuple[str, ShapeSpec]]:
+    rng = random.Random(seed)
+    colors = ("red", "green", "blue", "yellow", "purple", "cyan")
+    positions = [p for p in POSITIONS if p]
+    out = []
+    for _ in range(n):
+        spec = ShapeSpec(kind=rng.choice([k for k in SAMPLED_KINDS if k in KINDS]), color=rng.choice(colors),
+                         position=rng.choice(positions))
+        words = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+                 "center": "in the center"}
+        out.append((f"a {spec.color} {spec.kind} {words[spec.position]}, white background", spec))
+    return out
+
+
+def evaluate(models=None, pairs: int = 120, steps: int | None = None, sampler: str | None = None,
+             seed: int = 1000, progress: bool = True) -> dict:
+    import diffstudio
+    from diffstudio.demo.score import score_prompt
+
+    models = models or diffstudio.load()
+    pipe = diffstudio.Pipeline(models)
+    totals = {"color_ok": 0, "kind_ok": 0, "position_ok": 0, "all_ok": 0}
+    prompts = single_shape_prompts(pairs)
+    iterator = prompts
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(prompts, desc="evaluate")
+    for i, (prompt, _) in enumerate(iterator):
+        image = pipe(prompt, seed=seed + i, steps=steps, sampler=sampler, progress=False)[0]
+        result = score_prompt(image, prompt)
+        for key in totals:
+            totals[key] += bool(result[key])
+    return {k: v / len(prompts) for k, v in totals.items()} | {"pairs": len(prompts)}
