@@ -14,9 +14,8 @@ def cmd_info(args) -> int:
 
     path = Path(args.path)
     if path.is_file():
-        from diffstudio.io.state_dict import read_file_metadata, read_state_dict_meta
-
         from diffstudio.detect import detect
+        from diffstudio.io.state_dict import read_file_metadata, read_state_dict_meta
 
         sd, _ = read_state_dict_meta(path)
         detection = detect(sd, read_file_metadata(path))

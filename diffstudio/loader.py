@@ -8,7 +8,6 @@ requested dtype, so a model is never held twice in memory.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -25,7 +25,8 @@ def component_state_dict(role_arch: str, module: torch.nn.Module) -> dict[str, t
 
 def metadata_for(family: str, configs: dict[str, tuple[str, object]], extra: dict | None = None) -> dict[str, str]:
     """{role: (arch, config)} -> safetensors metadata with a JSON ``diffstudio`` entry."""
-    data = {"family": family, "configs": {role: ARCHS[arch].config_to_dict(cfg) for role, (arch, cfg) in configs.items()}}
+    stored = {role: ARCHS[arch].config_to_dict(cfg) for role, (arch, cfg) in configs.items()}
+    data = {"family": family, "configs": stored}
     return {"diffstudio": json.dumps(data), **(extra or {})}
 
 

@@ -30,9 +30,7 @@ def main() -> None:
     ev.add_argument("--sampler")
     args = parser.parse_args()
     if args.command == "train":
-        from diffstudio.demo.build import build
-
-        from diffstudio.demo.build import STAGES
+        from diffstudio.demo.build import STAGES, build
 
         print(build(args.out, args.workdir, n_images=args.images, vae_steps=args.vae_steps,
                     decoder_steps=args.decoder_steps, unet_steps=args.unet_steps, seed=args.seed,
