@@ -8,6 +8,7 @@ requested dtype, so a model is never held twice in memory.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class Models:
     configs: dict[str, Any]
     sources: dict[str, str] = field(default_factory=dict)  # role -> the path it came from
     detection: Detection | None = None
+    defaults: dict = field(default_factory=dict)  # this model's own settings over the family's (e.g. size)
 
     def __getattr__(self, name: str):
         components = self.__dict__.get("components", {})
@@ -212,8 +214,13 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
     if not paths:
         paths = (default_model_path(),)
         if not paths[0].exists():
-            raise ModelNotFoundError(f"the demo model is not at {paths[0]}; rebuild it with "
-                                     "`python -m diffstudio.demo train` (see docs/shapes.md) or pass a model path")
+            import warnings
+
+            from diffstudio.demo.untrained import untrained_demo_models
+
+            warnings.warn(f"the trained demo model is not at {paths[0]} (build it with `python -m diffstudio.demo "
+                          "train`, docs/shapes.md): using the demo architecture with random weights", stacklevel=2)
+            return untrained_demo_models()
     base_detection, parts = read_source(paths[0])
     if base_detection.family is None:
         raise UnknownModelError(f"{paths[0]} holds only {', '.join(parts)}: the first path must be a whole "
@@ -237,4 +244,17 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
     sources = {role: part.source for role, part in parts.items()}
     for spec in family.text_encoders:
         components[spec.tokenizer_role] = _tokenizer(family, spec, sources)
-    return Models(family, components, {r: p.config for r, p in parts.items()}, sources, base_detection)
+    return Models(family, components, {r: p.config for r, p in parts.items()}, sources, base_detection,
+                  _stored_defaults(paths[0]))
+
+
+def _stored_defaults(path) -> dict:
+    """Generation defaults a file diffstudio wrote carries in its metadata (e.g. the demo model's 64x64)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    from diffstudio.io.state_dict import read_file_metadata
+
+    data = read_file_metadata(path).get("diffstudio")
+    data = json.loads(data) if isinstance(data, str) else (data or {})
+    return dict(data.get("defaults", {}))

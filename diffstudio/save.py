@@ -23,10 +23,11 @@ def component_state_dict(role_arch: str, module: torch.nn.Module) -> dict[str, t
     return sd
 
 
-def metadata_for(family: str, configs: dict[str, tuple[str, object]], extra: dict | None = None) -> dict[str, str]:
+def metadata_for(family: str, configs: dict[str, tuple[str, object]], extra: dict | None = None,
+                 defaults: dict | None = None) -> dict[str, str]:
     """{role: (arch, config)} -> safetensors metadata with a JSON ``diffstudio`` entry."""
     stored = {role: ARCHS[arch].config_to_dict(cfg) for role, (arch, cfg) in configs.items()}
-    data = {"family": family, "configs": stored}
+    data = {"family": family, "configs": stored, "defaults": defaults or {}}
     return {"diffstudio": json.dumps(data), **(extra or {})}
 
 
@@ -49,5 +50,5 @@ def save_single_file(models, path: str | Path, dtype: torch.dtype | None = None,
             tensors[prefix + k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
         configs[role.name] = (role.arch, models.configs[role.name])
     path = Path(path)
-    save_safetensors(tensors, path, metadata_for(family.name, configs, extra_metadata))
+    save_safetensors(tensors, path, metadata_for(family.name, configs, extra_metadata, models.defaults))
     return path

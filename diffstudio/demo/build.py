@@ -230,8 +230,10 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
                         else torch.load(workdir / "latents.pt", weights_only=True)["vae"])
     model = DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
     model.load_state_dict(_checkpoint_model(workdir / "unet"))
+    from diffstudio.demo.untrained import DEMO_DEFAULTS
+
     models = Models(SD15, {"unet": model.unet, "vae": vae, "text_encoder": model.text_encoder},
-                    {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": clip_cfg})
+                    {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": clip_cfg}, defaults=DEMO_DEFAULTS)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     return save_single_file(models, out, dtype=torch.float16,
                             extra_metadata={"diffstudio.training": json.dumps(recipe),

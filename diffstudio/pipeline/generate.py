@@ -8,7 +8,7 @@ sampling itself is the same call for all of them.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -95,7 +95,8 @@ class Pipeline:
         from diffstudio.sampling.noise import SeededNoise
         from diffstudio.sampling.schedules import get_sigmas, sigmas_for_strength, validate_sigmas
 
-        fam, d = self.family, self.family.defaults
+        fam = self.family
+        d = replace(fam.defaults, **getattr(self.models, "defaults", {}))
         prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if init_image is not None and (width is None or height is None):

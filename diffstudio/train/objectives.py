@@ -39,11 +39,20 @@ def diffusion_loss(family, net, x0: torch.Tensor, cond: dict, gen: torch.Generat
     return F.mse_loss(out.float(), target.float())
 
 
-def vae_loss(vae, images: torch.Tensor, gen: torch.Generator, kl_weight: float = 1e-6) -> torch.Tensor:
-    """Reconstruction (L1 + L2) plus a small KL to N(0, 1), as in LDM's autoencoder (without the GAN)."""
+def vae_loss(vae, images: torch.Tensor, gen: torch.Generator, kl_weight: float = 1e-6,
+             chroma_weight: float = 0.0) -> torch.Tensor:
+    """Reconstruction (L1 + L2) plus a small KL to N(0, 1), as in LDM's autoencoder (without the GAN).
+
+    ``chroma_weight`` adds an L1 term on the colour part of each pixel (RGB minus its mean): small
+    autoencoders learn luminance first and can settle on a colourless latent space without it.
+    """
     mean, logvar = vae.encode_dist(images)
     logvar = logvar.clamp(-30, 20)
     z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(mean)
     recon = vae.decode(z)
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
-    return F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl
+    loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl
+    if chroma_weight:
+        chroma = lambda x: x - x.mean(dim=1, keepdim=True)  # noqa: E731
+        loss = loss + chroma_weight * F.l1_loss(chroma(recon), chroma(images))
+    return loss
