@@ -1,0 +1,419 @@
+"""The LDM UNet: the noise predictor of Stable Diffusion 1.x / 2.x, SDXL and Kolors.
+
+Reference: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"
+(arXiv:2112.10752), section 3.3 and appendix; the layout is the released "openaimodel" UNet
+(Dhariwal & Nichol 2021) with SpatialTransformer blocks for cross-attention (LDM fig. 3).
+SDXL (Podell et al. 2023, arXiv:2307.01952) adds per-level transformer depths and the "vector"
+conditioning `y` (pooled text embedding + size/crop embeddings) fed through `label_emb`.
+
+Parameter names are the original release's (``input_blocks.N.M...``, ``middle_block...``,
+``output_blocks...``), so a single-file checkpoint loads after stripping ``model.diffusion_model.``.
+
+Shapes: x (B, C_in, H, W) latents; timesteps (B,) float on the 1000-step scale;
+context (B, T, context_dim) text tokens; y (B, adm_in_channels) for SDXL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffstudio.models.layers import attention, timestep_embedding
+
+
+@dataclass
+class UNetConfig:
+    """Constructor arguments of `UNetModel` (the LDM yaml's ``unet_config.params``).
+
+    ``num_res_blocks`` and ``transformer_depth`` are per level (0 depth = no attention there).
+    Exactly one of ``num_heads`` / ``num_head_channels`` is used; the other is -1.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    transformer_depth: list[int] = field(default_factory=lambda: [1, 1, 1, 0])
+    transformer_depth_middle: int = 1
+    context_dim: int | None = 768
+    num_heads: int = 8
+    num_head_channels: int = -1
+    use_linear_in_transformer: bool = False
+    adm_in_channels: int | None = None
+    norm_groups: int = 32
+    # Kolors: a linear map of the text encoder's hidden states to context_dim (diffusers' text_proj).
+    encoder_hid_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        levels = len(self.channel_mult)
+        if isinstance(self.num_res_blocks, int):
+            self.num_res_blocks = [self.num_res_blocks] * levels
+        if isinstance(self.transformer_depth, int):
+            self.transformer_depth = [self.transformer_depth] * levels
+        self.channel_mult = list(self.channel_mult)
+        self.num_res_blocks = list(self.num_res_blocks)
+        self.transformer_depth = list(self.transformer_depth)
+        if not (len(self.num_res_blocks) == len(self.transformer_depth) == levels):
+            raise ValueError("UNetConfig: channel_mult, num_res_blocks and transformer_depth need one entry "
+                             f"per level; got {self.channel_mult}, {self.num_res_blocks}, "
+                             f"{self.transformer_depth}")
+        if (self.num_heads == -1) == (self.num_head_channels == -1):
+            raise ValueError("UNetConfig: set exactly one of num_heads / num_head_channels (the other -1); "
+                             f"got num_heads={self.num_heads}, num_head_channels={self.num_head_channels}")
+        if self.transformer_depth_middle < 1:
+            raise ValueError("UNetConfig: transformer_depth_middle must be >= 1 (the LDM middle block always "
+                             f"has a SpatialTransformer); got {self.transformer_depth_middle}")
+
+    def heads_for(self, channels: int) -> tuple[int, int]:
+        """(number of heads, channels per head) of a SpatialTransformer `channels` wide."""
+        if self.num_head_channels == -1:
+            if channels % self.num_heads:
+                raise ValueError(f"UNetConfig: {channels} channels do not split into {self.num_heads} heads")
+            return self.num_heads, channels // self.num_heads
+        if channels % self.num_head_channels:
+            raise ValueError(f"UNetConfig: {channels} channels do not split into heads of "
+                             f"{self.num_head_channels}")
+        return channels // self.num_head_channels, self.num_head_channels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> UNetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"UNetConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks (names follow ldm/modules/diffusionmodules/openaimodel.py and attention.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format x is in: channels_last if the model was put in it, else the default."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _silu_(x: torch.Tensor) -> torch.Tensor:
+    """SiLU in place when no gradient is recorded (saves a full-size allocation per call)."""
+    return F.silu(x, inplace=not x.requires_grad)
+
+
+def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm whose statistics are taken in float32 (LDM's GroupNorm32).
+
+    PyTorch's CPU and CUDA kernels already accumulate half/bfloat16 inputs in float32, so the
+    explicit up-cast of the reference (a full-size copy each way) is not needed.
+    """
+    return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
+class ResBlock(nn.Module):
+    """openaimodel.ResBlock without scale-shift norm: GN-SiLU-conv, + time embedding, GN-SiLU-conv."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels, eps=1e-5), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels, eps=1e-5), nn.SiLU(),
+                                        nn.Identity(),  # dropout (0 in every released config)
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if out_channels == channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = _silu_(_group_norm(self.in_layers[0], x))
+        h = self.in_layers[2](h)                                         # (B, C_out, H, W)
+        h += self.emb_layers[1](F.silu(emb))[:, :, None, None].to(h.dtype)  # conv outputs: safe in place
+        h = _silu_(_group_norm(self.out_layers[0], h))
+        h = self.out_layers[3](h)
+        return h.add_(self.skip_connection(x))
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv: (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 (or to the skip's size, so odd latent sizes work) then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of LDM: queries from x, keys/values from context (or x: self-attention)."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)  # (B, N, heads*d)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """Shazeer 2020: (x W + b) split in two halves a, g -> a * GELU(g)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)                         # 2 x (B, N, dim_out)
+        if torch.is_grad_enabled():
+            return a * F.gelu(gate)
+        return F.gelu(gate).mul_(a)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention on the text, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        if torch.is_grad_enabled():  # the norms keep x for their backward pass: no in-place updates
+            x = x + self.attn1(self.norm1(x))
+            x = x + self.attn2(self.norm2(x), context)
+            return x + self.ff(self.norm3(x))
+        x = x + self.attn1(self.norm1(x))  # a fresh tensor: the caller's x stays untouched
+        x += self.attn2(self.norm2(x), context)
+        x += self.ff(self.norm3(x))
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """LDM fig. 3: GroupNorm, project in, `depth` transformer blocks over the H*W tokens, project out.
+
+    proj_in/proj_out are 1x1 convs (SD 1.x) or linear layers (SD 2.x, SDXL: use_linear).
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int | None,
+                 use_linear: bool, groups: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        h = _group_norm(self.norm, x)
+        if not self.use_linear:
+            h = self.proj_in(h)
+        # (B, C, H, W) -> (B, H*W, C); a free view when h is channels_last.
+        h = h.permute(0, 2, 3, 1).reshape(b, hgt * wid, h.shape[1])
+        if self.use_linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.use_linear:
+            h = self.proj_out(h)
+        # (B, H*W, C) -> (B, C, H, W) in the layout of x (a free view if x is channels_last).
+        h = h.view(b, hgt, wid, h.shape[-1]).permute(0, 3, 1, 2).contiguous(memory_format=_layout(x))
+        if not self.use_linear:
+            h = self.proj_out(h)
+        return h.add_(x)  # h is a fresh projection output: adding in place is autograd-safe
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A Sequential that hands each layer what it takes: emb (ResBlock), context (transformer)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
+                out_size: Sequence[int] | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, out_size)
+            else:
+                x = layer(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------------
+# The UNet
+# --------------------------------------------------------------------------------------------
+
+
+class UNetModel(nn.Module):
+    """LDM UNet. ``forward(x, timesteps, context, y=None, control=None) -> raw output`` (eps or v).
+
+    ``control`` is the ControlNet hook (Zhang et al. 2023, cldm convention): a sequence with one
+    residual per input block (in order, shaped like that block's output) followed by one for the
+    middle block. The last is added to the middle output; the others to the skips as they are
+    popped by the output blocks.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        c = config
+        mc = c.model_channels
+        emb_dim = mc * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+        if c.encoder_hid_dim is not None:
+            if c.context_dim is None:
+                raise ValueError("UNetConfig: encoder_hid_dim needs context_dim (the projection's width)")
+            self.encoder_hid_proj = nn.Linear(c.encoder_hid_dim, c.context_dim)
+
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = c.heads_for(ch)
+            return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim,
+                                      c.use_linear_in_transformer, c.norm_groups)
+
+        g = c.norm_groups
+        conv_in = nn.Conv2d(c.in_channels, mc, 3, padding=1)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
+        skip_channels = [mc]
+        ch = mc
+        levels = len(c.channel_mult)
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks[level]):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, g)]
+                ch = mult * mc
+                if c.transformer_depth[level] > 0:
+                    layers.append(transformer(ch, c.transformer_depth[level]))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, g),
+                                                    transformer(ch, c.transformer_depth_middle),
+                                                    ResBlock(ch, emb_dim, ch, g))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks[level] + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc, g)]
+                ch = mult * mc
+                if c.transformer_depth[level] > 0:
+                    layers.append(transformer(ch, c.transformer_depth[level]))
+                if level and i == c.num_res_blocks[level]:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(g, ch, eps=1e-5), nn.SiLU(),
+                                 nn.Conv2d(mc, c.out_channels, 3, padding=1))
+
+    def _channels_last(self) -> bool:
+        """Activations follow the conv weights' layout: ``model.to(memory_format=torch.channels_last)``
+        opts in (often faster for half precision on GPUs). On CPU it measured neutral (docs/benchmarks.md)."""
+        weight = self.input_blocks[1][0].in_layers[2].weight
+        return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embed[0].weight.dtype
+
+    def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
+             context: torch.Tensor | None, out_size: Sequence[int] | None = None) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, out_size, use_reentrant=False)
+        return block(h, emb, context, out_size)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None,
+                **extra) -> torch.Tensor:
+        """x (B, C_in, H, W), timesteps (B,), context (B, T, D), y (B, adm) -> (B, C_out, H, W).
+
+        Inputs are cast to the weights' dtype; ``extra`` is accepted (other families' conditioning)
+        and unused.
+        """
+        c = self.config
+        dtype = self.dtype
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))  # (B, 4*mc)
+        if c.adm_in_channels is not None:
+            if y is None:
+                raise ValueError(f"this UNet takes a vector condition y of width {c.adm_in_channels} "
+                                 "(SDXL: pooled text embedding + size/crop embeddings); pass y=")
+            emb = emb + self.label_emb(y.to(dtype))
+        if context is not None:
+            context = context.to(dtype)
+            if c.encoder_hid_dim is not None:
+                context = self.encoder_hid_proj(context)                 # (B, T, context_dim)
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"control needs {len(self.input_blocks) + 1} residuals (one per input block, "
+                             f"then the middle); got {len(control)}")
+
+        h = x.to(dtype)
+        if self._channels_last():
+            h = h.contiguous(memory_format=torch.channels_last)
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        if control is not None:
+            h = h + control[-1].to(dtype)
+        for block in self.output_blocks:
+            skip = skips.pop()
+            if control is not None:
+                skip = skip + control[len(skips)].to(dtype)
+            h = torch.cat([h, skip], dim=1)
+            h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
+        h = _silu_(_group_norm(self.out[0], h))
+        return self.out[2](h).contiguous()
