@@ -90,7 +90,7 @@ def train_vae(vae, images_u8, *, steps: int, batch: int, out_dir: Path, seed: in
     def loss_fn(model, step):
         gen = step_generator(seed, step)
         idx = batch_indices(len(images_u8), batch, step, seed)
-        return vae_loss(model, to_unit(images_u8[idx]), gen)
+        return vae_loss(model, to_unit(images_u8[idx]), gen, chroma_weight=4.0)
 
     return train(vae, loss_fn, steps=steps, out_dir=out_dir, lr=lr, warmup=100,
                  desc="decoder" if decoder_only else "vae", checkpoint_every=100)
