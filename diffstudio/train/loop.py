@@ -73,9 +73,9 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(optimizer, params, lr, weight_decay)
     start, losses = _load(model, opt, out_dir)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    for _ in range(start):
-        schedule.step()
+    # Linear warm-up; written in absolute steps so a resumed run continues the same curve.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + start + 1) / warmup) if warmup else 1.0)
     model, opt = accelerator.prepare(model, opt)
     model.train()
     bar = tqdm(range(start, steps), desc=desc, disable=not progress or not accelerator.is_main_process,

@@ -1,0 +1,66 @@
+"""The training loop: exact resume after an interruption, named failure on NaN, folder captions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffstudio.train.data import batch_indices, read_captions
+from diffstudio.train.loop import step_generator, train
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.SiLU(), torch.nn.Linear(16, 1))
+    data_x = torch.randn(64, 4)
+    data_y = data_x.sum(dim=1, keepdim=True).sin()
+
+    def loss_fn(net, step):
+        idx = batch_indices(64, 8, step, seed=3)
+        noise = torch.randn(8, 1, generator=step_generator(3, step)) * 0.01
+        return torch.nn.functional.mse_loss(net(data_x[idx]), data_y[idx] + noise)
+
+    return model, loss_fn
+
+
+def test_interrupted_and_resumed_run_follows_the_same_loss_curve(tmp_path):
+    model, loss_fn = _problem()
+    straight = train(model, loss_fn, steps=12, out_dir=tmp_path / "a", lr=1e-2, progress=False)
+    model_b, loss_fn_b = _problem()
+    first = train(model_b, loss_fn_b, steps=12, out_dir=tmp_path / "b", lr=1e-2, progress=False, stop_after=5)
+    assert len(first) == 5
+    model_c, loss_fn_c = _problem()  # a fresh process: new model object, state from the checkpoint
+    resumed = train(model_c, loss_fn_c, steps=12, out_dir=tmp_path / "b", lr=1e-2, progress=False)
+    assert resumed == pytest.approx(straight, rel=1e-6)
+    for p, q in zip(model.parameters(), model_c.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_a_nan_loss_stops_with_a_named_error_and_keeps_the_checkpoint(tmp_path):
+    from diffstudio.errors import NaNError
+
+    model, loss_fn = _problem()
+    train(model, loss_fn, steps=4, out_dir=tmp_path, lr=1e-2, progress=False)
+    with pytest.raises(NaNError, match="checkpoint"):
+        train(model, lambda net, step: loss_fn(net, step) * float("nan"), steps=8, out_dir=tmp_path,
+              progress=False)
+    assert (tmp_path / "checkpoint" / "state.pt").exists()
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    assert torch.equal(batch_indices(100, 10, 7, 1), batch_indices(100, 10, 7, 1))
+    epoch = torch.cat([batch_indices(100, 10, s, 1) for s in range(10)])
+    assert sorted(epoch.tolist()) == list(range(100))  # one epoch sees every sample once
+
+
+def test_captions_from_metadata_csv_or_txt_files(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    (tmp_path / "a" / "metadata.csv").write_text("file_name,text\nx.png,a red circle\n")
+    assert read_captions(tmp_path / "a")[0][1] == "a red circle"
+    (tmp_path / "b").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "b" / "y.png")
+    (tmp_path / "b" / "y.txt").write_text("a blue star\n")
+    assert read_captions(tmp_path / "b")[0][1] == "a blue star"
