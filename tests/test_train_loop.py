@@ -25,12 +25,13 @@ def _problem():
 
 def test_interrupted_and_resumed_run_follows_the_same_loss_curve(tmp_path):
     model, loss_fn = _problem()
-    straight = train(model, loss_fn, steps=12, out_dir=tmp_path / "a", lr=1e-2, progress=False)
+    straight = train(model, loss_fn, steps=12, out_dir=tmp_path / "a", lr=1e-2, warmup=4, progress=False)
     model_b, loss_fn_b = _problem()
-    first = train(model_b, loss_fn_b, steps=12, out_dir=tmp_path / "b", lr=1e-2, progress=False, stop_after=5)
+    first = train(model_b, loss_fn_b, steps=12, out_dir=tmp_path / "b", lr=1e-2, warmup=4, progress=False,
+                  stop_after=5)
     assert len(first) == 5
     model_c, loss_fn_c = _problem()  # a fresh process: new model object, state from the checkpoint
-    resumed = train(model_c, loss_fn_c, steps=12, out_dir=tmp_path / "b", lr=1e-2, progress=False)
+    resumed = train(model_c, loss_fn_c, steps=12, out_dir=tmp_path / "b", lr=1e-2, warmup=4, progress=False)
     assert resumed == pytest.approx(straight, rel=1e-6)
     for p, q in zip(model.parameters(), model_c.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
