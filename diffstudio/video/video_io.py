@@ -1,0 +1,173 @@
+"""Reading and writing videos and folders of frames, one frame at a time.
+
+Videos are decoded with imageio's PyAV plugin and encoded with PyAV (H.264, constant quality), so
+neither side ever holds a whole video: ``iter_frames`` yields frames, ``VideoWriter`` takes them as
+they come. A folder of images stands for a video wherever a path is expected: its images, in
+natural order of their names (``2.png`` before ``10.png``), are the frames.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+from fractions import Fraction
+
+import numpy as np
+
+from diffstudio.errors import CorruptFileError, UnsupportedFormatError
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif")
+WRITABLE_EXTENSIONS = (".mp4", ".mov", ".mkv", ".m4v")  # containers that take H.264
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+DEFAULT_FPS = 30.0
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def list_frame_files(folder: str) -> list[str]:
+    """The image files of a folder, in natural order of their names."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no folder of frames at {folder!r}")
+    names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not names:
+        raise UnsupportedFormatError(f"{folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return [os.path.join(folder, n) for n in sorted(names, key=_natural_key)]
+
+
+def read_image(path: str) -> np.ndarray:
+    """One image file as an (H, W, 3) uint8 RGB array."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError as error:
+        raise CorruptFileError(f"cannot read image {path!r}: {error}") from error
+
+
+def iter_frames(path: str) -> Iterator[np.ndarray]:
+    """The frames of a video file or a folder of images, as (H, W, 3) uint8 arrays, in order."""
+    if os.path.isdir(path):
+        for name in list_frame_files(path):
+            yield read_image(name)
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no video at {path!r}")
+    if not path.lower().endswith(VIDEO_EXTENSIONS):
+        raise UnsupportedFormatError(
+            f"{path!r} is not a video ({', '.join(VIDEO_EXTENSIONS)}) or a folder of frames")
+    import imageio.v3 as iio
+
+    try:
+        for frame in iio.imiter(path, plugin="pyav"):
+            yield np.ascontiguousarray(frame[:, :, :3])
+    except (OSError, ValueError) as error:
+        raise CorruptFileError(f"cannot decode video {path!r}: {error}") from error
+
+
+def read_frames(path: str) -> list[np.ndarray]:
+    """All frames of a video or folder in memory (for short clips; else use ``iter_frames``)."""
+    return list(iter_frames(path))
+
+
+def video_fps(path: str, default: float = DEFAULT_FPS) -> float:
+    """Frames per second of a video file; ``default`` for a folder or a file that does not say."""
+    if os.path.isdir(path) or not os.path.exists(path):
+        return default
+    import imageio.v3 as iio
+
+    try:
+        fps = iio.immeta(path, plugin="pyav").get("fps")
+    except (OSError, ValueError):
+        return default
+    return float(fps) if fps else default
+
+
+def frame_index(path: str) -> int:
+    """The frame number in a keyframe's file name: its last run of digits (``key_0042.png`` -> 42)."""
+    digits = re.findall(r"\d+", os.path.splitext(os.path.basename(path))[0])
+    if not digits:
+        raise ValueError(f"keyframe file {path!r} has no frame number in its name (expected e.g. 00042.png)")
+    return int(digits[-1])
+
+
+def read_indexed_frames(folder: str) -> dict[int, np.ndarray]:
+    """Keyframes from a folder: {frame number from the file name: (H, W, 3) uint8 image}."""
+    frames: dict[int, np.ndarray] = {}
+    for path in list_frame_files(folder):
+        index = frame_index(path)
+        if index in frames:
+            raise ValueError(f"two keyframes in {folder!r} have frame number {index}")
+        frames[index] = read_image(path)
+    return frames
+
+
+class VideoWriter:
+    """Writes frames one at a time to a video file (H.264 in .mp4/.mov/.mkv/.m4v) or, for a path
+    without a video extension, to a folder of numbered PNGs (00000.png, ...). Use as a context
+    manager, or call ``close()``.
+
+    ``crf``: x264 constant quality (0 lossless, 17 visually lossless, 23 default). Odd frame sizes
+    are encoded in 4:4:4 chroma, since 4:2:0 needs even sides.
+    """
+
+    def __init__(self, path: str, fps: float = DEFAULT_FPS, crf: int = 17):
+        self.path, self.fps, self.crf = path, fps, crf
+        self.count = 0
+        self.is_video = path.lower().endswith(VIDEO_EXTENSIONS)
+        self._container = self._stream = None
+        if self.is_video and not path.lower().endswith(WRITABLE_EXTENSIONS):
+            raise UnsupportedFormatError(
+                f"cannot write {path!r}: write {', '.join(WRITABLE_EXTENSIONS)} or a folder for PNG frames")
+        if not self.is_video:
+            os.makedirs(path, exist_ok=True)
+
+    def write(self, frame) -> None:
+        array = np.ascontiguousarray(np.asarray(frame)[:, :, :3], dtype=np.uint8)
+        if not self.is_video:
+            from PIL import Image
+
+            Image.fromarray(array).save(os.path.join(self.path, f"{self.count:05d}.png"))
+        else:
+            if self._stream is None:
+                self._open(array.shape[0], array.shape[1])
+            import av
+
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                self._container.mux(packet)
+        self.count += 1
+
+    def _open(self, height: int, width: int) -> None:
+        import av
+
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        self._container = av.open(self.path, "w")
+        self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
+        self._stream.width, self._stream.height = width, height
+        self._stream.pix_fmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
+        self._stream.options = {"crf": str(self.crf)}
+
+    def close(self) -> None:
+        if self._container is not None:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+            self._container = self._stream = None
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_frames(path: str, frames: Iterable, fps: float = DEFAULT_FPS, crf: int = 17) -> int:
+    """Write frames (arrays or PIL images) to a video file or folder; returns how many."""
+    with VideoWriter(path, fps, crf) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return writer.count
