@@ -8,7 +8,7 @@ Parameter names are those of the original LDM release (``encoder.down.0.block.1.
 after stripping only its ``first_stage_model.`` / ``vae.`` prefix. SD3/FLUX use the same network
 with 16 latent channels and no ``quant_conv`` / ``post_quant_conv``.
 
-Speed notes (CPU, see docs/benchmarks_vae.md): activations run in ``channels_last`` (oneDNN's fast
+Speed notes (CPU, see docs/benchmarks.md, "VAE decode"): activations run in ``channels_last`` (oneDNN's fast
 layout, bf16 convolutions included); GroupNorm runs in the activation dtype (the CPU kernel
 accumulates in fp32 anyway) and SiLU is applied in place; the nearest-x2-then-3x3 upsample is
 computed as an equivalent 2x2 sub-pixel convolution at low resolution (2.25x fewer FLOPs).
@@ -329,7 +329,7 @@ class AutoencoderKL(nn.Module):
         `levels=None` casts everything. The high-resolution levels hold most of the FLOPs, while
         rounding errors made at low resolution are amplified by every later layer, so keeping the
         low-resolution half in fp32 buys most of the speed for a fraction of the error
-        (numbers in docs/benchmarks_vae.md). Returns self.
+        (numbers in docs/benchmarks.md, "VAE decode"). Returns self.
         """
         n_levels = len(self.config.channel_mult)
         levels = n_levels if levels is None else max(0, min(levels, n_levels))
