@@ -94,6 +94,43 @@ class UNetConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# Attention. fp32 and GPUs use layers.attention (SDPA). On CPU in bfloat16, SDPA's fused kernel
+# measured slower than plain bf16 matmuls (oneDNN, AVX512-BF16) around a softmax, chunked over
+# queries so that one chunk of scores stays cache-sized (docs/benchmarks.md, "UNet step").
+# --------------------------------------------------------------------------------------------
+
+CPU_BF16_SCORE_CHUNK = 1 << 22  # score elements per chunk (8 MiB in bf16); 4-8x larger was slower
+
+
+def cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with bf16 matmuls; q: (B, Nq, heads*d), k/v: (B, Nk, heads*d).
+
+    The softmax accumulates in float32 (PyTorch's CPU kernel does for bf16); the scores are
+    rounded to bf16 before it, which roughly doubles the error of a bf16 SDPA (both ~1e-2).
+    """
+    b, nq, inner = q.shape
+    nk = k.shape[1]
+    d = inner // heads
+    # (B, N, heads*d) -> (B*heads, N, d); q is pre-scaled so the scores need no extra pass.
+    q = (q * d ** -0.5).view(b, nq, heads, d).transpose(1, 2).reshape(b * heads, nq, d)
+    k_t = k.view(b, nk, heads, d).permute(0, 2, 3, 1).reshape(b * heads, d, nk)
+    v = v.view(b, nk, heads, d).transpose(1, 2).reshape(b * heads, nk, d)
+    out = torch.empty(b * heads, nq, d, dtype=v.dtype, device=v.device)
+    rows = max(1, min(nq, CPU_BF16_SCORE_CHUNK // (b * heads * nk)))
+    for start in range(0, nq, rows):
+        stop = min(nq, start + rows)
+        scores = torch.bmm(q[:, start:stop], k_t)                        # (B*heads, rows, Nk)
+        torch.bmm(scores.softmax(dim=-1), v, out=out[:, start:stop])     # (B*heads, rows, d)
+    return out.view(b, heads, nq, d).transpose(1, 2).reshape(b, nq, inner)
+
+
+def unet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        return cpu_bf16_attention(q, k, v, heads)
+    return attention(q, k, v, heads)
+
+
+# --------------------------------------------------------------------------------------------
 # Building blocks (names follow ldm/modules/diffusionmodules/openaimodel.py and attention.py)
 # --------------------------------------------------------------------------------------------
 
@@ -182,7 +219,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         ctx = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)  # (B, N, heads*d)
+        out = unet_attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)  # (B, N, heads*d)
         return self.to_out[0](out)
 
 
