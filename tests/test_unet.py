@@ -17,8 +17,9 @@ from diffstudio.detect.unet import (
     derive_unet_config,
 )
 from diffstudio.errors import ConversionError, UnknownModelError
-from diffstudio.models.layers import timestep_embedding
-from diffstudio.models.unet import UNetConfig, UNetModel
+from diffstudio.models import unet as unet_module
+from diffstudio.models.layers import attention, timestep_embedding
+from diffstudio.models.unet import UNetConfig, UNetModel, cpu_bf16_attention
 
 TIME_DIM = 8  # SDXL's addition_time_embed_dim at tiny size (256 in the release)
 POOLED = 16
@@ -105,6 +106,9 @@ def test_parity_with_diffusers(kind):
         got = ours(*args, **our_kw)
     assert got.shape == expected.shape
     assert rel_err(got, expected) < 1e-4
+    ours.to(memory_format=torch.channels_last)  # the opt-in layout: activations follow the weights
+    with torch.no_grad():
+        assert rel_err(ours(*args, **our_kw), expected) < 1e-4
 
 
 def test_odd_latent_size_matches_diffusers():
@@ -178,6 +182,29 @@ def test_training_backward_and_checkpointing_agree():
     target.requires_grad_(True)
     ours(*args, **kw).square().mean().backward()
     torch.testing.assert_close(target.grad, grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_inference_error_like_diffusers():
+    """bf16 on CPU takes our matmul attention; its error to fp32 stays at diffusers' bf16 level."""
+    ref = reference("sd1")
+    ours, _ = ours_from(ref)
+    args, _, _ = inputs("sd1")
+    with torch.inference_mode():
+        exact = ref(*args).sample
+        ref.to(torch.bfloat16)
+        ours.to(torch.bfloat16)
+        low = (args[0].bfloat16(), args[1], args[2].bfloat16())
+        ours_err, ref_err = rel_err(ours(*low).float(), exact), rel_err(ref(*low).sample.float(), exact)
+    assert ours_err < 1.5 * ref_err + 1e-3
+
+
+def test_cpu_bf16_attention_chunks_agree_with_sdpa(monkeypatch):
+    monkeypatch.setattr(unet_module, "CPU_BF16_SCORE_CHUNK", 1000)  # many query chunks, a ragged last one
+    q, k, v = (1.5 * torch.randn(2, n, 4 * 16) for n in (300, 77, 77))
+    exact = attention(q, k, v, 4)
+    assert rel_err(cpu_bf16_attention(q, k, v, 4), exact) < 1e-5  # fp32 through the same code path
+    got = cpu_bf16_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 4)
+    assert got.dtype == torch.bfloat16 and rel_err(got.float(), exact) < 3e-2
 
 
 def test_derive_without_hints_uses_release_conventions():

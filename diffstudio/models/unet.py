@@ -395,9 +395,12 @@ class UNetModel(nn.Module):
                                  nn.Conv2d(mc, c.out_channels, 3, padding=1))
 
     def _channels_last(self) -> bool:
-        """Activations follow the conv weights' layout: ``model.to(memory_format=torch.channels_last)``
-        opts in (often faster for half precision on GPUs). On CPU it measured neutral (docs/benchmarks.md)."""
-        weight = self.input_blocks[1][0].in_layers[2].weight
+        """Activations follow the conv weights' layout.
+
+        ``model.to(memory_format=torch.channels_last)`` opts in (often faster for half precision on
+        GPUs); on CPU it measured neutral (docs/benchmarks.md, "UNet step").
+        """
+        weight = self.input_blocks[0][0].weight  # conv_in
         return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
     @property
