@@ -12,7 +12,7 @@ def main() -> None:
     tr.add_argument("--out", default="diffstudio/demo/weights/shapes-sd.safetensors")
     tr.add_argument("--workdir", default="runs/shapes")
     tr.add_argument("--images", type=int, default=20000)
-    tr.add_argument("--vae-steps", type=int, default=800)
+    tr.add_argument("--vae-steps", type=int, default=3000)
     tr.add_argument("--decoder-steps", type=int, default=2000)
     tr.add_argument("--unet-steps", type=int, default=6000)
     tr.add_argument("--stage", action="append", choices=["vae", "latents", "unet", "decoder", "assemble"],

@@ -75,7 +75,7 @@ def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
 # --- stage 1: the VAE ------------------------------------------------------------------------------
 
 
-def train_vae(vae, images_u8, *, steps: int, batch: int, out_dir: Path, seed: int, lr: float = 1e-3,
+def train_vae(vae, images_u8, *, steps: int, batch: int, out_dir: Path, seed: int, lr: float = 2e-4,
               decoder_only: bool = False):
     """Autoencoder training (L1 + L2 + tiny KL). With decoder_only, the encoder (and so the
     latent space) is frozen and only the decoder learns."""
@@ -168,7 +168,7 @@ def _checkpoint_model(out_dir: Path) -> dict:
 
 
 def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int = 20000, size: int = 64,
-          vae_steps: int = 800, decoder_steps: int = 2000, unet_steps: int = 6000, vae_batch: int = 8,
+          vae_steps: int = 3000, decoder_steps: int = 2000, unet_steps: int = 6000, vae_batch: int = 8,
           unet_batch: int = 32, seed: int = 0, stages: tuple[str, ...] = STAGES) -> Path | None:
     from diffstudio.convert.clip import build_clip_text_model
     from diffstudio.loader import Models
@@ -218,7 +218,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         vae = AutoencoderKL(vae_cfg)
         vae.load_state_dict(torch.load(workdir / "latents.pt", weights_only=True)["vae"])
         losses = train_vae(vae, images, steps=decoder_steps, batch=vae_batch, out_dir=workdir / "decoder",
-                           seed=seed + 1, lr=5e-4, decoder_only=True)
+                           seed=seed + 1, lr=1e-4, decoder_only=True)
         recipe["decoder_loss"] = sum(losses[-50:]) / len(losses[-50:])
         recipe["decoder_minutes"] = round((time.time() - started) / 60, 1)
     recipe_path.write_text(json.dumps(recipe, indent=1))
