@@ -1,4 +1,4 @@
-"""Blocks shared by every architecture: one attention function, timestep embeddings, norms.
+"""Blocks shared by every architecture: one attention function and timestep embeddings.
 
 Keeping attention in one place means a faster kernel, a memory-saving variant or an
 attention hook (region masks, IP-Adapter) is written once for every family.
@@ -10,7 +10,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -42,13 +41,3 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (LDM's normalization())."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return super().forward(x)
-        return F.group_norm(x.float(), self.num_groups, self.weight.float() if self.weight is not None else None,
-                            self.bias.float() if self.bias is not None else None, self.eps).to(x.dtype)
