@@ -46,6 +46,15 @@ class ComponentArch:
     to_diffusers: Callable  # (canonical state dict, config) -> diffusers state dict
     config_to_dict: Callable  # config -> JSON-able dict
     config_from_dict: Callable  # JSON dict -> config
+    # True when from_diffusers also normalises canonical input (CLIP: drops position_ids, adds
+    # the `text_model.` level transformers 5 leaves out), so it is applied to every layout.
+    normalise_always: bool = False
+
+    def to_canonical(self, sd: Mapping) -> dict:
+        """A state dict in any layout this architecture knows -> canonical keys."""
+        if self.is_canonical(sd) and not self.normalise_always:
+            return dict(sd)
+        return self.from_diffusers(sd)
 
     def is_canonical(self, keys: Mapping | set) -> bool:
         return all(k in keys for k in _constant(self.sentinels))
@@ -97,5 +106,6 @@ ARCHS: dict[str, ComponentArch] = {
         to_diffusers=lambda sd, config: dict(sd),
         config_to_dict=lambda config: config.to_dict(),
         config_from_dict=_lazy("diffstudio.families.base:clip_config_from_json"),
+        normalise_always=True,
     ),
 }

@@ -102,9 +102,7 @@ def _read_folder(folder: Path) -> tuple[Detection, dict[str, _Part]]:
             continue
         sd, config_json = read_component(sub)
         arch = ARCHS[role.arch]
-        canonical = arch.from_diffusers(sd) if arch.is_diffusers(sd) and not arch.is_canonical(sd) else sd
-        if role.arch == "clip_text":
-            canonical = arch.from_diffusers(sd)
+        canonical = arch.to_canonical(sd)
         config = arch.config_from_diffusers(config_json) if config_json else arch.derive_config(canonical, role.hints)
         parts[role.name] = _Part(canonical, config, str(sub))
         components[role.name] = Component(role.name, role.arch, "", "diffusers", config,
@@ -137,7 +135,7 @@ def _family_of_folder(folder: Path, index: dict) -> Family:
 
             sd, config_json = read_component(sub)
             arch = ARCHS[den.arch]
-            canonical = arch.from_diffusers(sd) if arch.is_diffusers(sd) else sd
+            canonical = arch.to_canonical(sd)
             config = arch.config_from_diffusers(config_json) if config_json else arch.derive_config(canonical,
                                                                                                      den.hints)
             if family.check_denoiser(config) is None:
