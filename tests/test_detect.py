@@ -133,3 +133,13 @@ def test_full_size_sd15_single_file_maps_every_key(in_channels):
         theirs = {k: v for k, v in theirs.items() if not k.endswith("position_ids")}
         assert set(ours_sd) == set(theirs), role
         assert all(ours_sd[k].shape == theirs[k].shape for k in ours_sd), role
+
+
+def test_ema_and_schedule_tensors_are_ignored_and_reported(tiny_original):
+    sd = dict(tiny_original)
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd["model_ema.diffusion_modelinput_blocks00weight"] = torch.zeros(32, 4, 3, 3)
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    det = diffstudio.detect(sd)
+    assert det.family == "sd15"
+    assert {"model_ema.decay", "model_ema.diffusion_modelinput_blocks00weight", "alphas_cumprod"} <= set(det.ignored)

@@ -140,3 +140,9 @@ def test_png_recipe_round_trip(pipe, tmp_path):
         params = reopened.text["parameters"]
     assert params.startswith("a red circle\nNegative prompt: blurry\nSteps: 3")
     assert "Seed: 11" in params and "Size: 64x64" in params
+
+
+def test_tiled_vae_path_runs_and_matches_when_one_tile_covers_the_image(pipe):
+    plain = pipe("a circle", width=64, height=64, steps=3, seed=4, progress=False)[0]
+    tiled = pipe("a circle", width=64, height=64, steps=3, seed=4, tiled_vae=True, progress=False)[0]
+    assert np.abs(arr(plain) - arr(tiled)).max() <= 1
