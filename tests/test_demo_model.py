@@ -46,8 +46,10 @@ def test_txt2img_draws_the_prompted_colour_and_shape(pipe):
     prompts = ["a red circle in the center, white background", "a blue square on the left, white background",
                "a yellow triangle on the right, white background"]
     results = [score_prompt(pipe(p, seed=s, progress=False)[0], p) for p in prompts for s in SEEDS[:3]]
+    # Per-attribute checks alone are lenient: on pure noise the scorer finds *some* blob of the
+    # right colour or kind about half the time (docs/shapes.md), so the bar is on all attributes.
     assert share([r["color_ok"] for r in results]) >= 0.75
-    assert share([r["kind_ok"] for r in results]) >= 0.5
+    assert share([r["all_ok"] for r in results]) >= 0.5
 
 
 def test_same_seed_same_image_different_seed_different(pipe):
@@ -91,4 +93,4 @@ def test_every_sampler_draws_the_prompt(pipe, sampler, steps):
     prompt = "a red circle in the center, white background"
     results = [score_prompt(pipe(prompt, seed=s, sampler=sampler, steps=steps, progress=False)[0], prompt)
                for s in SEEDS[:3]]
-    assert share([r["color_ok"] for r in results]) >= 0.66
+    assert share([r["all_ok"] for r in results]) >= 0.66
