@@ -193,8 +193,10 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
 
     if "vae" in stages:
         started = time.time()
-        losses = train_vae(AutoencoderKL(vae_cfg), images, steps=vae_steps, batch=vae_batch,
-                           out_dir=workdir / "vae", seed=seed)
+        vae = AutoencoderKL(vae_cfg)
+        with torch.no_grad():  # start from a near-deterministic posterior (std e^-4): the decoder first
+            vae.quant_conv.bias[vae_cfg.latent_channels:] = -8.0  # sees signal, not unit noise
+        losses = train_vae(vae, images, steps=vae_steps, batch=vae_batch, out_dir=workdir / "vae", seed=seed)
         recipe["vae_loss"] = sum(losses[-50:]) / len(losses[-50:])
         recipe["vae_minutes"] = round((time.time() - started) / 60, 1)
     if "latents" in stages:
