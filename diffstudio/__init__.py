@@ -12,6 +12,7 @@ from diffstudio.errors import (
     ConversionError,
     CorruptFileError,
     DiffstudioError,
+    InvalidInputError,
     InvalidSizeError,
     ModelNotFoundError,
     NaNError,
@@ -33,7 +34,7 @@ def download(repo_id: str, filename: str | None = None, **kwargs):
 
 
 __all__ = [
-    "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "InvalidSizeError", "Models",
-    "ModelNotFoundError", "NaNError", "Pipeline", "UnknownModelError", "UnsafeCheckpointError",
-    "UnsupportedFormatError", "detect", "download", "load",
+    "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "InvalidInputError",
+    "InvalidSizeError", "Models", "ModelNotFoundError", "NaNError", "Pipeline", "UnknownModelError",
+    "UnsafeCheckpointError", "UnsupportedFormatError", "detect", "download", "load",
 ]

@@ -42,3 +42,7 @@ class InvalidSizeError(DiffstudioError, ValueError):
 
 class NaNError(DiffstudioError, FloatingPointError):
     """A model produced NaN or inf values (often fp16 overflow: try bf16 or fp32)."""
+
+
+class InvalidInputError(DiffstudioError, ValueError):
+    """Arguments that cannot go together or are out of range (e.g. a mask without an init image)."""

@@ -146,3 +146,8 @@ def test_tiled_vae_path_runs_and_matches_when_one_tile_covers_the_image(pipe):
     plain = pipe("a circle", width=64, height=64, steps=3, seed=4, progress=False)[0]
     tiled = pipe("a circle", width=64, height=64, steps=3, seed=4, tiled_vae=True, progress=False)[0]
     assert np.abs(arr(plain) - arr(tiled)).max() <= 1
+
+
+def test_a_mask_without_an_init_image_is_a_named_error(pipe):
+    with pytest.raises(diffstudio.InvalidInputError, match="init_image"):
+        pipe("x", width=64, height=64, steps=2, mask=Image.new("L", (64, 64), 255), progress=False)

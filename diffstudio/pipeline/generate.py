@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffstudio.errors import InvalidSizeError
+from diffstudio.errors import InvalidInputError, InvalidSizeError
 from diffstudio.pipeline.denoiser import make_denoiser
 from diffstudio.pipeline.guidance import CFGDenoiser, LatentBlendDenoiser
 
@@ -134,7 +134,8 @@ class Pipeline:
         pixel_mask = latent_mask = None
         if mask is not None:
             if known is None:
-                raise ValueError("a mask needs an init_image: the mask says which part of that image to repaint")
+                raise InvalidInputError("a mask needs an init_image: the mask says which part of that image to "
+                                        "repaint; pass init_image= (CLI: --init-image)")
             pixel_mask = load_mask(mask, (width, height))
             latent_mask = torch.nn.functional.interpolate(pixel_mask, size=lat_shape[1:], mode="bilinear",
                                                           align_corners=False).expand(n, 1, *lat_shape[1:])
