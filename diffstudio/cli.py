@@ -23,8 +23,14 @@ def cmd_info(args) -> int:
         detection, _ = read_source(path)
     print(f"{path}")
     print(detection.summary())
+    from diffstudio.components import ARCHS
+
     for comp in detection.components.values():
-        print(f"  {comp.role} config: {comp.config}")
+        config = (comp.config.to_diff_dict() if hasattr(comp.config, "to_diff_dict")  # transformers: non-defaults
+                  else ARCHS[comp.arch].config_to_dict(comp.config))
+        config.pop("transformers_version", None)
+        shown = {k: v for k, v in config.items() if not isinstance(v, dict) and v not in (None, [], {})}
+        print(f"  {comp.role} config: {shown}")
     return 0
 
 

@@ -105,7 +105,7 @@ def _read_folder(folder: Path) -> tuple[Detection, dict[str, _Part]]:
         canonical = arch.to_canonical(sd)
         config = arch.config_from_diffusers(config_json) if config_json else arch.derive_config(canonical, role.hints)
         parts[role.name] = _Part(canonical, config, str(sub))
-        components[role.name] = Component(role.name, role.arch, "", "diffusers", config,
+        components[role.name] = Component(role.name, role.arch, f"{role.subfolder}/", "diffusers", config,
                                           sum(int(v.numel()) for v in canonical.values()),
                                           str(next(iter(canonical.values())).dtype).replace("torch.", ""))
     if family.denoiser_role not in parts:
