@@ -193,7 +193,7 @@ def _materialise_buffer(module, name, buf, device):
     owner.register_buffer(attr, value.clone(), persistent=False)
 
 
-def _tokenizer(family: Family, spec, sources: dict[str, str]):
+def _tokenizer(spec, sources: dict[str, str]):
     from diffstudio.conditioning.tokenizers import load_clip_tokenizer
 
     source = sources.get(spec.encoder_role)
@@ -241,7 +241,7 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
             components[role.name] = build_component(role.name, role.arch, parts[role.name], dtype, device)
     sources = {role: part.source for role, part in parts.items()}
     for spec in family.text_encoders:
-        components[spec.tokenizer_role] = _tokenizer(family, spec, sources)
+        components[spec.tokenizer_role] = _tokenizer(spec, sources)
     return Models(family, components, {r: p.config for r, p in parts.items()}, sources, base_detection,
                   _stored_defaults(paths[0]))
 

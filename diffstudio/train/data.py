@@ -10,7 +10,6 @@ import csv
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from diffstudio.errors import ModelNotFoundError
 
@@ -36,27 +35,6 @@ def read_captions(folder: str | Path) -> list[tuple[Path, str]]:
     if missing:
         raise ModelNotFoundError(f"{len(missing)} images listed in {meta} are missing, e.g. {missing[0]}")
     return rows
-
-
-def image_to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """PIL -> (3, H, W) float in [-1, 1], resized (centre crop to the aspect first) when a size is given."""
-    image = image.convert("RGB")
-    if size is not None and image.size != size:
-        w, h = image.size
-        tw, th = size
-        scale = max(tw / w, th / h)
-        image = image.resize((round(w * scale), round(h * scale)), Image.LANCZOS)
-        left, top = (image.width - tw) // 2, (image.height - th) // 2
-        image = image.crop((left, top, left + tw, top + th))
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
-    return data.permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def load_folder_tensors(folder: str | Path, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[str]]:
-    """All images of a (small) folder as one (N, 3, H, W) tensor, and their captions."""
-    rows = read_captions(folder)
-    images = [image_to_tensor(Image.open(p), size) for p, _ in rows]
-    return torch.stack(images), [text for _, text in rows]
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
