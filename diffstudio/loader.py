@@ -194,13 +194,12 @@ def _materialise_buffer(module, name, buf, device):
 
 
 def _tokenizer(spec, sources: dict[str, str]):
-    from diffstudio.conditioning.tokenizers import load_clip_tokenizer
+    """The model folder's own tokenizer/ when it has one, else the packaged data of that kind."""
+    from diffstudio.conditioning.tokenizers import load_tokenizer
 
     source = sources.get(spec.encoder_role)
     folder = Path(source).parent / spec.tokenizer_role if source and Path(source).is_dir() else None
-    if folder is not None and (folder / "vocab.json").exists():
-        return load_clip_tokenizer(folder)
-    return load_clip_tokenizer()
+    return load_tokenizer(spec.tokenizer_data, folder)
 
 
 def default_model_path() -> Path:

@@ -54,3 +54,64 @@ def _resolve_folder(path: str | Path | None) -> Path:
 def _load_cached(folder: str, pad_token: str | None) -> CLIPTokenizer:
     kwargs = {"pad_token": pad_token} if pad_token is not None else {}
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+
+
+# --- every tokenizer kind a family record may name (TextEncoderSpec.tokenizer_data) --------------------
+
+PACKAGED = PACKAGED_CLIP_TOKENIZER.parent  # diffstudio/data/tokenizers (licences: NOTICE-extra.md)
+
+
+def _clip(folder):
+    return load_clip_tokenizer(folder)
+
+
+def _clip_g(folder):  # OpenCLIP bigG (SDXL, SD3): the CLIP vocabulary, padded with "!" (id 0)
+    return load_clip_tokenizer(folder, pad_token="!")
+
+
+@functools.lru_cache(maxsize=8)
+def _t5(folder):
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast.from_pretrained(str(folder or PACKAGED / "t5"), local_files_only=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _mt5(folder):
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer.from_pretrained(str(folder or PACKAGED / "mt5"), local_files_only=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _bert_zh(folder):
+    from transformers import BertTokenizer
+
+    return BertTokenizer.from_pretrained(str(folder or PACKAGED / "bert_zh"), local_files_only=True)
+
+
+def _chatglm(folder):
+    from diffstudio.conditioning.chatglm_tokenizer import load_chatglm_tokenizer
+
+    return load_chatglm_tokenizer(folder or PACKAGED / "chatglm")
+
+
+# kind -> (loader(folder or None), the files that make a model folder's tokenizer/ usable)
+TOKENIZERS = {
+    "clip": (_clip, ("vocab.json", "merges.txt")),
+    "clip_g": (_clip_g, ("vocab.json", "merges.txt")),
+    "t5": (_t5, ("tokenizer.json",)),
+    "mt5": (_mt5, ("spiece.model",)),
+    "bert_zh": (_bert_zh, ("vocab.txt",)),
+    "chatglm": (_chatglm, ("tokenizer.model",)),
+}
+
+
+def load_tokenizer(kind: str, folder: str | Path | None = None):
+    """The tokenizer of ``kind`` from ``folder`` when it holds that kind's files, else the packaged one."""
+    if kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; known: {', '.join(TOKENIZERS)}")
+    loader, files = TOKENIZERS[kind]
+    if folder is not None and all((Path(folder) / f).is_file() for f in files):
+        return loader(Path(folder))
+    return loader(None)

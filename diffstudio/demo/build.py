@@ -223,6 +223,8 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
                            seed=seed + 1, lr=1e-4, decoder_only=True)
         recipe["decoder_loss"] = sum(losses[-50:]) / len(losses[-50:])
         recipe["decoder_minutes"] = round((time.time() - started) / 60, 1)
+    # stages may run side by side (unet beside decoder): merge with what the other wrote meanwhile
+    recipe = {**(json.loads(recipe_path.read_text()) if recipe_path.exists() else {}), **recipe}
     recipe_path.write_text(json.dumps(recipe, indent=1))
     if "assemble" not in stages:
         return None

@@ -47,8 +47,9 @@ class TextEncoderSpec:
 
     encoder_role: str
     tokenizer_role: str
-    tokenizer_data: str  # packaged tokenizer folder under diffstudio/data/tokenizers/
+    tokenizer_data: str  # a kind in diffstudio.conditioning.tokenizers.TOKENIZERS ("clip", "t5", ...)
     default_clip_skip: int = 1
+    max_length: int = 77  # tokens per chunk (CLIP) or in all (T5: 256 / 512, ChatGLM: 256)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,36 @@ class DiscreteSchedule:
 
 
 @dataclass(frozen=True)
+class FlowSchedule:
+    """The training time of a rectified-flow model (SD3, FLUX): t = sigma * multiplier.
+
+    ``shift`` is the static timestep shift (SD3: 3.0). With ``dynamic_shift`` (FLUX dev) the
+    shift is exp(mu) instead, mu linear in the number of image tokens between
+    (base_seq, base_shift) and (max_seq, max_shift); an image token covers ``patch`` x ``patch``
+    latent pixels.
+    """
+
+    shift: float = 1.0
+    multiplier: float = 1000.0
+    dynamic_shift: bool = False
+    base_seq: int = 256
+    max_seq: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    patch: int = 2
+
+    def shift_for(self, latent_height: int, latent_width: int) -> float:
+        if not self.dynamic_shift:
+            return self.shift
+        import math
+
+        from diffstudio.sampling.schedules import flux_mu
+
+        tokens = (latent_height // self.patch) * (latent_width // self.patch)
+        return math.exp(flux_mu(tokens, self.base_seq, self.max_seq, self.base_shift, self.max_shift))
+
+
+@dataclass(frozen=True)
 class Defaults:
     width: int = 512
     height: int = 512
@@ -69,6 +100,7 @@ class Defaults:
     cfg_scale: float = 7.0
     sampler: str = "euler"
     scheduler: str = "normal"
+    guidance: float | None = None  # distilled guidance (FLUX dev) the denoiser takes as an input
 
 
 @dataclass(frozen=True)
@@ -79,15 +111,20 @@ class Family:
     text_encoders: tuple[TextEncoderSpec, ...]
     latent: LatentFormat
     prediction: str  # "eps" | "v" | "flow"
-    schedule: DiscreteSchedule | None
+    schedule: DiscreteSchedule | FlowSchedule | None
     defaults: Defaults
     # Structural test on the denoiser's derived config: None when it matches, else the reason.
     check_denoiser: Callable[[Any], str | None]
-    # Turns encoded prompts into the denoiser's conditioning kwargs (context, y, ...).
+    # (models, prompts, *, clip_skip, width, height, guidance) -> the denoiser's conditioning kwargs
+    # (context, y, ...). Tensors are batched along dim 0, one row per prompt.
     make_conditioning: Callable[..., dict]
     # Extra input channels the denoiser concatenates to the latent (inpainting models: mask + image).
     concat_channels: Callable[[Any], int] = lambda config: 0
     diffusers_pipelines: tuple[str, ...] = ()  # model_index.json `_class_name`s that mean this family
+    # How the pipeline calls the denoiser network: (net, x, t, cond) -> output shaped like x. None
+    # means net(x, t, **cond) (the LDM UNet). DiTs use it to keep their original forward (FLUX packs
+    # 2x2 latent patches into tokens and passes position ids).
+    call_denoiser: Callable[..., Any] | None = None
 
     def role(self, name: str) -> Role:
         for r in self.roles:

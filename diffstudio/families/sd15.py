@@ -30,7 +30,7 @@ def check_unet(config) -> str | None:
     return None
 
 
-def conditioning(models, prompts: list[str], *, clip_skip: int) -> dict:
+def conditioning(models, prompts: list[str], *, clip_skip: int, **_) -> dict:
     """SD 1.x cross-attends to CLIP-L's hidden states; there is no pooled vector."""
     from diffstudio.conditioning.clip_encode import encode_clip
 

@@ -17,13 +17,14 @@ def network_fn(models):
     net = models.denoiser
     dtype = models.dtype
     device = models.device
+    call_net = models.family.call_denoiser or (lambda net, x, t, cond: net(x, t, **cond))
 
     def call(x: torch.Tensor, t: torch.Tensor, *, c_concat: torch.Tensor | None = None, **cond) -> torch.Tensor:
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x)], dim=1)
         cond = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
                     else v) for k, v in cond.items()}
-        out = net(x.to(device=device, dtype=dtype), t.to(device), **cond).float()
+        out = call_net(net, x.to(device=device, dtype=dtype), t.to(device), cond).float()
         if not torch.isfinite(out).all():
             raise NaNError(f"the {models.family.name} denoiser produced NaN/inf values in {dtype}; "
                            "try dtype=torch.bfloat16 or torch.float32")
@@ -32,14 +33,15 @@ def network_fn(models):
     return call
 
 
-def make_denoiser(models):
+def make_denoiser(models, latent_size: tuple[int, int] = (64, 64)):
+    """``latent_size`` (height, width) matters only to flow models with a resolution-dependent shift."""
     from diffstudio.sampling import denoisers, schedules
 
     family = models.family
     fn = network_fn(models)
-    if family.prediction == "flow":
-        return denoisers.Flow(fn)
     s = family.schedule
+    if family.prediction == "flow":
+        return denoisers.Flow(fn, shift=s.shift_for(*latent_size), multiplier=s.multiplier)
     betas = schedules.betas_for(s.kind, s.beta_start, s.beta_end, s.num_steps)
     sigmas = schedules.model_sigmas(betas)
     if family.prediction == "eps":

@@ -37,6 +37,7 @@ class Recipe:
     clip_skip: int = 1
     strength: float | None = None
     sigmas: list[float] | None = None
+    guidance: float | None = None
     batch_index: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -59,9 +60,12 @@ class Pipeline:
         self.family = models.family
 
     # -- pieces -----------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str], negatives: list[str], clip_skip: int) -> tuple[dict, dict]:
-        """Both prompt lists in one encoder batch, so their token lengths are padded alike."""
-        cond = self.family.make_conditioning(self.models, prompts + negatives, clip_skip=clip_skip)
+    def encode_prompts(self, prompts: list[str], negatives: list[str], clip_skip: int, **options) -> tuple[dict, dict]:
+        """Both prompt lists in one encoder batch, so their token lengths are padded alike.
+
+        ``options`` (width, height, guidance) reach the family's make_conditioning: SDXL embeds the
+        image size, FLUX dev the distilled guidance scale."""
+        cond = self.family.make_conditioning(self.models, prompts + negatives, clip_skip=clip_skip, **options)
         n = len(prompts)
         split = {k: (v[:n], v[n:]) if isinstance(v, torch.Tensor) else (v, v) for k, v in cond.items()}
         return {k: a for k, (a, _) in split.items()}, {k: b for k, (_, b) in split.items()}
@@ -89,7 +93,8 @@ class Pipeline:
                  cfg_scale: float | None = None, seed: int = 0, sampler: str | None = None,
                  scheduler: str | None = None, sigmas=None, batch_size: int = 1, init_image=None,
                  strength: float = 0.75, mask=None, clip_skip: int | None = None,
-                 tiled_vae: bool | None = None, progress: bool = True, callback=None) -> list[Image.Image]:
+                 tiled_vae: bool | None = None, guidance: float | None = None, progress: bool = True,
+                 callback=None) -> list[Image.Image]:
         from diffstudio.io.images import images_to_tensor, load_image, load_mask, tensor_to_images
         from diffstudio.sampling import get_sampler
         from diffstudio.sampling.noise import SeededNoise
@@ -108,19 +113,21 @@ class Pipeline:
         cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
         sampler, scheduler = sampler or d.sampler, scheduler or d.scheduler
         clip_skip = clip_skip or fam.text_encoders[0].default_clip_skip
+        guidance = d.guidance if guidance is None else guidance
         sample = get_sampler(sampler)
         n = len(prompts)
         started = time.time()
 
         with torch.inference_mode():
-            cond, uncond = self.encode_prompts(prompts, negatives, clip_skip)
-        denoiser = make_denoiser(self.models)
+            cond, uncond = self.encode_prompts(prompts, negatives, clip_skip, width=width, height=height,
+                                               guidance=guidance)
+        lat_shape = (fam.latent.channels, height // fam.latent.downscale, width // fam.latent.downscale)
+        denoiser = make_denoiser(self.models, lat_shape[1:])
         if sigmas is not None:
             sigma_list = validate_sigmas(sigmas)
         else:
             sigma_list = get_sigmas(scheduler, denoiser, steps)
 
-        lat_shape = (fam.latent.channels, height // fam.latent.downscale, width // fam.latent.downscale)
         noise = SeededNoise([seed + i for i in range(n)], lat_shape, dtype=torch.float32, device="cpu")
         x_noise = noise.initial()
 
@@ -179,6 +186,6 @@ class Pipeline:
                             sampler, scheduler, fam.name, model=str(model_name).split("/")[-1],
                             clip_skip=clip_skip, strength=strength if init_image is not None else None,
                             sigmas=[float(s) for s in sigma_list] if sigmas is not None else None,
-                            batch_index=i, extra={"seconds": round(time.time() - started, 2)})
+                            guidance=guidance, batch_index=i, extra={"seconds": round(time.time() - started, 2)})
             image.info["diffstudio_recipe"] = recipe.to_dict()
         return images
