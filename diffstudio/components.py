@@ -49,6 +49,9 @@ class ComponentArch:
     # True when from_diffusers also normalises canonical input (CLIP: drops position_ids, adds
     # the `text_model.` level transformers 5 leaves out), so it is applied to every layout.
     normalise_always: bool = False
+    # Whose module paths kohya-format LoRA keys use for this architecture: "diffusers" (sd-scripts
+    # trains SD 1.x / SDXL UNets as diffusers modules) or "original" (our canonical names: DiTs, CLIP).
+    kohya_layout: str = "original"
 
     def to_canonical(self, sd: Mapping) -> dict:
         """A state dict in any layout this architecture knows -> canonical keys."""
@@ -82,6 +85,7 @@ ARCHS: dict[str, ComponentArch] = {
         to_diffusers=_lazy("diffstudio.convert.unet:unet_to_diffusers"),
         config_to_dict=_dataclass_to_dict,
         config_from_dict=_lazy("diffstudio.models.unet:UNetConfig.from_dict"),
+        kohya_layout="diffusers",
     ),
     "ldm_vae": ComponentArch(
         name="ldm_vae",
@@ -98,14 +102,16 @@ ARCHS: dict[str, ComponentArch] = {
     "clip_text": ComponentArch(
         name="clip_text",
         sentinels="diffstudio.detect.clip:CLIP_SENTINELS",
-        diffusers_sentinels="diffstudio.detect.clip:CLIP_SENTINELS",
+        # The "other" layout of a CLIP text encoder in single files is OpenCLIP's (SD 2.x, SDXL's bigG);
+        # the transformers layout is the canonical one.
+        diffusers_sentinels="diffstudio.detect.clip:OPENCLIP_SENTINELS",
         derive_config=_lazy("diffstudio.detect.clip:derive_clip_config"),
-        config_from_diffusers=_lazy("diffstudio.families.base:clip_config_from_json"),
+        config_from_diffusers=_lazy("diffstudio.detect.clip:clip_config_from_dict"),
         build=_lazy("diffstudio.convert.clip:build_clip_text_model"),
         from_diffusers=_lazy("diffstudio.convert.clip:canonical_clip_keys"),
         to_diffusers=lambda sd, config: dict(sd),
         config_to_dict=lambda config: config.to_dict(),
-        config_from_dict=_lazy("diffstudio.families.base:clip_config_from_json"),
+        config_from_dict=_lazy("diffstudio.detect.clip:clip_config_from_dict"),
         normalise_always=True,
     ),
 }

@@ -125,6 +125,9 @@ class Family:
     # means net(x, t, **cond) (the LDM UNet). DiTs use it to keep their original forward (FLUX packs
     # 2x2 latent patches into tokens and passes position ids).
     call_denoiser: Callable[..., Any] | None = None
+    # Which denoiser layers a LoRA trains by default: a regex over module names (Linear and 1x1 Conv
+    # layers only). The default takes every attention and MLP projection inside the blocks.
+    lora_targets: str = r".*blocks?\.\d+\..*(attn|attention|mlp|ff|linear1|linear2|proj|qkv|to_q|to_k|to_v|to_out).*"
 
     def role(self, name: str) -> Role:
         for r in self.roles:

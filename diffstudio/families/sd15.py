@@ -18,6 +18,12 @@ from diffstudio.families.base import (
 )
 
 
+LDM_UNET_LORA_TARGETS = (r".*\.\d+\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\."
+                         r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))"
+                         r"|middle_block\.1\.(proj_in|proj_out|transformer_blocks\.\d+\."
+                         r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))")
+
+
 def check_unet(config) -> str | None:
     if not config.context_dim:
         return "the UNet has no cross-attention (no attn2 keys), so it takes no text"
@@ -55,6 +61,9 @@ SD15 = Family(
     check_denoiser=check_unet,
     make_conditioning=conditioning,
     concat_channels=lambda config: config.in_channels - 4,
+    # What kohya's sd-scripts trains in the UNet: the spatial transformers' projections and attention
+    # and feed-forward layers (the LoRA then loads in A1111, ComfyUI and diffusers alike).
+    lora_targets=LDM_UNET_LORA_TARGETS,
     diffusers_pipelines=("StableDiffusionPipeline", "StableDiffusionInpaintPipeline",
                          "StableDiffusionImg2ImgPipeline"),
 )

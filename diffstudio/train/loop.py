@@ -27,14 +27,23 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1)
 
 
-def _save(accelerator, model, optimizer, out_dir: Path, step: int, losses: list[float]) -> None:
+def _model_state(model, trainable_only: bool) -> dict:
+    state = model.state_dict()
+    if not trainable_only:
+        return state
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable}
+
+
+def _save(accelerator, model, optimizer, out_dir: Path, step: int, losses: list[float],
+          trainable_only: bool = False) -> None:
     """Write the checkpoint next to the old one, then swap, so a kill mid-write loses nothing."""
     tmp, final = out_dir / (CHECKPOINT + ".tmp"), out_dir / CHECKPOINT
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    torch.save({"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict()},
-               tmp / "state.pt")
+    torch.save({"model": _model_state(accelerator.unwrap_model(model), trainable_only),
+                "optimizer": optimizer.state_dict()}, tmp / "state.pt")
     (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
     old = out_dir / (CHECKPOINT + ".old")
     if final.exists():
@@ -44,12 +53,17 @@ def _save(accelerator, model, optimizer, out_dir: Path, step: int, losses: list[
         shutil.rmtree(old)
 
 
-def _load(model, optimizer, out_dir: Path) -> tuple[int, list[float]]:
+def _load(model, optimizer, out_dir: Path, trainable_only: bool = False) -> tuple[int, list[float]]:
     ckpt = out_dir / CHECKPOINT
     if not (ckpt / "progress.json").exists():
         return 0, []
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    _, unexpected = model.load_state_dict(state["model"], strict=not trainable_only)
+    if unexpected or (trainable_only and set(_model_state(model, True)) - set(state["model"])):
+        from diffstudio.errors import CorruptFileError
+
+        raise CorruptFileError(f"the checkpoint in {ckpt} does not belong to this model (unexpected keys "
+                               f"{unexpected[:3]}); remove the folder to start over")
     optimizer.load_state_dict(state["optimizer"])
     progress = json.loads((ckpt / "progress.json").read_text())
     return int(progress["step"]), list(progress["losses"])
@@ -59,11 +73,12 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
           out_dir: str | Path, lr: float = 1e-4, weight_decay: float = 0.0, warmup: int = 0,
           checkpoint_every: int = 500, grad_clip: float | None = 1.0, mixed_precision: str = "no",
           optimizer: str = "adamw", progress: bool = True, desc: str = "train",
-          stop_after: int | None = None) -> list[float]:
+          stop_after: int | None = None, trainable_only: bool = False) -> list[float]:
     """Minimise ``loss_fn(model, step)`` for `steps` steps; resumes from `out_dir` if a checkpoint is there.
 
     ``stop_after`` ends the run early after that many steps of this call (used by tests to
-    simulate an interrupted run). Returns the loss history of the whole run.
+    simulate an interrupted run). ``trainable_only`` checkpoints only the parameters that
+    require grad (LoRA adapters, not the frozen base). Returns the loss history of the whole run.
     """
     from accelerate import Accelerator
 
@@ -72,7 +87,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(optimizer, params, lr, weight_decay)
-    start, losses = _load(model, opt, out_dir)
+    start, losses = _load(model, opt, out_dir, trainable_only)
     # Linear warm-up; written in absolute steps so a resumed run continues the same curve.
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + start + 1) / warmup) if warmup else 1.0)
@@ -101,7 +116,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
         finished = step + 1 == steps
         if (step + 1) % checkpoint_every == 0 or finished or (stop_after and done >= stop_after):
             if accelerator.is_main_process:
-                _save(accelerator, model, opt, out_dir, step + 1, losses)
+                _save(accelerator, model, opt, out_dir, step + 1, losses, trainable_only)
         if stop_after and done >= stop_after:
             break
     bar.close()

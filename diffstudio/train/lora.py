@@ -1,0 +1,259 @@
+"""LoRA training for every family: one entry point, the family record supplies the rest.
+
+LoRA (Hu et al. 2021): a frozen weight W gets a trainable low-rank update
+W' = W + (alpha / r) * B A, with A (r x in) and B (out x r), B initialised to zero so training
+starts from the base model. The adapters are injected with peft into the denoiser's
+Linear / 1x1-Conv layers whose names match the family's ``lora_targets`` pattern.
+
+What the trainer does, in order:
+1. load the base model (fp32, or bf16 weights with fp32 adapters);
+2. read the data folder (images + ``metadata.csv`` or ``.txt`` captions) and put each image in
+   its aspect-ratio bucket (``train.buckets``);
+3. cache every image's latent and every caption's conditioning once (the VAE and the text
+   encoders are frozen and never run again), in ``<workdir>/cache.pt``;
+4. train with ``train.loop.train`` (accelerate; exact resume from ``<workdir>/checkpoint``);
+5. export the adapters in kohya format (default) or diffusers/peft format (``train.lora_export``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from diffstudio.errors import InvalidInputError
+
+
+@dataclass
+class LoRATrainConfig:
+    data: str  # folder of images + metadata.csv (file_name,text) or a .txt caption beside each image
+    out: str  # the exported LoRA file (.safetensors)
+    model: str | None = None  # base model path; None = the packaged Shapes demo model
+    rank: int = 16
+    alpha: float | None = None  # None = rank (scale 1)
+    targets: str | None = None  # regex over the denoiser's module names; None = the family's lora_targets
+    steps: int = 1000
+    batch_size: int = 1
+    lr: float = 1e-4
+    warmup: int = 0
+    resolution: int | None = None  # bucket area = resolution**2; None = the model's default width
+    buckets: bool = True  # False: every image is resized to resolution x resolution
+    precision: str = "fp32"  # "bf16": base weights in bf16 (half the memory), adapters in fp32
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes)
+    caption_dropout: float = 0.0  # share of steps that see the empty prompt (keeps CFG working)
+    seed: int = 0
+    checkpoint_every: int = 100
+    workdir: str | None = None  # checkpoints and caches; None = "<out>.run"
+    export_format: str = "kohya"  # or "peft" (diffusers' load_lora_weights format)
+
+    def work_path(self) -> Path:
+        return Path(self.workdir) if self.workdir else Path(str(self.out) + ".run")
+
+
+# --- the adapters ---------------------------------------------------------------------------------------
+
+
+def target_modules(module: torch.nn.Module, pattern: str) -> list[str]:
+    """Names of the Linear and 1x1 Conv2d layers whose full name matches ``pattern``."""
+    regex = re.compile(pattern)
+    names = []
+    for name, child in module.named_modules():
+        is_linear = isinstance(child, torch.nn.Linear)
+        is_pointwise = isinstance(child, torch.nn.Conv2d) and child.kernel_size == (1, 1)
+        if (is_linear or is_pointwise) and regex.fullmatch(name):
+            names.append(name)
+    return names
+
+
+def inject_lora(module: torch.nn.Module, names: list[str], rank: int, alpha: float, seed: int) -> None:
+    """Wrap the named layers with trainable LoRA adapters (B = 0, so the output is unchanged)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)  # A's random initialisation
+    module.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, init_lora_weights=True),
+                            module)
+
+
+def remove_lora(module: torch.nn.Module) -> None:
+    """Put the base layers back in place of peft's wrappers (the base weights were never changed)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, child in list(module.named_modules()):
+        if isinstance(child, LoraLayer):
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, child.get_base_layer())
+
+
+def adapter_weights(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer name: (A (r x in[,1,1]), B (out x r[,1,1]))} of every injected adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, child in module.named_modules():
+        if isinstance(child, LoraLayer):
+            out[name] = (child.lora_A["default"].weight.detach().float().clone(),
+                         child.lora_B["default"].weight.detach().float().clone())
+    return out
+
+
+# --- data: buckets and caches ------------------------------------------------------------------------------
+
+
+def _prepare_items(models, rows, config: LoRATrainConfig, resolution: int):
+    """Each row -> (bucket id, latent (C, h, w), conditioning dict with batch dim 1)."""
+    from PIL import Image, ImageOps
+
+    from diffstudio.io.images import images_to_tensor
+    from diffstudio.pipeline.generate import Pipeline
+    from diffstudio.train.buckets import bucket_sizes, nearest_bucket
+
+    family = models.family
+    multiple = family.latent.downscale * 8
+    sizes = bucket_sizes(resolution, multiple) if config.buckets else [(resolution, resolution)]
+    pipe = Pipeline(models)
+    clip_skip = family.text_encoders[0].default_clip_skip
+    guidance = {**asdict(family.defaults), **models.defaults}.get("guidance")
+    items, bucket_ids, empty = [], [], {}
+    for path, caption in rows:
+        image = Image.open(path).convert("RGB")
+        size = nearest_bucket(*image.size, sizes)
+        image = ImageOps.fit(image, size, Image.LANCZOS)  # resize to cover, centre crop
+        with torch.no_grad():
+            latent = pipe.encode_images(images_to_tensor([image]), tiled=False)[0]
+            cond = family.make_conditioning(models, [caption], clip_skip=clip_skip, width=size[0],
+                                            height=size[1], guidance=guidance)
+            if size not in empty and config.caption_dropout > 0:
+                empty[size] = family.make_conditioning(models, [""], clip_skip=clip_skip, width=size[0],
+                                                       height=size[1], guidance=guidance)
+        bucket_ids.append(sizes.index(size))
+        items.append({"latent": latent, "cond": cond, "size": list(size)})
+    return {"items": items, "buckets": bucket_ids,
+            "empty": {f"{w}x{h}": c for (w, h), c in empty.items()}}
+
+
+def _cache_key(models, rows, config: LoRATrainConfig, resolution: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([str(models.sources.get(models.family.denoiser_role, "")), resolution, config.buckets,
+                         config.caption_dropout]).encode())
+    for path, caption in rows:
+        h.update(f"{path}|{path.stat().st_mtime_ns}|{caption}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_or_build_cache(models, rows, config: LoRATrainConfig, resolution: int) -> dict:
+    path = config.work_path() / "cache.pt"
+    key = _cache_key(models, rows, config, resolution)
+    if path.exists():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") == key:
+            return cached
+    data = _prepare_items(models, rows, config, resolution)
+    data["key"] = key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, path)
+    return data
+
+
+def _collate(conds: list[dict]) -> dict:
+    out = {}
+    for key, value in conds[0].items():
+        out[key] = torch.cat([c[key] for c in conds]) if isinstance(value, torch.Tensor) else value
+    return out
+
+
+# --- training -------------------------------------------------------------------------------------------------
+
+
+class _Trainee(torch.nn.Module):
+    """The denoiser with its adapters; only the adapter weights are trainable and checkpointed."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+
+def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None = None) -> Path | None:
+    """Train a LoRA on ``config.data`` and export it to ``config.out``. Resumes if ``workdir`` has a checkpoint.
+
+    ``models``: an already loaded base (left unchanged afterwards). ``stop_after`` stops after that many
+    steps of this call without exporting (an interrupted run; the next call resumes)."""
+    import diffstudio
+    from diffstudio.train.buckets import bucket_batches
+    from diffstudio.train.data import read_captions
+    from diffstudio.train.lora_export import save_lora
+    from diffstudio.train.loop import step_generator, train
+    from diffstudio.train.objectives import alphas_cumprod, diffusion_loss
+
+    if config.precision not in ("fp32", "bf16"):
+        raise InvalidInputError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}")
+    if config.rank < 1 or config.steps < 1 or config.batch_size < 1:
+        raise InvalidInputError("rank, steps and batch_size must be positive")
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    if models is None:
+        models = diffstudio.load(*([config.model] if config.model else []), dtype=dtype)
+    family = models.family
+    defaults = {**asdict(family.defaults), **models.defaults}
+    resolution = config.resolution or int(defaults["width"])
+    rows = read_captions(config.data)
+    data = load_or_build_cache(models, rows, config, resolution)
+
+    denoiser = models.denoiser
+    pattern = config.targets or family.lora_targets
+    names = target_modules(denoiser, pattern)
+    if not names:
+        raise InvalidInputError(f"no Linear/1x1-Conv layer of the {family.name} denoiser matches {pattern!r}")
+    alpha = float(config.alpha if config.alpha is not None else config.rank)
+    inject_lora(denoiser, names, config.rank, alpha, config.seed)
+    if config.gradient_checkpointing:
+        if not hasattr(denoiser, "gradient_checkpointing"):
+            raise InvalidInputError(f"the {family.name} denoiser has no gradient checkpointing switch")
+        denoiser.gradient_checkpointing = True
+
+    items, buckets = data["items"], data["buckets"]
+    call = family.call_denoiser or (lambda net, x, t, cond: net(x, t, **cond))
+    acp = alphas_cumprod(family) if family.prediction != "flow" else None
+    t_scale = family.schedule.multiplier if family.prediction == "flow" else 1.0
+
+    def net_fn(x, t, **cond):
+        cond = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                for k, v in cond.items()}
+        return call(trainee.denoiser, x.to(dtype), t, cond).float()
+
+    def loss_fn(model, step):
+        gen = step_generator(config.seed, step)
+        idx = bucket_batches(buckets, config.batch_size, step, config.seed)
+        x0 = torch.stack([items[i]["latent"] for i in idx]).float()
+        conds = []
+        for i in idx:
+            dropped = config.caption_dropout and torch.rand((), generator=gen).item() < config.caption_dropout
+            size = items[i]["size"]
+            conds.append(data["empty"][f"{size[0]}x{size[1]}"] if dropped else items[i]["cond"])
+        return diffusion_loss(family, net_fn, x0, _collate(conds), gen, acp=acp, flow_t_scale=t_scale)
+
+    trainee = _Trainee(denoiser)
+    try:
+        losses = train(trainee, loss_fn, steps=config.steps, out_dir=config.work_path(), lr=config.lr,
+                       warmup=config.warmup, checkpoint_every=config.checkpoint_every, optimizer=config.optimizer,
+                       desc=f"lora {family.name}", trainable_only=True, stop_after=stop_after)
+        weights = adapter_weights(denoiser)
+    finally:
+        remove_lora(denoiser)
+        if config.gradient_checkpointing:
+            denoiser.gradient_checkpointing = False
+    if len(losses) < config.steps:
+        return None
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.rank),
+                "ss_network_alpha": str(alpha), "ss_learning_rate": str(config.lr),
+                "ss_max_train_steps": str(config.steps), "ss_num_train_images": str(len(items)),
+                "ss_resolution": f"({resolution}, {resolution})", "ss_seed": str(config.seed),
+                "ss_base_model_version": family.name, "ss_training_comment": "trained with diffstudio",
+                "ss_enable_bucket": str(config.buckets), "ss_batch_size_per_device": str(config.batch_size),
+                "diffstudio.lora": json.dumps({"config": asdict(config), "final_loss": losses[-1]})}
+    return save_lora(models, weights, alpha, config.out, config.export_format, metadata)

@@ -1,0 +1,77 @@
+"""Write trained LoRA adapters in the formats other tools read.
+
+* kohya (default; what A1111, ComfyUI, Forge and diffusers' ``load_lora_weights`` read):
+  ``lora_unet_<module path with "_">.lora_down.weight`` (A), ``.lora_up.weight`` (B) and
+  ``.alpha``; the update is (alpha / rank) * up @ down. The module path is the diffusers one for
+  LDM UNets (SD 1.x, SDXL: kohya's sd-scripts trains on diffusers modules) and the original
+  release's for DiTs (FLUX, SD3, Hunyuan-DiT); the component architecture says which
+  (``ComponentArch.kohya_layout``). ``ss_*`` training metadata is stored like sd-scripts does.
+* peft (diffusers' own LoRA format): ``unet.<diffusers module>.lora_A.weight`` / ``lora_B.weight``
+  for UNets (``transformer.`` for DiTs) with alpha / rank folded into B.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from diffstudio.errors import InvalidInputError
+
+
+def _module_names_in(models, role: str, layout: str, modules: list[str]) -> dict[str, str]:
+    """Our module names -> their names in ``layout`` ("original" = ours, "diffusers" via the converter)."""
+    if layout == "original":
+        return {m: m for m in modules}
+    from diffstudio.components import ARCHS
+
+    arch = ARCHS[models.family.role(role).arch]
+    module = models.components[role]
+    # Convert a meta copy of the state dict: the converter renames keys and keeps the tensor
+    # objects, so each of our keys is found again in its output by identity.
+    meta = {k: torch.empty(v.shape, device="meta") for k, v in module.state_dict().items()}
+    converted = arch.to_diffusers(meta, models.configs[role])
+    name_of = {id(t): k for k, t in converted.items()}
+    out = {}
+    for m in modules:
+        key = name_of.get(id(meta.get(f"{m}.weight")))
+        if key is None:
+            raise InvalidInputError(f"{m} has no {layout} name; export this LoRA with export_format='peft'")
+        out[m] = key[: -len(".weight")]
+    return out
+
+
+def save_lora(models, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float, out: str | Path,
+              export_format: str = "kohya", metadata: dict | None = None) -> Path:
+    """``weights``: {denoiser module name: (A, B)} -> a .safetensors LoRA file."""
+    from safetensors.torch import save_file
+
+    from diffstudio.components import ARCHS
+
+    family = models.family
+    role = family.denoiser_role
+    arch = ARCHS[family.role(role).arch]
+    tensors: dict[str, torch.Tensor] = {}
+    if export_format == "kohya":
+        names = _module_names_in(models, role, arch.kohya_layout, list(weights))
+        for module, (a, b) in weights.items():
+            key = "lora_unet_" + names[module].replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = a.contiguous()
+            tensors[f"{key}.lora_up.weight"] = b.contiguous()
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+    elif export_format == "peft":
+        names = _module_names_in(models, role, "diffusers", list(weights))
+        prefix = "unet" if role == "unet" else "transformer"
+        for module, (a, b) in weights.items():
+            rank = a.shape[0]
+            tensors[f"{prefix}.{names[module]}.lora_A.weight"] = a.contiguous()
+            tensors[f"{prefix}.{names[module]}.lora_B.weight"] = (b * (alpha / rank)).contiguous()
+    else:
+        raise InvalidInputError(f"unknown LoRA export format {export_format!r}; use 'kohya' or 'peft'")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+    meta["diffstudio.lora_format"] = export_format
+    save_file({k: v.to(torch.float32) for k, v in tensors.items()}, str(out), metadata=meta)
+    return out
