@@ -94,9 +94,10 @@ def test_kohya_export_loads_in_diffusers_and_applies_the_trained_update(tiny_mod
     assert all(k.startswith("lora_unet_") for k in sd)
 
     from diffusers import EulerDiscreteScheduler
+
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=load_clip_tokenizer(), unet=unet,
-                                   scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     torch.manual_seed(0)
     x = torch.randn(1, 4, 8, 8)
     ctx = torch.randn(1, 5, 64)

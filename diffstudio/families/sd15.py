@@ -17,7 +17,6 @@ from diffstudio.families.base import (
     TextEncoderSpec,
 )
 
-
 LDM_UNET_LORA_TARGETS = (r".*\.\d+\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\."
                          r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))"
                          r"|middle_block\.1\.(proj_in|proj_out|transformer_blocks\.\d+\."

@@ -187,8 +187,8 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     import diffstudio
     from diffstudio.train.buckets import bucket_batches
     from diffstudio.train.data import read_captions
-    from diffstudio.train.lora_export import save_lora
     from diffstudio.train.loop import step_generator, train
+    from diffstudio.train.lora_export import save_lora
     from diffstudio.train.objectives import alphas_cumprod, diffusion_loss
 
     if config.precision not in ("fp32", "bf16"):
