@@ -64,6 +64,49 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train_lora(args) -> int:
+    from diffstudio.train.lora import LoRATrainConfig, train_lora
+
+    config = LoRATrainConfig(data=args.data, out=args.out, model=args.model, rank=args.rank, alpha=args.alpha,
+                             targets=args.targets, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             warmup=args.warmup, resolution=args.resolution, buckets=not args.no_buckets,
+                             precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
+                             optimizer=args.optimizer, caption_dropout=args.caption_dropout, seed=args.seed,
+                             checkpoint_every=args.checkpoint_every, workdir=args.workdir,
+                             export_format=args.format)
+    print(f"wrote {train_lora(config)}")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    train = sub.add_parser("train", help="train a LoRA (any family)")
+    kinds = train.add_subparsers(dest="kind", required=True)
+    lora = kinds.add_parser("lora", help="train a LoRA on a folder of images with captions",
+                            description="Runs on accelerate: `accelerate launch -m diffstudio.cli train lora ...` "
+                                        "uses the GPUs/nodes of your accelerate config (docs/training.md).")
+    lora.add_argument("--model", help="base model file or folder (default: the packaged Shapes demo model)")
+    lora.add_argument("--data", required=True, help="images + metadata.csv (file_name,text) or .txt captions")
+    lora.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    lora.add_argument("--rank", type=int, default=16)
+    lora.add_argument("--alpha", type=float, help="default: the rank")
+    lora.add_argument("--targets", help="regex over denoiser layer names (default: the family's)")
+    lora.add_argument("--steps", type=int, default=1000)
+    lora.add_argument("--batch-size", type=int, default=1)
+    lora.add_argument("--lr", type=float, default=1e-4)
+    lora.add_argument("--warmup", type=int, default=0)
+    lora.add_argument("--resolution", type=int, help="bucket area = resolution^2 (default: the model's size)")
+    lora.add_argument("--no-buckets", action="store_true", help="square crops instead of aspect-ratio buckets")
+    lora.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    lora.add_argument("--gradient-checkpointing", action="store_true")
+    lora.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    lora.add_argument("--caption-dropout", type=float, default=0.0)
+    lora.add_argument("--seed", type=int, default=0)
+    lora.add_argument("--checkpoint-every", type=int, default=100)
+    lora.add_argument("--workdir", help="checkpoints + caches (default: OUT.run); a rerun resumes from it")
+    lora.add_argument("--format", default="kohya", choices=["kohya", "peft"])
+    lora.set_defaults(func=cmd_train_lora)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffstudio", description="A unified diffusion engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"])
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=cmd_generate)
+    _add_train_parser(sub)
 
     try:
         from diffstudio.video.fastblend import cli as fastblend_cli

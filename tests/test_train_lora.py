@@ -160,3 +160,16 @@ def test_a_pattern_that_matches_nothing_is_a_named_error(tiny_model, dataset, tm
     with pytest.raises(InvalidInputError, match="matches"):
         train_lora(_config(dataset, tmp_path / "x.safetensors", tiny_model[0], workdir=str(tmp_path / "rx"),
                            targets=r"no_such_layer"))
+
+
+def test_the_cli_trains_and_writes_a_lora(tiny_model, dataset, tmp_path):
+    from safetensors import safe_open
+
+    from diffstudio.cli import main
+
+    out = tmp_path / "cli.safetensors"
+    assert main(["train", "lora", "--model", str(tiny_model[0]), "--data", str(dataset), "--out", str(out),
+                 "--steps", "2", "--rank", "2", "--resolution", "64"]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "2" and meta["ss_base_model_version"] == "sd15"
