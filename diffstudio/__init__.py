@@ -16,12 +16,14 @@ from diffstudio.errors import (
     InvalidSizeError,
     ModelNotFoundError,
     NaNError,
+    RegionError,
     UnknownModelError,
     UnsafeCheckpointError,
     UnsupportedFormatError,
 )
 from diffstudio.loader import Models, load
 from diffstudio.pipeline.generate import Pipeline
+from diffstudio.pipeline.regions import Region, RegionLayout
 
 __version__ = "0.1.0"
 
@@ -35,6 +37,7 @@ def download(repo_id: str, filename: str | None = None, **kwargs):
 
 __all__ = [
     "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "InvalidInputError",
-    "InvalidSizeError", "Models", "ModelNotFoundError", "NaNError", "Pipeline", "UnknownModelError",
+    "InvalidSizeError", "Models", "ModelNotFoundError", "NaNError", "Pipeline", "Region", "RegionError",
+    "RegionLayout", "UnknownModelError",
     "UnsafeCheckpointError", "UnsupportedFormatError", "detect", "download", "load",
 ]

@@ -46,3 +46,28 @@ class NaNError(DiffstudioError, FloatingPointError):
 
 class InvalidInputError(DiffstudioError, ValueError):
     """Arguments that cannot go together or are out of range (e.g. a mask without an init image)."""
+
+
+class EmbeddingMismatchError(DiffstudioError, ValueError):
+    """A textual-inversion embedding whose vector width does not fit the text encoder (made for another family)."""
+
+
+class LoRANotFoundError(ModelNotFoundError):
+    """A prompt's ``<lora:name>`` tag whose name matches no file in the LoRA folders searched."""
+
+
+class LoRAUnavailableError(DiffstudioError, RuntimeError):
+    """A prompt names a LoRA (``<lora:name:w>``) but the loaded model cannot apply LoRAs."""
+
+
+class RegionError(InvalidInputError):
+    """A region prompt or region layout file that cannot be used (a bad box, a missing mask file,
+    an unknown key, a model without region attention)."""
+
+
+class LoRAMismatchError(DiffstudioError, ValueError):
+    """A LoRA (or LyCORIS) file whose layers match none of the model's weights, or do not fit them.
+
+    Usually the file was made for another family (an SDXL LoRA on SD 1.x); `diffstudio lora inspect
+    FILE --model BASE` says which family it targets and which of its layers matched.
+    """

@@ -9,6 +9,7 @@ requested dtype, so a model is never held twice in memory.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,20 @@ class Models:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.denoiser.parameters()).dtype
+        """The denoiser's compute dtype (its weights may be stored lower: float8, models/lowbit.py)."""
+        from diffstudio.models.lowbit import compute_dtype
+
+        return compute_dtype(self.denoiser)
 
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
+
+    def apply_lora(self, path, strength: float = 1.0, text_strength: float | None = None, mode: str = "merged"):
+        """Patch the denoiser and text encoders with a LoRA/LyCORIS file; returns a handle (docs/lora.md)."""
+        from diffstudio.patches import apply_lora
+
+        return apply_lora(self, path, strength, text_strength, mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,31 +125,44 @@ def _read_folder(folder: Path) -> tuple[Detection, dict[str, _Part]]:
     if reason:
         names = ", ".join(f.name for f in FAMILIES)
         raise UnknownModelError(f"{folder}: model_index.json says {family.name} but {reason} (known: {names})")
-    variant = "inpaint" if family.concat_channels(parts[family.denoiser_role].config) else None
+    den_config = parts[family.denoiser_role].config
+    variant = "inpaint" if family.concat_channels(den_config) else family.variant_of(den_config)
     return Detection(family.name, components, variant), parts
 
 
+def _folder_denoiser_config(folder: Path, family: Family):
+    """The config of ``family``'s denoiser subfolder, from its config.json when there is one (no weights
+    read), else derived from the weights' shapes; None when the folder has no such subfolder or the
+    config is not one of this family's architecture."""
+    from diffstudio.io.folders import read_component
+
+    den = family.role(family.denoiser_role)
+    sub = folder / den.subfolder
+    if not sub.is_dir():
+        return None
+    arch = ARCHS[den.arch]
+    try:
+        if (sub / "config.json").exists():
+            return arch.config_from_diffusers(json.loads((sub / "config.json").read_text()))
+        sd, _ = read_component(sub)
+        return arch.derive_config(arch.to_canonical(sd), den.hints)
+    except (KeyError, TypeError, ValueError, UnknownModelError):  # another architecture's subfolder
+        return None
+
+
 def _family_of_folder(folder: Path, index: dict) -> Family:
+    """The family the pipeline class names, if its denoiser passes that family's test; else the first family
+    whose test the denoiser passes (e.g. the original Kolors release names StableDiffusionXLPipeline)."""
     from diffstudio.families import FAMILIES
 
     class_name = index.get("_class_name", "")
-    for family in FAMILIES:
-        if class_name in family.diffusers_pipelines:
+    named = [f for f in FAMILIES if class_name in f.diffusers_pipelines]
+    for family in named + [f for f in FAMILIES if f not in named]:
+        config = _folder_denoiser_config(folder, family)
+        if config is not None and family.check_denoiser(config) is None:
             return family
-    # Not a pipeline we know by name: place it by the structure of its denoiser.
-    for family in FAMILIES:
-        den = family.role(family.denoiser_role)
-        sub = folder / den.subfolder
-        if sub.is_dir():
-            from diffstudio.io.folders import read_component
-
-            sd, config_json = read_component(sub)
-            arch = ARCHS[den.arch]
-            canonical = arch.to_canonical(sd)
-            config = arch.config_from_diffusers(config_json) if config_json else arch.derive_config(canonical,
-                                                                                                     den.hints)
-            if family.check_denoiser(config) is None:
-                return family
+    if named:
+        return named[0]  # _read_folder then says what is wrong with its denoiser
     raise UnknownModelError(f"{folder}: model_index.json names pipeline {class_name!r}, which diffstudio does "
                             "not know, and no subfolder holds a denoiser of a known family")
 
@@ -152,9 +175,61 @@ def read_source(path: str | Path) -> tuple[Detection, dict[str, _Part]]:
     if path.is_dir():
         if (path / "model_index.json").exists():
             return _read_folder(path)
+        released = _read_released_folder(path)
+        if released is not None:
+            return released
         raise ModelNotFoundError(f"{path} is a folder without model_index.json: pass the model file inside it, "
                                  "or a diffusers folder (model_index.json, unet/, vae/, text_encoder/, ...)")
     return _read_file(path)
+
+
+def _released_path(folder: Path, candidates: tuple[str, ...]) -> Path | None:
+    """The first of a role's ``released`` paths under ``folder``, the release's root (or, when the user
+    passed the release's top subfolder such as ``t2i/``, under its parent)."""
+    for rel in candidates:
+        for base in (folder, folder.parent) if rel.startswith(folder.name + "/") else (folder,):
+            if (base / rel).exists():
+                return base / rel
+    return None
+
+
+def _read_released_folder(folder: Path) -> tuple[Detection, dict[str, _Part]] | None:
+    """A model folder as its authors release it (not diffusers): each role is read from the first of its
+    ``Role.released`` paths that exists (a weights file, or a component folder with config.json)."""
+    from diffstudio.families import FAMILIES
+    from diffstudio.io.folders import read_component
+    from diffstudio.io.state_dict import read_state_dict
+
+    reasons = []
+    for family in FAMILIES:
+        den = family.role(family.denoiser_role)
+        if _released_path(folder, den.released) is None:
+            continue
+        parts: dict[str, _Part] = {}
+        components: dict[str, Component] = {}
+        for role in (den, *(r for r in family.roles if r is not den)):
+            path = _released_path(folder, role.released)
+            if path is None:
+                continue
+            arch = ARCHS[role.arch]
+            sd, config_json = read_component(path) if path.is_dir() else (read_state_dict(path), None)
+            canonical = arch.to_canonical(sd)
+            config = arch.config_from_diffusers(config_json) if config_json else arch.derive_config(canonical,
+                                                                                                 role.hints)
+            if role is den and family.check_denoiser(config):
+                reasons.append(f"{family.name}: {family.check_denoiser(config)}")
+                break  # maybe another family's release with the same layout
+            parts[role.name] = _Part(canonical, config, str(path))
+            components[role.name] = Component(role.name, role.arch, os.path.relpath(path, folder), "original", config,
+                                              sum(int(v.numel()) for v in canonical.values()),
+                                              str(next(iter(canonical.values())).dtype).replace("torch.", ""))
+        if den.name in parts:
+            den_config = parts[den.name].config
+            variant = "inpaint" if family.concat_channels(den_config) else family.variant_of(den_config)
+            return Detection(family.name, components, variant), parts
+    if reasons:
+        raise UnknownModelError(f"{folder} is laid out like a released model, but: {'; '.join(reasons)}")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +239,9 @@ def build_component(role: str, arch_name: str, part: _Part, dtype: torch.dtype, 
     arch = ARCHS[arch_name]
     with torch.device("meta"):
         module = arch.build(part.config)
-    state = _cast(part.state_dict, dtype, device)
+    from diffstudio.models.lowbit import cast_keeping_lowbit
+
+    state = cast_keeping_lowbit(module, part.state_dict, dtype, device)  # = _cast, but float8 Linears stay float8
     if arch_name == "clip_text":
         from diffstudio.convert.clip import to_installed_transformers_layout
 
@@ -222,11 +299,14 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
     if base_detection.family is None:
         raise UnknownModelError(f"{paths[0]} holds only {', '.join(parts)}: the first path must be a whole "
                                 "model (or a denoiser); add lone components after it")
-    family = get_family(base_detection.family)
+    family = get_family(base_detection.family).for_variant(base_detection.variant)
     for extra in paths[1:]:
         detection, extra_parts = read_source(extra)
         if detection.family not in (None, family.name):
             raise UnknownModelError(f"{extra} is a {detection.family} model but the base is {family.name}")
+        if detection.family is None:  # a lone component fills the base family's role of its architecture
+            detection.components, extra_parts = _to_family_roles(family, detection.components, extra_parts,
+                                                                 set(parts))
         parts.update(extra_parts)
         base_detection.components.update(detection.components)
     missing = [r.name for r in family.roles if r.required and r.name not in parts]
@@ -243,6 +323,34 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
         components[spec.tokenizer_role] = _tokenizer(spec, sources)
     return Models(family, components, {r: p.config for r, p in parts.items()}, sources, base_detection,
                   _stored_defaults(paths[0]))
+
+
+def _width(config) -> int | None:
+    return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+
+
+def _to_family_roles(family: Family, components: dict, parts: dict, taken: set[str]) -> tuple[dict, dict]:
+    """Move lone component files (detected under a generic role name) to the family's role of their
+    architecture. With several such roles (SD3 / SDXL: CLIP-L and CLIP-G), the one whose released
+    ``width`` is the file's wins, else the only one not yet filled."""
+    from dataclasses import replace
+
+    comps, renamed = {}, {}
+    for name, comp in components.items():
+        roles = [r for r in family.roles if r.arch == comp.arch]
+        if not roles:
+            raise UnknownModelError(f"{parts[name].source} is a lone {comp.arch} component, and a {family.name} "
+                                    "model has no component of that kind")
+        if len(roles) > 1:
+            roles = [r for r in roles if r.width == _width(comp.config)] or [r for r in roles if r.name not in taken]
+        if len(roles) != 1:
+            raise UnknownModelError(f"{parts[name].source}: cannot tell which {family.name} component this "
+                                    f"{comp.arch} file is (width {_width(comp.config)}); candidates: "
+                                    f"{', '.join(r.name for r in roles)}")
+        target = roles[0].name
+        comps[target] = replace(comp, role=target)
+        renamed[target] = parts[name]
+    return comps, renamed
 
 
 def _stored_defaults(path) -> dict:

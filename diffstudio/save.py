@@ -14,12 +14,20 @@ import torch
 from diffstudio.components import ARCHS
 
 
-def component_state_dict(role_arch: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def component_state_dict(role_arch: str, module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A component's weights in the names its place in a single file uses.
+
+    CLIP text encoders under an OpenCLIP prefix (``conditioner.embedders.1.model.`` in SDXL,
+    ``cond_stage_model.model.`` in SD 2.x: the ``model`` attribute of an open_clip embedder) are
+    stored in OpenCLIP's names, as the released files do; the others in transformers' names.
+    """
     sd = module.state_dict()
     if role_arch == "clip_text":
-        from diffstudio.convert.clip import canonical_clip_keys
+        from diffstudio.convert.clip import canonical_clip_keys, clip_to_openclip
 
         sd = canonical_clip_keys(sd)
+        if prefix.endswith(".model."):
+            sd = clip_to_openclip(sd)
     return sd
 
 
@@ -41,8 +49,8 @@ def save_single_file(models, path: str | Path, dtype: torch.dtype | None = None,
     for role in family.roles:
         if role.name not in models.components:
             continue
-        sd = component_state_dict(role.arch, models.components[role.name])
         prefix = role.prefixes[0]
+        sd = component_state_dict(role.arch, models.components[role.name], prefix)
         for k, v in sd.items():
             if k.endswith("position_ids"):
                 continue

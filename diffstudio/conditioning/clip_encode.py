@@ -82,12 +82,22 @@ def encode_clip(
     chunk_len: int = CHUNK_LEN,
     pooled: bool = False,
     layer_norm_on_skip: bool = True,
+    syntax: bool = True,
+    embeddings: dict | None = None,
+    emphasis: str = "original",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode prompts with a transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection``.
 
     Returns ``hidden`` of shape (B, (chunk_len + 2) · n_chunks, C), n_chunks being the largest
     chunk count in the batch, and ``pooled`` of shape (B, P) (P = C without a projection) when
     ``pooled`` is set, else None. Outputs are on the encoder's device, in its dtype.
+
+    Prompts are read in the A1111 prompt language (docs/prompts.md): ``(word:1.3)``, ``[word]``,
+    ``BREAK``, escapes; ``<lora:...>`` tags are dropped from the text. ``syntax=False`` encodes the
+    text literally. Names of textual-inversion embeddings (``embeddings``: {name: Embedding};
+    None = the registry of ``conditioning.embeddings.add_embedding``; ``{}`` = none) become their
+    vectors. ``emphasis`` is the weighting formula (``conditioning.weighting``). The pooled output
+    is never weighted. A prompt without syntax encodes exactly as with plain tokenisation.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -104,23 +114,56 @@ def encode_clip(
             f"{config.max_position_embeddings} positions."
         )
 
+    from diffstudio.conditioning import embeddings as ti
+    from diffstudio.conditioning.prompt_tokens import batch_tokens
+    from diffstudio.conditioning.weighting import apply_emphasis
+
     bos, eos, pad = special_ids(tokenizer)
-    per_prompt = [
-        chunk_token_ids(ids, bos=bos, eos=eos, pad=pad, chunk_len=chunk_len)
-        for ids in prompt_token_ids(tokenizer, prompts)
-    ]
-    n_chunks = max(len(chunks) for chunks in per_prompt)
-    (empty,) = chunk_token_ids([], bos=bos, eos=eos, pad=pad, chunk_len=chunk_len)
-    rows = [row for chunks in per_prompt for row in chunks + [empty] * (n_chunks - len(chunks))]
+    tokens = batch_tokens(tokenizer, prompts, chunk_len=chunk_len, bos=bos, eos=eos, pad=pad, syntax=syntax,
+                          embeddings=ti.registered_embeddings() if embeddings is None else embeddings)
+    n_chunks = tokens.n_chunks
 
     device = _device_of(text_encoder)
-    input_ids = torch.tensor(rows, dtype=torch.long, device=device)  # (B · n_chunks, chunk_len + 2)
-    hidden, pooled_rows = _run_encoder(text_encoder, input_ids, clip_skip, layer_norm_on_skip)
+    input_ids = torch.tensor(tokens.rows, dtype=torch.long, device=device)  # (B · n_chunks, chunk_len + 2)
+    with ti.inject(text_encoder, tokens.slots):
+        hidden, pooled_rows = _run_encoder(text_encoder, input_ids, clip_skip, layer_norm_on_skip)
+    hidden = apply_emphasis(hidden, torch.tensor(tokens.weights), emphasis)
 
     batch, width = len(prompts), hidden.shape[-1]
     hidden = hidden.reshape(batch, n_chunks * input_ids.shape[1], width)  # chunks side by side
     pooled_out = pooled_rows.reshape(batch, n_chunks, -1)[:, 0] if pooled else None
     return hidden, pooled_out
+
+
+def encode_clip_concat(
+    encoders: Sequence[tuple[torch.nn.Module, object]],
+    prompts: Sequence[str] | str,
+    *,
+    clip_skip: int = 1,
+    layer_norm_on_skip: bool = True,
+    chunk_len: int = CHUNK_LEN,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Several CLIP encoders on the same prompts: hidden states side by side, and each one's pooled.
+
+    ``encoders`` are (text_encoder, tokenizer) pairs. SDXL's context is CLIP ViT-L's and OpenCLIP
+    bigG's penultimate states concatenated on the feature axis (Podell et al. 2023, section 2.1):
+    (B, T, 768) + (B, T, 1280) -> (B, T, 2048). Every encoder runs through ``encode_clip`` (chunks,
+    clip skip); the tokenizers share one vocabulary, so chunk counts agree. Returns
+    ``(hidden (B, T, sum of widths), [pooled (B, P_i) per encoder])``.
+    """
+    from diffstudio.errors import InvalidInputError
+
+    hiddens, pooled = [], []
+    for text_encoder, tokenizer in encoders:
+        hidden, pooled_i = encode_clip(text_encoder, tokenizer, prompts, clip_skip=clip_skip, chunk_len=chunk_len,
+                                       pooled=True, layer_norm_on_skip=layer_norm_on_skip)
+        hiddens.append(hidden)
+        pooled.append(pooled_i)
+    if len({h.shape[:2] for h in hiddens}) != 1:
+        shapes = ", ".join(str(tuple(h.shape)) for h in hiddens)
+        raise InvalidInputError(f"the text encoders gave token sequences of different lengths ({shapes}): their "
+                                "tokenizers split the prompt differently. Use the tokenizers that came with the model.")
+    return torch.cat(hiddens, dim=-1), pooled
 
 
 def _run_encoder(

@@ -16,7 +16,7 @@ Layouts read by ``canonical_clip_keys``:
   * any prefix in front of either, e.g. the SD 1.x single file's ``cond_stage_model.transformer.``
     (callers normally strip it; ``transformer.text_model.`` is handled as well);
   * OpenCLIP's text tower (SD 2.x ``cond_stage_model.model.``, SDXL ``conditioner.embedders.1.model.``),
-    converted by ``clip_from_openclip``.
+    converted by ``clip_from_openclip`` (``clip_to_openclip`` writes it back, e.g. for SDXL single files).
 Non-weights (``position_ids``, ``logit_scale``, OpenCLIP's ``attn_mask``) and the vision tower of
 a full CLIP model are dropped and *reported* by ``canonical_clip_keys_with_report``.
 
@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffstudio.detect.clip import has_text_projection
+from diffstudio.detect.clip import config_wants_projection, has_text_projection
 from diffstudio.errors import ConversionError
 
 StateDict = dict[str, torch.Tensor]
@@ -81,6 +81,48 @@ def clip_from_openclip(sd: Mapping[str, torch.Tensor]) -> StateDict:
     return _openclip_to_canonical(sd)[0]
 
 
+def clip_to_openclip(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Canonical keys -> OpenCLIP's text tower names: the inverse of ``clip_from_openclip``.
+
+    This is the layout SDXL single files store their second encoder in
+    (``conditioner.embedders.1.model.``). The query, key and value projections are stacked into
+    ``attn.in_proj_*`` in that order, and the projection is transposed back to (C, P).
+    """
+    simple = {  # canonical name -> OpenCLIP name, 1:1
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+    block_renames = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                     "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    canonical = canonical_clip_keys(sd)
+    out: StateDict = {}
+    unknown: list[str] = []
+    for key, tensor in canonical.items():
+        if key in simple:
+            out[simple[key]] = tensor
+        elif key == _PROJECTION:
+            out["text_projection"] = tensor.t().contiguous()  # (P, C) -> (C, P): OpenCLIP computes x @ W
+        elif key.startswith("text_model.encoder.layers."):
+            index, name = key[len("text_model.encoder.layers.") :].split(".", 1)
+            module, _, param = name.rpartition(".")
+            block = f"transformer.resblocks.{index}."
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                if module == "self_attn.q_proj":  # the three are written together, once
+                    parts = [canonical[f"text_model.encoder.layers.{index}.self_attn.{p}_proj.{param}"]
+                             for p in ("q", "k", "v")]
+                    out[f"{block}attn.in_proj_{param}"] = torch.cat(parts, dim=0)
+            elif module in block_renames:
+                out[f"{block}{block_renames[module]}.{param}"] = tensor
+            else:
+                unknown.append(key)
+        else:
+            unknown.append(key)
+    _raise_unknown(unknown, "canonical CLIP text")
+    return out
+
+
 def to_installed_transformers_layout(sd: Mapping[str, torch.Tensor], model: torch.nn.Module) -> StateDict:
     """Canonical keys -> the names ``model.state_dict()`` uses under the installed transformers.
 
@@ -99,12 +141,17 @@ def to_installed_transformers_layout(sd: Mapping[str, torch.Tensor], model: torc
 
 
 def build_clip_text_model(
-    config: CLIPTextConfig, with_projection: bool = False, device: torch.device | str | None = None
+    config: CLIPTextConfig, with_projection: bool | None = None, device: torch.device | str | None = None
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
     """A randomly initialised transformers CLIP text model (``device="meta"`` allocates nothing).
 
-    ``device=None`` builds on the ambient default device, so ``with torch.device("meta"):`` works.
+    ``with_projection=None`` follows the config: a config derived from weights with a
+    ``text_projection`` (or an HF config.json of CLIPTextModelWithProjection, SDXL's text_encoder_2)
+    names that class in ``architectures``. ``device=None`` builds on the ambient default device,
+    so ``with torch.device("meta"):`` works.
     """
+    if with_projection is None:
+        with_projection = config_wants_projection(config)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     if device is None:
         return cls(config)

@@ -20,10 +20,26 @@ from diffstudio.families import FAMILIES
 from diffstudio.families.base import Family, Role
 
 # Roles a lone component file is given, and the prefixes such files use.
-STANDALONE = (
-    ("vae", "ldm_vae", ("first_stage_model.", "vae.", "")),
-    ("text_encoder", "clip_text", ("cond_stage_model.transformer.", "text_encoder.", "")),
-)
+# Architectures a lone component file may hold (a VAE, a text encoder, e.g. t5xxl_fp16.safetensors),
+# most specific test first; the prefixes tried are every prefix a family record gives that
+# architecture, then these.
+STANDALONE_ARCHS = ("ldm_vae", "clip_text", "t5_encoder", "chatglm", "bert")
+STANDALONE_PREFIXES = ("vae.", "text_encoder.", "")
+
+
+def standalone_kinds() -> list[tuple[str, str, tuple[str, ...]]]:
+    """(role name, arch, prefixes) for lone files. The role is the first one a family gives that
+    architecture; the loader moves it to the right role of the model it is added to."""
+    kinds = []
+    for arch in STANDALONE_ARCHS:
+        roles = [r for f in FAMILIES for r in f.roles if r.arch == arch]
+        if not roles:
+            continue
+        prefixes = tuple(dict.fromkeys(p for r in roles for p in r.prefixes))
+        kinds.append((roles[0].name, arch, prefixes + tuple(p for p in STANDALONE_PREFIXES if p not in prefixes)))
+    return kinds
+
+
 # Keys released files carry that are not weights of any component.
 NON_WEIGHT_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
@@ -140,7 +156,7 @@ def _try_family(family: Family, sd: Mapping, stored: dict) -> tuple[Detection | 
         ignored = sorted(k for k in sd if not _consumed(k, components))
     else:
         ignored = sorted(k for k in sd if k in NON_WEIGHT_KEYS)
-    variant = "inpaint" if family.concat_channels(den.config) else None
+    variant = "inpaint" if family.concat_channels(den.config) else family.variant_of(den.config)
     return Detection(family.name, components, variant, ignored), ""
 
 
@@ -159,7 +175,7 @@ def detect(state_dict: Mapping, metadata: Mapping | None = None) -> Detection:
         if detection is not None:
             return detection
         reasons.append((family.name, reason))
-    for role, arch_name, prefixes in STANDALONE:
+    for role, arch_name, prefixes in standalone_kinds():
         comp = _component(state_dict, (role, arch_name), prefixes, stored)
         if comp is not None:
             others = sorted(k for k in state_dict if comp.prefix and not k.startswith(comp.prefix))

@@ -16,7 +16,8 @@ What shapes reveal:
     max_position_embeddings    rows of ``embeddings.position_embedding.weight``   (77, C)
     intermediate_size          rows of ``encoder.layers.0.mlp.fc1.weight``        (4C, C)
     num_hidden_layers          count of ``encoder.layers.N``
-    projection_dim             rows of ``text_projection.weight`` (P, C), when present
+    projection_dim             rows of ``text_projection.weight`` (P, C), when present; the config's
+                               ``architectures`` then names CLIPTextModelWithProjection
 
 What shapes cannot reveal, and where it comes from instead (``hints``, supplied by the family
 record or a config stored with the weights):
@@ -47,6 +48,21 @@ CLIP_SENTINELS: tuple[str, ...] = (
     "text_model.encoder.layers.0.self_attn.q_proj.weight",
     "text_model.final_layer_norm.weight",
 )
+
+# The same encoder in OpenCLIP's layout (SD 2.x ``cond_stage_model.model.``, SDXL
+# ``conditioner.embedders.1.model.``, the refiner's ``conditioner.embedders.0.model.``);
+# ``diffstudio.convert.clip.canonical_clip_keys`` converts it.
+OPENCLIP_SENTINELS: tuple[str, ...] = (
+    "token_embedding.weight",
+    "positional_embedding",
+    "transformer.resblocks.0.attn.in_proj_weight",
+    "ln_final.weight",
+)
+
+# transformers' class name for an encoder with a text projection. A config carries it in
+# ``architectures`` (as HF folders' config.json do) because the projection's presence is a fact
+# of the weights that the class must agree with: ``build_clip_text_model`` reads it.
+WITH_PROJECTION = "CLIPTextModelWithProjection"
 
 # Special ids of the CLIP BPE vocabulary (diffstudio/data/tokenizers/clip/vocab.json).
 CLIP_BOS_ID = 49406  # <|startoftext|>
@@ -136,12 +152,29 @@ def derive_clip_config(sd: Mapping[str, Any], hints: Mapping[str, Any] | None = 
                 f"text_projection.weight takes width {proj_in}, the encoder gives {hidden}."
             )
         fields["projection_dim"] = projection_dim
+        fields["architectures"] = [WITH_PROJECTION]
     return CLIPTextConfig(**fields)
 
 
 def has_text_projection(sd: Mapping[str, Any]) -> bool:
     """True when the encoder carries a projection (build a CLIPTextModelWithProjection)."""
     return "text_projection.weight" in sd
+
+
+def config_wants_projection(config: CLIPTextConfig) -> bool:
+    """True when ``config`` describes a CLIPTextModelWithProjection (see ``WITH_PROJECTION``)."""
+    return WITH_PROJECTION in (getattr(config, "architectures", None) or ())
+
+
+def clip_config_from_dict(data: Mapping[str, Any]) -> CLIPTextConfig:
+    """A config.json dict (HF folder) or our stored metadata -> CLIPTextConfig, keeping the
+    projection marker (``architectures``) that decides which transformers class is built."""
+    from diffstudio.families.base import clip_config_from_json
+
+    config = clip_config_from_json(dict(data))
+    if WITH_PROJECTION in (data.get("architectures") or ()):
+        config.architectures = [WITH_PROJECTION]
+    return config
 
 
 def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:

@@ -6,9 +6,21 @@ record must come before any record whose test it would also pass. Each record's
 """
 
 from diffstudio.families.base import Family
+from diffstudio.families.flux import FLUX
+from diffstudio.families.hunyuan import HUNYUAN_DIT
+from diffstudio.families.kolors import KOLORS
+from diffstudio.families.sd3 import SD3
 from diffstudio.families.sd15 import SD15
+from diffstudio.families.sdxl import SDXL, SDXL_REFINER
 
-FAMILIES: tuple[Family, ...] = (SD15,)
+# SDXL base and refiner exclude each other by the lowest level's transformer blocks, and SD 1.x
+# (no label_emb, conv proj_in) excludes both.
+# Kolors (an SDXL UNet + encoder_hid_proj) goes before SDXL: the more specific signature first, although
+# SDXL's test refuses an encoder_hid_proj too.
+# FLUX (a flux_dit transformer, no UNet) excludes every UNet family.
+# SD3 (an mmdit transformer) excludes every other family by its denoiser architecture.
+# Hunyuan-DiT (a hunyuan_dit transformer) likewise.
+FAMILIES: tuple[Family, ...] = (SD15, KOLORS, SDXL, SDXL_REFINER, FLUX, SD3, HUNYUAN_DIT)
 
 
 def get_family(name: str) -> Family:

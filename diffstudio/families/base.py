@@ -39,6 +39,13 @@ class Role:
     subfolder: str  # folder in a diffusers/HF layout
     hints: dict = field(default_factory=dict)  # conventions shapes cannot reveal (heads, activation)
     required: bool = True
+    # Where the component lies in the authors' own release folder when it is not a diffusers folder
+    # (Hunyuan-DiT: "t2i/model/pytorch_model_ema.pt", "t2i/clip_text_encoder"): paths relative to the
+    # release's root, a weights file or a component folder, the first that exists wins (loader.py).
+    released: tuple[str, ...] = ()
+    # The released hidden width, used only to tell two lone files of one architecture apart when a user
+    # adds them to a model (SD3's clip_l.safetensors vs clip_g.safetensors), never for detection.
+    width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,19 @@ class Family:
     # Which denoiser layers a LoRA trains by default: a regex over module names (Linear and 1x1 Conv
     # layers only). The default takes every attention and MLP projection inside the blocks.
     lora_targets: str = r".*blocks?\.\d+\..*(attn|attention|mlp|ff|linear1|linear2|proj|qkv|to_q|to_k|to_v|to_out).*"
+
+    # Variants told apart by the denoiser's structure (FLUX dev / schnell): config -> variant name or
+    # None, and per variant the fields of this record that differ (schedule, defaults, text_encoders).
+    # The loader hands the pipeline ``family.for_variant(detection.variant)``, so nothing else asks.
+    variant_of: Callable[[Any], str | None] = lambda config: None
+    variants: dict[str, dict] = field(default_factory=dict)
+
+    def for_variant(self, variant: str | None) -> Family:
+        """This record with the overrides of ``variant`` applied (itself when it has none)."""
+        from dataclasses import replace
+
+        overrides = self.variants.get(variant or "", {})
+        return replace(self, **overrides) if overrides else self
 
     def role(self, name: str) -> Role:
         for r in self.roles:

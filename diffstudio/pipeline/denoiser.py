@@ -24,7 +24,7 @@ def network_fn(models):
             x = torch.cat([x, c_concat.to(x)], dim=1)
         cond = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
                     else v) for k, v in cond.items()}
-        out = call_net(net, x.to(device=device, dtype=dtype), t.to(device), cond).float()
+        out = call_net(net, x.to(device=device, dtype=dtype), t.to(device), cond).to(x.device, torch.float32)
         if not torch.isfinite(out).all():
             raise NaNError(f"the {models.family.name} denoiser produced NaN/inf values in {dtype}; "
                            "try dtype=torch.bfloat16 or torch.float32")
