@@ -173,3 +173,26 @@ def test_the_cli_trains_and_writes_a_lora(tiny_model, dataset, tmp_path):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "2" and meta["ss_base_model_version"] == "sd15"
+
+
+def test_both_exports_load_back_in_diffstudio_as_the_same_update(tiny_model, dataset, tmp_path):
+    """Round trip: the kohya and the peft export of one (deterministic) run patch the same weights."""
+    import diffstudio
+    from diffstudio.train.lora import train_lora
+
+    path = tiny_model[0]
+    files = {fmt: train_lora(_config(dataset, tmp_path / f"{fmt}.safetensors", path, alpha=2.0,
+                                     workdir=str(tmp_path / f"r{fmt}"), export_format=fmt))
+             for fmt in ("kohya", "peft")}
+    base = diffstudio.load(path)
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    patched = {}
+    for fmt, file in files.items():
+        handle = base.apply_lora(file)
+        patched[fmt] = {k: v.clone() for k, v in base.unet.state_dict().items()}
+        handle.remove()
+    changed = [k for k in before if not torch.equal(before[k], patched["kohya"][k])]
+    assert changed and all(".transformer_blocks." in k or ".proj_" in k for k in changed)
+    for k in before:
+        torch.testing.assert_close(patched["kohya"][k], patched["peft"][k], rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in base.unet.state_dict().items())
