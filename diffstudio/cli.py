@@ -45,17 +45,25 @@ def cmd_generate(args) -> int:
     import diffstudio
     from diffstudio.io.recipe import save_png
 
+    regions = None
+    if args.regions:  # checked before the model loads: a typo in the layout fails fast
+        from diffstudio.pipeline.region_layout import load_layout
+
+        regions = load_layout(args.regions)
     paths = [args.model] if args.model else []
     if args.vae:
         paths.append(args.vae)
     models = diffstudio.load(*paths, dtype=_dtype(args.dtype), device=args.device)
+    for spec in args.lora or ():
+        file, strength = _lora_spec(spec)
+        models.apply_lora(file, strength)
     pipe = diffstudio.Pipeline(models)
     sigmas = [float(s) for s in args.sigmas.split(",")] if args.sigmas else None
     images = pipe(args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
                   cfg_scale=args.cfg, seed=args.seed, sampler=args.sampler, scheduler=args.scheduler,
                   sigmas=sigmas, batch_size=args.batch_size, init_image=args.init_image,
                   strength=args.strength, mask=args.mask, clip_skip=args.clip_skip,
-                  tiled_vae=True if args.tiled_vae else None)
+                  tiled_vae=True if args.tiled_vae else None, regions=regions, region_mode=args.region_mode)
     out = Path(args.output)
     for i, image in enumerate(images):
         target = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -107,6 +115,34 @@ def _add_train_parser(sub) -> None:
     lora.set_defaults(func=cmd_train_lora)
 
 
+def _lora_spec(spec: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:STRENGTH`` (the last ``:`` splits only when a number follows it)."""
+    file, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return file, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def cmd_lora_inspect(args) -> int:
+    from diffstudio.patches import inspect_lora
+
+    models = None
+    if args.model:
+        import diffstudio
+
+        models = diffstudio.load(args.model)
+    report = inspect_lora(args.file, models)
+    print(report.text())
+    if models is not None:
+        from diffstudio.patches.doctor import check_coverage
+
+        check_coverage(report)  # none matched: a named error (exit 2); some: a warning with the numbers
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffstudio", description="A unified diffusion engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,9 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mask", help="white = repaint (needs --init-image)")
     gen.add_argument("--clip-skip", type=int)
     gen.add_argument("--tiled-vae", action="store_true", help="encode/decode in tiles (large images)")
+    gen.add_argument("--regions", help="a region layout JSON file: a prompt per area (docs/regions.md)")
+    gen.add_argument("--region-mode", default="latent", choices=["latent", "attention"],
+                     help="latent: a pass per region, blended (any model); attention: one pass, masked attention")
+    gen.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
+                     help="apply a LoRA / LyCORIS file before generating (repeatable), e.g. style.safetensors:0.8")
     gen.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"])
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=cmd_generate)
+
+    lora = sub.add_parser("lora", help="LoRA tools").add_subparsers(dest="lora_command", required=True)
+    lora_inspect = lora.add_parser("inspect", help="the LoRA doctor: format, target family, coverage on a model")
+    lora_inspect.add_argument("file")
+    lora_inspect.add_argument("--model", help="a base model: report how much of the LoRA matches it")
+    lora_inspect.set_defaults(func=cmd_lora_inspect)
     _add_train_parser(sub)
 
     try:

@@ -102,8 +102,10 @@ class UNetConfig:
 CPU_BF16_SCORE_CHUNK = 1 << 22  # score elements per chunk (8 MiB in bf16); 4-8x larger was slower
 
 
-def cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v with bf16 matmuls; q: (B, Nq, heads*d), k/v: (B, Nk, heads*d).
+def cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v with bf16 matmuls; q: (B, Nq, heads*d), k/v: (B, Nk, heads*d),
+    mask: an additive bias broadcastable to (B, heads, Nq, Nk) (region prompts), or None.
 
     The softmax accumulates in float32 (PyTorch's CPU kernel does for bf16); the scores are
     rounded to bf16 before it, which roughly doubles the error of a bf16 SDPA (both ~1e-2).
@@ -120,14 +122,20 @@ def cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     for start in range(0, nq, rows):
         stop = min(nq, start + rows)
         scores = torch.bmm(q[:, start:stop], k_t)                        # (B*heads, rows, Nk)
+        if mask is not None:
+            part = mask if mask.shape[-2] == 1 else mask[..., start:stop, :]
+            scores = scores.view(b, heads, stop - start, nk).add_(part).view(b * heads, stop - start, nk)
         torch.bmm(scores.softmax(dim=-1), v, out=out[:, start:stop])     # (B*heads, rows, d)
     return out.view(b, heads, nq, d).transpose(1, 2).reshape(b, nq, inner)
 
 
-def unet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def unet_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    if mask is not None:
+        mask = mask.to(device=q.device, dtype=q.dtype)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-        return cpu_bf16_attention(q, k, v, heads)
-    return attention(q, k, v, heads)
+        return cpu_bf16_attention(q, k, v, heads, mask)
+    return attention(q, k, v, heads, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,9 +225,11 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """bias: additive attention bias broadcastable to (B, heads, N, T) (region prompts)."""
         ctx = x if context is None else context
-        out = unet_attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)  # (B, N, heads*d)
+        out = unet_attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads, bias)  # (B, N, heads*d)
         return self.to_out[0](out)
 
 
@@ -258,13 +268,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None,
+                context_bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.is_grad_enabled():  # the norms keep x for their backward pass: no in-place updates
             x = x + self.attn1(self.norm1(x))
-            x = x + self.attn2(self.norm2(x), context)
+            x = x + self.attn2(self.norm2(x), context, context_bias)
             return x + self.ff(self.norm3(x))
         x = x + self.attn1(self.norm1(x))  # a fresh tensor: the caller's x stays untouched
-        x += self.attn2(self.norm2(x), context)
+        x += self.attn2(self.norm2(x), context, context_bias)
         x += self.ff(self.norm3(x))
         return x
 
@@ -286,8 +297,16 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None,
+                context_bias: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """context_bias: {tokens: (B|1, 1, tokens, T)} cross-attention biases by grid size (region prompts)."""
         b, c, hgt, wid = x.shape
+        bias = None
+        if context_bias is not None:
+            bias = context_bias.get(hgt * wid)
+            if bias is None:
+                raise ValueError(f"context_bias has no entry for a {hgt}x{wid} token grid ({hgt * wid} tokens); "
+                                 f"it has {sorted(context_bias)}: build it with region_token_grids()")
         h = _group_norm(self.norm, x)
         if not self.use_linear:
             h = self.proj_in(h)
@@ -296,7 +315,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, bias)
         if self.use_linear:
             h = self.proj_out(h)
         # (B, H*W, C) -> (B, C, H, W) in the layout of x (a free view if x is channels_last).
@@ -310,12 +329,12 @@ class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that hands each layer what it takes: emb (ResBlock), context (transformer)."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
-                out_size: Sequence[int] | None = None) -> torch.Tensor:
+                out_size: Sequence[int] | None = None, context_bias: dict | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, context_bias)
             elif isinstance(layer, Upsample):
                 x = layer(x, out_size)
             else:
@@ -335,7 +354,13 @@ class UNetModel(nn.Module):
     residual per input block (in order, shaped like that block's output) followed by one for the
     middle block. The last is added to the middle output; the others to the skips as they are
     popped by the output blocks.
+
+    ``context_bias`` is the region-prompt hook (docs/regions.md): {image tokens: additive bias
+    (B|1, 1, image tokens, T)} for the cross-attention layers, one entry per token grid of
+    ``region_token_grids``.
     """
+
+    region_attention = "cross"  # how text reaches the image tokens (pipeline/region_attention.py)
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -407,15 +432,25 @@ class UNetModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
+    def region_token_grids(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The (h, w) feature grids of each level for a latent of height x width (the stride-2
+        downsampling rounds up), where the transformer blocks run."""
+        grids = []
+        for _ in self.config.channel_mult:
+            grids.append((height, width))
+            height, width = (height + 1) // 2, (width + 1) // 2
+        return grids
+
     def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
-             context: torch.Tensor | None, out_size: Sequence[int] | None = None) -> torch.Tensor:
+             context: torch.Tensor | None, out_size: Sequence[int] | None = None,
+             context_bias: dict | None = None) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, out_size, use_reentrant=False)
-        return block(h, emb, context, out_size)
+            return checkpoint(block, h, emb, context, out_size, context_bias, use_reentrant=False)
+        return block(h, emb, context, out_size, context_bias)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None,
-                **extra) -> torch.Tensor:
+                context_bias: dict[int, torch.Tensor] | None = None, **extra) -> torch.Tensor:
         """x (B, C_in, H, W), timesteps (B,), context (B, T, D), y (B, adm) -> (B, C_out, H, W).
 
         Inputs are cast to the weights' dtype; ``extra`` is accepted (other families' conditioning)
@@ -444,9 +479,9 @@ class UNetModel(nn.Module):
             h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
-            h = self._run(block, h, emb, context)
+            h = self._run(block, h, emb, context, context_bias=context_bias)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
+        h = self._run(self.middle_block, h, emb, context, context_bias=context_bias)
         if control is not None:
             h = h + control[-1].to(dtype)
         for block in self.output_blocks:
@@ -454,6 +489,6 @@ class UNetModel(nn.Module):
             if control is not None:
                 skip = skip + control[len(skips)].to(dtype)
             h = torch.cat([h, skip], dim=1)
-            h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
+            h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None, context_bias)
         h = _silu_(_group_norm(self.out[0], h))
         return self.out[2](h).contiguous()

@@ -14,9 +14,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffstudio.conditioning.lora_tags import PromptLoRAs, split_lora_tags
 from diffstudio.errors import InvalidInputError, InvalidSizeError
+from diffstudio.patches.apply import lora_recipe
 from diffstudio.pipeline.denoiser import make_denoiser
 from diffstudio.pipeline.guidance import CFGDenoiser, LatentBlendDenoiser
+from diffstudio.pipeline.regions import region_denoiser, region_recipe
 
 
 @dataclass
@@ -58,6 +61,8 @@ class Pipeline:
     def __init__(self, models):
         self.models = models
         self.family = models.family
+        self.lora_dirs: list = []  # folders where <lora:name:w> prompt tags are looked up (lora_tags.py)
+        self.prompt_loras = PromptLoRAs()  # the LoRAs those tags applied, kept while the tags stay the same
 
     # -- pieces -----------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str], negatives: list[str], clip_skip: int, **options) -> tuple[dict, dict]:
@@ -94,7 +99,7 @@ class Pipeline:
                  scheduler: str | None = None, sigmas=None, batch_size: int = 1, init_image=None,
                  strength: float = 0.75, mask=None, clip_skip: int | None = None,
                  tiled_vae: bool | None = None, guidance: float | None = None, progress: bool = True,
-                 callback=None) -> list[Image.Image]:
+                 callback=None, regions=None, region_mode: str = "latent") -> list[Image.Image]:
         from diffstudio.io.images import images_to_tensor, load_image, load_mask, tensor_to_images
         from diffstudio.sampling import get_sampler
         from diffstudio.sampling.noise import SeededNoise
@@ -118,8 +123,10 @@ class Pipeline:
         n = len(prompts)
         started = time.time()
 
+        texts, tags = split_lora_tags(prompts + negatives)  # <lora:...> tags out; the recipe keeps them
+        self.prompt_loras.update(self.models, tags, self.lora_dirs)
         with torch.inference_mode():
-            cond, uncond = self.encode_prompts(prompts, negatives, clip_skip, width=width, height=height,
+            cond, uncond = self.encode_prompts(texts[:n], texts[n:], clip_skip, width=width, height=height,
                                                guidance=guidance)
         lat_shape = (fam.latent.channels, height // fam.latent.downscale, width // fam.latent.downscale)
         denoiser = make_denoiser(self.models, lat_shape[1:])
@@ -156,7 +163,12 @@ class Pipeline:
             c_concat = torch.cat([cond_mask, masked], dim=1)
             cond, uncond = {**cond, "c_concat": c_concat}, {**uncond, "c_concat": c_concat}
 
-        guided = CFGDenoiser(denoiser, cond, uncond, cfg_scale)
+        if regions:  # a prompt per area (pipeline/regions.py, docs/regions.md)
+            guided = region_denoiser(self, denoiser, regions, region_mode, cond, uncond, prompts=texts[:n],
+                                     negatives=texts[n:], cfg_scale=cfg_scale, clip_skip=clip_skip, width=width,
+                                     height=height, guidance=guidance)
+        else:
+            guided = CFGDenoiser(denoiser, cond, uncond, cfg_scale)
         if latent_mask is not None and not concat:
             guided = LatentBlendDenoiser(guided, known, latent_mask)
 
@@ -186,6 +198,8 @@ class Pipeline:
                             sampler, scheduler, fam.name, model=str(model_name).split("/")[-1],
                             clip_skip=clip_skip, strength=strength if init_image is not None else None,
                             sigmas=[float(s) for s in sigma_list] if sigmas is not None else None,
-                            guidance=guidance, batch_index=i, extra={"seconds": round(time.time() - started, 2)})
+                            guidance=guidance, batch_index=i, extra={"seconds": round(time.time() - started, 2),
+                                                                 **region_recipe(regions, region_mode),
+                                                                 **lora_recipe(self.models)})
             image.info["diffstudio_recipe"] = recipe.to_dict()
         return images
