@@ -235,13 +235,15 @@ def _read_released_folder(folder: Path) -> tuple[Detection, dict[str, _Part]] | 
 # ---------------------------------------------------------------------------------------------
 # Building modules.
 
-def build_component(role: str, arch_name: str, part: _Part, dtype: torch.dtype, device) -> torch.nn.Module:
+def build_component(role: str, arch_name: str, part: _Part, dtype: torch.dtype, device,
+                    consume: bool = False) -> torch.nn.Module:
+    """``consume``: empty ``part.state_dict`` while casting (lower peak memory; the loader's own parts)."""
     arch = ARCHS[arch_name]
     with torch.device("meta"):
         module = arch.build(part.config)
     from diffstudio.models.lowbit import cast_keeping_lowbit
 
-    state = cast_keeping_lowbit(module, part.state_dict, dtype, device)  # = _cast, but float8 Linears stay float8
+    state = cast_keeping_lowbit(module, part.state_dict, dtype, device, consume)  # float8 Linears stay float8
     if arch_name == "clip_text":
         from diffstudio.convert.clip import to_installed_transformers_layout
 
@@ -317,7 +319,8 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
     components: dict[str, Any] = {}
     for role in family.roles:
         if role.name in parts:
-            components[role.name] = build_component(role.name, role.arch, parts[role.name], dtype, device)
+            components[role.name] = build_component(role.name, role.arch, parts[role.name], dtype, device,
+                                                    consume=True)
     sources = {role: part.source for role, part in parts.items()}
     for spec in family.text_encoders:
         components[spec.tokenizer_role] = _tokenizer(spec, sources)

@@ -154,6 +154,10 @@ def test_models_without_opt_in_upcast_float8_at_load():
     state = {"weight": torch.randn(3, 4).to(torch.float8_e4m3fn), "bias": torch.zeros(3)}
     out = cast_keeping_lowbit(layer, state, torch.bfloat16, "cpu")
     assert out["weight"].dtype == torch.bfloat16 and type(layer) is torch.nn.Linear
+    assert set(state) == {"weight", "bias"}
+    # the loader's own state dicts are consumed tensor by tensor (a source and its copy never coexist whole)
+    out = cast_keeping_lowbit(layer, state, torch.float32, "cpu", consume=True)
+    assert not state and out["weight"].dtype == torch.float32
 
 
 # -- full size, on the meta device ---------------------------------------------------------------------------

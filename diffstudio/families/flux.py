@@ -77,15 +77,15 @@ def conditioning(models, prompts: list[str], *, guidance: float | None = None, *
 def call_dit(net, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     """(B, 16, H, W) latent -> packed tokens and ids -> the transformer -> (B, 16, H, W) velocity.
 
-    An odd latent side (an image side that is a multiple of 8 but not of 16) is padded by one
-    replicated row/column for the 2x2 packing and cropped again after.
+    An odd latent side (an image side that is a multiple of 8 but not of 16) is padded circularly by
+    one row/column for the 2x2 packing (as ComfyUI does, and our SD3) and cropped again after.
     """
     from diffstudio.models.flux import image_ids, pack_latents, unpack_latents
 
     height, width = x.shape[-2:]
     pad_h, pad_w = height % 2, width % 2
     if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="circular")
     h, w = x.shape[-2:]
     txt = cond["context"]
     txt_ids = torch.zeros(txt.shape[1], 3, device=x.device)

@@ -1,10 +1,11 @@
 """``nn.Linear`` with a faster fp32 path on the CPU: oneDNN's inner product instead of BLAS.
 
 PyTorch runs a float32 ``F.linear`` on the CPU as a BLAS sgemm (MKL), and bf16 through oneDNN. On the
-AMD EPYC (Zen 4) machines the benchmarks run on, oneDNN's fp32 inner product is 15-20% faster than
-MKL for transformer-sized matmuls (1536 x 3072 x 9216) and ~40% faster for the adaLN modulation
-matrix-vector products (1 x 3072 x 18432); in bf16 the two are equal (docs/benchmarks.md, "FLUX
-transformer"). Results are the same up to fp32 summation order.
+AMD EPYC (Zen 4) development machine, oneDNN's fp32 inner product takes 0.83-0.86x MKL's CPU time for
+transformer-sized matmuls (1536 x 3072 x 3072 .. 12288) and 0.6x for the adaLN modulation's
+matrix-vector products (1 x 3072 x 18432); in bf16 the two are equal. A whole FLUX-width forward on a
+16-core Intel Xeon took 0.83x diffusers' CPU time in fp32 (docs/benchmarks.md, "FLUX transformer").
+Results are the same up to fp32 summation order.
 
 The oneDNN op (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile's CPU backend emits
 for linear layers) has no autograd formula, so it is used for inference only: CPU, float32, nothing

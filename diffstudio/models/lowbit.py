@@ -50,12 +50,16 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
 
 
 def cast_keeping_lowbit(module: nn.Module, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                        device) -> dict[str, torch.Tensor]:
+                        device, consume: bool = False) -> dict[str, torch.Tensor]:
     """The state dict to assign to ``module`` (built, e.g. on the meta device, not yet loaded).
 
     Floating tensors are cast to ``dtype`` on ``device``, except the float8 weights of ``nn.Linear``
     layers when the module opts in (``lowbit_storage``): those stay float8, and their layers become
     ``UpcastLinear`` (same parameters, forward upcasts). ``module.compute_dtype`` records ``dtype``.
+
+    ``consume=True`` (the loader's own state dicts) pops each tensor from ``state_dict`` as it is
+    cast, so a source and its cast copy coexist one tensor at a time, not one model at a time: loading
+    T5-XXL from fp16 into bf16 peaks at ~9.5 GB instead of ~19 GB.
     """
     keep: set[str] = set()
     if getattr(module, "lowbit_storage", False) and any(is_lowbit(v) for v in state_dict.values()):
@@ -66,7 +70,8 @@ def cast_keeping_lowbit(module: nn.Module, state_dict: Mapping[str, torch.Tensor
                 keep.add(key)
         module.compute_dtype = dtype
     out = {}
-    for key, value in state_dict.items():
+    for key in list(state_dict):
+        value = state_dict.pop(key) if consume and isinstance(state_dict, dict) else state_dict[key]
         if key in keep:
             out[key] = value.to(device)
         elif value.is_floating_point():
