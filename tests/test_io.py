@@ -191,6 +191,11 @@ def test_safetensors_round_trip_keeps_dtype_and_metadata(tmp_path, dtype):
     meta = read_file_metadata(path)
     assert meta["name"] == "x" and decode_metadata_value(meta["config"]) == {"ch": 4}
     assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]  # no temp file left behind
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temp file's private 0600
 
 
 def test_dtype_cast_touches_floats_only_and_keys_subset(tmp_path):
