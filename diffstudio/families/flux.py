@@ -128,6 +128,11 @@ FLUX = Family(
     make_conditioning=conditioning,
     diffusers_pipelines=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
     call_denoiser=call_dit,
+    # LoRA targets in BFL's names (which the kohya export keeps): each double block's attention (fused qkv,
+    # out proj) and MLP in both streams, each single block's linear1 (fused qkv + MLP in) and linear2 (attention
+    # + MLP out): attention and MLP, as the common trainers do by default. kohya's sd-scripts also adapts the
+    # adaLN modulation layers (img_mod.lin, txt_mod.lin, modulation.lin); pass targets= to include them.
+    lora_targets=r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12]",
     variant_of=variant_of,
     variants={"schnell": {"schedule": SCHNELL_SCHEDULE, "defaults": SCHNELL_DEFAULTS,
                           "text_encoders": (CLIP_SPEC, SCHNELL_T5)}},

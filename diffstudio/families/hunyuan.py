@@ -102,6 +102,10 @@ HUNYUAN_DIT = Family(
     make_conditioning=conditioning,
     diffusers_pipelines=("HunyuanDiTPipeline", "HunyuanDiTPAGPipeline"),
     call_denoiser=call_dit,
+    # LoRA targets in the release's names (which the kohya export keeps): self-attention (fused Wqkv, out_proj),
+    # cross-attention (q_proj, fused kv_proj, out_proj) and MLP of every block; the modulation and the long-skip
+    # linears are left out.
+    lora_targets=r"blocks\.\d+\.(attn1\.(Wqkv|out_proj)|attn2\.(q_proj|kv_proj|out_proj)|mlp\.fc[12])",
     variant_of=variant_of,
     variants={"v1.0/v1.1": {"schedule": V11_SCHEDULE}},
 )

@@ -126,6 +126,9 @@ SD3 = Family(
     diffusers_pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                          "StableDiffusion3InpaintPipeline"),
     call_denoiser=call_dit,
+    # LoRA targets in SD3's own names (which the kohya export keeps): attention (fused qkv, out proj; attn2 of
+    # the MMDiT-X blocks) and MLP of both streams of every joint block; the adaLN modulation is left out.
+    lora_targets=r"joint_blocks\.\d+\.(context|x)_block\.(attn2?\.(qkv|proj)|mlp\.fc[12])",
     variant_of=variant_of,
     variants={name: {"defaults": d} for name, d in VARIANT_DEFAULTS.items()},
 )

@@ -89,6 +89,8 @@ def remove_lora(module: torch.nn.Module) -> None:
             parent_name, _, attr = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, attr, child.get_base_layer())
+    if "peft_config" in vars(module):  # set by inject_adapter_in_model; a later injection would warn about it
+        del module.peft_config
 
 
 def adapter_weights(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -210,10 +212,12 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     if not names:
         raise InvalidInputError(f"no Linear/1x1-Conv layer of the {family.name} denoiser matches {pattern!r}")
     alpha = float(config.alpha if config.alpha is not None else config.rank)
+    # Checked before the adapters go in, so that the error leaves the model as it was.
+    if config.gradient_checkpointing and not hasattr(denoiser, "gradient_checkpointing"):
+        raise InvalidInputError(f"the {family.name} denoiser has no gradient checkpointing switch")
+    checkpointing = getattr(denoiser, "gradient_checkpointing", None)  # put back afterwards
     inject_lora(denoiser, names, config.rank, alpha, config.seed)
     if config.gradient_checkpointing:
-        if not hasattr(denoiser, "gradient_checkpointing"):
-            raise InvalidInputError(f"the {family.name} denoiser has no gradient checkpointing switch")
         denoiser.gradient_checkpointing = True
 
     items, buckets = data["items"], data["buckets"]
@@ -246,7 +250,7 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     finally:
         remove_lora(denoiser)
         if config.gradient_checkpointing:
-            denoiser.gradient_checkpointing = False
+            denoiser.gradient_checkpointing = checkpointing
     if len(losses) < config.steps:
         return None
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.rank),

@@ -7,7 +7,9 @@
   release's for DiTs (FLUX, SD3, Hunyuan-DiT); the component architecture says which
   (``ComponentArch.kohya_layout``). ``ss_*`` training metadata is stored like sd-scripts does.
 * peft (diffusers' own LoRA format): ``unet.<diffusers module>.lora_A.weight`` / ``lora_B.weight``
-  for UNets (``transformer.`` for DiTs) with alpha / rank folded into B.
+  for UNets (``transformer.`` for DiTs) with alpha / rank folded into B. A layer that diffusers splits
+  (FLUX's and SD3's fused ``qkv``, FLUX's ``linear1``, Hunyuan's ``Wqkv`` / ``kv_proj``) becomes one
+  adapter per part: the same A, and the rows of B that produce that part's output rows.
 """
 
 from __future__ import annotations
@@ -42,6 +44,34 @@ def _module_names_in(models, role: str, layout: str, modules: list[str]) -> dict
     return out
 
 
+def _diffusers_parts(models, role: str, modules: list[str]) -> dict[str, list[tuple[str, slice | torch.Tensor | None]]]:
+    """Our module names -> [(diffusers module name, the rows of our weight it holds (None: all))].
+
+    The converter runs on a state dict whose tensors encode their origin (``patches.names``), so a
+    split (FLUX's qkv -> to_q, to_k, to_v) is seen as row ranges of one of our weights."""
+    from diffstudio.components import ARCHS
+    from diffstudio.patches.names import _decode, _encode
+
+    arch = ARCHS[models.family.role(role).arch]
+    sd = models.components[role].state_dict()
+    sizes = {k: (v.shape[0] if v.ndim else 1) for k, v in sd.items()}
+    encoded, starts, names = _encode(sd)
+    converted = arch.to_diffusers(encoded, models.configs[role])
+    parts: dict[str, list] = {m: [] for m in modules}
+    for key, tensor in converted.items():
+        target = _decode(tensor, starts, names, sizes) if key.endswith(".weight") else None
+        if target is not None and target.param.endswith(".weight") and target.param[: -len(".weight")] in parts:
+            parts[target.param[: -len(".weight")]].append((key[: -len(".weight")], target.rows))
+    for m, found in parts.items():
+        covered = torch.zeros(sizes[f"{m}.weight"], dtype=torch.bool)
+        for _, rows in found:
+            covered[slice(None) if rows is None else rows] = True
+        if not covered.all():  # a part of the layer diffusers has no layer for: the file would lose it
+            raise InvalidInputError(f"{m} has no complete diffusers counterpart; export this LoRA with "
+                                    "export_format='kohya'")
+    return parts
+
+
 def save_lora(models, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float, out: str | Path,
               export_format: str = "kohya", metadata: dict | None = None) -> Path:
     """``weights``: {denoiser module name: (A, B)} -> a .safetensors LoRA file."""
@@ -61,12 +91,14 @@ def save_lora(models, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], alp
             tensors[f"{key}.lora_up.weight"] = b.contiguous()
             tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
     elif export_format == "peft":
-        names = _module_names_in(models, role, "diffusers", list(weights))
+        parts = _diffusers_parts(models, role, list(weights))
         prefix = "unet" if role == "unet" else "transformer"
         for module, (a, b) in weights.items():
             rank = a.shape[0]
-            tensors[f"{prefix}.{names[module]}.lora_A.weight"] = a.contiguous()
-            tensors[f"{prefix}.{names[module]}.lora_B.weight"] = (b * (alpha / rank)).contiguous()
+            for name, rows in parts[module]:
+                tensors[f"{prefix}.{name}.lora_A.weight"] = a.clone()  # safetensors refuses shared memory
+                part = b if rows is None else b[rows]
+                tensors[f"{prefix}.{name}.lora_B.weight"] = (part * (alpha / rank)).contiguous()
     else:
         raise InvalidInputError(f"unknown LoRA export format {export_format!r}; use 'kohya' or 'peft'")
     out = Path(out)
