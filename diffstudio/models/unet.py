@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffstudio.models.cpu_linear import Linear  # nn.Linear with oneDNN's faster fp32 CPU inference path
 from diffstudio.models.layers import attention, timestep_embedding
 
 
@@ -220,10 +221,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Identity())
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,7 +239,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)                         # 2 x (B, N, dim_out)
@@ -250,7 +251,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))
@@ -292,10 +293,10 @@ class SpatialTransformer(nn.Module):
         inner = heads * dim_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.proj_in = Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
-        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+        self.proj_out = Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None,
                 context_bias: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
