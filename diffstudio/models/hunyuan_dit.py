@@ -43,6 +43,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from diffstudio.errors import InvalidInputError
+from diffstudio.models.cpu_linear import Linear  # nn.Linear with oneDNN's faster fp32 CPU inference path
 from diffstudio.models.layers import attention, timestep_embedding
 
 
@@ -169,7 +170,7 @@ class FP32SiLU(nn.Module):
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     """Linear -> SiLU (fp32) -> Linear; indices 0 and 2 hold the weights, as released."""
-    return nn.Sequential(nn.Linear(d_in, d_hidden), FP32SiLU(), nn.Linear(d_hidden, d_out))
+    return nn.Sequential(Linear(d_in, d_hidden), FP32SiLU(), Linear(d_hidden, d_out))
 
 
 class PatchEmbed(nn.Module):
@@ -187,7 +188,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(freq_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
@@ -200,10 +201,10 @@ class AttentionPool(nn.Module):
     def __init__(self, length: int, dim: int, num_heads: int, out_dim: int):
         super().__init__()
         self.positional_embedding = nn.Parameter(torch.randn(length + 1, dim) / dim**0.5)
-        self.k_proj = nn.Linear(dim, dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.c_proj = nn.Linear(dim, out_dim)
+        self.k_proj = Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.c_proj = Linear(dim, out_dim)
         self.num_heads = num_heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, out_dim)
@@ -218,10 +219,10 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.Wqkv = nn.Linear(dim, 3 * dim)
+        self.Wqkv = Linear(dim, 3 * dim)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, n, d = x.shape
@@ -239,11 +240,11 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, context_dim: int, num_heads: int, qk_norm: bool):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.kv_proj = nn.Linear(context_dim, 2 * dim)
+        self.q_proj = Linear(dim, dim)
+        self.kv_proj = Linear(context_dim, 2 * dim)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,8 +261,8 @@ class CrossAttention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -277,12 +278,12 @@ class HunyuanDiTBlock(nn.Module):
         self.attn1 = SelfAttention(dim, cfg.num_heads, cfg.qk_norm)
         self.norm2 = FP32LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, cfg.mlp_hidden)
-        self.default_modulation = nn.Sequential(FP32SiLU(), nn.Linear(dim, dim))
+        self.default_modulation = nn.Sequential(FP32SiLU(), Linear(dim, dim))
         self.attn2 = CrossAttention(dim, cfg.text_dim, cfg.num_heads, cfg.qk_norm)
         self.norm3 = FP32LayerNorm(dim, eps=1e-6)
         if skip:
             self.skip_norm = FP32LayerNorm(2 * dim, eps=1e-6)
-            self.skip_linear = nn.Linear(2 * dim, dim)
+            self.skip_linear = Linear(2 * dim, dim)
         else:
             self.skip_linear = None
 
@@ -301,8 +302,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, patch: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch * patch * out_channels)
-        self.adaLN_modulation = nn.Sequential(FP32SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = Linear(dim, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(FP32SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffstudio.errors import InvalidSizeError
+from diffstudio.models.cpu_linear import Linear  # nn.Linear with oneDNN's faster fp32 CPU inference path
 from diffstudio.models.layers import attention, timestep_embedding
 
 
@@ -116,7 +117,7 @@ class MLPEmbedder(nn.Module):
 
     def __init__(self, in_dim: int, hidden_size: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(Linear(in_dim, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
@@ -125,8 +126,8 @@ class MLPEmbedder(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -139,8 +140,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.head_dim = dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = None if pre_only else nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = None if pre_only else Linear(dim, dim)
         self.ln_q = RMSNorm(self.head_dim) if qk_norm == "rms" else None
         self.ln_k = RMSNorm(self.head_dim) if qk_norm == "rms" else None
 
@@ -174,7 +175,7 @@ class DismantledBlock(nn.Module):
         # Modulation vectors: (shift, scale) for attention when pre_only; else (shift, scale, gate) for
         # attention and for the MLP, plus (shift, scale, gate) for attn2 in MMDiT-X blocks.
         self.n_mods = 2 if pre_only else (9 if dual else 6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mods * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, self.n_mods * dim))
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
         """x (B, L, C), c (B, C) -> (q, k, v), the modulation vectors, norm1(x)."""
@@ -219,8 +220,8 @@ class FinalLayer(nn.Module):
         super().__init__()
         dim, p = config.hidden_size, config.patch_size
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, p * p * config.out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))  # (shift, scale)
+        self.linear = Linear(dim, p * p * config.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))  # (shift, scale)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
@@ -244,7 +245,7 @@ class MMDiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.pos_embed_max_size ** 2, dim))
         self.t_embedder = MLPEmbedder(config.frequency_embedding_size, dim)
         self.y_embedder = MLPEmbedder(config.adm_in_channels, dim) if config.adm_in_channels else None
-        self.context_embedder = nn.Linear(config.context_in_dim, dim)
+        self.context_embedder = Linear(config.context_in_dim, dim)
         self.joint_blocks = nn.ModuleList(JointBlock(config, i) for i in range(config.depth))
         self.final_layer = FinalLayer(config)
         self.gradient_checkpointing = False
