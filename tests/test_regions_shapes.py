@@ -29,7 +29,11 @@ def pipe():
 def test_each_half_gets_its_own_prompt(pipe, mode):
     hits = []
     for red_side, blue_side in ((LEFT, RIGHT), (RIGHT, LEFT)):
-        regions = [Region("a red circle", box=red_side), Region("a blue square", box=blue_side)]
+        # Each region prompt names its side: the demo model draws one shape per prompt where the
+        # prompt says, and in the middle when it says nothing (docs/regions.md, "With the Shapes
+        # model"). The global prompt names no side: without the regions each colour's side is a coin toss.
+        red, blue = ("on the left", "on the right") if red_side == LEFT else ("on the right", "on the left")
+        regions = [Region(f"a red circle {red}", box=red_side), Region(f"a blue square {blue}", box=blue_side)]
         for seed in SEEDS:
             image = pipe(GLOBAL, seed=seed, regions=regions, region_mode=mode, progress=False)[0]  # demo: 64x64
             hits.append(dominant_color(image, region=red_side) == "red"

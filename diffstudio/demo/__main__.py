@@ -15,7 +15,10 @@ def main() -> None:
     tr.add_argument("--vae-steps", type=int, default=3000)
     tr.add_argument("--decoder-steps", type=int, default=2000)
     tr.add_argument("--unet-steps", type=int, default=6000)
-    tr.add_argument("--stage", action="append", choices=["vae", "latents", "unet", "decoder", "assemble"],
+    tr.add_argument("--layout-steps", type=int, default=2500)
+    tr.add_argument("--polish-steps", type=int, default=600)
+    tr.add_argument("--stage", action="append",
+                    choices=["vae", "latents", "unet", "decoder", "layout", "polish", "assemble"],
                     help="run only these stages (repeatable); default: all, in order")
     tr.add_argument("--seed", type=int, default=0)
     ds = sub.add_parser("dataset", help="write a Shapes dataset folder (images + metadata.csv)")
@@ -33,7 +36,8 @@ def main() -> None:
         from diffstudio.demo.build import STAGES, build
 
         print(build(args.out, args.workdir, n_images=args.images, vae_steps=args.vae_steps,
-                    decoder_steps=args.decoder_steps, unet_steps=args.unet_steps, seed=args.seed,
+                    decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
+                    layout_steps=args.layout_steps, polish_steps=args.polish_steps, seed=args.seed,
                     stages=tuple(args.stage or STAGES)))
     elif args.command == "evaluate":
         import json
