@@ -458,6 +458,10 @@ def test_refiner_is_detected_and_refines_an_image(files, layout):
     c6 = models.family.make_conditioning(models, ["x"], clip_skip=2, width=64, height=64)
     c2 = models.family.make_conditioning(models, ["x"], clip_skip=2, width=64, height=64, aesthetic_score=2.5)
     assert c6["y"].shape == (1, tiny.POOLED + 5 * tiny.TIME_DIM) and not torch.equal(c6["y"], c2["y"])
+    # In the pipeline's one batch of prompts + negatives, the negative rows get the reference's 2.5.
+    both = models.family.make_conditioning(models, ["x", "x"], clip_skip=2, width=64, height=64, n_positive=1)
+    torch.testing.assert_close(both["y"][:1], c6["y"])
+    torch.testing.assert_close(both["y"][1:], c2["y"])
 
 
 def test_refiner_folder_and_single_file_agree(files):

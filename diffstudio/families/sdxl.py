@@ -52,6 +52,7 @@ BIGG_HINTS = {"hidden_act": "gelu"}  # OpenCLIP ViT-bigG/14
 # ``aesthetic_score`` (docs/families.md, "SDXL").
 DEFAULT_CROP_TOP_LEFT = (0, 0)
 DEFAULT_AESTHETIC_SCORE = 6.0
+DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,13 +156,23 @@ def conditioning(models, prompts: list[str], *, clip_skip: int, width: int, heig
 def refiner_conditioning(models, prompts: list[str], *, clip_skip: int, width: int, height: int,
                          original_size: tuple[int, int] | None = None,
                          crop_top_left: tuple[int, int] = DEFAULT_CROP_TOP_LEFT,
-                         aesthetic_score: float = DEFAULT_AESTHETIC_SCORE, **_) -> dict:
-    """SDXL refiner: context = bigG states; y = [pooled bigG, original size, crop, aesthetic score]."""
+                         aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
+                         negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+                         n_positive: int | None = None, **_) -> dict:
+    """SDXL refiner: context = bigG states; y = [pooled bigG, original size, crop, aesthetic score].
+
+    The pipeline encodes prompts and negatives in one batch and says how many rows are prompts
+    (``n_positive``); the negatives' rows get ``negative_aesthetic_score`` (2.5 in the reference), so
+    guidance pushes away from a low aesthetic score as well as from the negative text.
+    """
     from diffstudio.conditioning.clip_encode import encode_clip_concat
 
     context, (pooled,) = encode_clip_concat([(models.text_encoder_2, models.tokenizer_2)], prompts,
                                             clip_skip=clip_skip, layer_norm_on_skip=False)
-    values = _size_values(width, height, original_size, crop_top_left) + [aesthetic_score]
+    sizes = _size_values(width, height, original_size, crop_top_left)
+    n_positive = len(prompts) if n_positive is None else n_positive
+    values = torch.tensor([sizes + [aesthetic_score if row < n_positive else negative_aesthetic_score]
+                           for row in range(len(prompts))], dtype=torch.float32)      # (B, 5)
     return {"context": context, "y": vector_condition(pooled, values, models.unet.config.adm_in_channels)}
 
 

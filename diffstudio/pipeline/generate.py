@@ -70,7 +70,8 @@ class Pipeline:
 
         ``options`` (width, height, guidance) reach the family's make_conditioning: SDXL embeds the
         image size, FLUX dev the distilled guidance scale."""
-        cond = self.family.make_conditioning(self.models, prompts + negatives, clip_skip=clip_skip, **options)
+        cond = self.family.make_conditioning(self.models, prompts + negatives, clip_skip=clip_skip,
+                                             n_positive=len(prompts), **options)
         n = len(prompts)
         split = {k: (v[:n], v[n:]) if isinstance(v, torch.Tensor) else (v, v) for k, v in cond.items()}
         return {k: a for k, (a, _) in split.items()}, {k: b for k, (_, b) in split.items()}
