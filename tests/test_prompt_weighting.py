@@ -26,7 +26,7 @@ from diffstudio.errors import (
     UnsafeCheckpointError,
     UnsupportedFormatError,
 )
-from tests.tiny_sd15 import CLIP, _randomise, reference_models, write_diffusers_folder
+from tests.tiny_sd15 import CLIP, randomise, reference_models, write_diffusers_folder
 
 WORDS = ["red", "green", "blue", "cat", "dog", "house", "tree", "sky", "river", "photo", "light", "dark"]
 
@@ -34,7 +34,7 @@ WORDS = ["red", "green", "blue", "cat", "dog", "house", "tree", "sky", "river", 
 def tiny_clip(seed: int = 0, width: int = 64, projection: bool = False) -> torch.nn.Module:
     config = CLIPTextConfig(**{**CLIP, "hidden_size": width, "projection_dim": 16})
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-    _randomise(model, seed)
+    randomise(model, seed)
     return model.eval()
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from tests.tiny_sd15 import randomise  # noqa: F401  (re-exported for the tests)
+
 BERT_WIDTH, T5_WIDTH = 64, 32
 
 
@@ -34,14 +36,6 @@ MT5 = dict(vocab_size=250112, d_model=T5_WIDTH, d_kv=8, d_ff=37, num_layers=2, n
            use_cache=False, tie_word_embeddings=False)
 
 
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("weight") and p.ndim == 1:  # norms: around 1
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5))
 
 
 def reference_dit(style: bool = False, seed: int = 0):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tests.tiny_sd15 import VAE as SD_VAE
-from tests.tiny_sd15 import _randomise
+from tests.tiny_sd15 import randomise
 
 TEXT_WIDTH = 64
 SIZE_EMBED = 8  # addition_time_embed_dim (256 in the release)
@@ -39,7 +39,7 @@ def reference_chatglm(seed: int = 0, **overrides):
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
 
     model = ChatGLMModel(ChatGLMConfig(**{**CHATGLM, **overrides}), empty_init=False)
-    _randomise(model, seed)
+    randomise(model, seed)
     return model.eval()
 
 
@@ -55,7 +55,7 @@ def reference_models(seed: int = 0, in_channels: int = 4):
     unet = UNet2DConditionModel(**{**UNET, "in_channels": in_channels})
     vae = AutoencoderKL(**VAE)
     for i, m in enumerate((unet, vae)):
-        _randomise(m, seed + i)
+        randomise(m, seed + i)
         m.eval()
     return unet, vae, reference_chatglm(seed + 2)
 

@@ -25,7 +25,9 @@ CLIP = dict(vocab_size=49408, hidden_size=64, intermediate_size=37, num_hidden_l
             pad_token_id=49407)
 
 
-def _randomise(module: torch.nn.Module, seed: int) -> None:
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Seeded random weights (never zeros): norm weights near 1, others scaled by fan-in. Shared by
+    every tiny_* fixture builder."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -43,7 +45,7 @@ def reference_models(in_channels: int = 4, seed: int = 0):
     vae = AutoencoderKL(**VAE)
     text = CLIPTextModel(CLIPTextConfig(**CLIP))
     for i, m in enumerate((unet, vae, text)):
-        _randomise(m, seed + i)
+        randomise(m, seed + i)
         m.eval()
     return unet, vae, text
 

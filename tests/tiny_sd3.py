@@ -32,14 +32,13 @@ T5 = dict(vocab_size=32128, d_model=T5_WIDTH, d_kv=64, num_heads=3, d_ff=96, num
 
 
 def randomise(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+    """tiny_sd15.randomise, plus diffusers' learned position table (a buffer there)."""
+    from tests.tiny_sd15 import randomise as randomise_parameters
+
+    randomise_parameters(module, seed)
+    g = torch.Generator().manual_seed(seed + 7919)
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("weight") and p.ndim == 1:  # norms: around 1
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5))
-        for name, buf in module.named_buffers():  # diffusers' learned position table is a buffer
+        for name, buf in module.named_buffers():
             if name.endswith("pos_embed"):
                 buf.copy_(0.5 * torch.randn(buf.shape, generator=g))
 

@@ -24,7 +24,7 @@ import torch
 
 from tests.tiny_sd15 import CLIP as CLIP_L  # CLIP-L at width 64: quick_gelu, one 64-wide head
 from tests.tiny_sd15 import VAE as SD15_VAE
-from tests.tiny_sd15 import _randomise
+from tests.tiny_sd15 import randomise
 
 TIME_DIM = 8  # E: Fourier width of each micro-condition (256 released)
 CLIP_G = dict(vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
@@ -92,7 +92,7 @@ def _build(unet_cfg: dict, vae_cfg: dict, clips: dict, seed: int) -> SimpleNames
         cls = CLIPTextModelWithProjection if role == "text_encoder_2" else CLIPTextModel
         parts[role] = cls(CLIPTextConfig(**cfg))
     for i, module in enumerate(parts.values()):
-        _randomise(module, seed + i)
+        randomise(module, seed + i)
         module.eval()
     return SimpleNamespace(**parts)
 

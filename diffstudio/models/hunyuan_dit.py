@@ -44,7 +44,7 @@ from torch import nn
 
 from diffstudio.errors import InvalidInputError
 from diffstudio.models.cpu_linear import Linear  # nn.Linear with oneDNN's faster fp32 CPU inference path
-from diffstudio.models.layers import attention, timestep_embedding
+from diffstudio.models.layers import Mlp, attention, timestep_embedding
 
 
 @dataclass
@@ -256,16 +256,6 @@ class CrossAttention(nn.Module):
         k = self.k_norm(k)
         out = attention(q.reshape(b, n, d), k.reshape(b, m, d), v.reshape(b, m, d), self.num_heads, bias)
         return self.out_proj(out)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class HunyuanDiTBlock(nn.Module):

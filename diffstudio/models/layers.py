@@ -10,6 +10,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from diffstudio.models.cpu_linear import Linear
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -41,3 +44,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (tanh approximation) -> fc2: the transformer MLP of DiT-style models (MMDiT,
+    Hunyuan-DiT), with timm's parameter names (``fc1``, ``fc2``) that their releases keep."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

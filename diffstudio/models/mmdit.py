@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffstudio.errors import InvalidSizeError
 from diffstudio.models.cpu_linear import Linear  # nn.Linear with oneDNN's faster fp32 CPU inference path
-from diffstudio.models.layers import attention, timestep_embedding
+from diffstudio.models.layers import Mlp, attention, timestep_embedding
 
 
 @dataclass
@@ -121,16 +121,6 @@ class MLPEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class SelfAttention(nn.Module):
