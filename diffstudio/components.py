@@ -52,6 +52,9 @@ class ComponentArch:
     # Whose module paths kohya-format LoRA keys use for this architecture: "diffusers" (sd-scripts
     # trains SD 1.x / SDXL UNets as diffusers modules) or "original" (our canonical names: DiTs, CLIP).
     kohya_layout: str = "original"
+    # What `diffusers_sentinels` / `from_diffusers` read, as `diffstudio info` names it: "diffusers",
+    # or "openclip" for CLIP text encoders (their non-canonical layout in single files).
+    other_layout: str = "diffusers"
 
     def to_canonical(self, sd: Mapping) -> dict:
         """A state dict in any layout this architecture knows -> canonical keys."""
@@ -113,6 +116,7 @@ ARCHS: dict[str, ComponentArch] = {
         config_to_dict=lambda config: config.to_dict(),
         config_from_dict=_lazy("diffstudio.detect.clip:clip_config_from_dict"),
         normalise_always=True,
+        other_layout="openclip",
     ),
     # Kolors' text encoder (ChatGLM3-6B). Canonical = the released names; a bare ChatGLMModel's state dict
     # lacks the `transformer.` level, and the unused LM head and rotary buffer are dropped in every layout.

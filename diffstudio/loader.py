@@ -92,7 +92,7 @@ def _canonical(sd: dict, comp: Component) -> dict:
     n = len(comp.prefix)
     sub = {k[n:]: v for k, v in sd.items() if k.startswith(comp.prefix)} if comp.prefix else dict(sd)
     arch = ARCHS[comp.arch]
-    if comp.layout == "diffusers":
+    if comp.layout != "original":  # diffusers names, or OpenCLIP's for a CLIP text encoder
         sub = arch.from_diffusers(sub)
     return sub
 

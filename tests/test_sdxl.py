@@ -333,6 +333,13 @@ def test_released_sdxl_layouts_on_meta_map_every_key(which):
     _assert_every_key_maps(sd, det)
 
 
+def test_released_bigg_is_reported_in_the_openclip_layout():
+    det = diffstudio.detect(tiny.original_layout_state_dict(tiny.meta_reference_models()))
+    assert det.components["text_encoder_2"].layout == "openclip"
+    assert det.components["text_encoder"].layout == "original"
+    assert "openclip layout" in det.summary()
+
+
 def test_released_bigg_in_the_hf_layout_maps_every_key():
     """A single file whose bigG is stored in transformers' names (e.g. re-saved by other tools)."""
     from diffstudio.convert.clip import canonical_clip_keys

@@ -53,7 +53,7 @@ class Component:
     role: str
     arch: str
     prefix: str  # where its keys live in the input ("" = bare)
-    layout: str  # "original" or "diffusers"
+    layout: str  # "original", "diffusers", or "openclip" (a CLIP text encoder in OpenCLIP names)
     config: Any
     num_params: int
     dtype: str
@@ -107,7 +107,7 @@ def find_component(sd: Mapping, arch: ComponentArch, prefixes) -> tuple[str, str
         if arch.is_canonical(sub):
             return prefix, "original", sub
         if arch.is_diffusers(sub):
-            return prefix, "diffusers", arch.from_diffusers(sub)
+            return prefix, arch.other_layout, arch.from_diffusers(sub)
     return None
 
 
