@@ -16,7 +16,7 @@ def main() -> None:
     tr.add_argument("--decoder-steps", type=int, default=2000)
     tr.add_argument("--unet-steps", type=int, default=6000)
     tr.add_argument("--layout-steps", type=int, default=2500)
-    tr.add_argument("--polish-steps", type=int, default=600)
+    tr.add_argument("--polish-steps", type=int, default=1800)
     tr.add_argument("--stage", action="append",
                     choices=["vae", "latents", "unet", "decoder", "layout", "polish", "assemble"],
                     help="run only these stages (repeatable); default: all, in order")

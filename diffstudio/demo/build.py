@@ -209,7 +209,7 @@ def _checkpoint_model(out_dir: Path) -> dict:
 
 def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int = 20000, size: int = 64,
           vae_steps: int = 3000, decoder_steps: int = 2000, unet_steps: int = 6000, layout_steps: int = 2500,
-          polish_steps: int = 600, vae_batch: int = 8,
+          polish_steps: int = 1800, vae_batch: int = 8,
           unet_batch: int = 32, seed: int = 0, stages: tuple[str, ...] = STAGES) -> Path | None:
     from diffstudio.convert.clip import build_clip_text_model
     from diffstudio.loader import Models
@@ -272,7 +272,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         recipe["layout_minutes"] = round((time.time() - started) / 60, 1)
     if "polish" in stages:
         # The layout stage's x0 term trades some shape detail (kind accuracy 0.77 -> 0.58) for position
-        # (0.15 -> 1.0). A short plain-eps run at a low learning rate gives the detail back: the eps
+        # (0.15 -> 1.0). A plain-eps run at a low learning rate gives the detail back: the eps
         # objective weighs the low-noise steps where edges form, and barely touches the high-noise
         # behaviour that places the shapes.
         started = time.time()
