@@ -249,41 +249,33 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         with torch.no_grad():
             latents = torch.cat([vae.encode(to_unit(images[i:i + 256])) for i in range(0, len(images), 256)])
         torch.save({"vae": vae.state_dict(), "latents": SD15.latent.to_model(latents)}, workdir / "latents.pt")
-    if "unet" in stages:
+    def denoiser_stage(name: str, stage_captions: list[str], start_from: str | None, **train_kwargs) -> None:
+        """Train UNet + text encoder (from scratch, or from stage ``start_from``'s checkpoint) into ``name``."""
         started = time.time()
         latents = torch.load(workdir / "latents.pt", weights_only=True)["latents"]
         model = DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
-        losses = train_denoiser(model, latents, tokenize_all(captions), tokenize_all([""])[0], steps=unet_steps,
-                                batch=unet_batch, out_dir=workdir / "unet", seed=seed)
-        recipe["unet_loss"] = sum(losses[-100:]) / len(losses[-100:])
-        recipe["unet_minutes"] = round((time.time() - started) / 60, 1)
+        if start_from:
+            model.load_state_dict(_checkpoint_model(workdir / start_from))
+        losses = train_denoiser(model, latents, tokenize_all(stage_captions), tokenize_all([""])[0],
+                                batch=unet_batch, out_dir=workdir / name, **train_kwargs)
+        recipe[f"{name}_loss"] = sum(losses[-100:]) / len(losses[-100:])
+        recipe[f"{name}_minutes"] = round((time.time() - started) / 60, 1)
+
+    if "unet" in stages:
+        denoiser_stage("unet", captions, None, steps=unet_steps, seed=seed)
     if "layout" in stages:
         # The unet stage learns colour and kind but not where a shape goes (docs/shapes.md: its output
         # barely moves between "left" and "right"; see layout_loss for why). Go on with captions that
         # always name the position, half of each batch on the x0 error at high noise.
-        started = time.time()
-        latents = torch.load(workdir / "latents.pt", weights_only=True)["latents"]
-        model = DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
-        model.load_state_dict(_checkpoint_model(workdir / "unet"))
-        losses = train_denoiser(model, latents, tokenize_all(position_captions(n_images, size, seed)),
-                                tokenize_all([""])[0], steps=layout_steps, batch=unet_batch,
-                                out_dir=workdir / "layout", seed=seed + 2, lr=5e-4, layout_t=700, warmup=50)
-        recipe["layout_loss"] = sum(losses[-100:]) / len(losses[-100:])
-        recipe["layout_minutes"] = round((time.time() - started) / 60, 1)
+        denoiser_stage("layout", position_captions(n_images, size, seed), "unet", steps=layout_steps,
+                       seed=seed + 2, lr=5e-4, layout_t=700, warmup=50)
     if "polish" in stages:
         # The layout stage's x0 term trades some shape detail (kind accuracy 0.77 -> 0.58) for position
         # (0.15 -> 1.0). A plain-eps run at a low learning rate gives the detail back: the eps
         # objective weighs the low-noise steps where edges form, and barely touches the high-noise
         # behaviour that places the shapes.
-        started = time.time()
-        latents = torch.load(workdir / "latents.pt", weights_only=True)["latents"]
-        model = DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
-        model.load_state_dict(_checkpoint_model(workdir / "layout"))
-        losses = train_denoiser(model, latents, tokenize_all(position_captions(n_images, size, seed)),
-                                tokenize_all([""])[0], steps=polish_steps, batch=unet_batch,
-                                out_dir=workdir / "polish", seed=seed + 3, lr=2e-4, warmup=20)
-        recipe["polish_loss"] = sum(losses[-100:]) / len(losses[-100:])
-        recipe["polish_minutes"] = round((time.time() - started) / 60, 1)
+        denoiser_stage("polish", position_captions(n_images, size, seed), "layout", steps=polish_steps,
+                       seed=seed + 3, lr=2e-4, warmup=20)
     if "decoder" in stages:
         started = time.time()
         vae = AutoencoderKL(vae_cfg)
