@@ -28,6 +28,7 @@ The Fourier width (256) is derived too: (``adm_in_channels`` - pooled width) / n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -213,9 +214,11 @@ SDXL = Family(
     diffusers_pipelines=("StableDiffusionXLPipeline",),
 )
 
-SDXL_REFINER = Family(
+# The refiner shares the base's UNet, VAE, latent format, schedule and defaults; it differs in its text
+# encoder, its structural test and its `y`.
+SDXL_REFINER = replace(
+    SDXL,
     name="sdxl_refiner",
-    denoiser_role="unet",
     roles=(
         UNET,
         VAE,
@@ -224,13 +227,7 @@ SDXL_REFINER = Family(
              hints=BIGG_HINTS),
     ),
     text_encoders=(BIGG_SPEC,),
-    latent=LATENT,
-    prediction="eps",
-    schedule=SCHEDULE,
-    defaults=DEFAULTS,
     check_denoiser=check_refiner_unet,
     make_conditioning=refiner_conditioning,
-    concat_channels=lambda config: config.in_channels - 4,
-    lora_targets=LDM_UNET_LORA_TARGETS,
     diffusers_pipelines=(),
 )
