@@ -16,12 +16,8 @@ Targets (the issue): ratio <= 0.9 in fp32, <= 0.75 in bf16.
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import time
-
 import torch
+from common import DTYPES, arguments, race, same_weights, start
 
 from diffstudio.convert.flux import flux_from_diffusers
 from diffstudio.detect.flux import config_from_diffusers
@@ -31,18 +27,14 @@ FLUX_WIDTH = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=
                   num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                   axes_dims_rope=(16, 56, 56))
 TINY = {**FLUX_WIDTH, "num_attention_heads": 2, "joint_attention_dim": 64, "pooled_projection_dim": 32}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build(config: dict, dtype: torch.dtype, device: str):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    ref = FluxTransformer2DModel(**config).to(device=device, dtype=dtype).eval()
-    with torch.device("meta"):
-        ours = FluxTransformer(config_from_diffusers(dict(ref.config))).eval()
-    ours.load_state_dict(flux_from_diffusers(ref.state_dict()), assign=True)
-    return ours.requires_grad_(False), ref.requires_grad_(False)
+    ref = FluxTransformer2DModel(**config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return same_weights(ref, lambda c: FluxTransformer(config_from_diffusers(c)), flux_from_diffusers), ref
 
 
 def make_inputs(config: dict, pixels: int, text_tokens: int, dtype, device, batch: int = 1):
@@ -57,67 +49,31 @@ def make_inputs(config: dict, pixels: int, text_tokens: int, dtype, device, batc
                 guidance=torch.full((batch,), 3.5, device=device))
 
 
-def timed(fn, sync) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call. CPU time is the steadier of the two
-    on a shared machine; on a GPU only the wall time means anything."""
-    sync()
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    sync()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def compare(name: str, config: dict, args, sync) -> None:
-    dtype = DTYPES[name]
+def compare(config: dict, dtype: torch.dtype, args, sync):
     ours, ref = build(config, dtype, args.device)
     x = make_inputs(config, args.pixels, args.text_tokens, dtype, args.device)
-
-    def run_ours():
-        return ours(**x)
-
-    def run_ref():
-        return ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
-                   timestep=x["timesteps"], img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"],
-                   return_dict=False)[0]
-
-    with torch.inference_mode():
-        a, b = run_ours(), run_ref()  # warm-up (and the agreement check)
-        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
-        t_ours, t_ref = [], []
-        for _ in range(args.repeats):
-            t_ours.append(timed(run_ours, sync))
-            t_ref.append(timed(run_ref, sync))
-    for i, what in ((0, "wall"), (1, "cpu")):
-        mo, mr = statistics.median(t[i] for t in t_ours), statistics.median(t[i] for t in t_ref)
-        print(f"{name:<6}{what:<6}{mo:>9.3f}{mr:>13.3f}{mo / mr:>8.2f}{err:>10.1e}", flush=True)
+    return race(lambda: ours(**x),
+                lambda: ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                            timestep=x["timesteps"], img_ids=x["img_ids"], txt_ids=x["txt_ids"],
+                            guidance=x["guidance"], return_dict=False)[0],
+                args.repeats, sync)
 
 
 def main() -> None:
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()  # silence the ".to(dtype)" advice meant for from_pretrained
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser = arguments(__doc__, tiny="2 heads of 128 instead of 24 (smoke test)")
     parser.add_argument("--pixels", type=int, default=512, help="image side in pixels (512: 1024 image tokens)")
     parser.add_argument("--text-tokens", type=int, default=512, help="T5 tokens (dev: 512)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed forwards per model (after one warm-up)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--tiny", action="store_true", help="2 heads of 128 instead of 24 (smoke test)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    sync = start(args)
     config = TINY if args.tiny else FLUX_WIDTH
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
     print(f"hidden {config['num_attention_heads'] * config['attention_head_dim']}, blocks "
           f"{config['num_layers']} + {config['num_single_layers']}, {(args.pixels // 16) ** 2} image + "
           f"{args.text_tokens} text tokens, batch 1")
     print(f"{'dtype':<6}{'time':<6}{'ours s':>9}{'diffusers s':>13}{'ratio':>8}{'rel err':>10}")
     for name in args.dtypes:
-        compare(name, config, args, sync)
-
+        r = compare(config, DTYPES[name], args, sync)
+        for what, mo, mr in (("wall", r.ours_wall, r.ref_wall), ("cpu", r.ours_cpu, r.ref_cpu)):
+            print(f"{name:<6}{what:<6}{mo:>9.3f}{mr:>13.3f}{mo / mr:>8.2f}{r.rel_err:>10.1e}", flush=True)
 
 if __name__ == "__main__":
     main()

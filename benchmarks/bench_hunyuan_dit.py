@@ -15,12 +15,8 @@ diffusers so that load from other processes hits both alike; medians and the rat
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import time
-
 import torch
+from common import DTYPES, arguments, race, same_weights, start
 
 from diffstudio.convert.hunyuan_dit import hunyuan_dit_from_diffusers
 from diffstudio.detect.hunyuan_dit import config_from_diffusers
@@ -32,20 +28,14 @@ HUNYUAN_WIDTH = dict(num_attention_heads=16, attention_head_dim=88, in_channels=
                      sample_size=128, use_style_cond_and_image_meta_size=False)
 TINY = {**HUNYUAN_WIDTH, "num_attention_heads": 2, "attention_head_dim": 16, "hidden_size": 32,
         "cross_attention_dim": 32, "cross_attention_dim_t5": 64, "pooled_projection_dim": 32}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build(config: dict, dtype: torch.dtype, device: str):
     from diffusers import HunyuanDiT2DModel
-    from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()
     torch.manual_seed(0)
-    ref = HunyuanDiT2DModel(**config).to(device=device, dtype=dtype).eval()
-    with torch.device("meta"):
-        ours = HunyuanDiT(config_from_diffusers(dict(ref.config))).eval()
-    ours.load_state_dict(hunyuan_dit_from_diffusers(ref.state_dict()), assign=True)
-    return ours.requires_grad_(False), ref.requires_grad_(False)
+    ref = HunyuanDiT2DModel(**config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return same_weights(ref, lambda c: HunyuanDiT(config_from_diffusers(c)), hunyuan_dit_from_diffusers), ref
 
 
 def make_inputs(config: dict, pixels: int, dtype, device, batch: int):
@@ -67,65 +57,35 @@ def make_inputs(config: dict, pixels: int, dtype, device, batch: int):
                 t5_mask=t5_mask.to(device), rope=(cos.to(device), sin.to(device)))
 
 
-def timed(fn, sync) -> float:
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
+def compare(config: dict, pixels: int, dtype: torch.dtype, args, sync):
+    ours, ref = build(config, dtype, args.device)
+    a = make_inputs(config, pixels, dtype, args.device, args.batch)
+    return race(lambda: ours(a["x"], a["t"], a["bert"], a["bert_mask"], a["t5"], a["t5_mask"], None, None,
+                             *a["rope"]),
+                # diffusers embeds the timestep in its dtype (its pipeline passes t in the latents' dtype)
+                lambda: ref(a["x"], a["t"].to(a["x"].dtype), encoder_hidden_states=a["bert"],
+                            text_embedding_mask=a["bert_mask"], encoder_hidden_states_t5=a["t5"],
+                            text_embedding_mask_t5=a["t5_mask"], image_meta_size=None, style=None,
+                            image_rotary_emb=a["rope"], return_dict=False)[0],
+                args.repeats, sync)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser = arguments(__doc__, tiny="a tiny width at 256 px (smoke test)")
     parser.add_argument("--pixels", type=int, default=1024, help="image side (latent = pixels / 8)")
     parser.add_argument("--blocks", type=int, default=4, help="transformer blocks (even; the release has 40)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1, help="timed forwards per model (after one warm-up)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny width at 256 px (smoke test)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    sync = start(args)
     config = {**(TINY if args.tiny else HUNYUAN_WIDTH), "num_layers": args.blocks}
     pixels = 256 if args.tiny else args.pixels
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     tokens = (pixels // 8 // 2) ** 2
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
     print(f"hidden {config['num_attention_heads'] * config['attention_head_dim']}, {args.blocks} blocks, "
           f"{pixels}x{pixels} px = {tokens} image tokens, batch {args.batch}")
     print(f"{'dtype':<6}{'ours s':>9}{'diffusers s':>13}{'ratio':>8}{'rel err':>10}")
     for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
-        ours, ref = build(config, dtype, args.device)
-        a = make_inputs(config, pixels, dtype, args.device, args.batch)
-        out = {}
-
-        def run_ours(a=a, out=out, model=ours):
-            out["ours"] = model(a["x"], a["t"], a["bert"], a["bert_mask"], a["t5"], a["t5_mask"], None, None,
-                                *a["rope"])
-
-        def run_ref(a=a, out=out, model=ref):
-            # diffusers embeds the timestep in its dtype (its pipeline passes t in the latents' dtype)
-            out["ref"] = model(a["x"], a["t"].to(a["x"].dtype), encoder_hidden_states=a["bert"],
-                               text_embedding_mask=a["bert_mask"],
-                               encoder_hidden_states_t5=a["t5"], text_embedding_mask_t5=a["t5_mask"],
-                               image_meta_size=None, style=None, image_rotary_emb=a["rope"], return_dict=False)[0]
-
-        times: dict[str, list[float]] = {"ours": [], "ref": []}
-        with torch.inference_mode():
-            run_ours(), run_ref()  # warm-up
-            sync()
-            for i in range(args.repeats):
-                order = (("ours", run_ours), ("ref", run_ref)) if i % 2 == 0 else (("ref", run_ref), ("ours", run_ours))
-                for name, fn in order:
-                    times[name].append(timed(fn, sync))
-        t_ours, t_ref = statistics.median(times["ours"]), statistics.median(times["ref"])
-        err = ((out["ours"].float() - out["ref"].float()).norm() / out["ref"].float().norm()).item()
-        print(f"{dtype_name:<6}{t_ours:>9.3f}{t_ref:>13.3f}{t_ours / t_ref:>8.2f}{err:>10.1e}", flush=True)
-        del ours, ref
-
+        r = compare(config, pixels, DTYPES[dtype_name], args, sync)
+        print(f"{dtype_name:<6}{r.ours_wall:>9.3f}{r.ref_wall:>13.3f}{r.ratio:>8.2f}{r.rel_err:>10.1e}", flush=True)
 
 if __name__ == "__main__":
     main()

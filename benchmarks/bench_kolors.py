@@ -16,17 +16,15 @@ one warm-up each; ratio = ours / diffusers (< 1 = faster).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import DTYPES, arguments, race, rel_err, same_weights, start
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the release configs live with the tests
 
 from diffstudio.conditioning.chatglm_tokenizer import load_chatglm_tokenizer  # noqa: E402
 from diffstudio.conditioning.tokenizers import PACKAGED  # noqa: E402
@@ -37,23 +35,9 @@ from diffstudio.detect.unet import config_from_diffusers  # noqa: E402
 from diffstudio.families.kolors import KOLORS, encode_chatglm, size_embedding_width, size_embeddings  # noqa: E402
 from diffstudio.models.chatglm import ChatGLMEncoder  # noqa: E402
 from diffstudio.models.unet import UNetModel  # noqa: E402
+from tests.test_chatglm import CHATGLM3_6B  # noqa: E402
+from tests.test_kolors import KOLORS_UNET, SDXL_VAE  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CHATGLM3_6B = dict(num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696, kv_channels=128,
-                   num_attention_heads=32, multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True,
-                   add_bias_linear=False, original_rope=True, seq_length=32768, rmsnorm=True, post_layer_norm=True,
-                   layernorm_epsilon=1e-5)
-KOLORS_UNET = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
-                   layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                   transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                   use_linear_projection=True, encoder_hid_dim=4096, encoder_hid_dim_type="text_proj",
-                   addition_embed_type="text_time", addition_time_embed_dim=256,
-                   projection_class_embeddings_input_dim=5632)
-SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.13025,
-                force_upcast=False)
 # Small widths with the same structure (--tiny).
 TINY_CHATGLM = {**CHATGLM3_6B, "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 48, "kv_channels": 16,
                 "num_attention_heads": 4, "seq_length": 512}
@@ -62,26 +46,6 @@ TINY_UNET = {**KOLORS_UNET, "block_out_channels": (64, 128, 128), "attention_hea
              "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 64 + 48}
 TINY_VAE = {**SDXL_VAE, "block_out_channels": (32, 32, 32, 32), "layers_per_block": 1}
 PROMPTS = ["一张瓢虫的照片，微距，变焦，高质量，电影，拿着一个牌子，写着\"可图\"", ""]
-
-
-def rel_err(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-
-
-def timed(fn, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
-def compare(run_ours, run_ref, repeats: int, sync) -> tuple[float, float]:
-    t_ours, t_ref = [], []
-    for _ in range(repeats):
-        t_ours.append(timed(run_ours, sync))
-        t_ref.append(timed(run_ref, sync))
-    return statistics.median(t_ours), statistics.median(t_ref)
 
 
 def randomise_(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
@@ -108,11 +72,8 @@ def build_unet(config: dict, dtype, device):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    ref = UNet2DConditionModel(**config).to(device=device, dtype=dtype)
-    with torch.device("meta"):
-        ours = UNetModel(config_from_diffusers(config))
-    ours.load_state_dict(unet_from_diffusers(ref.state_dict()), assign=True)
-    return ours.eval().requires_grad_(False), ref.eval().requires_grad_(False)
+    ref = UNet2DConditionModel(**config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return same_weights(ref, lambda c: UNetModel(config_from_diffusers(c)), unet_from_diffusers), ref
 
 
 def bench_chatglm(config, dtype, device, repeats, sync) -> dict:
@@ -125,9 +86,9 @@ def bench_chatglm(config, dtype, device, repeats, sync) -> dict:
         ref_context, ref_pooled = out.hidden_states[-2].permute(1, 0, 2), out.hidden_states[-1][-1]
         result = {"context_rel_err": rel_err(context, ref_context), "pooled_rel_err": rel_err(pooled, ref_pooled),
                   "finite": bool(torch.isfinite(context).all())}
-        mo, mr = compare(lambda: encode_chatglm(ours, tokenizer, PROMPTS),
-                         lambda: ref(**tokens, output_hidden_states=True), repeats, sync)
-    return {**result, "ours_s": mo, "diffusers_s": mr, "ratio": mo / mr}
+    r = race(lambda: encode_chatglm(ours, tokenizer, PROMPTS)[0],
+             lambda: ref(**tokens, output_hidden_states=True).hidden_states[-2].permute(1, 0, 2), repeats, sync)
+    return {**result, "ours_s": r.ours_wall, "diffusers_s": r.ref_wall, "ratio": r.ratio}
 
 
 def bench_unet(config, dtype, device, repeats, sync, side: int) -> dict:
@@ -141,34 +102,10 @@ def bench_unet(config, dtype, device, repeats, sync, side: int) -> dict:
     h = w = side * 8
     time_ids = torch.tensor([[h, w, 0, 0, h, w]] * 2, dtype=dtype, device=device)
     y = torch.cat([pooled, size_embeddings(w, h, 2, size_embedding_width(ours.config)).to(device, dtype)], dim=-1)
-    with torch.inference_mode():
-        def run_ours():
-            return ours(x, t, text, y)
-
-        def run_ref():
-            return ref(x, t, encoder_hidden_states=text,
-                       added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        err = rel_err(run_ours(), run_ref())
-        mo, mr = compare(run_ours, run_ref, repeats, sync)
-    return {"rel_err": err, "ours_s": mo, "diffusers_s": mr, "ratio": mo / mr}
-
-
-def _keep_sampler_state_on_its_device() -> None:
-    """Work-around: the generic pipeline draws its noise and keeps the sampler state on the CPU, and
-    pipeline/denoiser.py returns the network's output on the model's device; bring it back to the state's
-    device so that a GPU model can run (see the Kolors report: a pipeline fix belongs in denoiser.py)."""
-    import diffstudio.pipeline.denoiser as den
-
-    if getattr(den.network_fn, "_kolors_bench", False):
-        return
-    original = den.network_fn
-
-    def network_fn(models):
-        call = original(models)
-        return lambda x, t, **cond: call(x, t, **cond).to(x.device)
-
-    network_fn._kolors_bench = True
-    den.network_fn = network_fn
+    r = race(lambda: ours(x, t, text, y),
+             lambda: ref(x, t, encoder_hidden_states=text,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample, repeats, sync)
+    return {"rel_err": r.rel_err, "ours_s": r.ours_wall, "diffusers_s": r.ref_wall, "ratio": r.ratio}
 
 
 def bench_pipeline(chatglm, unet, vae_config, dtype, device, steps: int, side: int, sync) -> dict:
@@ -183,7 +120,6 @@ def bench_pipeline(chatglm, unet, vae_config, dtype, device, steps: int, side: i
     from diffstudio.models.vae import AutoencoderKL as OurVAE
     from diffstudio.sampling.noise import SeededNoise
 
-    _keep_sampler_state_on_its_device()
     text_ours, text_ref = build_chatglm(chatglm, dtype, device)
     unet_ours, unet_ref = build_unet(unet, dtype, device)
     torch.manual_seed(2)
@@ -239,20 +175,15 @@ def bench_pipeline(chatglm, unet, vae_config, dtype, device, steps: int, side: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "fp16"], choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = arguments(__doc__, dtypes=("fp32", "fp16"), repeats=3, tiny="small widths (smoke test)")
     parser.add_argument("--pipeline", action="store_true", help="also the whole txt2img (in the last dtype)")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="small widths (smoke test)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    sync = start(args)
     chatglm, unet, vae = (TINY_CHATGLM, TINY_UNET, TINY_VAE) if args.tiny else (CHATGLM3_6B, KOLORS_UNET, SDXL_VAE)
     side = 64 if args.tiny else 1024
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"torch {torch.__version__}, device {args.device} ({name}), cpus {os.cpu_count()}", flush=True)
     results = {"device": name, "torch": torch.__version__}
     for dname in args.dtypes:
         dtype = DTYPES[dname]

@@ -97,27 +97,35 @@ def _canonical(sd: dict, comp: Component) -> dict:
     return sub
 
 
+def _read_role(role, path: Path, where: str, layout: str) -> tuple[_Part, Component]:
+    """One role's weights, from a component folder (with its config.json when there is one) or a weights
+    file, in canonical names with their config; ``where`` and ``layout`` are what `diffstudio info` shows."""
+    from diffstudio.io.folders import read_component
+    from diffstudio.io.state_dict import read_state_dict
+
+    arch = ARCHS[role.arch]
+    sd, config_json = read_component(path) if path.is_dir() else (read_state_dict(path), None)
+    canonical = arch.to_canonical(sd)
+    config = arch.config_from_diffusers(config_json) if config_json else arch.derive_config(canonical, role.hints)
+    dtype = str(next(iter(canonical.values())).dtype).removeprefix("torch.")
+    return (_Part(canonical, config, str(path)),
+            Component(role.name, role.arch, where, layout, config, sum(int(v.numel()) for v in canonical.values()),
+                      dtype))
+
+
 def _read_folder(folder: Path) -> tuple[Detection, dict[str, _Part]]:
     """A diffusers/HF folder: model_index.json and one subfolder per component."""
     from diffstudio.families import FAMILIES
-    from diffstudio.io.folders import read_component, read_model_index
+    from diffstudio.io.folders import read_model_index
 
     index = read_model_index(folder)
     family = _family_of_folder(folder, index)
     parts: dict[str, _Part] = {}
     components: dict[str, Component] = {}
     for role in family.roles:
-        sub = folder / role.subfolder
-        if not sub.is_dir():
-            continue
-        sd, config_json = read_component(sub)
-        arch = ARCHS[role.arch]
-        canonical = arch.to_canonical(sd)
-        config = arch.config_from_diffusers(config_json) if config_json else arch.derive_config(canonical, role.hints)
-        parts[role.name] = _Part(canonical, config, str(sub))
-        components[role.name] = Component(role.name, role.arch, f"{role.subfolder}/", "diffusers", config,
-                                          sum(int(v.numel()) for v in canonical.values()),
-                                          str(next(iter(canonical.values())).dtype).replace("torch.", ""))
+        if (folder / role.subfolder).is_dir():
+            parts[role.name], components[role.name] = _read_role(role, folder / role.subfolder,
+                                                                 f"{role.subfolder}/", "diffusers")
     if family.denoiser_role not in parts:
         raise ModelNotFoundError(f"{folder} has no {family.role(family.denoiser_role).subfolder}/ folder with "
                                  f"weights; a {family.name} folder needs one")
@@ -125,9 +133,7 @@ def _read_folder(folder: Path) -> tuple[Detection, dict[str, _Part]]:
     if reason:
         names = ", ".join(f.name for f in FAMILIES)
         raise UnknownModelError(f"{folder}: model_index.json says {family.name} but {reason} (known: {names})")
-    den_config = parts[family.denoiser_role].config
-    variant = "inpaint" if family.concat_channels(den_config) else family.variant_of(den_config)
-    return Detection(family.name, components, variant), parts
+    return Detection(family.name, components, family.variant_from(parts[family.denoiser_role].config)), parts
 
 
 def _folder_denoiser_config(folder: Path, family: Family):
@@ -197,8 +203,6 @@ def _read_released_folder(folder: Path) -> tuple[Detection, dict[str, _Part]] | 
     """A model folder as its authors release it (not diffusers): each role is read from the first of its
     ``Role.released`` paths that exists (a weights file, or a component folder with config.json)."""
     from diffstudio.families import FAMILIES
-    from diffstudio.io.folders import read_component
-    from diffstudio.io.state_dict import read_state_dict
 
     reasons = []
     for family in FAMILIES:
@@ -211,22 +215,13 @@ def _read_released_folder(folder: Path) -> tuple[Detection, dict[str, _Part]] | 
             path = _released_path(folder, role.released)
             if path is None:
                 continue
-            arch = ARCHS[role.arch]
-            sd, config_json = read_component(path) if path.is_dir() else (read_state_dict(path), None)
-            canonical = arch.to_canonical(sd)
-            config = arch.config_from_diffusers(config_json) if config_json else arch.derive_config(canonical,
-                                                                                                 role.hints)
-            if role is den and family.check_denoiser(config):
-                reasons.append(f"{family.name}: {family.check_denoiser(config)}")
+            part, component = _read_role(role, path, os.path.relpath(path, folder), "original")
+            if role is den and family.check_denoiser(part.config):
+                reasons.append(f"{family.name}: {family.check_denoiser(part.config)}")
                 break  # maybe another family's release with the same layout
-            parts[role.name] = _Part(canonical, config, str(path))
-            components[role.name] = Component(role.name, role.arch, os.path.relpath(path, folder), "original", config,
-                                              sum(int(v.numel()) for v in canonical.values()),
-                                              str(next(iter(canonical.values())).dtype).replace("torch.", ""))
+            parts[role.name], components[role.name] = part, component
         if den.name in parts:
-            den_config = parts[den.name].config
-            variant = "inpaint" if family.concat_channels(den_config) else family.variant_of(den_config)
-            return Detection(family.name, components, variant), parts
+            return Detection(family.name, components, family.variant_from(parts[den.name].config)), parts
     if reasons:
         raise UnknownModelError(f"{folder} is laid out like a released model, but: {'; '.join(reasons)}")
     return None

@@ -156,8 +156,7 @@ def _try_family(family: Family, sd: Mapping, stored: dict) -> tuple[Detection | 
         ignored = sorted(k for k in sd if not _consumed(k, components))
     else:
         ignored = sorted(k for k in sd if k in NON_WEIGHT_KEYS)
-    variant = "inpaint" if family.concat_channels(den.config) else family.variant_of(den.config)
-    return Detection(family.name, components, variant, ignored), ""
+    return Detection(family.name, components, family.variant_from(den.config), ignored), ""
 
 
 def detect(state_dict: Mapping, metadata: Mapping | None = None) -> Detection:

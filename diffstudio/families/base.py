@@ -142,6 +142,11 @@ class Family:
     variant_of: Callable[[Any], str | None] = lambda config: None
     variants: dict[str, dict] = field(default_factory=dict)
 
+    def variant_from(self, denoiser_config) -> str | None:
+        """The variant a denoiser of this structure is: "inpaint" when it takes extra input channels,
+        else what ``variant_of`` says."""
+        return "inpaint" if self.concat_channels(denoiser_config) else self.variant_of(denoiser_config)
+
     def for_variant(self, variant: str | None) -> Family:
         """This record with the overrides of ``variant`` applied (itself when it has none)."""
         from dataclasses import replace
