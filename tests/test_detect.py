@@ -8,6 +8,7 @@ import torch
 
 import diffstudio
 from diffstudio.families import FAMILIES
+from tests.meta_checks import assert_every_key_maps
 from tests.tiny_sd15 import original_layout_state_dict, reference_models
 
 
@@ -107,8 +108,6 @@ def _meta_reference(in_channels: int = 4):
 
 @pytest.mark.parametrize("in_channels", [4, 9])
 def test_full_size_sd15_single_file_maps_every_key(in_channels):
-    from diffstudio.components import ARCHS
-    from diffstudio.loader import _canonical
 
     unet, vae, text = _meta_reference(in_channels)
     sd = original_layout_state_dict(unet, vae, text)
@@ -121,18 +120,7 @@ def test_full_size_sd15_single_file_maps_every_key(in_channels):
     assert (cfg.model_channels, tuple(cfg.channel_mult), tuple(cfg.num_res_blocks)) == (320, (1, 2, 4, 4),
                                                                                         (2, 2, 2, 2))
     assert det.components["text_encoder"].config.num_hidden_layers == 12
-    for role, comp in det.components.items():
-        with torch.device("meta"):
-            ours = ARCHS[comp.arch].build(comp.config)
-        theirs = _canonical(sd, comp)
-        if comp.arch == "clip_text":
-            from diffstudio.convert.clip import to_installed_transformers_layout
-
-            theirs = to_installed_transformers_layout(theirs, ours)
-        ours_sd = {k: v for k, v in ours.state_dict().items() if not k.endswith("position_ids")}
-        theirs = {k: v for k, v in theirs.items() if not k.endswith("position_ids")}
-        assert set(ours_sd) == set(theirs), role
-        assert all(ours_sd[k].shape == theirs[k].shape for k in ours_sd), role
+    assert_every_key_maps(sd, det)
 
 
 def test_ema_and_schedule_tensors_are_ignored_and_reported(tiny_original):

@@ -13,6 +13,7 @@ import diffstudio
 from diffstudio.families import FAMILIES
 from diffstudio.families.sdxl import BIGG_HINTS, UNET_HINTS, vector_condition
 from tests import tiny_sdxl as tiny
+from tests.meta_checks import assert_every_key_maps
 
 TOL = 1e-4
 
@@ -289,23 +290,6 @@ def test_kolors_like_and_unclip_like_unets_are_not_sdxl(base):
 # --- full size on the meta device ---------------------------------------------------------------------------
 
 
-def _assert_every_key_maps(sd: dict, det) -> None:
-    from diffstudio.components import ARCHS
-    from diffstudio.convert.clip import to_installed_transformers_layout
-    from diffstudio.loader import _canonical
-
-    for role, comp in det.components.items():
-        with torch.device("meta"):
-            ours = ARCHS[comp.arch].build(comp.config)
-        theirs = _canonical(sd, comp)
-        if comp.arch == "clip_text":
-            theirs = to_installed_transformers_layout(theirs, ours)
-        ours_sd = {k: v for k, v in ours.state_dict().items() if not k.endswith("position_ids")}
-        theirs = {k: v for k, v in theirs.items() if not k.endswith("position_ids")}
-        assert set(ours_sd) == set(theirs), role
-        assert all(ours_sd[k].shape == theirs[k].shape for k in ours_sd), role
-
-
 @pytest.mark.parametrize("which", ["base", "refiner"])
 def test_released_sdxl_layouts_on_meta_map_every_key(which):
     from diffstudio.detect.unet import config_from_diffusers
@@ -330,7 +314,7 @@ def test_released_sdxl_layouts_on_meta_map_every_key(which):
     g = det.components["text_encoder_2"].config
     assert (g.num_hidden_layers, g.hidden_size, g.num_attention_heads, g.intermediate_size, g.projection_dim,
             g.hidden_act, g.vocab_size) == (32, 1280, 20, 5120, 1280, "gelu", 49408)
-    _assert_every_key_maps(sd, det)
+    assert_every_key_maps(sd, det)
 
 
 def test_released_bigg_is_reported_in_the_openclip_layout():
@@ -350,7 +334,7 @@ def test_released_bigg_in_the_hf_layout_maps_every_key():
     det = diffstudio.detect(sd)
     assert det.family == "sdxl" and det.components["text_encoder_2"].layout == "original"
     assert det.components["text_encoder_2"].config.projection_dim == 1280
-    _assert_every_key_maps(sd, det)
+    assert_every_key_maps(sd, det)
 
 
 # --- loading and the pipeline -------------------------------------------------------------------------------

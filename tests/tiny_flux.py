@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from tests.tiny_sd15 import randomise
+
 HIDDEN = 128  # one 128-wide head
 DIT = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
            num_attention_heads=1, joint_attention_dim=32, pooled_projection_dim=64, axes_dims_rope=(16, 56, 56))
@@ -35,16 +37,6 @@ T5 = dict(vocab_size=32128, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads
 SCHEDULER = {"dev": dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15,
                          use_dynamic_shifting=True, shift=3.0),
              "schnell": dict(use_dynamic_shifting=False, shift=1.0)}
-
-
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and ("norm" in name or name.endswith("scale")):  # norms: around 1
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5))
 
 
 def reference_models(variant: str = "dev", seed: int = 0):
