@@ -23,18 +23,29 @@ def _problem():
     return model, loss_fn
 
 
-def test_interrupted_and_resumed_run_follows_the_same_loss_curve(tmp_path):
+@pytest.mark.parametrize("lr_end", [None, 1e-3])
+def test_interrupted_and_resumed_run_follows_the_same_loss_curve(tmp_path, lr_end):
+    kw = dict(steps=12, lr=1e-2, lr_end=lr_end, warmup=4, progress=False)
     model, loss_fn = _problem()
-    straight = train(model, loss_fn, steps=12, out_dir=tmp_path / "a", lr=1e-2, warmup=4, progress=False)
+    straight = train(model, loss_fn, out_dir=tmp_path / "a", **kw)
     model_b, loss_fn_b = _problem()
-    first = train(model_b, loss_fn_b, steps=12, out_dir=tmp_path / "b", lr=1e-2, warmup=4, progress=False,
-                  stop_after=5)
+    first = train(model_b, loss_fn_b, out_dir=tmp_path / "b", stop_after=5, **kw)
     assert len(first) == 5
     model_c, loss_fn_c = _problem()  # a fresh process: new model object, state from the checkpoint
-    resumed = train(model_c, loss_fn_c, steps=12, out_dir=tmp_path / "b", lr=1e-2, warmup=4, progress=False)
+    resumed = train(model_c, loss_fn_c, out_dir=tmp_path / "b", **kw)
     assert resumed == pytest.approx(straight, rel=1e-6)
     for p, q in zip(model.parameters(), model_c.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_learning_rate_warms_up_then_anneals_to_lr_end():
+    from diffstudio.train.loop import lr_factor
+
+    lrs = [1e-2 * lr_factor(s, 12, 4, 1e-2, 1e-3) for s in range(12)]
+    assert lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])  # linear warm-up
+    assert lrs[4] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-3)  # half cosine to lr_end
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    assert [lr_factor(s, 12, 4, 1e-2, None) for s in range(4, 12)] == [1.0] * 8  # constant without lr_end
 
 
 def test_a_nan_loss_stops_with_a_named_error_and_keeps_the_checkpoint(tmp_path):

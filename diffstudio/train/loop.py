@@ -12,6 +12,7 @@ follows the same loss curve as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -71,7 +72,8 @@ def _load(model, optimizer, out_dir: Path, trainable_only: bool = False) -> tupl
 
 def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torch.Tensor], *, steps: int,
           out_dir: str | Path, lr: float = 1e-4, weight_decay: float = 0.0, warmup: int = 0,
-          checkpoint_every: int = 500, grad_clip: float | None = 1.0, mixed_precision: str = "no",
+          lr_end: float | None = None, checkpoint_every: int = 500, grad_clip: float | None = 1.0,
+          mixed_precision: str = "no",
           optimizer: str = "adamw", progress: bool = True, desc: str = "train",
           stop_after: int | None = None, trainable_only: bool = False) -> list[float]:
     """Minimise ``loss_fn(model, step)`` for `steps` steps; resumes from `out_dir` if a checkpoint is there.
@@ -79,6 +81,8 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     ``stop_after`` ends the run early after that many steps of this call (used by tests to
     simulate an interrupted run). ``trainable_only`` checkpoints only the parameters that
     require grad (LoRA adapters, not the frozen base). Returns the loss history of the whole run.
+    The learning rate rises linearly over ``warmup`` steps, then stays at ``lr``, or with ``lr_end``
+    follows a half cosine down to ``lr_end`` at the last step.
     """
     from accelerate import Accelerator
 
@@ -88,9 +92,8 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(optimizer, params, lr, weight_decay)
     start, losses = _load(model, opt, out_dir, trainable_only)
-    # Linear warm-up; written in absolute steps so a resumed run continues the same curve.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + start + 1) / warmup) if warmup else 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s + start, steps, warmup, lr,
+                                                                          lr_end))
     model, opt = accelerator.prepare(model, opt)
     model.train()
     bar = tqdm(range(start, steps), desc=desc, disable=not progress or not accelerator.is_main_process,
@@ -122,6 +125,17 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     bar.close()
     model.eval()
     return losses
+
+
+def lr_factor(step: int, steps: int, warmup: int, lr: float, lr_end: float | None) -> float:
+    """The learning rate at ``step`` as a fraction of ``lr``, a function of the absolute step (so a resumed
+    run continues the same curve): linear warm-up, then constant or a half cosine down to ``lr_end``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if lr_end is None:
+        return 1.0
+    done = (step - warmup) / max(1, steps - 1 - warmup)
+    return (lr_end + (lr - lr_end) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))) / lr
 
 
 def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
