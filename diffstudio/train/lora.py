@@ -40,6 +40,7 @@ class LoRATrainConfig:
     batch_size: int = 1
     lr: float = 1e-4
     warmup: int = 0
+    lr_end: float | None = None  # anneal to this rate by the last step (half cosine); None = constant
     resolution: int | None = None  # bucket area = resolution**2; None = the model's default width
     buckets: bool = True  # False: every image is resized to resolution x resolution
     precision: str = "fp32"  # "bf16": base weights in bf16 (half the memory), adapters in fp32
@@ -244,7 +245,8 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     trainee = _Trainee(denoiser)
     try:
         losses = train(trainee, loss_fn, steps=config.steps, out_dir=config.work_path(), lr=config.lr,
-                       warmup=config.warmup, checkpoint_every=config.checkpoint_every, optimizer=config.optimizer,
+                       warmup=config.warmup, lr_end=config.lr_end, checkpoint_every=config.checkpoint_every,
+                       optimizer=config.optimizer,
                        desc=f"lora {family.name}", trainable_only=True, stop_after=stop_after)
         weights = adapter_weights(denoiser)
     finally:
