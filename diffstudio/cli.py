@@ -77,7 +77,8 @@ def cmd_train_lora(args) -> int:
 
     config = LoRATrainConfig(data=args.data, out=args.out, model=args.model, rank=args.rank, alpha=args.alpha,
                              targets=args.targets, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             warmup=args.warmup, lr_end=args.lr_end, resolution=args.resolution, buckets=not args.no_buckets,
+                             warmup=args.warmup, lr_end=args.lr_end, resolution=args.resolution,
+                             buckets=not args.no_buckets,
                              precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
                              optimizer=args.optimizer, caption_dropout=args.caption_dropout, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, workdir=args.workdir,
