@@ -1,0 +1,48 @@
+"""The demo model's build recipe: every stage runs and resumes at toy sizes, the result is an SD 1.x
+file, and the layout objective measures what its docstring says (x0 error at high noise)."""
+
+from __future__ import annotations
+
+import torch
+
+import diffstudio
+from diffstudio.demo import build as recipe
+
+
+def test_layout_loss_is_zero_for_the_true_noise_and_grows_with_its_error():
+    from diffstudio.families.sd15 import SD15
+    from diffstudio.train.objectives import alphas_cumprod
+
+    acp = alphas_cumprod(SD15)
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen_t = []
+
+    def oracle(x_t, t, ids, wrong=0.0):  # reads the noise back from x_t, knowing x0
+        seen_t.append(t)
+        a, s = acp[t.long()].sqrt().view(-1, 1, 1, 1), (1 - acp[t.long()]).sqrt().view(-1, 1, 1, 1)
+        return (x_t - a * x0) / s + wrong
+
+    ids = torch.zeros(4, 77, dtype=torch.long)
+    exact = recipe.layout_loss(oracle, x0, ids, torch.Generator().manual_seed(1), acp, t_low=700)
+    off = recipe.layout_loss(lambda x, t, i: oracle(x, t, i, wrong=0.01), x0, ids, torch.Generator().manual_seed(1),
+                             acp, t_low=700)
+    assert exact < 1e-8
+    # an eps error e becomes an x0 error of e * s / a, which at t >= 700 is more than 3x larger
+    assert off > 9 * 0.01**2
+    assert all(bool((t >= 700).all()) for t in seen_t)
+
+
+def test_every_stage_runs_resumes_and_assembles_an_sd15_file(tmp_path):
+    kw = dict(n_images=16, size=32, vae_steps=2, decoder_steps=2, unet_steps=2, layout_steps=2, vae_batch=2,
+              unet_batch=4, seed=0)
+    out = tmp_path / "toy.safetensors"
+    recipe.build(out, tmp_path / "work", stages=("vae", "latents", "unet"), **kw)
+    state = tmp_path / "work" / "unet" / "checkpoint" / "state.pt"
+    written = state.stat().st_mtime_ns
+    # a second call runs the rest; a finished stage is not redone (its checkpoint is at its last step)
+    path = recipe.build(out, tmp_path / "work", stages=("unet", "layout", "decoder", "assemble"), **kw)
+    assert state.stat().st_mtime_ns == written
+    models = diffstudio.load(path)
+    assert models.family.name == "sd15"
+    image = diffstudio.Pipeline(models)("a red circle", width=32, height=32, steps=2, seed=0, progress=False)[0]
+    assert image.size == (32, 32)
