@@ -171,8 +171,11 @@ def layout_loss(net, x0, ids, gen, acp, t_low: int) -> torch.Tensor:
 
 
 def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch, out_dir: Path, seed: int,
-                   lr: float = 1e-3, drop_caption: float = 0.1, layout_t: int = 0, warmup: int = 300):
-    """``layout_t`` > 0: half of each batch trains ``layout_loss`` at t >= layout_t (the layout stage)."""
+                   lr: float = 1e-3, lr_end: float | None = None, drop_caption: float = 0.1, layout_t: int = 0,
+                   layout_share: float = 0.5, layout_ids: torch.Tensor | None = None, warmup: int = 300):
+    """``layout_t`` > 0: a ``layout_share`` of each batch (half in the layout stage) trains ``layout_loss``
+    at t >= layout_t, captioned by ``layout_ids`` (default: ``ids``). ``lr_end``: anneal to it (half
+    cosine). The last three were varied in session 3's runs (docs/shapes.md)."""
     from diffstudio.train.data import batch_indices
     from diffstudio.train.loop import step_generator, train
     from diffstudio.train.objectives import alphas_cumprod, diffusion_loss
@@ -184,16 +187,18 @@ def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch
         idx = batch_indices(len(latents), batch, step, seed)
         batch_ids = ids[idx].clone()
         dropped = torch.rand(len(idx), generator=gen) < drop_caption  # unconditional training for CFG
+        half = len(idx) - round(len(idx) * layout_share)
+        if layout_t and layout_ids is not None:
+            batch_ids[half:] = layout_ids[idx[half:]]
         batch_ids[dropped] = empty_ids
         if not layout_t:
             return diffusion_loss(SD15, lambda x, t: net(x, t, batch_ids), latents[idx], {}, gen, acp=acp)
-        half = len(idx) // 2
         eps_part = diffusion_loss(SD15, lambda x, t: net(x, t, batch_ids[:half]), latents[idx[:half]], {}, gen,
                                   acp=acp)
         return eps_part + layout_loss(net, latents[idx[half:]], batch_ids[half:], gen, acp, layout_t)
 
-    return train(model, loss_fn, steps=steps, out_dir=out_dir, lr=lr, warmup=warmup, desc=out_dir.name,
-                 checkpoint_every=250)
+    return train(model, loss_fn, steps=steps, out_dir=out_dir, lr=lr, lr_end=lr_end, warmup=warmup,
+                 desc=out_dir.name, checkpoint_every=250)
 
 
 # --- the whole recipe ----------------------------------------------------------------------------------
@@ -253,6 +258,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         """Train UNet + text encoder (from scratch, or from stage ``start_from``'s checkpoint) into ``name``."""
         started = time.time()
         latents = torch.load(workdir / "latents.pt", weights_only=True)["latents"]
+        torch.manual_seed(seed)  # the initial weights depend on the seed only, not on the stages run before
         model = DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
         if start_from:
             model.load_state_dict(_checkpoint_model(workdir / start_from))

@@ -1,0 +1,37 @@
+# Assemble WORKDIR's current unet checkpoint with the shared decoder, then score it.
+# python experiments/shapes/eval_variant.py WORKDIR [PAIRS]
+import json
+import sys
+import time
+from pathlib import Path
+
+import diffstudio
+from diffstudio.demo.build import build
+from diffstudio.demo.evaluate import evaluate
+from diffstudio.demo.score import score_prompt
+
+wd = Path(sys.argv[1])
+pairs = int(sys.argv[2]) if len(sys.argv) > 2 else 120
+out = wd / "model.safetensors"
+build(out, wd, stages=("assemble",))
+models = diffstudio.load(out)
+t0 = time.time()
+report = {"eval": evaluate(models, pairs, progress=False)}
+pipe = diffstudio.Pipeline(models)
+for prompt in ["a red circle on a white background", "a blue square", "a red circle in the center, white background"]:
+    rs = [score_prompt(pipe(prompt, seed=s, progress=False)[0], prompt) for s in range(6)]
+    report[prompt] = {k: sum(bool(r[k]) for r in rs) for k in ("all_ok", "count_ok")}
+prompt = "a red circle in the center, white background"
+for sampler, steps in [
+    ("euler", 20),
+    ("euler_ancestral", 25),
+    ("heun", 12),
+    ("dpmpp_2m", 15),
+    ("dpmpp_2m_sde", 20),
+    ("ddim", 20),
+    ("lcm", 25),
+]:
+    rs = [score_prompt(pipe(prompt, seed=s, sampler=sampler, steps=steps, progress=False)[0], prompt) for s in range(6)]
+    report[sampler] = sum(bool(r["all_ok"]) for r in rs)
+report["minutes"] = (time.time() - t0) / 60
+print(json.dumps(report, indent=1))
