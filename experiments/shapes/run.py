@@ -1,0 +1,32 @@
+# One session-3 training run of the demo model's denoiser (docs/shapes.md, "Session 3: seven recipes").
+# python experiments/shapes/run.py FROM WORKDIR STEPS LR LR_END SHARE SEED WARMUP [poscap]
+#   FROM: "scratch" or a stage folder with a checkpoint (runs/shapes/unet); LR_END: a rate or "none";
+#   SHARE: part of each batch on layout_loss (t >= 700); poscap: position captions for that part.
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffstudio.convert.clip import build_clip_text_model
+from diffstudio.demo import build as B
+from diffstudio.models.unet import UNetModel
+
+start, wd = sys.argv[1], Path(sys.argv[2])
+steps, lr, share, seed, warmup = int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[6]), int(sys.argv[7]), int(
+    sys.argv[8])
+lr_end = None if sys.argv[5] == "none" else float(sys.argv[5])
+_, unet_cfg, clip_cfg = B.demo_configs()
+images, captions = torch.load(wd / "dataset-20000-64-0.pt", weights_only=True).values()
+latents = torch.load(wd / "latents.pt", weights_only=True)["latents"]
+torch.manual_seed(0)
+model = B.DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
+if start != "scratch":
+    model.load_state_dict(B._checkpoint_model(Path(start)))
+layout_ids = B.tokenize_all(B.position_captions(20000, 64, 0)) if sys.argv[9:] == ["poscap"] else None
+t0 = time.time()
+losses = B.train_denoiser(model, latents, B.tokenize_all(captions), B.tokenize_all([""])[0], steps=steps, batch=32,
+                          out_dir=wd / "unet", seed=seed, lr=lr, lr_end=lr_end, warmup=warmup, layout_t=700,
+                          layout_share=share, layout_ids=layout_ids)
+print(json.dumps({"minutes": (time.time() - t0) / 60, "loss": sum(losses[-100:]) / 100}))
