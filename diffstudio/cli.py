@@ -77,7 +77,8 @@ def cmd_train_lora(args) -> int:
 
     config = LoRATrainConfig(data=args.data, out=args.out, model=args.model, rank=args.rank, alpha=args.alpha,
                              targets=args.targets, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             warmup=args.warmup, lr_end=args.lr_end, resolution=args.resolution,
+                             warmup=args.warmup, lr_end=args.lr_end, snr_gamma=args.snr_gamma,
+                             resolution=args.resolution,
                              buckets=not args.no_buckets,
                              precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
                              optimizer=args.optimizer, caption_dropout=args.caption_dropout, seed=args.seed,
@@ -104,6 +105,8 @@ def _add_train_parser(sub) -> None:
     lora.add_argument("--lr", type=float, default=1e-4)
     lora.add_argument("--warmup", type=int, default=0)
     lora.add_argument("--lr-end", type=float, default=None, help="anneal to this learning rate (half cosine)")
+    lora.add_argument("--snr-gamma", type=float, default=None,
+                      help="Min-SNR-gamma loss weighting, e.g. 5 (eps/v families; docs/training.md)")
     lora.add_argument("--resolution", type=int, help="bucket area = resolution^2 (default: the model's size)")
     lora.add_argument("--no-buckets", action="store_true", help="square crops instead of aspect-ratio buckets")
     lora.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])

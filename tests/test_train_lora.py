@@ -162,6 +162,20 @@ def test_a_pattern_that_matches_nothing_is_a_named_error(tiny_model, dataset, tm
                            targets=r"no_such_layer"))
 
 
+def test_snr_gamma_reaches_the_loss(tiny_model, dataset, tmp_path):
+    """Min-SNR weighting (its formula: tests/test_objectives.py) changes what the same run learns."""
+    from safetensors.torch import load_file
+
+    from diffstudio.train.lora import train_lora
+
+    path = tiny_model[0]
+    plain = load_file(str(train_lora(_config(dataset, tmp_path / "p.safetensors", path, workdir=str(tmp_path / "rp")))))
+    weighted = load_file(str(train_lora(_config(dataset, tmp_path / "w.safetensors", path,
+                                                workdir=str(tmp_path / "rw"), snr_gamma=1.0))))
+    assert plain.keys() == weighted.keys()
+    assert any(not torch.equal(plain[k], weighted[k]) for k in plain if k.endswith("lora_up.weight"))
+
+
 def test_the_cli_trains_and_writes_a_lora(tiny_model, dataset, tmp_path):
     from safetensors import safe_open
 
@@ -169,7 +183,7 @@ def test_the_cli_trains_and_writes_a_lora(tiny_model, dataset, tmp_path):
 
     out = tmp_path / "cli.safetensors"
     assert main(["train", "lora", "--model", str(tiny_model[0]), "--data", str(dataset), "--out", str(out),
-                 "--steps", "2", "--rank", "2", "--resolution", "64"]) == 0
+                 "--steps", "2", "--rank", "2", "--resolution", "64", "--snr-gamma", "5"]) == 0
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "2" and meta["ss_base_model_version"] == "sd15"

@@ -402,3 +402,11 @@ def test_gradient_checkpointing_on_a_denoiser_without_the_switch_is_a_named_erro
         assert {n: type(m) for n, m in denoiser.named_modules()} == types  # no adapter left behind
     finally:
         denoiser.gradient_checkpointing = False
+
+
+def test_snr_gamma_on_a_flow_family_is_a_named_error(flux_models, tmp_path, dataset):
+    from diffstudio.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="flow matching"):
+        train_lora(_config(dataset, tmp_path / "x.safetensors", tmp_path / "run", snr_gamma=5.0), models=flux_models)
+    assert not (tmp_path / "run").exists()  # refused before any work

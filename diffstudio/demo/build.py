@@ -172,10 +172,12 @@ def layout_loss(net, x0, ids, gen, acp, t_low: int) -> torch.Tensor:
 
 def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch, out_dir: Path, seed: int,
                    lr: float = 1e-3, lr_end: float | None = None, drop_caption: float = 0.1, layout_t: int = 0,
-                   layout_share: float = 0.5, layout_ids: torch.Tensor | None = None, warmup: int = 300):
+                   layout_share: float = 0.5, layout_ids: torch.Tensor | None = None, warmup: int = 300,
+                   snr_gamma: float | None = None):
     """``layout_t`` > 0: a ``layout_share`` of each batch (half in the layout stage) trains ``layout_loss``
     at t >= layout_t, captioned by ``layout_ids`` (default: ``ids``). ``lr_end``: anneal to it (half
-    cosine). The last three were varied in session 3's runs (docs/shapes.md)."""
+    cosine). ``snr_gamma``: Min-SNR weighting of the eps part (objectives.diffusion_loss). These were
+    varied in session 3's and 4's runs (docs/shapes.md)."""
     from diffstudio.train.data import batch_indices
     from diffstudio.train.loop import step_generator, train
     from diffstudio.train.objectives import alphas_cumprod, diffusion_loss
@@ -192,9 +194,10 @@ def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch
             batch_ids[half:] = layout_ids[idx[half:]]
         batch_ids[dropped] = empty_ids
         if not layout_t:
-            return diffusion_loss(SD15, lambda x, t: net(x, t, batch_ids), latents[idx], {}, gen, acp=acp)
+            return diffusion_loss(SD15, lambda x, t: net(x, t, batch_ids), latents[idx], {}, gen, acp=acp,
+                                  snr_gamma=snr_gamma)
         eps_part = diffusion_loss(SD15, lambda x, t: net(x, t, batch_ids[:half]), latents[idx[:half]], {}, gen,
-                                  acp=acp)
+                                  acp=acp, snr_gamma=snr_gamma)
         return eps_part + layout_loss(net, latents[idx[half:]], batch_ids[half:], gen, acp, layout_t)
 
     return train(model, loss_fn, steps=steps, out_dir=out_dir, lr=lr, lr_end=lr_end, warmup=warmup,

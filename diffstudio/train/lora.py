@@ -41,6 +41,7 @@ class LoRATrainConfig:
     lr: float = 1e-4
     warmup: int = 0
     lr_end: float | None = None  # anneal to this rate by the last step (half cosine); None = constant
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (eps / v families; 5 is the paper's)
     resolution: int | None = None  # bucket area = resolution**2; None = the model's default width
     buckets: bool = True  # False: every image is resized to resolution x resolution
     precision: str = "fp32"  # "bf16": base weights in bf16 (half the memory), adapters in fp32
@@ -202,6 +203,8 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     if models is None:
         models = diffstudio.load(*([config.model] if config.model else []), dtype=dtype)
     family = models.family
+    if config.snr_gamma is not None and family.prediction == "flow":
+        raise InvalidInputError(f"--snr-gamma weights eps/v training; {family.name} is trained by flow matching")
     defaults = {**asdict(family.defaults), **models.defaults}
     resolution = config.resolution or int(defaults["width"])
     rows = read_captions(config.data)
@@ -240,7 +243,8 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
             dropped = config.caption_dropout and torch.rand((), generator=gen).item() < config.caption_dropout
             size = items[i]["size"]
             conds.append(data["empty"][f"{size[0]}x{size[1]}"] if dropped else items[i]["cond"])
-        return diffusion_loss(family, net_fn, x0, _collate(conds), gen, acp=acp, flow_t_scale=t_scale)
+        return diffusion_loss(family, net_fn, x0, _collate(conds), gen, acp=acp, flow_t_scale=t_scale,
+                              snr_gamma=config.snr_gamma)
 
     trainee = _Trainee(denoiser)
     try:

@@ -1,7 +1,8 @@
 # One session-3 training run of the demo model's denoiser (docs/shapes.md, "Session 3: seven recipes").
-# python experiments/shapes/run.py FROM WORKDIR STEPS LR LR_END SHARE SEED WARMUP [poscap]
+# python experiments/shapes/run.py FROM WORKDIR STEPS LR LR_END SHARE SEED WARMUP [poscap] [snr=GAMMA]
 #   FROM: "scratch" or a stage folder with a checkpoint (runs/shapes/unet); LR_END: a rate or "none";
-#   SHARE: part of each batch on layout_loss (t >= 700); poscap: position captions for that part.
+#   SHARE: part of each batch on layout_loss (t >= 700); poscap: position captions for that part;
+#   snr=GAMMA: Min-SNR-gamma weighting of the eps part (session 4).
 import json
 import sys
 import time
@@ -24,9 +25,12 @@ torch.manual_seed(0)
 model = B.DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
 if start != "scratch":
     model.load_state_dict(B._checkpoint_model(Path(start)))
-layout_ids = B.tokenize_all(B.position_captions(20000, 64, 0)) if sys.argv[9:] == ["poscap"] else None
+options = sys.argv[9:]
+layout_ids = B.tokenize_all(B.position_captions(20000, 64, 0)) if "poscap" in options else None
+snr_gamma = next((float(o[4:]) for o in options if o.startswith("snr=")), None)
 t0 = time.time()
 losses = B.train_denoiser(model, latents, B.tokenize_all(captions), B.tokenize_all([""])[0], steps=steps, batch=32,
                           out_dir=wd / "unet", seed=seed, lr=lr, lr_end=lr_end, warmup=warmup, layout_t=700,
-                          layout_share=share, layout_ids=layout_ids)
+                          layout_share=share, layout_ids=layout_ids,
+                          snr_gamma=snr_gamma)
 print(json.dumps({"minutes": (time.time() - t0) / 60, "loss": sum(losses[-100:]) / 100}))
