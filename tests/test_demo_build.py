@@ -32,6 +32,26 @@ def test_layout_loss_is_zero_for_the_true_noise_and_grows_with_its_error():
     assert all(bool((t >= 700).all()) for t in seen_t)
 
 
+def test_stage_captions_restyle_only_what_they_are_asked_to():
+    from diffstudio.demo.shapes import ShapesDataset, parse_background, parse_caption
+
+    n = 200
+    data = ShapesDataset(n, size=64, seed=3)
+    plain = recipe.stage_captions(n, 64, 3)
+    assert plain == [data[i][1] for i in range(n)]  # no restyling: the dataset's own captions
+    named = recipe.stage_captions(n, 64, 3, always_position=True)
+    phrased = recipe.stage_captions(n, 64, 3, always_position=True, on_background=0.5)
+    for i in range(n):
+        scene = data.scene(i)[0]
+        asked = parse_caption(named[i])
+        assert [(a.kind, a.color, a.position) for a in asked] == [(s.kind, s.color, s.position) for s in scene.shapes]
+        assert phrased[i].replace(" on a ", ", ") == named[i]  # only the background's phrasing differs
+        assert parse_background(phrased[i]) == parse_background(named[i])
+    with_background = [p for p in phrased if parse_background(p)]
+    share_on = sum(" on a " in p for p in with_background) / len(with_background)
+    assert 0.35 < share_on < 0.65
+
+
 def test_every_stage_runs_resumes_and_assembles_an_sd15_file(tmp_path):
     kw = dict(n_images=16, size=32, vae_steps=2, decoder_steps=2, unet_steps=2, layout_steps=2, vae_batch=2,
               unet_batch=4, seed=0)

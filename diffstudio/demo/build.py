@@ -136,14 +136,22 @@ def tokenize_all(captions: list[str]) -> torch.Tensor:
     return torch.tensor(tok(captions, padding="max_length", max_length=77, truncation=True).input_ids)
 
 
-def position_captions(n: int, size: int, seed: int) -> list[str]:
-    """The dataset's captions again, each now naming every shape's position."""
+def stage_captions(n: int, size: int, seed: int, *, always_position: bool = False,
+                   on_background: float = 0.0) -> list[str]:
+    """The dataset's captions again, restyled for a later stage: ``always_position`` names every shape's
+    position; ``on_background`` is the share written "... on a white background" (how people phrase
+    prompts) instead of the dataset's "..., white background". The phrasing draws come from their own
+    random stream, so the dataset and the other parts of each caption stay as they were."""
     from dataclasses import replace
+
+    import numpy as np
 
     from diffstudio.demo.shapes import ShapesDataset, caption
 
     data = ShapesDataset(n, size=size, seed=seed)
-    return [caption(scene, replace(style, position=True)) for scene, style in map(data.scene, range(n))]
+    phrasing = np.random.default_rng([seed, 4242]).random(n) < on_background
+    return [caption(scene, replace(style, position=style.position or always_position, on_background=bool(on)))
+            for (scene, style), on in zip(map(data.scene, range(n)), phrasing)]
 
 
 def layout_loss(net, x0, ids, gen, acp, t_low: int) -> torch.Tensor:
@@ -276,15 +284,15 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         # The unet stage learns colour and kind but not where a shape goes (docs/shapes.md: its output
         # barely moves between "left" and "right"; see layout_loss for why). Go on with captions that
         # always name the position, half of each batch on the x0 error at high noise.
-        denoiser_stage("layout", position_captions(n_images, size, seed), "unet", steps=layout_steps,
+        denoiser_stage("layout", stage_captions(n_images, size, seed, always_position=True), "unet", steps=layout_steps,
                        seed=seed + 2, lr=5e-4, layout_t=700, warmup=50)
     if "polish" in stages:
         # The layout stage's x0 term trades some shape detail (kind accuracy 0.77 -> 0.58) for position
         # (0.15 -> 1.0). A plain-eps run at a low learning rate gives the detail back: the eps
         # objective weighs the low-noise steps where edges form, and barely touches the high-noise
         # behaviour that places the shapes.
-        denoiser_stage("polish", position_captions(n_images, size, seed), "layout", steps=polish_steps,
-                       seed=seed + 3, lr=2e-4, warmup=20)
+        denoiser_stage("polish", stage_captions(n_images, size, seed, always_position=True), "layout",
+                       steps=polish_steps, seed=seed + 3, lr=2e-4, warmup=20)
     if "decoder" in stages:
         started = time.time()
         vae = AutoencoderKL(vae_cfg)

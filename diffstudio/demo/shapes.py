@@ -14,7 +14,7 @@ corner, and ``radius`` = half the side of the shape's bounding box.
 
 Caption grammar (see docs/shapes.md)::
 
-    caption    := shape [" and " shape] [", " background]
+    caption    := shape [" and " shape] [(", " | " on a ") background]
     shape      := "a " [size " "] color " " kind [" " where]
     where      := "on the left" | "on the right" | "at the top" | "at the bottom" | "in the center"
     background := name " background" | "split " name " and " name " background"
@@ -126,6 +126,7 @@ class CaptionStyle:
     position: bool = True
     size: bool = True
     background: bool = True
+    on_background: bool = False  # "a red circle on a white background" instead of "a red circle, white background"
 
 
 def position_of(center: tuple[float, float]) -> str:
@@ -286,7 +287,7 @@ def caption(scene: Scene, style: CaptionStyle = CaptionStyle()) -> str:
     """E.g. "a small blue square at the top and a large yellow star on the right, black background"."""
     text = " and ".join(shape_phrase(s, style) for s in scene.shapes)
     if style.background:
-        text += ", " + background_phrase(scene.background)
+        text += (" on a " if style.on_background else ", ") + background_phrase(scene.background)
     return text
 
 

@@ -1,5 +1,5 @@
 # Assemble WORKDIR's current unet checkpoint with the shared decoder, then score it.
-# python experiments/shapes/eval_variant.py WORKDIR [PAIRS]
+# python experiments/shapes/eval_variant.py WORKDIR [PAIRS] [SEEDS]  (session 3 used 6 seeds, session 4 12)
 import json
 import sys
 import time
@@ -12,6 +12,7 @@ from diffstudio.demo.score import score_prompt
 
 wd = Path(sys.argv[1])
 pairs = int(sys.argv[2]) if len(sys.argv) > 2 else 120
+seeds = range(int(sys.argv[3]) if len(sys.argv) > 3 else 12)
 out = wd / "model.safetensors"
 build(out, wd, stages=("assemble",))
 models = diffstudio.load(out)
@@ -19,8 +20,9 @@ t0 = time.time()
 report = {"eval": evaluate(models, pairs, progress=False)}
 pipe = diffstudio.Pipeline(models)
 for prompt in ["a red circle on a white background", "a blue square", "a red circle in the center, white background"]:
-    rs = [score_prompt(pipe(prompt, seed=s, progress=False)[0], prompt) for s in range(6)]
+    rs = [score_prompt(pipe(prompt, seed=s, progress=False)[0], prompt) for s in seeds]
     report[prompt] = {k: sum(bool(r[k]) for r in rs) for k in ("all_ok", "count_ok")}
+    report[prompt]["both"] = sum(bool(r["all_ok"] and r["count_ok"]) for r in rs)
 prompt = "a red circle in the center, white background"
 for sampler, steps in [
     ("euler", 20),
@@ -31,7 +33,7 @@ for sampler, steps in [
     ("ddim", 20),
     ("lcm", 25),
 ]:
-    rs = [score_prompt(pipe(prompt, seed=s, sampler=sampler, steps=steps, progress=False)[0], prompt) for s in range(6)]
+    rs = [score_prompt(pipe(prompt, seed=s, sampler=sampler, steps=steps, progress=False)[0], prompt) for s in seeds]
     report[sampler] = sum(bool(r["all_ok"]) for r in rs)
 report["minutes"] = (time.time() - t0) / 60
 print(json.dumps(report, indent=1))

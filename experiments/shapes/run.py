@@ -1,8 +1,9 @@
 # One session-3 training run of the demo model's denoiser (docs/shapes.md, "Session 3: seven recipes").
-# python experiments/shapes/run.py FROM WORKDIR STEPS LR LR_END SHARE SEED WARMUP [poscap] [snr=GAMMA]
+# python experiments/shapes/run.py FROM WORKDIR STEPS LR LR_END SHARE SEED WARMUP [poscap] [snr=GAMMA] [on=SHARE]
 #   FROM: "scratch" or a stage folder with a checkpoint (runs/shapes/unet); LR_END: a rate or "none";
 #   SHARE: part of each batch on layout_loss (t >= 700); poscap: position captions for that part;
-#   snr=GAMMA: Min-SNR-gamma weighting of the eps part (session 4).
+#   snr=GAMMA: Min-SNR-gamma weighting of the eps part; on=SHARE: that share of the captions says "on a white
+#   background" instead of ", white background" (both session 4).
 import json
 import sys
 import time
@@ -19,15 +20,17 @@ steps, lr, share, seed, warmup = int(sys.argv[3]), float(sys.argv[4]), float(sys
     sys.argv[8])
 lr_end = None if sys.argv[5] == "none" else float(sys.argv[5])
 _, unet_cfg, clip_cfg = B.demo_configs()
-images, captions = torch.load(wd / "dataset-20000-64-0.pt", weights_only=True).values()
 latents = torch.load(wd / "latents.pt", weights_only=True)["latents"]
 torch.manual_seed(0)
 model = B.DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
 if start != "scratch":
     model.load_state_dict(B._checkpoint_model(Path(start)))
 options = sys.argv[9:]
-layout_ids = B.tokenize_all(B.position_captions(20000, 64, 0)) if "poscap" in options else None
 snr_gamma = next((float(o[4:]) for o in options if o.startswith("snr=")), None)
+on_background = next((float(o[3:]) for o in options if o.startswith("on=")), 0.0)
+captions = B.stage_captions(20000, 64, 0, on_background=on_background)
+layout_ids = (B.tokenize_all(B.stage_captions(20000, 64, 0, always_position=True, on_background=on_background))
+              if "poscap" in options else None)
 t0 = time.time()
 losses = B.train_denoiser(model, latents, B.tokenize_all(captions), B.tokenize_all([""])[0], steps=steps, batch=32,
                           out_dir=wd / "unet", seed=seed, lr=lr, lr_end=lr_end, warmup=warmup, layout_t=700,
