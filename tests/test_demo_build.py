@@ -53,16 +53,21 @@ def test_stage_captions_restyle_only_what_they_are_asked_to():
 
 
 def test_every_stage_runs_resumes_and_assembles_an_sd15_file(tmp_path):
-    kw = dict(n_images=16, size=32, vae_steps=2, decoder_steps=2, unet_steps=2, layout_steps=2, vae_batch=2,
-              unet_batch=4, seed=0)
+    kw = dict(n_images=16, size=32, vae_steps=2, decoder_steps=2, unet_steps=2, layout_steps=2, polish_steps=2,
+              refine_steps=2, vae_batch=2, unet_batch=4, seed=0)
     out = tmp_path / "toy.safetensors"
     recipe.build(out, tmp_path / "work", stages=("vae", "latents", "unet"), **kw)
     state = tmp_path / "work" / "unet" / "checkpoint" / "state.pt"
     written = state.stat().st_mtime_ns
     # a second call runs the rest; a finished stage is not redone (its checkpoint is at its last step)
-    path = recipe.build(out, tmp_path / "work", stages=("unet", "layout", "decoder", "assemble"), **kw)
+    path = recipe.build(out, tmp_path / "work", stages=("unet", "layout", "polish", "refine", "decoder", "assemble"),
+                        **kw)
     assert state.stat().st_mtime_ns == written
     models = diffstudio.load(path)
     assert models.family.name == "sd15"
+    last = recipe._checkpoint_model(tmp_path / "work" / "refine")  # the file holds the last stage's weights
+    shipped = models.components["unet"].state_dict()
+    name = next(k for k in shipped if k.endswith("weight") and k in {n.removeprefix("unet.") for n in last})
+    torch.testing.assert_close(shipped[name].float(), last["unet." + name].half().float())
     image = diffstudio.Pipeline(models)("a red circle", width=32, height=32, steps=2, seed=0, progress=False)[0]
     assert image.size == (32, 32)

@@ -6,6 +6,8 @@ import argparse
 
 
 def main() -> None:
+    from diffstudio.demo.build import STAGES
+
     parser = argparse.ArgumentParser(prog="python -m diffstudio.demo")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train the shapes-sd demo model from scratch")
@@ -17,8 +19,8 @@ def main() -> None:
     tr.add_argument("--unet-steps", type=int, default=6000)
     tr.add_argument("--layout-steps", type=int, default=2500)
     tr.add_argument("--polish-steps", type=int, default=1800)
-    tr.add_argument("--stage", action="append",
-                    choices=["vae", "latents", "unet", "decoder", "layout", "polish", "assemble"],
+    tr.add_argument("--refine-steps", type=int, default=2000)
+    tr.add_argument("--stage", action="append", choices=list(STAGES),
                     help="run only these stages (repeatable); default: all, in order")
     tr.add_argument("--seed", type=int, default=0)
     ds = sub.add_parser("dataset", help="write a Shapes dataset folder (images + metadata.csv)")
@@ -33,11 +35,12 @@ def main() -> None:
     ev.add_argument("--sampler")
     args = parser.parse_args()
     if args.command == "train":
-        from diffstudio.demo.build import STAGES, build
+        from diffstudio.demo.build import build
 
         print(build(args.out, args.workdir, n_images=args.images, vae_steps=args.vae_steps,
                     decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
-                    layout_steps=args.layout_steps, polish_steps=args.polish_steps, seed=args.seed,
+                    layout_steps=args.layout_steps, polish_steps=args.polish_steps,
+                    refine_steps=args.refine_steps, seed=args.seed,
                     stages=tuple(args.stage or STAGES)))
     elif args.command == "evaluate":
         import json

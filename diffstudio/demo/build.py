@@ -201,7 +201,7 @@ def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch
         if layout_t and layout_ids is not None:
             batch_ids[half:] = layout_ids[idx[half:]]
         batch_ids[dropped] = empty_ids
-        if not layout_t:
+        if not layout_t or half == len(idx):  # (a small batch may round the layout part to nothing)
             return diffusion_loss(SD15, lambda x, t: net(x, t, batch_ids), latents[idx], {}, gen, acp=acp,
                                   snr_gamma=snr_gamma)
         eps_part = diffusion_loss(SD15, lambda x, t: net(x, t, batch_ids[:half]), latents[idx[:half]], {}, gen,
@@ -214,7 +214,7 @@ def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch
 
 # --- the whole recipe ----------------------------------------------------------------------------------
 
-STAGES = ("vae", "latents", "unet", "decoder", "layout", "polish", "assemble")
+STAGES = ("vae", "latents", "unet", "decoder", "layout", "polish", "refine", "assemble")
 
 
 def _checkpoint_model(out_dir: Path) -> dict:
@@ -225,7 +225,7 @@ def _checkpoint_model(out_dir: Path) -> dict:
 
 def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int = 20000, size: int = 64,
           vae_steps: int = 3000, decoder_steps: int = 2000, unet_steps: int = 6000, layout_steps: int = 2500,
-          polish_steps: int = 1800, vae_batch: int = 8,
+          polish_steps: int = 1800, refine_steps: int = 2000, vae_batch: int = 8,
           unet_batch: int = 32, seed: int = 0, stages: tuple[str, ...] = STAGES) -> Path | None:
     from diffstudio.convert.clip import build_clip_text_model
     from diffstudio.loader import Models
@@ -247,6 +247,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
     recipe.update({"n_images": n_images, "size": size, "vae_steps": vae_steps, "decoder_steps": decoder_steps,
                    "unet_steps": unet_steps, "layout_steps": layout_steps, "polish_steps": polish_steps,
+                   "refine_steps": refine_steps,
                    "vae_batch": vae_batch, "unet_batch": unet_batch, "seed": seed})
 
     if "vae" in stages:
@@ -265,7 +266,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         with torch.no_grad():
             latents = torch.cat([vae.encode(to_unit(images[i:i + 256])) for i in range(0, len(images), 256)])
         torch.save({"vae": vae.state_dict(), "latents": SD15.latent.to_model(latents)}, workdir / "latents.pt")
-    def denoiser_stage(name: str, stage_captions: list[str], start_from: str | None, **train_kwargs) -> None:
+    def denoiser_stage(name: str, texts: list[str], start_from: str | None, **train_kwargs) -> None:
         """Train UNet + text encoder (from scratch, or from stage ``start_from``'s checkpoint) into ``name``."""
         started = time.time()
         latents = torch.load(workdir / "latents.pt", weights_only=True)["latents"]
@@ -273,7 +274,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         model = DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
         if start_from:
             model.load_state_dict(_checkpoint_model(workdir / start_from))
-        losses = train_denoiser(model, latents, tokenize_all(stage_captions), tokenize_all([""])[0],
+        losses = train_denoiser(model, latents, tokenize_all(texts), tokenize_all([""])[0],
                                 batch=unet_batch, out_dir=workdir / name, **train_kwargs)
         recipe[f"{name}_loss"] = sum(losses[-100:]) / len(losses[-100:])
         recipe[f"{name}_minutes"] = round((time.time() - started) / 60, 1)
@@ -293,6 +294,17 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         # behaviour that places the shapes.
         denoiser_stage("polish", stage_captions(n_images, size, seed, always_position=True), "layout",
                        steps=polish_steps, seed=seed + 3, lr=2e-4, warmup=20)
+    if "refine" in stages:
+        # Teach the prompts people write, at an annealed rate (docs/shapes.md, "Session 4"):
+        # - the dataset's own captions again (20% name no position), half of the backgrounds phrased "on a
+        #   white background": the dataset says ", white background", and "on" alone reads as "on the
+        #   left/right" to a model that never saw the other phrasing (two shapes, one of them on the right);
+        # - Min-SNR-5 weighting of the eps part (objectives.diffusion_loss);
+        # - 4 of 32 samples keep the layout term, on captions that name positions, so they stay learned.
+        phrased = dict(n=n_images, size=size, seed=seed, on_background=0.5)
+        denoiser_stage("refine", stage_captions(**phrased), "polish", steps=refine_steps, seed=seed + 4, lr=2e-4,
+                       lr_end=1e-5, warmup=20, snr_gamma=5.0, layout_t=700, layout_share=0.125,
+                       layout_ids=tokenize_all(stage_captions(**phrased, always_position=True)))
     if "decoder" in stages:
         started = time.time()
         vae = AutoencoderKL(vae_cfg)
@@ -311,7 +323,8 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
     vae.load_state_dict(_checkpoint_model(decoder_dir) if (decoder_dir / "checkpoint").exists()
                         else torch.load(workdir / "latents.pt", weights_only=True)["vae"])
     model = DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
-    denoiser_dir = next(workdir / d for d in ("polish", "layout", "unet") if (workdir / d / "checkpoint").exists())
+    denoiser_dir = next(workdir / d for d in ("refine", "polish", "layout", "unet")
+                        if (workdir / d / "checkpoint").exists())
     model.load_state_dict(_checkpoint_model(denoiser_dir))
     from diffstudio.demo.untrained import DEMO_DEFAULTS
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-DEMO_DEFAULTS = {"width": 64, "height": 64, "steps": 20, "cfg_scale": 5.0}
+# CFG 3, not SD's 7: at 5 the guided denoiser over-corrects colour so strongly that DPM++ 2M SDE oscillates
+# (docs/shapes.md, "Session 4").
+DEMO_DEFAULTS = {"width": 64, "height": 64, "steps": 20, "cfg_scale": 3.0}
 
 
 def untrained_demo_models(seed: int = 0):

@@ -1,5 +1,5 @@
 # Assemble WORKDIR's current unet checkpoint with the shared decoder, then score it.
-# python experiments/shapes/eval_variant.py WORKDIR [PAIRS] [SEEDS]  (session 3 used 6 seeds, session 4 12)
+# python experiments/shapes/eval_variant.py WORKDIR [PAIRS] [SEEDS] [CFG]  (session 3: 6 seeds; session 4: 12)
 import json
 import sys
 import time
@@ -16,6 +16,8 @@ seeds = range(int(sys.argv[3]) if len(sys.argv) > 3 else 12)
 out = wd / "model.safetensors"
 build(out, wd, stages=("assemble",))
 models = diffstudio.load(out)
+if len(sys.argv) > 4:  # another guidance scale than the model's default
+    models.defaults = {**models.defaults, "cfg_scale": float(sys.argv[4])}
 t0 = time.time()
 report = {"eval": evaluate(models, pairs, progress=False)}
 pipe = diffstudio.Pipeline(models)
