@@ -5,17 +5,20 @@ proj_in and 8 heads, LDM VAE with 8x downscale and 4 latent channels, a CLIP tex
 encoder on the real CLIP vocabulary), only tiny. So `diffstudio.detect` calls it "sd15"
 and every SD 1.x code path runs on it.
 
-Reproduce the shipped weights (about an hour on 2 CPU cores):
+Reproduce the shipped weights (docs/shapes.md gives the measured time on 2 CPU cores; torch uses both):
 
     python -m diffstudio.demo train --workdir runs/shapes --out diffstudio/demo/weights/shapes-sd.safetensors
 
-Stages (each checkpoints into --workdir and resumes if killed; `--stage` runs one):
+Stages, run in this order (each checkpoints into --workdir and resumes if killed; `--stage` runs one):
 1. `vae`: the autoencoder, encoder and decoder together, on full 64x64 images;
 2. `latents`: rescale the latent space to SD's 0.18215 convention, encode the dataset;
 3. `unet`: UNet and text encoder from scratch on the cached latents;
-4. `decoder`: the decoder alone, encoder frozen (the latent space does not move, so this
-   stage can run beside `unet` on a second core, like SD's fine-tuned "ft-MSE" decoders);
-5. `assemble`: one SD 1.x single file (fp16) with its configs in the metadata.
+4. `layout`: the x0 error at high noise on captions that name positions (see `layout_loss`);
+5. `polish`: plain eps again at a low rate, giving back the shape detail `layout` cost;
+6. `refine`: the prompts people write ("on a white background", no position word);
+7. `decoder`: the decoder alone, encoder frozen (the latent space does not move, so this
+   stage may also run beside the denoiser stages, like SD's fine-tuned "ft-MSE" decoders);
+8. `assemble`: one SD 1.x single file (fp16) with its configs and generation defaults in the metadata.
 """
 
 from __future__ import annotations
@@ -295,16 +298,15 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         denoiser_stage("polish", stage_captions(n_images, size, seed, always_position=True), "layout",
                        steps=polish_steps, seed=seed + 3, lr=2e-4, warmup=20)
     if "refine" in stages:
-        # Teach the prompts people write, at an annealed rate (docs/shapes.md, "Session 4"):
-        # - the dataset's own captions again (20% name no position), half of the backgrounds phrased "on a
-        #   white background": the dataset says ", white background", and "on" alone reads as "on the
-        #   left/right" to a model that never saw the other phrasing (two shapes, one of them on the right);
-        # - Min-SNR-5 weighting of the eps part (objectives.diffusion_loss);
-        # - 4 of 32 samples keep the layout term, on captions that name positions, so they stay learned.
-        phrased = dict(n=n_images, size=size, seed=seed, on_background=0.5)
-        denoiser_stage("refine", stage_captions(**phrased), "polish", steps=refine_steps, seed=seed + 4, lr=2e-4,
-                       lr_end=1e-5, warmup=20, snr_gamma=5.0, layout_t=700, layout_share=0.125,
-                       layout_ids=tokenize_all(stage_captions(**phrased, always_position=True)))
+        # Teach the prompts people write, at an annealed rate (docs/shapes.md, "Session 4"): half of the
+        # backgrounds phrased "on a white background". The dataset says ", white background", and "on" alone
+        # reads as "on the left/right" to a model that never saw the other phrasing (two shapes, one on the
+        # right). Captions keep naming positions (with the dataset's 20% without, region prompts in
+        # attention mode lost their sides); Min-SNR-5 weighting of the eps part; 4 of 32 samples keep the
+        # layout term.
+        phrased = stage_captions(n_images, size, seed, always_position=True, on_background=0.5)
+        denoiser_stage("refine", phrased, "polish", steps=refine_steps, seed=seed + 4, lr=2e-4, lr_end=1e-5,
+                       warmup=20, snr_gamma=5.0, layout_t=700, layout_share=0.125, layout_ids=tokenize_all(phrased))
     if "decoder" in stages:
         started = time.time()
         vae = AutoencoderKL(vae_cfg)

@@ -1,8 +1,9 @@
-# One session-3 training run of the demo model's denoiser (docs/shapes.md, "Session 3: seven recipes").
-# python experiments/shapes/run.py FROM WORKDIR STEPS LR LR_END SHARE SEED WARMUP [poscap] [snr=GAMMA] [on=SHARE]
+# One training run of the demo model's denoiser (docs/shapes.md, sessions 3 and 4).
+# python experiments/shapes/run.py FROM WORKDIR STEPS LR LR_END SHARE SEED WARMUP [poscap] [allpos] [snr=G] [on=S]
 #   FROM: "scratch" or a stage folder with a checkpoint (runs/shapes/unet); LR_END: a rate or "none";
-#   SHARE: part of each batch on layout_loss (t >= 700); poscap: position captions for that part;
-#   snr=GAMMA: Min-SNR-gamma weighting of the eps part; on=SHARE: that share of the captions says "on a white
+#   SHARE: part of each batch on layout_loss (t >= 700); poscap: position captions for that part; allpos:
+#   for the eps part too;
+#   snr=G: Min-SNR-gamma weighting of the eps part; on=S: that share of the captions says "on a white
 #   background" instead of ", white background" (both session 4).
 import json
 import sys
@@ -28,7 +29,7 @@ if start != "scratch":
 options = sys.argv[9:]
 snr_gamma = next((float(o[4:]) for o in options if o.startswith("snr=")), None)
 on_background = next((float(o[3:]) for o in options if o.startswith("on=")), 0.0)
-captions = B.stage_captions(20000, 64, 0, on_background=on_background)
+captions = B.stage_captions(20000, 64, 0, always_position="allpos" in options, on_background=on_background)
 layout_ids = (B.tokenize_all(B.stage_captions(20000, 64, 0, always_position=True, on_background=on_background))
               if "poscap" in options else None)
 t0 = time.time()
