@@ -5,9 +5,11 @@ proj_in and 8 heads, LDM VAE with 8x downscale and 4 latent channels, a CLIP tex
 encoder on the real CLIP vocabulary), only tiny. So `diffstudio.detect` calls it "sd15"
 and every SD 1.x code path runs on it.
 
-Reproduce the shipped weights (docs/shapes.md gives the measured time on 2 CPU cores; torch uses both):
+Reproduce the shipped weights (one thread per stage, as they were trained; docs/shapes.md gives the
+times, and those of two threads, which are faster but sum in another order):
 
-    python -m diffstudio.demo train --workdir runs/shapes --out diffstudio/demo/weights/shapes-sd.safetensors
+    OMP_NUM_THREADS=1 python -m diffstudio.demo train \
+        --workdir runs/shapes --out diffstudio/demo/weights/shapes-sd.safetensors
 
 Stages, run in this order (each checkpoints into --workdir and resumes if killed; `--stage` runs one):
 1. `vae`: the autoencoder, encoder and decoder together, on full 64x64 images;
@@ -15,7 +17,7 @@ Stages, run in this order (each checkpoints into --workdir and resumes if killed
 3. `unet`: UNet and text encoder from scratch on the cached latents;
 4. `layout`: the x0 error at high noise on captions that name positions (see `layout_loss`);
 5. `polish`: plain eps again at a low rate, giving back the shape detail `layout` cost;
-6. `refine`: the prompts people write ("on a white background", no position word);
+6. `refine`: the phrasing people write ("a red circle on a white background");
 7. `decoder`: the decoder alone, encoder frozen (the latent space does not move, so this
    stage may also run beside the denoiser stages, like SD's fine-tuned "ft-MSE" decoders);
 8. `assemble`: one SD 1.x single file (fp16) with its configs and generation defaults in the metadata.
@@ -306,7 +308,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         # layout term.
         phrased = stage_captions(n_images, size, seed, always_position=True, on_background=0.5)
         denoiser_stage("refine", phrased, "polish", steps=refine_steps, seed=seed + 4, lr=2e-4, lr_end=1e-5,
-                       warmup=20, snr_gamma=5.0, layout_t=700, layout_share=0.125, layout_ids=tokenize_all(phrased))
+                       warmup=20, snr_gamma=5.0, layout_t=700, layout_share=0.125)
     if "decoder" in stages:
         started = time.time()
         vae = AutoencoderKL(vae_cfg)
