@@ -39,7 +39,7 @@ def _reference_loss(prediction: str, x0, out, seed: int, gamma: float) -> torch.
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_min_snr_weighting_matches_diffusers(prediction, monkeypatch):
+def test_min_snr_weighting_matches_diffusers(prediction):
     from dataclasses import replace
 
     family = replace(SD15, prediction=prediction)
