@@ -13,6 +13,9 @@ import random
 from diffstudio.demo.shapes import KINDS, POSITIONS, ShapeSpec
 
 SAMPLED_KINDS = ("circle", "square", "triangle", "star")
+# Every registered sampler at its usual step count (the demo model's sampler check: tests, experiments).
+USUAL_STEPS = {"euler": 20, "euler_ancestral": 25, "heun": 12, "dpmpp_2m": 15, "dpmpp_2m_sde": 20, "ddim": 20,
+               "lcm": 25}
 
 
 def single_shape_prompts(n: int, seed: int = 12345) -> list[tuple[str, ShapeSpec]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import diffstudio
 from diffstudio.demo.build import build
-from diffstudio.demo.evaluate import evaluate
+from diffstudio.demo.evaluate import USUAL_STEPS, evaluate
 from diffstudio.demo.score import score_prompt
 
 wd = Path(sys.argv[1])
@@ -25,16 +25,9 @@ for prompt in ["a red circle on a white background", "a blue square", "a red cir
     rs = [score_prompt(pipe(prompt, seed=s, progress=False)[0], prompt) for s in seeds]
     report[prompt] = {k: sum(bool(r[k]) for r in rs) for k in ("all_ok", "count_ok")}
     report[prompt]["both"] = sum(bool(r["all_ok"] and r["count_ok"]) for r in rs)
+    report[prompt]["drawn"] = [" / ".join(f"{d.color} {d.kind} {d.position}" for d in r["detected"]) for r in rs]
 prompt = "a red circle in the center, white background"
-for sampler, steps in [
-    ("euler", 20),
-    ("euler_ancestral", 25),
-    ("heun", 12),
-    ("dpmpp_2m", 15),
-    ("dpmpp_2m_sde", 20),
-    ("ddim", 20),
-    ("lcm", 25),
-]:
+for sampler, steps in USUAL_STEPS.items():
     rs = [score_prompt(pipe(prompt, seed=s, sampler=sampler, steps=steps, progress=False)[0], prompt) for s in seeds]
     report[sampler] = sum(bool(r["all_ok"]) for r in rs)
 report["minutes"] = (time.time() - t0) / 60
