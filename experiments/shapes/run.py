@@ -30,8 +30,9 @@ options = sys.argv[9:]
 snr_gamma = next((float(o[4:]) for o in options if o.startswith("snr=")), None)
 on_background = next((float(o[3:]) for o in options if o.startswith("on=")), 0.0)
 captions = B.stage_captions(20000, 64, 0, always_position="allpos" in options, on_background=on_background)
-layout_ids = (B.tokenize_all(B.stage_captions(20000, 64, 0, always_position=True, on_background=on_background))
-              if "poscap" in options else None)
+layout_captions = B.stage_captions(20000, 64, 0, always_position=True, on_background=on_background)
+# None: the layout part reads the eps part's captions (no second tokenization when they are the same)
+layout_ids = B.tokenize_all(layout_captions) if "poscap" in options and layout_captions != captions else None
 t0 = time.time()
 losses = B.train_denoiser(model, latents, B.tokenize_all(captions), B.tokenize_all([""])[0], steps=steps, batch=32,
                           out_dir=wd / "unet", seed=seed, lr=lr, lr_end=lr_end, warmup=warmup, layout_t=700,

@@ -5,6 +5,7 @@ import sys
 
 import diffstudio
 from diffstudio.demo.score import read_image
+from diffstudio.io.images import tensor_to_images
 
 pipe = diffstudio.Pipeline(diffstudio.load(*sys.argv[1:2]))
 sampler = sys.argv[2] if len(sys.argv) > 2 else "dpmpp_2m_sde"
@@ -15,7 +16,6 @@ for seed in range(6):
          progress=False, callback=lambda i, total, x, denoised, kept=predictions: kept.append(denoised.clone()))
     colours = []
     for denoised in predictions:
-        pixels = pipe.decode_latents(denoised, False)[0]
-        image = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        image = tensor_to_images(pipe.decode_latents(denoised, False))[0]
         colours.append("+".join(shape.color[:3] for shape in read_image(image)) or "-")
     print(seed, " ".join(colours))
