@@ -17,26 +17,22 @@ one warm-up each; ratio = ours / diffusers (< 1 = faster).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from common import DTYPES, arguments, race, rel_err, same_weights, start
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the release configs live with the tests
-
-from diffstudio.conditioning.chatglm_tokenizer import load_chatglm_tokenizer  # noqa: E402
-from diffstudio.conditioning.tokenizers import PACKAGED  # noqa: E402
-from diffstudio.convert.chatglm import canonical_chatglm_keys  # noqa: E402
-from diffstudio.convert.unet import unet_from_diffusers  # noqa: E402
-from diffstudio.detect.chatglm import config_from_json  # noqa: E402
-from diffstudio.detect.unet import config_from_diffusers  # noqa: E402
-from diffstudio.families.kolors import KOLORS, encode_chatglm, size_embedding_width, size_embeddings  # noqa: E402
-from diffstudio.models.chatglm import ChatGLMEncoder  # noqa: E402
-from diffstudio.models.unet import UNetModel  # noqa: E402
-from tests.test_chatglm import CHATGLM3_6B  # noqa: E402
-from tests.test_kolors import KOLORS_UNET, SDXL_VAE  # noqa: E402
+from diffstudio.conditioning.chatglm_tokenizer import load_chatglm_tokenizer
+from diffstudio.conditioning.tokenizers import PACKAGED
+from diffstudio.convert.chatglm import canonical_chatglm_keys
+from diffstudio.convert.unet import unet_from_diffusers
+from diffstudio.detect.chatglm import config_from_json
+from diffstudio.detect.unet import config_from_diffusers
+from diffstudio.families.kolors import KOLORS, encode_chatglm, size_embedding_width, size_embeddings
+from diffstudio.models.chatglm import ChatGLMEncoder
+from diffstudio.models.unet import UNetModel
+from diffstudio.release_configs import CHATGLM3_6B, KOLORS_UNET, SDXL_VAE
 
 # Small widths with the same structure (--tiny).
 TINY_CHATGLM = {**CHATGLM3_6B, "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 48, "kv_channels": 16,

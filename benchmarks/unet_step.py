@@ -18,20 +18,10 @@ from common import DTYPES, arguments, race, same_weights, start
 from diffstudio.convert.unet import unet_from_diffusers
 from diffstudio.detect.unet import config_from_diffusers
 from diffstudio.models.unet import UNetModel
+from diffstudio.release_configs import SD15_UNET, SDXL_UNET
 
-SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-                 attention_head_dim=8, in_channels=4, out_channels=4, sample_size=64,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 TINY_UNET = {**SD15_UNET, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 32,
              "norm_num_groups": 8, "attention_head_dim": 2}
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the network)
-SDXL_UNET = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-                 cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
-                 in_channels=4, out_channels=4, sample_size=128, addition_embed_type="text_time",
-                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
 CONFIGS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "tiny": TINY_UNET}
 
 

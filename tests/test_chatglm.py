@@ -14,14 +14,10 @@ from diffstudio.convert.chatglm import canonical_chatglm_keys
 from diffstudio.detect.chatglm import config_from_json, derive_chatglm_config
 from diffstudio.errors import ConversionError, ModelNotFoundError, UnknownModelError
 from diffstudio.models.chatglm import ChatGLMConfig, ChatGLMEncoder
+from diffstudio.release_configs import CHATGLM3_6B
 from tests.tiny_kolors import reference_chatglm, reference_tokenizer
 
 TOL = 1e-4
-# ChatGLM3-6B as Kolors ships it (Kwai-Kolors/Kolors text_encoder/config.json, THUDM/chatglm3-6b-base).
-CHATGLM3_6B = dict(num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696, kv_channels=128,
-                   num_attention_heads=32, multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True,
-                   add_bias_linear=False, original_rope=True, seq_length=32768, rmsnorm=True, post_layer_norm=True,
-                   layernorm_epsilon=1e-5, apply_residual_connection_post_layernorm=False)
 PROMPTS = ["a cat", "一只可爱的小猫，高清，写实", "", "  leading and trailing spaces  ", "tabs\tand\nnew lines\n",
            "emoji 🐱🎨 ünïcödé façade", '一张瓢虫的照片，微距，变焦，高质量，电影，拿着一个牌子，写着"可图"',
            "<|user|> [gMASK] sop </s> <unk> typed as text", "中英 mixed 文本 123 4.56 %$#@!",

@@ -8,6 +8,7 @@ import torch
 
 import diffstudio
 from diffstudio.families import FAMILIES
+from diffstudio.release_configs import CLIP_L, SD15_UNET, SD15_VAE
 from tests.meta_checks import assert_every_key_maps
 from tests.tiny_sd15 import original_layout_state_dict, reference_models
 
@@ -86,15 +87,6 @@ def test_empty_state_dict_is_an_error():
 
 # --- full size on the meta device ---------------------------------------------------------------
 
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
-                 attention_head_dim=8)
-SD15_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
 
 
 def _meta_reference(in_channels: int = 4):

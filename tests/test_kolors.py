@@ -15,7 +15,7 @@ from diffstudio.detect.unet import config_from_diffusers, derive_unet_config
 from diffstudio.families import FAMILIES, get_family
 from diffstudio.families.kolors import KOLORS, size_embedding_width, size_embeddings
 from diffstudio.models.unet import UNetModel
-from tests.test_chatglm import CHATGLM3_6B
+from diffstudio.release_configs import CHATGLM3_6B, KOLORS_UNET, SDXL_VAE
 from tests.tiny_kolors import (
     SCHEDULER,
     UNET,
@@ -26,17 +26,6 @@ from tests.tiny_kolors import (
 )
 
 TOL = 1e-4
-# Kwai-Kolors/Kolors(-diffusers) unet/config.json: SDXL's UNet with a ChatGLM text projection.
-KOLORS_UNET = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
-                   layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                   transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                   use_linear_projection=True, encoder_hid_dim=4096, encoder_hid_dim_type="text_proj",
-                   addition_embed_type="text_time", addition_time_embed_dim=256,
-                   projection_class_embeddings_input_dim=5632)
-SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.13025)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,9 +12,9 @@ from diffstudio.patches.names import Target, build_table
 def test_full_sdxl_unet_names():
     from diffstudio.detect.unet import config_from_diffusers
     from diffstudio.models.unet import UNetModel
-    from tests import tiny_sdxl
+    from diffstudio.release_configs import SDXL_UNET
 
-    config = config_from_diffusers(dict(tiny_sdxl.FULL_UNET_BASE))
+    config = config_from_diffusers(dict(SDXL_UNET))
     with torch.device("meta"):
         unet = UNetModel(config)
     table = build_table(unet, "ldm_unet", config)

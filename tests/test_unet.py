@@ -20,6 +20,7 @@ from diffstudio.errors import ConversionError, UnknownModelError
 from diffstudio.models import unet as unet_module
 from diffstudio.models.layers import attention, timestep_embedding
 from diffstudio.models.unet import UNetConfig, UNetModel, cpu_bf16_attention
+from diffstudio.release_configs import SD15_UNET, SDXL_UNET
 
 TIME_DIM = 8  # SDXL's addition_time_embed_dim at tiny size (256 in the release)
 POOLED = 16
@@ -238,24 +239,11 @@ def test_conversion_errors_name_the_keys():
 
 # ---- real sizes, on the meta device -------------------------------------------------------------
 
-SD15 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-            attention_head_dim=8, in_channels=4, out_channels=4, sample_size=64,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-            center_input_sample=False, downsample_padding=1, mid_block_scale_factor=1)
-SD15_INPAINT = {**SD15, "in_channels": 9}
-SD21 = {**SD15, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+SD15_INPAINT = {**SD15_UNET, "in_channels": 9}
+SD21 = {**SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
         "use_linear_projection": True, "upcast_attention": True, "sample_size": 96}
-SDXL = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
-            attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10],
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            use_linear_projection=True, addition_embed_type="text_time", addition_embed_type_num_heads=64,
-            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, sample_size=128,
-            flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32)
 REAL = {
-    "sd15": (SD15, {"num_heads": 8}, {
+    "sd15": (SD15_UNET, {"num_heads": 8}, {
         "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
         "input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
         "middle_block.1.transformer_blocks.0.ff.net.0.proj.weight": (10240, 1280),
@@ -267,7 +255,7 @@ REAL = {
     "sd21": (SD21, {"num_head_channels": 64}, {
         "input_blocks.1.1.proj_in.weight": (320, 320),
         "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)}),
-    "sdxl": (SDXL, {"num_head_channels": 64}, {
+    "sdxl": (SDXL_UNET, {"num_head_channels": 64}, {
         "label_emb.0.0.weight": (1280, 2816),
         "input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight": (640, 640),
         "input_blocks.7.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),

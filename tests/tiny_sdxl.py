@@ -11,7 +11,7 @@ the released models:
 
 Writers produce the three layouts users have: the original single file (LDM keys, bigG in OpenCLIP
 names under ``conditioner.embedders.N.model.``), a diffusers folder, and lone component files.
-``FULL_*`` are the released configs, for meta-device checks.
+The released configs, for meta-device checks, are `diffstudio.release_configs`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
+from diffstudio import release_configs as release
 from tests.tiny_sd15 import CLIP as CLIP_L  # CLIP-L at width 64: quick_gelu, one 64-wide head
 from tests.tiny_sd15 import VAE as SD15_VAE
 from tests.tiny_sd15 import randomise
@@ -49,32 +50,6 @@ UNET_REFINER = dict(sample_size=8, in_channels=4, out_channels=4, block_out_chan
                     addition_time_embed_dim=TIME_DIM, projection_class_embeddings_input_dim=POOLED + 5 * TIME_DIM,
                     norm_num_groups=32)
 
-# --- released configs (stabilityai/stable-diffusion-xl-{base,refiner}-1.0, */config.json) -------------------
-
-FULL_UNET_BASE = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
-                      layers_per_block=2,
-                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                      transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-                      use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
-                      addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-                      projection_class_embeddings_input_dim=2816, norm_num_groups=32)
-FULL_UNET_REFINER = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(384, 768, 1536, 1536),
-                         layers_per_block=2,
-                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                           "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                         transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24),
-                         use_linear_projection=True, cross_attention_dim=1280, addition_embed_type="text_time",
-                         addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-                         projection_class_embeddings_input_dim=2560, norm_num_groups=32)
-FULL_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.13025)
-FULL_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-FULL_CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 
 # Single-file prefixes (the sgm conditioner's embedder order).
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
@@ -114,11 +89,11 @@ def meta_reference_models(refiner: bool = False) -> SimpleNamespace:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        parts = {"unet": UNet2DConditionModel(**(FULL_UNET_REFINER if refiner else FULL_UNET_BASE)),
-                 "vae": AutoencoderKL(**FULL_VAE),
-                 "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**FULL_CLIP_G))}
+        parts = {"unet": UNet2DConditionModel(**(release.SDXL_REFINER_UNET if refiner else release.SDXL_UNET)),
+                 "vae": AutoencoderKL(**release.SDXL_VAE),
+                 "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**release.CLIP_G))}
         if not refiner:
-            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**FULL_CLIP_L))
+            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**release.CLIP_L))
     return SimpleNamespace(**parts)
 
 
