@@ -107,6 +107,25 @@ def test_two_shapes_never_touch_and_stay_inside():
             assert a.position != b.position and shapes_apart(a, b)
 
 
+def test_shapes_apart_equals_a_max_filter_dilation():
+    """The overlap test grows one shape's mask by the gap. Reference: PIL's MaxFilter (what it used before
+    the separable version, which is ~15x faster); they must agree exactly, or every dataset would change."""
+    from diffstudio.demo.shapes import POSITIONS, SHAPE_GAP, _mask, _sample_shape
+
+    def reference(a, b, gap):
+        grown = np.asarray(_mask(a).filter(ImageFilter.MaxFilter(2 * int(round(gap * 128)) + 1))) > 0
+        return not np.any(grown & (np.asarray(_mask(b)) > 0))
+
+    rng = np.random.default_rng(1)
+    verdicts = []
+    for _ in range(300):
+        a, b = (_sample_shape(rng, str(rng.choice(POSITIONS)), KINDS, tuple(COLORS)) for _ in range(2))
+        gap = float(rng.choice([0.0, SHAPE_GAP, rng.uniform(0, 0.15)]))
+        verdicts.append(reference(a, b, gap))
+        assert shapes_apart(a, b, gap) == verdicts[-1], (a, b, gap)
+    assert 0.2 < np.mean(verdicts) < 0.8  # both answers were exercised
+
+
 def test_write_dataset_metadata(tmp_path):
     folder = write_dataset(tmp_path / "shapes", n=5, size=32, seed=2)
     with open(folder / "metadata.csv", newline="", encoding="utf-8") as f:
