@@ -71,3 +71,13 @@ def test_every_stage_runs_resumes_and_assembles_an_sd15_file(tmp_path):
     torch.testing.assert_close(shipped[name].float(), last["unet." + name].half().float())
     image = diffstudio.Pipeline(models)("a red circle", width=32, height=32, steps=2, seed=0, progress=False)[0]
     assert image.size == (32, 32)
+    # --decoder-steps 0 skips the decoder fine-tune: the file keeps the VAE stage's decoder
+    vae_stage = torch.load(tmp_path / "work" / "latents.pt", weights_only=True)["vae"]
+    fine_tuned = recipe._checkpoint_model(tmp_path / "work" / "decoder")
+    name = "decoder.conv_out.weight"
+    assert not torch.equal(vae_stage[name], fine_tuned[name])
+    for decoder_steps, expected in ((2, fine_tuned), (0, vae_stage)):
+        path = recipe.build(tmp_path / f"d{decoder_steps}.safetensors", tmp_path / "work", stages=("assemble",),
+                            **{**kw, "decoder_steps": decoder_steps})
+        decoder = diffstudio.load(path).components["vae"].state_dict()[name]
+        torch.testing.assert_close(decoder.float(), expected[name].half().float())

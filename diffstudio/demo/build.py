@@ -309,7 +309,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         phrased = stage_captions(n_images, size, seed, always_position=True, on_background=0.5)
         denoiser_stage("refine", phrased, "polish", steps=refine_steps, seed=seed + 4, lr=2e-4, lr_end=1e-5,
                        warmup=20, snr_gamma=5.0, layout_t=700, layout_share=0.125)
-    if "decoder" in stages:
+    if "decoder" in stages and decoder_steps:  # 0 steps: assemble keeps the VAE stage's decoder
         started = time.time()
         vae = AutoencoderKL(vae_cfg)
         vae.load_state_dict(torch.load(workdir / "latents.pt", weights_only=True)["vae"])
@@ -324,7 +324,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         return None
     vae = AutoencoderKL(vae_cfg)
     decoder_dir = workdir / "decoder"
-    vae.load_state_dict(_checkpoint_model(decoder_dir) if (decoder_dir / "checkpoint").exists()
+    vae.load_state_dict(_checkpoint_model(decoder_dir) if decoder_steps and (decoder_dir / "checkpoint").exists()
                         else torch.load(workdir / "latents.pt", weights_only=True)["vae"])
     model = DemoDenoiser(UNetModel(unet_cfg), build_clip_text_model(clip_cfg))
     denoiser_dir = next(workdir / d for d in ("refine", "polish", "layout", "unet")
