@@ -15,7 +15,8 @@ def main() -> None:
     tr.add_argument("--workdir", default="runs/shapes")
     tr.add_argument("--images", type=int, default=20000)
     tr.add_argument("--vae-steps", type=int, default=3000)
-    tr.add_argument("--decoder-steps", type=int, default=2000)
+    tr.add_argument("--decoder-steps", type=int, default=2000,
+                    help="decoder fine-tune steps; 0 skips it (the file keeps the VAE stage's decoder)")
     tr.add_argument("--unet-steps", type=int, default=6000)
     tr.add_argument("--layout-steps", type=int, default=2500)
     tr.add_argument("--polish-steps", type=int, default=1800)

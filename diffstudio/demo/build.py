@@ -19,7 +19,7 @@ Stages, run in this order (each checkpoints into --workdir and resumes if killed
 5. `polish`: plain eps again at a low rate, giving back the shape detail `layout` cost;
 6. `refine`: the phrasing people write ("a red circle on a white background");
 7. `decoder`: the decoder alone, encoder frozen (the latent space does not move, so this
-   stage may also run beside the denoiser stages, like SD's fine-tuned "ft-MSE" decoders);
+   stage may also run beside the denoiser stages, like SD's fine-tuned "ft-MSE" decoders; 0 steps skip it);
 8. `assemble`: one SD 1.x single file (fp16) with its configs and generation defaults in the metadata.
 """
 

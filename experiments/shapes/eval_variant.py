@@ -1,5 +1,6 @@
-# Assemble WORKDIR's current unet checkpoint with the shared decoder, then score it.
-# python experiments/shapes/eval_variant.py WORKDIR [PAIRS] [SEEDS] [CFG]  (session 3: 6 seeds; session 4: 12)
+# Assemble WORKDIR's current unet checkpoint with the shared decoder, then score it; or score a model file.
+# python experiments/shapes/eval_variant.py WORKDIR|MODEL.safetensors [PAIRS] [SEEDS] [CFG]
+# (session 3: 6 seeds; session 4: 12)
 import json
 import sys
 import time
@@ -10,11 +11,14 @@ from diffstudio.demo.build import build
 from diffstudio.demo.evaluate import USUAL_STEPS, evaluate
 from diffstudio.demo.score import score_prompt
 
-wd = Path(sys.argv[1])
+target = Path(sys.argv[1])
 pairs = int(sys.argv[2]) if len(sys.argv) > 2 else 120
 seeds = range(int(sys.argv[3]) if len(sys.argv) > 3 else 12)
-out = wd / "model.safetensors"
-build(out, wd, stages=("assemble",))
+if target.suffix == ".safetensors":
+    out = target
+else:
+    out = target / "model.safetensors"
+    build(out, target, stages=("assemble",))
 models = diffstudio.load(out)
 if len(sys.argv) > 4:  # another guidance scale than the model's default
     models.defaults = {**models.defaults, "cfg_scale": float(sys.argv[4])}
