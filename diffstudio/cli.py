@@ -111,7 +111,7 @@ def _add_train_parser(sub) -> None:
     lora.add_argument("--no-buckets", action="store_true", help="square crops instead of aspect-ratio buckets")
     lora.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     lora.add_argument("--gradient-checkpointing", action="store_true")
-    lora.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    lora.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adamw8bit"])
     lora.add_argument("--caption-dropout", type=float, default=0.0)
     lora.add_argument("--seed", type=int, default=0)
     lora.add_argument("--checkpoint-every", type=int, default=100)

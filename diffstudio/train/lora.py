@@ -46,7 +46,7 @@ class LoRATrainConfig:
     buckets: bool = True  # False: every image is resized to resolution x resolution
     precision: str = "fp32"  # "bf16": base weights in bf16 (half the memory), adapters in fp32
     gradient_checkpointing: bool = False
-    optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes)
+    optimizer: str = "adamw"  # or "adamw_fused" (torch's fused kernel), "adamw8bit" (bitsandbytes)
     caption_dropout: float = 0.0  # share of steps that see the empty prompt (keeps CFG working)
     seed: int = 0
     checkpoint_every: int = 100
