@@ -25,6 +25,7 @@ Stages, run in this order (each checkpoints into --workdir and resumes if killed
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -242,12 +243,18 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     vae_cfg, unet_cfg, clip_cfg = demo_configs()
-    cache = workdir / f"dataset-{n_images}-{size}-{seed}.pt"
-    if cache.exists():
-        images, captions = torch.load(cache, weights_only=True).values()
-    else:
+
+    @functools.cache
+    def dataset() -> tuple[torch.Tensor, list[str]]:
+        """(images, captions), rendered once into the work folder; read only by the stages that need them
+        (an `assemble` alone never touches the 250 MB cache)."""
+        cache = workdir / f"dataset-{n_images}-{size}-{seed}.pt"
+        if cache.exists():
+            return tuple(torch.load(cache, weights_only=True).values())
         images, captions = render_dataset(n_images, size, seed)
         torch.save({"images": images, "captions": captions}, cache)
+        return images, captions
+
     recipe_path = workdir / "recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
     recipe.update({"n_images": n_images, "size": size, "vae_steps": vae_steps, "decoder_steps": decoder_steps,
@@ -260,13 +267,14 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         vae = AutoencoderKL(vae_cfg)
         with torch.no_grad():  # start from a near-deterministic posterior (std e^-4): the decoder first
             vae.quant_conv.bias[vae_cfg.latent_channels:] = -8.0  # sees signal, not unit noise
-        losses = train_vae(vae, images, steps=vae_steps, batch=vae_batch, out_dir=workdir / "vae", seed=seed)
+        losses = train_vae(vae, dataset()[0], steps=vae_steps, batch=vae_batch, out_dir=workdir / "vae", seed=seed)
         recipe["vae_loss"] = sum(losses[-50:]) / len(losses[-50:])
         recipe["vae_minutes"] = round((time.time() - started) / 60, 1)
     if "latents" in stages:
         vae = AutoencoderKL(vae_cfg)
         vae.load_state_dict(_checkpoint_model(workdir / "vae"))
         vae.eval()
+        images = dataset()[0]
         recipe["latent_rescale"] = rescale_latents(vae, images, SD15.latent.scale)
         with torch.no_grad():
             latents = torch.cat([vae.encode(to_unit(images[i:i + 256])) for i in range(0, len(images), 256)])
@@ -285,7 +293,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         recipe[f"{name}_minutes"] = round((time.time() - started) / 60, 1)
 
     if "unet" in stages:
-        denoiser_stage("unet", captions, None, steps=unet_steps, seed=seed)
+        denoiser_stage("unet", dataset()[1], None, steps=unet_steps, seed=seed)
     if "layout" in stages:
         # The unet stage learns colour and kind but not where a shape goes (docs/shapes.md: its output
         # barely moves between "left" and "right"; see layout_loss for why). Go on with captions that
@@ -313,7 +321,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         started = time.time()
         vae = AutoencoderKL(vae_cfg)
         vae.load_state_dict(torch.load(workdir / "latents.pt", weights_only=True)["vae"])
-        losses = train_vae(vae, images, steps=decoder_steps, batch=vae_batch, out_dir=workdir / "decoder",
+        losses = train_vae(vae, dataset()[0], steps=decoder_steps, batch=vae_batch, out_dir=workdir / "decoder",
                            seed=seed + 1, lr=1e-4, decoder_only=True)
         recipe["decoder_loss"] = sum(losses[-50:]) / len(losses[-50:])
         recipe["decoder_minutes"] = round((time.time() - started) / 60, 1)

@@ -18,7 +18,7 @@ for stage in ("unet", "layout", "polish", "refine"):
         continue
     with tempfile.TemporaryDirectory() as tmp:  # assemble picks the latest stage present: link only this one
         tmp = Path(tmp)
-        for name in ("latents.pt", "dataset-20000-64-0.pt", "decoder", stage):
+        for name in ("latents.pt", "decoder", stage):
             if (workdir / name).exists():
                 (tmp / name).symlink_to(workdir / name)
         build(tmp / "model.safetensors", tmp, stages=("assemble",))
