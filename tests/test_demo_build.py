@@ -81,3 +81,25 @@ def test_every_stage_runs_resumes_and_assembles_an_sd15_file(tmp_path):
                             **{**kw, "decoder_steps": decoder_steps})
         decoder = diffstudio.load(path).components["vae"].state_dict()[name]
         torch.testing.assert_close(decoder.float(), expected[name].half().float())
+
+
+def test_the_optimizer_and_the_unet_rate_schedule_reach_the_trainer(tmp_path, monkeypatch):
+    from diffstudio.train import loop
+
+    seen = []
+
+    def spy(model, loss_fn, **kwargs):
+        seen.append(kwargs)
+        return real_train(model, loss_fn, **kwargs)
+
+    real_train = loop.train
+    monkeypatch.setattr(loop, "train", spy)
+    kw = dict(n_images=8, size=32, vae_steps=2, decoder_steps=2, unet_steps=2, layout_steps=2, polish_steps=2,
+              refine_steps=2, vae_batch=2, unet_batch=4, seed=0)
+    recipe.build(tmp_path / "toy.safetensors", tmp_path / "work", stages=("vae", "latents", "unet", "decoder"),
+                 optimizer="adamw_fused", unet_lr_end=5e-5, **kw)
+    assert [s["desc"] for s in seen] == ["vae", "unet", "decoder"]
+    assert all(s["optimizer"] == "adamw_fused" for s in seen)
+    assert [s.get("lr_end") for s in seen] == [None, 5e-5, None]
+    state = torch.load(tmp_path / "work" / "unet" / "checkpoint" / "state.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["fused"] is True

@@ -18,6 +18,10 @@ def main() -> None:
     tr.add_argument("--decoder-steps", type=int, default=2000,
                     help="decoder fine-tune steps; 0 skips it (the file keeps the VAE stage's decoder)")
     tr.add_argument("--unet-steps", type=int, default=6000)
+    tr.add_argument("--unet-lr-end", type=float,
+                    help="anneal the unet stage's rate (half cosine) from 1e-3 down to this; default: constant")
+    tr.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused"],
+                    help="adamw_fused is faster; adamw repeats the shipped file bit for bit")
     tr.add_argument("--layout-steps", type=int, default=2500)
     tr.add_argument("--polish-steps", type=int, default=1800)
     tr.add_argument("--refine-steps", type=int, default=2000)
@@ -41,7 +45,8 @@ def main() -> None:
         print(build(args.out, args.workdir, n_images=args.images, vae_steps=args.vae_steps,
                     decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
                     layout_steps=args.layout_steps, polish_steps=args.polish_steps,
-                    refine_steps=args.refine_steps, seed=args.seed,
+                    refine_steps=args.refine_steps, unet_lr_end=args.unet_lr_end, optimizer=args.optimizer,
+                    seed=args.seed,
                     stages=tuple(args.stage or STAGES)))
     elif args.command == "evaluate":
         import json

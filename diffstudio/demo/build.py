@@ -11,6 +11,9 @@ times, and those of two threads, which are faster but sum in another order):
     OMP_NUM_THREADS=1 python -m diffstudio.demo train \
         --workdir runs/shapes --out diffstudio/demo/weights/shapes-sd.safetensors
 
+Two threads with `--vae-steps 3000 --unet-steps 5000 --unet-lr-end 5e-5 --optimizer adamw_fused` build in 82.5
+minutes, but that run drew kinds less well (0.61 against the shipped 0.77; docs/shapes.md, "Session 6").
+
 Stages, run in this order (each checkpoints into --workdir and resumes if killed; `--stage` runs one):
 1. `vae`: the autoencoder, encoder and decoder together, on full 64x64 images;
 2. `latents`: rescale the latent space to SD's 0.18215 convention, encode the dataset;
@@ -82,7 +85,7 @@ def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(vae, images_u8, *, steps: int, batch: int, out_dir: Path, seed: int, lr: float = 2e-4,
-              decoder_only: bool = False):
+              decoder_only: bool = False, optimizer: str = "adamw"):
     """Autoencoder training (L1 + L2 + tiny KL). With decoder_only, the encoder (and so the
     latent space) is frozen and only the decoder learns."""
     from diffstudio.train.data import batch_indices
@@ -98,7 +101,7 @@ def train_vae(vae, images_u8, *, steps: int, batch: int, out_dir: Path, seed: in
         idx = batch_indices(len(images_u8), batch, step, seed)
         return vae_loss(model, to_unit(images_u8[idx]), gen, chroma_weight=4.0)
 
-    return train(vae, loss_fn, steps=steps, out_dir=out_dir, lr=lr, warmup=100,
+    return train(vae, loss_fn, steps=steps, out_dir=out_dir, lr=lr, warmup=100, optimizer=optimizer,
                  desc="decoder" if decoder_only else "vae", checkpoint_every=100)
 
 
@@ -187,7 +190,7 @@ def layout_loss(net, x0, ids, gen, acp, t_low: int) -> torch.Tensor:
 def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch, out_dir: Path, seed: int,
                    lr: float = 1e-3, lr_end: float | None = None, drop_caption: float = 0.1, layout_t: int = 0,
                    layout_share: float = 0.5, layout_ids: torch.Tensor | None = None, warmup: int = 300,
-                   snr_gamma: float | None = None):
+                   snr_gamma: float | None = None, optimizer: str = "adamw"):
     """``layout_t`` > 0: a ``layout_share`` of each batch (half in the layout stage) trains ``layout_loss``
     at t >= layout_t, captioned by ``layout_ids`` (default: ``ids``). ``lr_end``: anneal to it (half
     cosine). ``snr_gamma``: Min-SNR weighting of the eps part (objectives.diffusion_loss). These were
@@ -215,7 +218,7 @@ def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch
         return eps_part + layout_loss(net, latents[idx[half:]], batch_ids[half:], gen, acp, layout_t)
 
     return train(model, loss_fn, steps=steps, out_dir=out_dir, lr=lr, lr_end=lr_end, warmup=warmup,
-                 desc=out_dir.name, checkpoint_every=250)
+                 optimizer=optimizer, desc=out_dir.name, checkpoint_every=250)
 
 
 # --- the whole recipe ----------------------------------------------------------------------------------
@@ -232,7 +235,8 @@ def _checkpoint_model(out_dir: Path) -> dict:
 def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int = 20000, size: int = 64,
           vae_steps: int = 3000, decoder_steps: int = 2000, unet_steps: int = 6000, layout_steps: int = 2500,
           polish_steps: int = 1800, refine_steps: int = 2000, vae_batch: int = 8,
-          unet_batch: int = 32, seed: int = 0, stages: tuple[str, ...] = STAGES) -> Path | None:
+          unet_batch: int = 32, unet_lr_end: float | None = None, optimizer: str = "adamw", seed: int = 0,
+          stages: tuple[str, ...] = STAGES) -> Path | None:
     from diffstudio.convert.clip import build_clip_text_model
     from diffstudio.loader import Models
     from diffstudio.models.unet import UNetModel
@@ -260,14 +264,16 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
     recipe.update({"n_images": n_images, "size": size, "vae_steps": vae_steps, "decoder_steps": decoder_steps,
                    "unet_steps": unet_steps, "layout_steps": layout_steps, "polish_steps": polish_steps,
                    "refine_steps": refine_steps,
-                   "vae_batch": vae_batch, "unet_batch": unet_batch, "seed": seed})
+                   "vae_batch": vae_batch, "unet_batch": unet_batch, "unet_lr_end": unet_lr_end,
+                   "optimizer": optimizer, "seed": seed})
 
     if "vae" in stages:
         started = time.time()
         vae = AutoencoderKL(vae_cfg)
         with torch.no_grad():  # start from a near-deterministic posterior (std e^-4): the decoder first
             vae.quant_conv.bias[vae_cfg.latent_channels:] = -8.0  # sees signal, not unit noise
-        losses = train_vae(vae, dataset()[0], steps=vae_steps, batch=vae_batch, out_dir=workdir / "vae", seed=seed)
+        losses = train_vae(vae, dataset()[0], steps=vae_steps, batch=vae_batch, out_dir=workdir / "vae", seed=seed,
+                           optimizer=optimizer)
         recipe["vae_loss"] = sum(losses[-50:]) / len(losses[-50:])
         recipe["vae_minutes"] = round((time.time() - started) / 60, 1)
     if "latents" in stages:
@@ -288,12 +294,12 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         if start_from:
             model.load_state_dict(_checkpoint_model(workdir / start_from))
         losses = train_denoiser(model, latents, tokenize_all(texts), tokenize_all([""])[0],
-                                batch=unet_batch, out_dir=workdir / name, **train_kwargs)
+                                batch=unet_batch, out_dir=workdir / name, optimizer=optimizer, **train_kwargs)
         recipe[f"{name}_loss"] = sum(losses[-100:]) / len(losses[-100:])
         recipe[f"{name}_minutes"] = round((time.time() - started) / 60, 1)
 
     if "unet" in stages:
-        denoiser_stage("unet", dataset()[1], None, steps=unet_steps, seed=seed)
+        denoiser_stage("unet", dataset()[1], None, steps=unet_steps, seed=seed, lr_end=unet_lr_end)
     if "layout" in stages:
         # The unet stage learns colour and kind but not where a shape goes (docs/shapes.md: its output
         # barely moves between "left" and "right"; see layout_loss for why). Go on with captions that
@@ -322,7 +328,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         vae = AutoencoderKL(vae_cfg)
         vae.load_state_dict(torch.load(workdir / "latents.pt", weights_only=True)["vae"])
         losses = train_vae(vae, dataset()[0], steps=decoder_steps, batch=vae_batch, out_dir=workdir / "decoder",
-                           seed=seed + 1, lr=1e-4, decoder_only=True)
+                           seed=seed + 1, lr=1e-4, decoder_only=True, optimizer=optimizer)
         recipe["decoder_loss"] = sum(losses[-50:]) / len(losses[-50:])
         recipe["decoder_minutes"] = round((time.time() - started) / 60, 1)
     # stages may run side by side (unet beside decoder): merge with what the other wrote meanwhile
