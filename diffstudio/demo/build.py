@@ -12,7 +12,8 @@ times, and those of two threads, which are faster but sum in another order):
         --workdir runs/shapes --out diffstudio/demo/weights/shapes-sd.safetensors
 
 Two threads with `--vae-steps 3000 --unet-steps 5000 --unet-lr-end 5e-5 --optimizer adamw_fused` build in 82.5
-minutes, but that run drew kinds less well (0.61 against the shipped 0.77; docs/shapes.md, "Session 6").
+minutes, but that run drew kinds less well (0.61 against the shipped 0.77; 0.64 against 0.72 on a second sample of 240
+pairs; docs/shapes.md, "Session 6").
 
 Stages, run in this order (each checkpoints into --workdir and resumes if killed; `--stage` runs one):
 1. `vae`: the autoencoder, encoder and decoder together, on full 64x64 images;
