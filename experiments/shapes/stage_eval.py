@@ -3,11 +3,10 @@
 # python experiments/shapes/stage_eval.py WORKDIR [PAIRS] [CFG]   -> one JSON line per stage
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-import diffstudio
-from diffstudio.demo.build import build
+from stages import load_stage
+
 from diffstudio.demo.evaluate import evaluate
 
 workdir = Path(sys.argv[1]).resolve()
@@ -16,13 +15,7 @@ cfg = float(sys.argv[3]) if len(sys.argv) > 3 else None
 for stage in ("unet", "layout", "polish", "refine"):
     if not (workdir / stage / "checkpoint").exists():
         continue
-    with tempfile.TemporaryDirectory() as tmp:  # assemble picks the latest stage present: link only this one
-        tmp = Path(tmp)
-        for name in ("latents.pt", "decoder", stage):
-            if (workdir / name).exists():
-                (tmp / name).symlink_to(workdir / name)
-        build(tmp / "model.safetensors", tmp, stages=("assemble",))
-        models = diffstudio.load(tmp / "model.safetensors")
+    models = load_stage(workdir, stage)
     if cfg is not None:
         models.defaults = {**models.defaults, "cfg_scale": cfg}
     print(json.dumps({"stage": stage, **evaluate(models, pairs, progress=False)}), flush=True)
