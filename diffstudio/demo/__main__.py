@@ -38,6 +38,8 @@ def main() -> None:
     ev.add_argument("--pairs", type=int, default=120)
     ev.add_argument("--steps", type=int)
     ev.add_argument("--sampler")
+    ev.add_argument("--cfg", type=float, help="guidance scale (default: the model's own, 3 for the demo model)")
+    ev.add_argument("--seed", type=int, default=1000, help="the first pair's image seed (one more per pair)")
     args = parser.parse_args()
     if args.command == "train":
         from diffstudio.demo.build import build
@@ -54,8 +56,10 @@ def main() -> None:
         import diffstudio
         from diffstudio.demo.evaluate import evaluate
 
-        models = diffstudio.load(args.model) if args.model else None
-        print(json.dumps(evaluate(models, args.pairs, args.steps, args.sampler), indent=1))
+        models = diffstudio.load(args.model) if args.model else diffstudio.load()  # the packaged demo model
+        if args.cfg is not None:
+            models.defaults = {**models.defaults, "cfg_scale": args.cfg}
+        print(json.dumps(evaluate(models, args.pairs, args.steps, args.sampler, seed=args.seed), indent=1))
     else:
         from diffstudio.demo.shapes import write_dataset
 
