@@ -103,3 +103,23 @@ def test_the_optimizer_and_the_unet_rate_schedule_reach_the_trainer(tmp_path, mo
     assert [s.get("lr_end") for s in seen] == [None, 5e-5, None]
     state = torch.load(tmp_path / "work" / "unet" / "checkpoint" / "state.pt", weights_only=True)
     assert state["optimizer"]["param_groups"][0]["fused"] is True
+
+
+def test_the_edge_weight_reaches_both_autoencoder_stages_and_the_recipe(tmp_path, monkeypatch):
+    import json
+
+    from diffstudio.train import objectives
+
+    weights = []
+
+    def spy(*args, **kwargs):
+        weights.append(kwargs.get("edge_weight"))
+        return real_loss(*args, **kwargs)
+
+    real_loss = objectives.vae_loss
+    monkeypatch.setattr(objectives, "vae_loss", spy)
+    kw = dict(n_images=8, size=32, vae_steps=2, decoder_steps=3, vae_batch=2, seed=0)
+    recipe.build(tmp_path / "toy.safetensors", tmp_path / "work", stages=("vae", "latents", "decoder"),
+                 vae_edge_weight=8.0, **kw)
+    assert weights == [8.0] * 5  # 2 vae steps, 3 decoder steps
+    assert json.loads((tmp_path / "work" / "recipe.json").read_text())["vae_edge_weight"] == 8.0

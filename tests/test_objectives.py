@@ -80,3 +80,53 @@ def test_min_snr_is_refused_for_flow_matching():
     with pytest.raises(ValueError, match="flow"):
         diffusion_loss(SD3, FixedOutput(torch.zeros(1, 16, 8, 8)), torch.zeros(1, 16, 8, 8), {},
                        torch.Generator().manual_seed(0), snr_gamma=5.0)
+
+
+class FixedReconstruction:
+    """An 'autoencoder' with a fixed output and a zero-mean, near-deterministic posterior."""
+
+    def __init__(self, recon: torch.Tensor):
+        self.recon = recon
+
+    def encode_dist(self, images):
+        z = torch.zeros(images.shape[0], 4, 2, 2)
+        return z, torch.full_like(z, -30.0)
+
+    def decode(self, z):
+        return self.recon
+
+
+def _square_image() -> torch.Tensor:
+    image = -torch.ones(1, 3, 16, 16)  # black, a white 6x6 square at rows/cols 5..10
+    image[..., 5:11, 5:11] = 1.0
+    return image
+
+
+def test_edge_map_marks_a_band_around_the_boundary_only():
+    from diffstudio.train.objectives import edge_map
+
+    edges = edge_map(_square_image())[0, 0]
+    assert edges[5, 5] == 1 and edges[4, 7] == 1 and edges[10, 10] == 1  # on and beside the outline
+    assert edges[7:9, 7:9].sum() == 0  # the square's inside
+    assert edges[0, 0] == 0 and edges[15, 15] == 0  # the background far away
+
+
+@pytest.mark.parametrize("chroma_weight", [0.0, 4.0])
+def test_the_edge_weight_multiplies_the_error_along_edges_only(chroma_weight):
+    from diffstudio.train.objectives import vae_loss
+
+    image, gen = _square_image(), torch.Generator()
+    base = vae_loss(FixedReconstruction(image), image, gen, kl_weight=0.0)
+    assert base.abs() < 1e-6
+    at_edge, inside = image.clone(), image.clone()
+    at_edge[0, 0, 5, 5] -= 0.5  # one channel of a corner pixel off by 0.5
+    inside[0, 0, 7, 7] -= 0.5
+    plain = [vae_loss(FixedReconstruction(r), image, gen, kl_weight=0.0, chroma_weight=chroma_weight)
+             for r in (at_edge, inside)]
+    weighted = [vae_loss(FixedReconstruction(r), image, gen, kl_weight=0.0, chroma_weight=chroma_weight,
+                         edge_weight=7.0) for r in (at_edge, inside)]
+    # (0.5 + 0.25) per off value, plus the chroma term's three channel deviations (0.5 * 2/3, 1/3, 1/3)
+    expected = (0.75 + chroma_weight * (1 / 3 + 1 / 6 + 1 / 6)) / image.numel()
+    assert torch.allclose(torch.stack(plain), torch.tensor([expected, expected]), rtol=1e-5)
+    assert torch.allclose(weighted[0], torch.tensor(8 * expected), rtol=1e-5)
+    assert torch.allclose(weighted[1], torch.tensor(expected), rtol=1e-5)

@@ -22,6 +22,8 @@ def main() -> None:
                     help="anneal the unet stage's rate (half cosine) from 1e-3 down to this; default: constant")
     tr.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused"],
                     help="adamw_fused is faster; adamw repeats the shipped file bit for bit")
+    tr.add_argument("--vae-edge-weight", type=float, default=0.0,
+                    help="count the pixels along the images' edges (1 + this) times in the VAE and decoder stages")
     tr.add_argument("--layout-steps", type=int, default=2500)
     tr.add_argument("--polish-steps", type=int, default=1800)
     tr.add_argument("--refine-steps", type=int, default=2000)
@@ -48,7 +50,7 @@ def main() -> None:
                     decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
                     layout_steps=args.layout_steps, polish_steps=args.polish_steps,
                     refine_steps=args.refine_steps, unet_lr_end=args.unet_lr_end, optimizer=args.optimizer,
-                    seed=args.seed,
+                    vae_edge_weight=args.vae_edge_weight, seed=args.seed,
                     stages=tuple(args.stage or STAGES)))
     elif args.command == "evaluate":
         import json

@@ -86,9 +86,9 @@ def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(vae, images_u8, *, steps: int, batch: int, out_dir: Path, seed: int, lr: float = 2e-4,
-              decoder_only: bool = False, optimizer: str = "adamw"):
-    """Autoencoder training (L1 + L2 + tiny KL). With decoder_only, the encoder (and so the
-    latent space) is frozen and only the decoder learns."""
+              decoder_only: bool = False, optimizer: str = "adamw", edge_weight: float = 0.0):
+    """Autoencoder training (L1 + L2 + tiny KL; ``edge_weight``: objectives.vae_loss). With decoder_only, the
+    encoder (and so the latent space) is frozen and only the decoder learns."""
     from diffstudio.train.data import batch_indices
     from diffstudio.train.loop import step_generator, train
     from diffstudio.train.objectives import vae_loss
@@ -100,7 +100,7 @@ def train_vae(vae, images_u8, *, steps: int, batch: int, out_dir: Path, seed: in
     def loss_fn(model, step):
         gen = step_generator(seed, step)
         idx = batch_indices(len(images_u8), batch, step, seed)
-        return vae_loss(model, to_unit(images_u8[idx]), gen, chroma_weight=4.0)
+        return vae_loss(model, to_unit(images_u8[idx]), gen, chroma_weight=4.0, edge_weight=edge_weight)
 
     return train(vae, loss_fn, steps=steps, out_dir=out_dir, lr=lr, warmup=100, optimizer=optimizer,
                  desc="decoder" if decoder_only else "vae", checkpoint_every=100)
@@ -235,7 +235,7 @@ def _checkpoint_model(out_dir: Path) -> dict:
 
 def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int = 20000, size: int = 64,
           vae_steps: int = 3000, decoder_steps: int = 2000, unet_steps: int = 6000, layout_steps: int = 2500,
-          polish_steps: int = 1800, refine_steps: int = 2000, vae_batch: int = 8,
+          polish_steps: int = 1800, refine_steps: int = 2000, vae_batch: int = 8, vae_edge_weight: float = 0.0,
           unet_batch: int = 32, unet_lr_end: float | None = None, optimizer: str = "adamw", seed: int = 0,
           stages: tuple[str, ...] = STAGES) -> Path | None:
     from diffstudio.convert.clip import build_clip_text_model
@@ -266,7 +266,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
                    "unet_steps": unet_steps, "layout_steps": layout_steps, "polish_steps": polish_steps,
                    "refine_steps": refine_steps,
                    "vae_batch": vae_batch, "unet_batch": unet_batch, "unet_lr_end": unet_lr_end,
-                   "optimizer": optimizer, "seed": seed})
+                   "optimizer": optimizer, "vae_edge_weight": vae_edge_weight, "seed": seed})
 
     if "vae" in stages:
         started = time.time()
@@ -274,7 +274,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         with torch.no_grad():  # start from a near-deterministic posterior (std e^-4): the decoder first
             vae.quant_conv.bias[vae_cfg.latent_channels:] = -8.0  # sees signal, not unit noise
         losses = train_vae(vae, dataset()[0], steps=vae_steps, batch=vae_batch, out_dir=workdir / "vae", seed=seed,
-                           optimizer=optimizer)
+                           optimizer=optimizer, edge_weight=vae_edge_weight)
         recipe["vae_loss"] = sum(losses[-50:]) / len(losses[-50:])
         recipe["vae_minutes"] = round((time.time() - started) / 60, 1)
     if "latents" in stages:
@@ -329,7 +329,7 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
         vae = AutoencoderKL(vae_cfg)
         vae.load_state_dict(torch.load(workdir / "latents.pt", weights_only=True)["vae"])
         losses = train_vae(vae, dataset()[0], steps=decoder_steps, batch=vae_batch, out_dir=workdir / "decoder",
-                           seed=seed + 1, lr=1e-4, decoder_only=True, optimizer=optimizer)
+                           seed=seed + 1, lr=1e-4, decoder_only=True, optimizer=optimizer, edge_weight=vae_edge_weight)
         recipe["decoder_loss"] = sum(losses[-50:]) / len(losses[-50:])
         recipe["decoder_minutes"] = round((time.time() - started) / 60, 1)
     # stages may run side by side (unet beside decoder): merge with what the other wrote meanwhile
