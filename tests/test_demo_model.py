@@ -54,12 +54,12 @@ def test_txt2img_draws_the_prompted_colour_and_shape(pipe):
 
 
 def test_the_readme_prompt_draws_one_red_circle(pipe):
-    """The main job's prompt, phrased as people write it (no position word, "on a ... background"): one red
-    shape in every image (measured 12 of 12 seeds), a circle in most (7 of 12; docs/shapes.md)."""
+    """The main job's prompt, phrased as people write it (no position word, "on a ... background"): a red
+    circle in every image (measured 12 of 12 seeds), and no other shape in most (8 of 12; docs/shapes.md)."""
     prompt = "a red circle on a white background"
     results = [score_prompt(pipe(prompt, seed=s, progress=False)[0], prompt) for s in SEEDS]
-    assert all(r["count_ok"] and r["color_ok"] for r in results)
-    assert share([r["all_ok"] for r in results]) >= 0.33
+    assert all(r["all_ok"] for r in results)
+    assert share([r["count_ok"] for r in results]) >= 0.5
 
 
 def test_same_seed_same_image_different_seed_different(pipe):

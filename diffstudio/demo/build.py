@@ -5,15 +5,15 @@ proj_in and 8 heads, LDM VAE with 8x downscale and 4 latent channels, a CLIP tex
 encoder on the real CLIP vocabulary), only tiny. So `diffstudio.detect` calls it "sd15"
 and every SD 1.x code path runs on it.
 
-Reproduce the shipped weights (one thread per stage, as they were trained; docs/shapes.md gives the
-times, and those of two threads, which are faster but sum in another order):
+Reproduce the shipped weights (two threads, the machine otherwise idle: 79.5 minutes, peak memory 1.5 GB;
+docs/shapes.md gives the stages' times and the scores):
 
-    OMP_NUM_THREADS=1 python -m diffstudio.demo train \
-        --workdir runs/shapes --out diffstudio/demo/weights/shapes-sd.safetensors
+    python -m diffstudio.demo train --workdir runs/shapes --out diffstudio/demo/weights/shapes-sd.safetensors
 
-Two threads with `--vae-steps 3000 --unet-steps 5000 --unet-lr-end 5e-5 --optimizer adamw_fused` build in 82.5
-minutes, but that run drew kinds less well (0.61 against the shipped 0.77; 0.64 against 0.72 on a second sample of 240
-pairs; docs/shapes.md, "Session 6").
+Runs with the same thread count repeat themselves bit for bit; another thread count sums in another order and
+trains a slightly different model. The weights shipped until session 6 (kind 0.77, no edge weight, 143 minutes on
+one thread) come from `OMP_NUM_THREADS=1 ... --unet-steps 6000 --unet-lr-end none --optimizer adamw
+--vae-edge-weight 0`.
 
 Stages, run in this order (each checkpoints into --workdir and resumes if killed; `--stage` runs one):
 1. `vae`: the autoencoder, encoder and decoder together, on full 64x64 images;
@@ -234,9 +234,9 @@ def _checkpoint_model(out_dir: Path) -> dict:
 
 
 def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int = 20000, size: int = 64,
-          vae_steps: int = 3000, decoder_steps: int = 2000, unet_steps: int = 6000, layout_steps: int = 2500,
-          polish_steps: int = 1800, refine_steps: int = 2000, vae_batch: int = 8, vae_edge_weight: float = 0.0,
-          unet_batch: int = 32, unet_lr_end: float | None = None, optimizer: str = "adamw", seed: int = 0,
+          vae_steps: int = 3000, decoder_steps: int = 2000, unet_steps: int = 5000, layout_steps: int = 2500,
+          polish_steps: int = 1800, refine_steps: int = 2000, vae_batch: int = 8, vae_edge_weight: float = 8.0,
+          unet_batch: int = 32, unet_lr_end: float | None = 5e-5, optimizer: str = "adamw_fused", seed: int = 0,
           stages: tuple[str, ...] = STAGES) -> Path | None:
     from diffstudio.convert.clip import build_clip_text_model
     from diffstudio.loader import Models
