@@ -53,7 +53,7 @@ def test_txt2img_draws_the_prompted_colour_and_shape(pipe):
     assert share([r["all_ok"] for r in results]) >= 0.5
 
 
-def test_the_readme_prompt_draws_one_red_circle(pipe):
+def test_the_readme_prompt_draws_a_red_circle(pipe):
     """The main job's prompt, phrased as people write it (no position word, "on a ... background"): a red
     circle in every image (measured 12 of 12 seeds), and no other shape in most (8 of 12; docs/shapes.md)."""
     prompt = "a red circle on a white background"

@@ -125,7 +125,7 @@ def test_the_edge_weight_multiplies_the_error_along_edges_only(chroma_weight):
              for r in (at_edge, inside)]
     weighted = [vae_loss(FixedReconstruction(r), image, gen, kl_weight=0.0, chroma_weight=chroma_weight,
                          edge_weight=7.0) for r in (at_edge, inside)]
-    # (0.5 + 0.25) per off value, plus the chroma term's three channel deviations (0.5 * 2/3, 1/3, 1/3)
+    # L1 + L2 of the one off value (0.5 + 0.25), plus the chroma term's: that pixel's chroma moves by 1/3, 1/6, 1/6
     expected = (0.75 + chroma_weight * (1 / 3 + 1 / 6 + 1 / 6)) / image.numel()
     assert torch.allclose(torch.stack(plain), torch.tensor([expected, expected]), rtol=1e-5)
     assert torch.allclose(weighted[0], torch.tensor(8 * expected), rtol=1e-5)
