@@ -32,23 +32,27 @@ def single_shape_prompts(n: int, seed: int = 12345) -> list[tuple[str, ShapeSpec
     return out
 
 
-def evaluate(models=None, pairs: int = 120, steps: int | None = None, sampler: str | None = None,
-             seed: int = 1000, progress: bool = True) -> dict:
+def scored_pairs(models=None, pairs: int = 120, steps: int | None = None, sampler: str | None = None,
+                 seed: int = 1000, progress: bool = True):
+    """Yield (asked ShapeSpec, the scorer's result) for each evaluation pair: prompt i drawn with seed + i."""
     import diffstudio
     from diffstudio.demo.score import score_prompt
 
-    models = models or diffstudio.load()
-    pipe = diffstudio.Pipeline(models)
-    totals = {"color_ok": 0, "kind_ok": 0, "position_ok": 0, "all_ok": 0}
+    pipe = diffstudio.Pipeline(models or diffstudio.load())
     prompts = single_shape_prompts(pairs)
-    iterator = prompts
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(prompts, desc="evaluate")
-    for i, (prompt, _) in enumerate(iterator):
+        prompts = tqdm(prompts, desc="evaluate")
+    for i, (prompt, spec) in enumerate(prompts):
         image = pipe(prompt, seed=seed + i, steps=steps, sampler=sampler, progress=False)[0]
-        result = score_prompt(image, prompt)
+        yield spec, score_prompt(image, prompt)
+
+
+def evaluate(models=None, pairs: int = 120, steps: int | None = None, sampler: str | None = None,
+             seed: int = 1000, progress: bool = True) -> dict:
+    totals = {"color_ok": 0, "kind_ok": 0, "position_ok": 0, "all_ok": 0}
+    for _, result in scored_pairs(models, pairs, steps, sampler, seed, progress):
         for key in totals:
             totals[key] += bool(result[key])
-    return {k: v / len(prompts) for k, v in totals.items()} | {"pairs": len(prompts)}
+    return {k: v / pairs for k, v in totals.items()} | {"pairs": pairs}
