@@ -10,30 +10,34 @@ def _rate_or_none(text: str) -> float | None:
 
 
 def main() -> None:
-    from diffstudio.demo.build import STAGES
+    import inspect
+
+    from diffstudio.demo.build import STAGES, build
+
+    recipe = {name: p.default for name, p in inspect.signature(build).parameters.items()}  # one source of defaults
 
     parser = argparse.ArgumentParser(prog="python -m diffstudio.demo")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train the shapes-sd demo model from scratch")
     tr.add_argument("--out", default="diffstudio/demo/weights/shapes-sd.safetensors")
-    tr.add_argument("--workdir", default="runs/shapes")
-    tr.add_argument("--images", type=int, default=20000)
-    tr.add_argument("--vae-steps", type=int, default=3000)
-    tr.add_argument("--decoder-steps", type=int, default=2000,
+    tr.add_argument("--workdir", default=recipe["workdir"])
+    tr.add_argument("--images", type=int, default=recipe["n_images"])
+    tr.add_argument("--vae-steps", type=int, default=recipe["vae_steps"])
+    tr.add_argument("--decoder-steps", type=int, default=recipe["decoder_steps"],
                     help="decoder fine-tune steps; 0 skips it (the file keeps the VAE stage's decoder)")
-    tr.add_argument("--unet-steps", type=int, default=5000)
-    tr.add_argument("--unet-lr-end", type=_rate_or_none, default=5e-5,
+    tr.add_argument("--unet-steps", type=int, default=recipe["unet_steps"])
+    tr.add_argument("--unet-lr-end", type=_rate_or_none, default=recipe["unet_lr_end"],
                     help="anneal the unet stage's rate (half cosine) from 1e-3 down to this; 'none': constant")
-    tr.add_argument("--optimizer", default="adamw_fused", choices=["adamw", "adamw_fused"],
+    tr.add_argument("--optimizer", default=recipe["optimizer"], choices=["adamw", "adamw_fused"],
                     help="adamw_fused is 4x faster on the optimizer step; adamw rounds otherwise in the last bit")
-    tr.add_argument("--vae-edge-weight", type=float, default=8.0,
+    tr.add_argument("--vae-edge-weight", type=float, default=recipe["vae_edge_weight"],
                     help="count the pixels along the images' edges (1 + this) times in the VAE and decoder stages")
-    tr.add_argument("--layout-steps", type=int, default=2500)
-    tr.add_argument("--polish-steps", type=int, default=1800)
-    tr.add_argument("--refine-steps", type=int, default=2000)
+    tr.add_argument("--layout-steps", type=int, default=recipe["layout_steps"])
+    tr.add_argument("--polish-steps", type=int, default=recipe["polish_steps"])
+    tr.add_argument("--refine-steps", type=int, default=recipe["refine_steps"])
     tr.add_argument("--stage", action="append", choices=list(STAGES),
                     help="run only these stages (repeatable); default: all, in order")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=int, default=recipe["seed"])
     ds = sub.add_parser("dataset", help="write a Shapes dataset folder (images + metadata.csv)")
     ds.add_argument("folder")
     ds.add_argument("-n", type=int, default=1000)
@@ -48,8 +52,6 @@ def main() -> None:
     ev.add_argument("--seed", type=int, default=1000, help="the first pair's image seed (one more per pair)")
     args = parser.parse_args()
     if args.command == "train":
-        from diffstudio.demo.build import build
-
         print(build(args.out, args.workdir, n_images=args.images, vae_steps=args.vae_steps,
                     decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
                     layout_steps=args.layout_steps, polish_steps=args.polish_steps,
