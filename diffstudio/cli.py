@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int)
     gen.add_argument("--batch-size", type=int, default=1)
     gen.add_argument("--init-image")
-    gen.add_argument("--strength", type=float, default=0.75)
+    gen.add_argument("--strength", type=float, help="img2img: how much to repaint (default 0.75)")
     gen.add_argument("--mask", help="white = repaint (needs --init-image)")
     gen.add_argument("--clip-skip", type=int)
     gen.add_argument("--tiled-vae", action="store_true", help="encode/decode in tiles (large images)")

@@ -8,6 +8,7 @@ requested dtype, so a model is never held twice in memory.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ class Models:
     sources: dict[str, str] = field(default_factory=dict)  # role -> the path it came from
     detection: Detection | None = None
     defaults: dict = field(default_factory=dict)  # this model's own settings over the family's (e.g. size)
+    patches: dict = field(default_factory=dict)  # role -> {parameter: [Patch]}: this model's own weight patches
+    loras: list = field(default_factory=list)  # the LoRAHandles applied, in order
+    embeddings: dict = field(default_factory=dict)
 
     def __getattr__(self, name: str):
         components = self.__dict__.get("components", {})
@@ -61,6 +65,52 @@ class Models:
         from diffstudio.patches import apply_lora
 
         return apply_lora(self, path, strength, text_strength, mode)
+
+    # -- patches: owned by this Models, applied to the shared modules while it is in use ----------
+    def activate(self) -> Models:
+        """Make this model's patches the ones in its modules' weights (a clone sharing the modules may have
+        had its own applied). Cheap when they already are; the pipeline calls it before every run."""
+        from diffstudio.patches.patcher import patcher_for
+
+        for role, module in self.components.items():
+            if not isinstance(module, torch.nn.Module):
+                continue
+            patcher = patcher_for(module, create=role in self.patches)
+            if patcher is not None:
+                patcher.use(self.patches.setdefault(role, {}))
+        return self
+
+    def refresh_patches(self, touched: dict[str, set[str]]) -> None:
+        """Recompute the named parameters per role from their patches, if this model is the one in use."""
+        from diffstudio.patches.patcher import patcher_for
+
+        for role, names in touched.items():
+            patcher = patcher_for(self.components[role], create=False)
+            if patcher is not None and patcher.in_use(self.patches.get(role, {})):
+                patcher.refresh(names)
+
+    def clone(self) -> Models:
+        """The same modules (no weight is copied) with copies of the patch lists, LoRA handles and embeddings:
+        a LoRA applied to (or removed from, or re-weighted on) the clone leaves this model as it is."""
+        from dataclasses import replace as copy_patch
+
+        twin = copy.copy(self)
+        twin.patches = {role: {name: [copy_patch(p) for p in lists] for name, lists in params.items()}
+                        for role, params in self.patches.items()}
+        twin.loras = [handle.copy_to(twin) for handle in self.loras]
+        twin.embeddings = dict(self.embeddings)
+        twin.components, twin.configs, twin.defaults = dict(self.components), dict(self.configs), dict(self.defaults)
+        return twin
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{role}={type(m).__name__}" for role, m in self.components.items())
+        extra = f", loras={[Path(h.name).name for h in self.loras]}" if self.loras else ""
+        name = self.family.name + (f" ({self.detection.variant})" if getattr(self.detection, "variant", None) else "")
+        try:
+            where = f"{str(self.dtype).removeprefix('torch.')} on {self.device}"
+        except (StopIteration, KeyError):
+            where = "no denoiser"
+        return f"Models({name}: {parts}; {where}{extra})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +369,9 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
     sources = {role: part.source for role, part in parts.items()}
     for spec in family.text_encoders:
         components[spec.tokenizer_role] = _tokenizer(spec, sources)
-    return Models(family, components, {r: p.config for r, p in parts.items()}, sources, base_detection,
-                  _stored_defaults(paths[0]))
+    configs = {r: p.config for r, p in parts.items()}
+    return Models(family, components, configs, sources, base_detection,
+                  _stored_defaults(paths[0]) or _demo_copy_defaults(family, configs))
 
 
 def _width(config) -> int | None:
@@ -349,6 +400,21 @@ def _to_family_roles(family: Family, components: dict, parts: dict, taken: set[s
         comps[target] = replace(comp, role=target)
         renamed[target] = parts[name]
     return comps, renamed
+
+
+def _demo_copy_defaults(family: Family, configs: dict) -> dict:
+    """A copy of the demo model in a format without metadata (a .ckpt) is recognised by its structure: its
+    denoiser's config equals the packaged file's. It then gets the demo's defaults (64x64, CFG 3)."""
+    demo, role = default_model_path(), family.denoiser_role
+    if not demo.is_file() or role not in configs:
+        return {}
+    from diffstudio.io.state_dict import read_file_metadata
+
+    data = json.loads(read_file_metadata(demo).get("diffstudio", "{}"))
+    stored = data.get("configs", {}).get(role)
+    if data.get("family") != family.name or ARCHS[family.role(role).arch].config_to_dict(configs[role]) != stored:
+        return {}
+    return dict(data.get("defaults", {}))
 
 
 def _stored_defaults(path) -> dict:

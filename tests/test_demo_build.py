@@ -11,6 +11,7 @@ from diffstudio.demo import build as recipe
 
 def test_layout_loss_is_zero_for_the_true_noise_and_grows_with_its_error():
     from diffstudio.families.sd15 import SD15
+    from diffstudio.sampling.prediction import prediction_for
     from diffstudio.train.objectives import alphas_cumprod
 
     acp = alphas_cumprod(SD15)
@@ -23,9 +24,9 @@ def test_layout_loss_is_zero_for_the_true_noise_and_grows_with_its_error():
         return (x_t - a * x0) / s + wrong
 
     ids = torch.zeros(4, 77, dtype=torch.long)
-    exact = recipe.layout_loss(oracle, x0, ids, torch.Generator().manual_seed(1), acp, t_low=700)
+    exact = recipe.layout_loss(oracle, x0, ids, torch.Generator().manual_seed(1), prediction_for(SD15), t_low=700)
     off = recipe.layout_loss(lambda x, t, i: oracle(x, t, i, wrong=0.01), x0, ids, torch.Generator().manual_seed(1),
-                             acp, t_low=700)
+                             prediction_for(SD15), t_low=700)
     assert exact < 1e-8
     # an eps error e becomes an x0 error of e * s / a, which at t >= 700 is more than 3x larger
     assert off > 9 * 0.01**2

@@ -16,12 +16,12 @@ from PIL import Image
 
 import diffstudio
 from diffstudio import Region, RegionError, RegionLayout
-from diffstudio.pipeline.denoiser import make_denoiser
 from diffstudio.pipeline.guidance import CFGDenoiser
 from diffstudio.pipeline.region_attention import cross_attention_bias, joint_attention_bias
 from diffstudio.pipeline.region_latent import RegionLatentDenoiser
 from diffstudio.pipeline.region_masks import blend_weights, box_mask, region_mask, token_grid_weights
-from diffstudio.pipeline.regions import region_denoiser, region_recipe
+from diffstudio.pipeline.regions import region_recipe
+from diffstudio.pipeline.request import Request
 from tests.tiny_sd15 import reference_models, write_diffusers_folder
 
 SIZE = dict(width=64, height=64)
@@ -46,12 +46,8 @@ def final_x0(pipe, prompt, **kwargs) -> torch.Tensor:
 
 def guided(pipe, prompt, regions=None, mode="latent", cfg=5.0, negative=""):
     """The guided denoiser Pipeline.__call__ would sample with, at 64 x 64."""
-    cond, uncond = pipe.encode_prompts([prompt], [negative], 1, **SIZE, guidance=None)
-    den = make_denoiser(pipe.models, (8, 8))
-    if regions is None:
-        return CFGDenoiser(den, cond, uncond, cfg)
-    return region_denoiser(pipe, den, regions, mode, cond, uncond, prompts=[prompt], negatives=[negative],
-                           cfg_scale=cfg, clip_skip=1, **SIZE, guidance=None)
+    return pipe.prepare(Request(prompt, negative, **SIZE, cfg_scale=cfg, clip_skip=1, regions=regions,
+                                region_mode=mode)).guided
 
 
 def predict(denoiser, seed=0, sigma=4.0) -> torch.Tensor:
@@ -139,7 +135,7 @@ def test_invalid_regions_raise_named_errors(tmp_path):
 def test_latent_mode_full_region_with_the_global_prompt_equals_plain(pipe):
     plain = final_x0(pipe, "a red circle")
     region = final_x0(pipe, "a red circle", regions=[Region("a red circle")])
-    assert torch.allclose(plain, region, atol=1e-4)
+    assert (plain - region).abs().max() <= 1e-4 * plain.abs().max()  # the same passes, batched differently
     a = pipe("a red circle", **SIZE, steps=4, seed=3, progress=False)[0]
     b = pipe("a red circle", **SIZE, steps=4, seed=3, progress=False, regions=[Region("a red circle")])[0]
     assert np.abs(arr(a) - arr(b)).max() <= 1
@@ -172,7 +168,8 @@ def test_latent_mode_blends_the_guided_passes_by_the_weights(pipe):
     glob = predict(guided(pipe, "a red circle"))
     region = predict(guided(pipe, "a blue square", negative="green"))
     # Right half: g = 0.25, region 1 -> 0.2 global + 0.8 region; the region keeps its own negative.
-    assert torch.allclose(blended[..., 4:], 0.2 * glob[..., 4:] + 0.8 * region[..., 4:], atol=1e-5)
+    # (atol: the passes run in calls of other batch sizes, whose fp32 kernels round differently, ~3e-6 relative)
+    assert torch.allclose(blended[..., 4:], 0.2 * glob[..., 4:] + 0.8 * region[..., 4:], atol=1e-4)
     default_negative = predict(guided(pipe, "a red circle", RegionLayout(
         [Region("a blue square", box=(0.5, 0, 1, 1))], global_weight=0.25)))
     assert (default_negative - blended).abs().max() > 1e-4
@@ -185,7 +182,7 @@ def test_latent_mode_batches_passes_into_one_call_or_as_max_batch_allows(pipe):
     assert isinstance(one_call, RegionLatentDenoiser)
     a, b = predict(one_call), predict(split)
     assert one_call.network_calls == 1 and split.network_calls == 3  # 3 passes x (cond, uncond) = 6 rows
-    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a, b, atol=1e-4)
     # Global weight 0 with full coverage: the global pass has no weight anywhere and is skipped.
     covered = guided(pipe, "a red circle", RegionLayout(regions, global_weight=0.0))
     assert len(covered.passes) == 2
@@ -241,10 +238,10 @@ def test_unet_token_grids_and_per_level_bias_sizes(pipe):
 def test_attention_mode_single_region_equal_to_the_global_prompt_equals_plain(pipe):
     plain = final_x0(pipe, "a red circle")
     region = final_x0(pipe, "a red circle", regions=[Region("a red circle")], region_mode="attention")
-    assert torch.allclose(plain, region, atol=1e-4)
+    assert torch.allclose(plain, region, atol=1e-4, rtol=1e-4)
     boxed = final_x0(pipe, "a red circle", regions=[Region("a red circle", box=(0.25, 0.25, 0.75, 0.75))],
                      region_mode="attention")
-    assert torch.allclose(plain, boxed, atol=1e-4)
+    assert torch.allclose(plain, boxed, atol=1e-4, rtol=1e-4)
 
 
 def test_attention_mode_region_prompt_changes_the_picture_and_runs_at_odd_sizes(pipe):

@@ -348,9 +348,8 @@ def _lora_grads(models, checkpointing: bool) -> tuple[dict[str, torch.Tensor], i
                                             clip_skip=family.text_encoders[0].default_clip_skip)
         x0 = torch.randn(1, family.latent.channels, 8, 8, generator=g)
         call = family.call_denoiser or (lambda net, x, t, c: net(x, t, **c))
-        t_scale = family.schedule.multiplier if family.prediction == "flow" else 1.0
         loss = diffusion_loss(family, lambda x, t, **c: call(denoiser, x, t, c), x0, cond,
-                              torch.Generator().manual_seed(2), flow_t_scale=t_scale)
+                              torch.Generator().manual_seed(2))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in denoiser.named_parameters() if p.requires_grad}
     finally:

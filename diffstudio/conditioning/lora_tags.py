@@ -100,40 +100,29 @@ def _strengths(tag: NetworkTag) -> tuple[float, float]:
 
 
 class PromptLoRAs:
-    """The LoRAs applied for a pipeline's prompt tags, kept until a call asks for different ones."""
+    """A prompt's ``<lora:name:w>`` tags apply to a clone of the pipeline's model, for that call only: the
+    model itself never changes. The clone is kept while the tags (and the base's own patches) stay the
+    same, so repeating a prompt does not re-apply its LoRAs."""
 
     def __init__(self):
-        self.active: tuple[tuple[str, float, float], ...] = ()
-        self._handles: list = []
+        self._key: tuple | None = None
+        self._clone = None
 
-    def update(self, models, tags: Sequence[NetworkTag], lora_dirs: Sequence[str | Path]) -> None:
+    def models_for(self, models, tags: Sequence[NetworkTag], lora_dirs: Sequence[str | Path]):
+        """``models`` itself without tags; else a clone of it with the tags' LoRAs applied."""
         wanted = requested_loras(tags)
-        if wanted == self.active:
-            return
-        self.remove()
         if not wanted:
-            return
-        apply = getattr(models, "apply_lora", None)
-        if apply is None:
-            raise LoRAUnavailableError(f"<lora:{wanted[0][0]}>: LoRA support is not available for this model (it has "
-                                       "no apply_lora); remove the tag from the prompt")
-        try:
-            for name, te, unet in wanted:
-                path = resolve_lora(name, lora_dirs)
-                self._handles.append(apply(path, unet) if te == unet else apply(path, unet, text_strength=te))
-        except BaseException:
-            self.remove()
-            raise
-        self.active = wanted
-
-    def remove(self) -> None:
-        """Undo the applied prompt LoRAs (handles without ``remove()`` cannot be undone: logged)."""
-        for handle in reversed(self._handles):
-            undo = getattr(handle, "remove", None)
-            if callable(undo):
-                undo()
-            else:
-                log.warning("a prompt LoRA cannot be removed (apply_lora returned no handle with remove()); "
-                            "it stays applied until the model is reloaded")
-        self._handles.clear()
-        self.active = ()
+            return models
+        key = (id(models), wanted, tuple(str(d) for d in lora_dirs),
+               tuple((h.name, h.strength, h.effective_text_strength) for h in getattr(models, "loras", ())))
+        if key == self._key:
+            return self._clone
+        if not hasattr(models, "clone"):
+            raise LoRAUnavailableError(f"<lora:{wanted[0][0]}>: LoRA support is not available for this model (it "
+                                       "cannot be cloned); remove the tag from the prompt")
+        clone = models.clone()
+        for name, te, unet in wanted:
+            path = resolve_lora(name, lora_dirs)
+            clone.apply_lora(path, unet) if te == unet else clone.apply_lora(path, unet, text_strength=te)
+        self._key, self._clone = key, clone
+        return clone

@@ -164,7 +164,7 @@ def stage_captions(n: int, size: int, seed: int, *, always_position: bool = Fals
             for (scene, style), on in zip(map(data.scene, range(n)), phrasing)]
 
 
-def layout_loss(net, x0, ids, gen, acp, t_low: int) -> torch.Tensor:
+def layout_loss(net, x0, ids, gen, prediction, t_low: int) -> torch.Tensor:
     """x0-space error at high noise (t >= t_low), where the layout of the picture is decided.
 
     With SD's schedule the noisiest training input still carries sqrt(abar_999) = 0.07 of the image,
@@ -178,14 +178,10 @@ def layout_loss(net, x0, ids, gen, acp, t_low: int) -> torch.Tensor:
     """
     import torch.nn.functional as F
 
-    b = x0.shape[0]
-    t = torch.randint(t_low, len(acp), (b,), generator=gen)
+    t = prediction.training_levels(x0.shape[0], gen, low=t_low)  # (levels first, then the noise)
     noise = torch.randn(x0.shape, generator=gen)
-    a = acp[t].sqrt().view(b, 1, 1, 1)
-    s = (1 - acp[t]).sqrt().view(b, 1, 1, 1)
-    x_t = a * x0 + s * noise
-    eps = net(x_t, t.float(), ids)
-    return F.mse_loss((x_t - s * eps) / a, x0)
+    x_t, timestep = prediction.training_input(x0, noise, t)
+    return F.mse_loss(prediction.training_x0(x_t, t, net(x_t, timestep, ids)), x0)
 
 
 def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch, out_dir: Path, seed: int,
@@ -196,11 +192,12 @@ def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch
     at t >= layout_t, captioned by ``layout_ids`` (default: ``ids``). ``lr_end``: anneal to it (half
     cosine). ``snr_gamma``: Min-SNR weighting of the eps part (objectives.diffusion_loss). These were
     varied in session 3's and 4's runs (docs/shapes.md)."""
+    from diffstudio.sampling.prediction import prediction_for
     from diffstudio.train.data import batch_indices
     from diffstudio.train.loop import step_generator, train
-    from diffstudio.train.objectives import alphas_cumprod, diffusion_loss
+    from diffstudio.train.objectives import diffusion_loss
 
-    acp = alphas_cumprod(SD15)
+    prediction = prediction_for(SD15)
 
     def loss_fn(net, step):
         gen = step_generator(seed, step)
@@ -212,11 +209,11 @@ def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch
             batch_ids[half:] = layout_ids[idx[half:]]
         batch_ids[dropped] = empty_ids
         if not layout_t or half == len(idx):  # (a small batch may round the layout part to nothing)
-            return diffusion_loss(SD15, lambda x, t: net(x, t, batch_ids), latents[idx], {}, gen, acp=acp,
+            return diffusion_loss(prediction, lambda x, t: net(x, t, batch_ids), latents[idx], {}, gen,
                                   snr_gamma=snr_gamma)
-        eps_part = diffusion_loss(SD15, lambda x, t: net(x, t, batch_ids[:half]), latents[idx[:half]], {}, gen,
-                                  acp=acp, snr_gamma=snr_gamma)
-        return eps_part + layout_loss(net, latents[idx[half:]], batch_ids[half:], gen, acp, layout_t)
+        eps_part = diffusion_loss(prediction, lambda x, t: net(x, t, batch_ids[:half]), latents[idx[:half]], {},
+                                  gen, snr_gamma=snr_gamma)
+        return eps_part + layout_loss(net, latents[idx[half:]], batch_ids[half:], gen, prediction, layout_t)
 
     return train(model, loss_fn, steps=steps, out_dir=out_dir, lr=lr, lr_end=lr_end, warmup=warmup,
                  optimizer=optimizer, desc=out_dir.name, checkpoint_every=250)

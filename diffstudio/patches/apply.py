@@ -2,27 +2,23 @@
 
 Layers are matched to the model's parameters (``matching.py``), checked by the doctor (no match at
 all raises ``LoRAMismatchError``, partial coverage warns with the numbers), turned into ``Patch``
-objects (the delta formulas of ``deltas.py``) and handed to each component's ``ModulePatcher``.
-Several LoRAs compose: each adds its own patches to the same per-weight lists.
+objects (the delta formulas of ``deltas.py``) and added to the model's own patch lists
+(``models.patches[role]``), which each component's ``ModulePatcher`` applies while that ``Models`` is
+the one in use. Several LoRAs compose: each adds its own patches to the same per-weight lists.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from diffstudio.errors import InvalidInputError
 from diffstudio.patches import deltas
 from diffstudio.patches.formats import LoRALayer, parse_lora
 from diffstudio.patches.matching import Match, match_lora
-from diffstudio.patches.patcher import MODES, ModulePatcher, Patch, patcher_for
-
-# Handles still applied, per denoiser module (what the recipe and `active_loras` report).
-_ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[LoRAHandle]] = weakref.WeakKeyDictionary()
+from diffstudio.patches.patcher import MODES, Patch, patcher_for
 
 
 def read_lora(source) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
@@ -93,7 +89,7 @@ class LoRAHandle:
         self.report = report
         self.mode = mode
         self._models = models
-        self._entries: list[tuple[ModulePatcher, str, Patch, bool]] = []  # (patcher, param, patch, is_text)
+        self._entries: list[tuple[str, str, Patch, bool]] = []  # (role, param, patch, is_text)
         self.strength = float(strength)
         self.text_strength = None if text_strength is None else float(text_strength)
         self.removed = False
@@ -103,12 +99,11 @@ class LoRAHandle:
         return self.strength if self.text_strength is None else self.text_strength
 
     def _refresh(self) -> None:
-        touched: dict[ModulePatcher, set[str]] = {}
-        for patcher, param, patch, is_text in self._entries:
+        touched: dict[str, set[str]] = {}
+        for role, param, patch, is_text in self._entries:
             patch.strength = self.effective_text_strength if is_text else self.strength
-            touched.setdefault(patcher, set()).add(param)
-        for patcher, names in touched.items():
-            patcher.refresh(names)
+            touched.setdefault(role, set()).add(param)
+        self._models.refresh_patches(touched)
 
     def set_strength(self, strength: float | None = None, text_strength: float | None = None) -> LoRAHandle:
         """``set_strength(x)``: the denoiser at x, the text encoders too unless given their own strength;
@@ -128,18 +123,26 @@ class LoRAHandle:
         """Take this LoRA's patches out; other LoRAs stay. Without any, weights are the base's exactly."""
         if self.removed:
             return
-        touched: dict[ModulePatcher, set[str]] = {}
-        for patcher, _, patch, _ in self._entries:
-            name = patcher.remove(patch)
-            if name is not None:
-                touched.setdefault(patcher, set()).add(name)
-        for patcher, names in touched.items():
-            patcher.refresh(names)
+        touched: dict[str, set[str]] = {}
+        for role, param, patch, _ in self._entries:
+            patches = self._models.patches.get(role, {}).get(param, [])
+            if patch in patches:
+                patches.remove(patch)
+                touched.setdefault(role, set()).add(param)
+        self._models.refresh_patches(touched)
         self._entries.clear()
         self.removed = True
-        handles = _ACTIVE.get(self._models.denoiser)
-        if handles and self in handles:
-            handles.remove(self)
+        if self in self._models.loras:
+            self._models.loras.remove(self)
+
+    def copy_to(self, models) -> LoRAHandle:
+        """This handle for a clone of its model: the same layers, patches of its own (own strengths)."""
+        twin = LoRAHandle(self.name, models, self.report, self.strength, self.text_strength, self.mode)
+        twin.removed = self.removed
+        for role, param, patch, is_text in self._entries:
+            copy = models.patches[role][param][self._models.patches[role][param].index(patch)]
+            twin._entries.append((role, param, copy, is_text))
+        return twin
 
     def describe(self) -> dict:
         """What a recipe records: the file, its strengths and mode."""
@@ -167,28 +170,34 @@ def apply_lora(models, source, strength: float = 1.0, text_strength: float | Non
     if mode not in MODES:
         raise InvalidInputError(f"unknown LoRA mode {mode!r}; use one of {', '.join(MODES)}")
     sd, metadata, name = read_lora(source)
+    if name != "<state dict>" and any(Path(h.name).resolve() == Path(name).resolve() for h in models.loras):
+        raise InvalidInputError(f"the LoRA {name} is already applied to this model; change its strength with "
+                                "handle.set_strength(...) instead of applying it twice")
     parsed = parse_lora(sd, metadata)
     matches = match_lora(parsed, models)
     report = make_report(parsed, matches, models, name)
     check_coverage(report)
     handle = LoRAHandle(name, models, report, strength, text_strength, mode)
+    models.activate()
     for match in matches:
         if match.problem is not None:
             continue
         module = match.component.module
         device = next(module.parameters()).device
         patcher = patcher_for(module)
+        role = match.component.role
+        patcher.use(models.patches.setdefault(role, {}))
         for param, patch in _patches_for(match, mode, device):
             patcher.add(param, patch)
-            handle._entries.append((patcher, param, patch, match.component.is_text))
+            handle._entries.append((role, param, patch, match.component.is_text))
     handle._refresh()
-    _ACTIVE.setdefault(models.denoiser, []).append(handle)
+    models.loras.append(handle)
     return handle
 
 
 def active_loras(models) -> list[LoRAHandle]:
     """The LoRAs applied to ``models`` and not removed, in the order they were applied."""
-    return list(_ACTIVE.get(models.denoiser, ()))
+    return list(models.loras)
 
 
 def lora_recipe(models) -> dict:

@@ -77,11 +77,17 @@ def _row_index(rows: Rows, n: int, device) -> torch.Tensor:
 
 
 class ModulePatcher:
-    """The patch lists of one module; get it with ``patcher_for(module)``."""
+    """What is applied to one module's weights now: the patch lists in use, the backups of merged
+    parameters, the forward hooks. Get it with ``patcher_for(module)``.
+
+    The patch lists themselves belong to a ``Models`` (``models.patches[role]``): several ``Models``
+    clones share one module, and ``use(lists)`` switches the module's weights to another clone's
+    patches (recomputed from the backups, so switching back and forth never drifts).
+    """
 
     def __init__(self, module: nn.Module):
         self._module = weakref.ref(module)
-        self.patches: dict[str, list[Patch]] = {}
+        self.patches: dict[str, list[Patch]] = {}  # the lists in use (a Models' own dict)
         self.backups: dict[str, torch.Tensor] = {}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._live_cache: dict[str, torch.Tensor] = {}  # on-the-fly summed materialised deltas
@@ -111,6 +117,17 @@ class ModulePatcher:
                 patches.remove(patch)
                 return name
         return None
+
+    def use(self, patches: dict[str, list[Patch]]) -> None:
+        """Make ``patches`` (a Models' lists for this module) the ones applied to the weights."""
+        if patches is self.patches:
+            return
+        names = set(self.patches) | set(patches)
+        self.patches = patches
+        self.refresh(names)
+
+    def in_use(self, patches: dict[str, list[Patch]]) -> bool:
+        return patches is self.patches
 
     def is_patched(self) -> bool:
         return any(self.patches.values()) or bool(self.backups)
@@ -231,12 +248,13 @@ def _add_channels(output: torch.Tensor, part: torch.Tensor, rows: Rows, dim: int
     return output.index_add(dim % output.ndim, index, part.to(output.dtype))
 
 
-_PATCHERS: weakref.WeakKeyDictionary[nn.Module, ModulePatcher] = weakref.WeakKeyDictionary()
+_ATTR = "_diffstudio_patcher"
 
 
 def patcher_for(module: nn.Module, create: bool = True) -> ModulePatcher | None:
-    """The one patcher of ``module`` (created on first use)."""
-    patcher = _PATCHERS.get(module)
+    """The one patcher of ``module`` (created on first use), kept on the module itself."""
+    patcher = module.__dict__.get(_ATTR)
     if patcher is None and create:
-        patcher = _PATCHERS[module] = ModulePatcher(module)
+        patcher = ModulePatcher(module)
+        module.__dict__[_ATTR] = patcher
     return patcher

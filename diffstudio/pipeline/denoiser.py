@@ -1,8 +1,9 @@
-"""A loaded model -> a k-diffusion style denoiser ``D(x, sigma, **cond) -> x0``.
+"""A loaded model -> its network call and its k-diffusion style denoiser ``D(x, sigma, **cond) -> x0``.
 
-The family record says the prediction type and training schedule; this module only
-wires the denoiser network to the matching model-sampling object. The network runs in
-the models' dtype, the sampler's state stays float32.
+``network_fn`` is the one function that calls a family's network, for inference and for training: the
+family record adapts the call (packing, ids, argument order), inputs are cast to the model's dtype and
+device, the output comes back float32. ``make_denoiser`` pairs it with the family's prediction object
+(sampling/prediction.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import torch
 from diffstudio.errors import NaNError
 
 
-def network_fn(models):
-    """The raw network call shared by every family: inputs cast in, outputs cast out."""
+def network_fn(models, *, check_finite: bool = True):
+    """``call(x, t, *, c_concat=None, **cond) -> output`` of ``models``' denoiser network.
+
+    ``c_concat`` (inpainting checkpoints' extra input channels) is concatenated to x. With
+    ``check_finite`` a NaN/inf output raises ``NaNError`` instead of spreading through the sampler."""
     net = models.denoiser
     dtype = models.dtype
     device = models.device
@@ -25,7 +29,7 @@ def network_fn(models):
         cond = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
                     else v) for k, v in cond.items()}
         out = call_net(net, x.to(device=device, dtype=dtype), t.to(device), cond).to(x.device, torch.float32)
-        if not torch.isfinite(out).all():
+        if check_finite and not torch.isfinite(out).all():
             raise NaNError(f"the {models.family.name} denoiser produced NaN/inf values in {dtype}; "
                            "try dtype=torch.bfloat16 or torch.float32")
         return out
@@ -35,17 +39,7 @@ def network_fn(models):
 
 def make_denoiser(models, latent_size: tuple[int, int] = (64, 64)):
     """``latent_size`` (height, width) matters only to flow models with a resolution-dependent shift."""
-    from diffstudio.sampling import denoisers, schedules
+    from diffstudio.sampling.denoisers import Denoiser
+    from diffstudio.sampling.prediction import prediction_for
 
-    family = models.family
-    fn = network_fn(models)
-    s = family.schedule
-    if family.prediction == "flow":
-        return denoisers.Flow(fn, shift=s.shift_for(*latent_size), multiplier=s.multiplier)
-    betas = schedules.betas_for(s.kind, s.beta_start, s.beta_end, s.num_steps)
-    sigmas = schedules.model_sigmas(betas)
-    if family.prediction == "eps":
-        return denoisers.DiscreteEps(fn, sigmas)
-    if family.prediction == "v":
-        return denoisers.DiscreteV(fn, sigmas)
-    raise ValueError(f"unknown prediction type {family.prediction!r} in family {family.name}")
+    return Denoiser(network_fn(models), prediction_for(models.family, latent_size))

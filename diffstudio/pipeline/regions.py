@@ -162,13 +162,13 @@ def _rows(cond: dict, index: list[int]) -> dict:
     return {k: v.index_select(0, idx.to(v.device)) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
 
 
-def encode_passes(pipe, regions: list[Region], prompts: list[str], negatives: list[str], given: tuple[dict, dict],
-                  clip_skip: int, options: dict) -> list[tuple[dict, dict]]:
+def encode_passes(encode, regions: list[Region], prompts: list[str], negatives: list[str],
+                  given: tuple[dict, dict]) -> list[tuple[dict, dict]]:
     """(cond, uncond) per pass: the global prompt first, then each region, each with the batch's rows.
 
-    Every prompt and negative is encoded in one batch so their token lengths pad alike. Entries
-    the pipeline added to the global conditioning (image-side inputs such as ``c_concat``) are
-    shared by every pass.
+    ``encode(prompts, negatives) -> (cond, uncond)`` is the run's prompt encoder. Every prompt and
+    negative is encoded in one batch so their token lengths pad alike. Entries the pipeline added to
+    the global conditioning (image-side inputs such as ``c_concat``) are shared by every pass.
     """
     from diffstudio.conditioning.lora_tags import split_lora_tags
 
@@ -180,8 +180,7 @@ def encode_passes(pipe, regions: list[Region], prompts: list[str], negatives: li
     region_negatives = [r.negative_prompt if r.negative_prompt is not None else negatives[i]
                         for r in regions for i in range(n)]
     with torch.inference_mode():
-        cond, uncond = pipe.encode_prompts(prompts + [r.prompt for r in regions], negatives + region_negatives,
-                                           clip_skip, **options)
+        cond, uncond = encode(prompts + [r.prompt for r in regions], negatives + region_negatives)
     passes = [(_rows(cond, list(range(n))), _rows(uncond, list(range(n))))]
     passes += [(_rows(cond, [n + r] * n), _rows(uncond, [n + r * n + i for i in range(n)])) for r in range(count)]
     extra_c = {k: v for k, v in given[0].items() if k not in cond}
@@ -189,27 +188,27 @@ def encode_passes(pipe, regions: list[Region], prompts: list[str], negatives: li
     return [({**c, **extra_c}, {**u, **extra_u}) for c, u in passes]
 
 
-def region_denoiser(pipe, denoiser, regions, mode: str, cond: dict, uncond: dict, *, prompts: list[str],
-                    negatives: list[str], cfg_scale: float, clip_skip: int, width: int, height: int, **options):
-    """The guided denoiser for a generation with regions (called by ``Pipeline.__call__``)."""
+def region_denoiser(denoiser, regions, mode: str, gen):
+    """The guided denoiser of a run with regions (``modules.RegionPrompts``); ``gen`` is the run's
+    ``modules.Generation`` (its prompts, encoder, conditioning, size and CFG scale)."""
     from diffstudio.pipeline.region_attention import attention_conditioning
     from diffstudio.pipeline.region_latent import RegionLatentDenoiser
     from diffstudio.pipeline.region_masks import blend_weights, region_mask
 
+    request, cfg_scale = gen.request, gen.request.cfg_scale
     if mode not in MODES:
         raise RegionError(f"unknown region_mode {mode!r}; use one of {', '.join(MODES)}")
     layout = as_layout(regions)
     active = [r for r in layout.regions if r.weight > 0]  # a weight-0 region changes nothing: no pass
     if not active:
-        return CFGDenoiser(denoiser, cond, uncond, cfg_scale)
-    down = pipe.family.latent.downscale
-    latent_hw = (height // down, width // down)
-    masks = torch.stack([region_mask(r, (width, height), latent_hw) for r in active])
+        return CFGDenoiser(denoiser, gen.cond, gen.uncond, cfg_scale)
+    latent_hw = gen.latent_shape[1:]
+    size = (request.width, request.height)
+    masks = torch.stack([region_mask(r, size, latent_hw) for r in active])
     weights = blend_weights(masks, torch.tensor([float(r.weight) for r in active]), layout.global_weight)
-    passes = encode_passes(pipe, active, prompts, negatives, (cond, uncond), clip_skip,
-                           {"width": width, "height": height, **options})
+    passes = encode_passes(gen.encode, active, gen.prompts, gen.negatives, (gen.cond, gen.uncond))
     if mode == "attention":
-        c, u = attention_conditioning(pipe.models.denoiser, [p[0] for p in passes], [p[1] for p in passes],
+        c, u = attention_conditioning(gen.models.denoiser, [p[0] for p in passes], [p[1] for p in passes],
                                       weights, latent_hw)
         return CFGDenoiser(denoiser, c, u, cfg_scale)
     keep = [p for p in range(len(passes)) if weights[p].max() > 0]  # e.g. the global pass at global_weight 0

@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 
+from diffstudio.errors import InvalidInputError
+
 KINDS = ("ve", "flow")
 
 
@@ -301,5 +303,5 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     """The sampler function registered under ``name`` (a key of SAMPLERS)."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
+        raise InvalidInputError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
     return SAMPLERS[name]

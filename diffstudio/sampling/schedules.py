@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from diffstudio.errors import InvalidInputError
+
 # -- the discrete training schedule --------------------------------------------------------------
 
 
@@ -125,7 +127,7 @@ def flow_sigmas(steps: int, shift: float = 1.0, *, mu: float | None = None) -> t
 
 def _check_steps(steps: int) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise InvalidInputError(f"steps must be a positive integer, got {steps!r}")
 
 
 def _table(model_sampling) -> torch.Tensor:
@@ -254,7 +256,7 @@ SCHEDULERS: dict[str, Callable[..., torch.Tensor]] = {
 def get_sigmas(name: str, model_sampling, steps: int, **options) -> torch.Tensor:
     """The sampling schedule ``name`` (a key of SCHEDULERS) for this model, ``steps`` steps."""
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; known schedulers: {', '.join(SCHEDULERS)}")
+        raise InvalidInputError(f"unknown scheduler {name!r}; known schedulers: {', '.join(SCHEDULERS)}")
     return SCHEDULERS[name](model_sampling, steps, **options)
 
 
@@ -271,17 +273,17 @@ def validate_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
     try:
         s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"sigmas must be a 1-D sequence of numbers: {err}") from err
+        raise InvalidInputError(f"sigmas must be a 1-D sequence of numbers: {err}") from err
     if s.ndim != 1 or len(s) == 0:
-        raise ValueError(f"sigmas must be a non-empty 1-D sequence, got shape {tuple(s.shape)}")
+        raise InvalidInputError(f"sigmas must be a non-empty 1-D sequence, got shape {tuple(s.shape)}")
     if not torch.isfinite(s).all() or (s < 0).any():
-        raise ValueError(f"sigmas must be finite and >= 0, got {s.tolist()}")
+        raise InvalidInputError(f"sigmas must be finite and >= 0, got {s.tolist()}")
     if len(s) > 1 and not (s[1:] < s[:-1]).all():
-        raise ValueError(f"sigmas must be strictly decreasing (highest noise first), got {s.tolist()}")
+        raise InvalidInputError(f"sigmas must be strictly decreasing (highest noise first), got {s.tolist()}")
     if s[-1] > 0:
         s = torch.cat([s, s.new_zeros(1)])
     if len(s) < 2:
-        raise ValueError("sigmas give no step: pass at least one sigma > 0 "
+        raise InvalidInputError("sigmas give no step: pass at least one sigma > 0 "
                          "(a trailing 0 is added if missing)")
     return s.float()
 
@@ -294,7 +296,7 @@ def sigmas_for_strength(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
     """
     strength = float(strength)
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
+        raise InvalidInputError(f"strength must be in [0, 1], got {strength}")
     steps = len(sigmas) - 1
     kept = min(steps, math.floor(steps * strength + 1e-6))  # 1e-6: 0.3 * 10 is 3, not 2.9999999
     return sigmas[steps - kept:]

@@ -189,11 +189,13 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     ``models``: an already loaded base (left unchanged afterwards). ``stop_after`` stops after that many
     steps of this call without exporting (an interrupted run; the next call resumes)."""
     import diffstudio
+    from diffstudio.pipeline.denoiser import network_fn
+    from diffstudio.sampling.prediction import prediction_for
     from diffstudio.train.buckets import bucket_batches
     from diffstudio.train.data import read_captions
     from diffstudio.train.loop import step_generator, train
     from diffstudio.train.lora_export import save_lora
-    from diffstudio.train.objectives import alphas_cumprod, diffusion_loss
+    from diffstudio.train.objectives import diffusion_loss
 
     if config.precision not in ("fp32", "bf16"):
         raise InvalidInputError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}")
@@ -225,14 +227,8 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
         denoiser.gradient_checkpointing = True
 
     items, buckets = data["items"], data["buckets"]
-    call = family.call_denoiser or (lambda net, x, t, cond: net(x, t, **cond))
-    acp = alphas_cumprod(family) if family.prediction != "flow" else None
-    t_scale = family.schedule.multiplier if family.prediction == "flow" else 1.0
-
-    def net_fn(x, t, **cond):
-        cond = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                for k, v in cond.items()}
-        return call(trainee.denoiser, x.to(dtype), t, cond).float()
+    prediction = prediction_for(family)
+    net_fn = network_fn(models, check_finite=False)
 
     def loss_fn(model, step):
         gen = step_generator(config.seed, step)
@@ -243,8 +239,7 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
             dropped = config.caption_dropout and torch.rand((), generator=gen).item() < config.caption_dropout
             size = items[i]["size"]
             conds.append(data["empty"][f"{size[0]}x{size[1]}"] if dropped else items[i]["cond"])
-        return diffusion_loss(family, net_fn, x0, _collate(conds), gen, acp=acp, flow_t_scale=t_scale,
-                              snr_gamma=config.snr_gamma)
+        return diffusion_loss(prediction, net_fn, x0, _collate(conds), gen, snr_gamma=config.snr_gamma)
 
     trainee = _Trainee(denoiser)
     try:

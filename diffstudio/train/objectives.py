@@ -13,17 +13,19 @@ import torch.nn.functional as F
 
 
 def alphas_cumprod(family) -> torch.Tensor:
-    from diffstudio.sampling import schedules
+    """abar_t of a discrete family's training schedule (float32), as its prediction object holds it."""
+    from diffstudio.sampling.prediction import prediction_for
 
-    s = family.schedule
-    betas = schedules.betas_for(s.kind, s.beta_start, s.beta_end, s.num_steps)
-    return torch.cumprod(1.0 - betas.double(), dim=0).float()
+    return prediction_for(family).alphas_cumprod
 
 
-def diffusion_loss(family, net, x0: torch.Tensor, cond: dict, gen: torch.Generator,
-                   acp: torch.Tensor | None = None, flow_t_scale: float = 1000.0,
+def diffusion_loss(family_or_prediction, net, x0: torch.Tensor, cond: dict, gen: torch.Generator,
                    snr_gamma: float | None = None) -> torch.Tensor:
     """Mean-squared error of the network's prediction at a random noise level.
+
+    The noising, the network's timestep and the target come from the prediction object
+    (sampling/prediction.py: ``training_levels``, ``training_input``, ``training_target``); a family record
+    stands for its own. The noise is drawn first, then the levels.
 
     ``snr_gamma``: Min-SNR-gamma weighting (Hang et al. 2023, eq. 9) for eps and v. Written as an x0 error,
     the eps loss weighs each noise level by SNR(t) and the v loss by SNR(t) + 1, so the nearly clean
@@ -31,27 +33,27 @@ def diffusion_loss(family, net, x0: torch.Tensor, cond: dict, gen: torch.Generat
     colour and shape are decided from the text, barely count. Min-SNR caps the x0 weight at gamma: each
     sample's loss is scaled by min(SNR, gamma) / SNR (eps) or min(SNR, gamma) / (SNR + 1) (v).
     """
-    if snr_gamma is not None and family.prediction == "flow":
+    pred = _prediction(family_or_prediction)
+    if snr_gamma is not None and pred.kind == "flow":
         raise ValueError("snr_gamma (Min-SNR weighting) is defined for eps and v prediction, not flow matching")
-    b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=gen).to(x0)
-    if family.prediction == "flow":
-        s = torch.sigmoid(torch.randn(b, generator=gen)).to(x0)
-        sv = s.view(b, *([1] * (x0.ndim - 1)))
-        out = net((1 - sv) * x0 + sv * noise, s * flow_t_scale, **cond)
-        return F.mse_loss(out.float(), (noise - x0).float())
-    acp = alphas_cumprod(family) if acp is None else acp
-    t = torch.randint(0, len(acp), (b,), generator=gen)
-    a = acp[t].sqrt().to(x0).view(b, *([1] * (x0.ndim - 1)))
-    s = (1 - acp[t]).sqrt().to(x0).view_as(a)
-    out = net(a * x0 + s * noise, t.float().to(x0.device), **cond)
-    target = noise if family.prediction == "eps" else a * noise - s * x0
+    levels = pred.training_levels(x0.shape[0], gen)
+    x_in, t = pred.training_input(x0, noise, levels)
+    out = net(x_in, t, **cond)
+    target = pred.training_target(x0, noise, levels)
     if snr_gamma is None:
         return F.mse_loss(out.float(), target.float())
-    snr = acp[t] / (1 - acp[t])
-    weight = snr.clamp(max=snr_gamma) / (snr if family.prediction == "eps" else snr + 1)
+    weight = pred.min_snr_weight(levels, snr_gamma)
     per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)
     return (weight.to(per_sample) * per_sample).mean()
+
+
+def _prediction(family_or_prediction):
+    from diffstudio.sampling.prediction import Prediction, prediction_for
+
+    if isinstance(family_or_prediction, Prediction):
+        return family_or_prediction
+    return prediction_for(family_or_prediction)
 
 
 def edge_map(images: torch.Tensor) -> torch.Tensor:
