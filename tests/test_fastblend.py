@@ -21,6 +21,7 @@ from diffstudio.video.fastblend import blend, cli, interpolate, iter_blend, rema
 from diffstudio.video.fastblend.frames import ArrayFrames, DiskFrames, FrameCache, as_unit_float
 from diffstudio.video.fastblend.modes import blend_accurate, blend_balanced, blend_fast
 from diffstudio.video.fastblend.patch_match import MatchConfig, PatchMatcher
+from diffstudio.video.fastblend.remapper import PatchMatchRemapper
 
 MOTION = (1, 2)  # rows, columns per frame
 MARGIN = 8  # pixels near the border (content entering the view) are left out of the measures
@@ -348,3 +349,35 @@ def test_cli_blends_and_interpolates(tmp_path, scene):
     assert cli.main(["--guide", str(tmp_path / "guide"), "--keyframes", str(keys),
                      "-o", str(tmp_path / "o.mp4"), "--num-iter", "2", "--quiet"]) == 0
     assert len(video_io.read_frames(str(tmp_path / "o.mp4"))) == 5
+
+
+@pytest.mark.parametrize("output", ["out.mp4", "out"])
+def test_a_crashed_run_leaves_the_old_output(tmp_path, scene, monkeypatch, output):
+    guide, _, style = scene
+    video_io.write_frames(str(tmp_path / "guide"), guide)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    from PIL import Image
+
+    Image.fromarray(style[0]).save(keys / "00000.png")
+    Image.fromarray(style[9]).save(keys / "00009.png")
+    out = tmp_path / output
+    video_io.write_frames(str(out), style)
+    files = lambda: {p: p.read_bytes() for p in (sorted(out.iterdir()) if out.is_dir() else [out])}  # noqa: E731
+    before = files()
+    calls = []
+    real_pairs = PatchMatchRemapper.pairs
+
+    def crash_on_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real_pairs(self, *args, **kwargs)
+
+    monkeypatch.setattr(PatchMatchRemapper, "pairs", crash_on_third_batch)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cli.main(["--guide", str(tmp_path / "guide"), "--keyframes", str(keys), "-o", str(out),
+                  "--batch-size", "2", "--num-iter", "1", "--quiet"])
+    assert len(calls) == 3  # frames had been written when it crashed
+    assert files() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["guide", "keys", output])
