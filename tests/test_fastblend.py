@@ -313,6 +313,93 @@ def test_errors_name_the_problem(scene):
         blend(style[:2], guide[:2], minimum_patch_size=4)
 
 
+@pytest.fixture
+def cli_inputs(tmp_path, monkeypatch):
+    """A 5-frame guide and style video as frame folders, a keyframe folder; no decoding allowed."""
+    from PIL import Image
+
+    guide, _, style = make_scene(frames=5, size=24)
+    video_io.write_frames(str(tmp_path / "guide"), guide)
+    video_io.write_frames(str(tmp_path / "style"), style)
+    (tmp_path / "keys").mkdir()
+    Image.fromarray(style[0]).save(tmp_path / "keys" / "00000.png")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a video was decoded before the arguments were checked")
+
+    monkeypatch.setattr(DiskFrames, "spill", no_work)
+    return tmp_path
+
+
+CLI_MISTAKES = [  # (arguments replacing the defaults, error class, words the message must hold)
+    (["--guide", "{tmp}/missing.mp4"], "InputFileNotFoundError", "guide video"),
+    (["--style", "{tmp}/missing"], "InputFileNotFoundError", "style video"),
+    (["--guide", "{tmp}/keys/00000.png"], "UnsupportedFormatError", "guide video"),
+    (["--keyframes", "{tmp}/nokeys"], "InputFileNotFoundError", "keyframe folder"),
+    (["--keyframes", "{tmp}/keys", "--name-key", "style.png"], "InvalidInputError", "00042.png"),
+    (["--keyframes", "{tmp}/keys", "--name-key", "key_0.png"], "InvalidInputError", "both name frame 0"),
+    (["--window-size", "-1"], "InvalidInputError", "window_size"),
+    (["--minimum-patch-size", "4"], "InvalidInputError", "odd"),
+    (["--batch-size", "0"], "InvalidInputError", "batch_size"),
+    (["--num-iter", "0"], "InvalidInputError", "num_iter"),
+    (["--guide-weight", "-1"], "InvalidInputError", "guide_weight"),
+    (["--tracking-window-size", "-2"], "InvalidInputError", "tracking_window_size"),
+    (["--device", "nodevice"], "InvalidInputError", "device"),
+    (["--fps", "0"], "InvalidInputError", "fps"),
+    (["--crf", "99"], "InvalidInputError", "crf"),
+    (["--tmp-dir", "{tmp}/noscratch"], "InputFileNotFoundError", "tmp-dir"),
+    (["-o", "{tmp}/out.avi"], "UnsupportedFormatError", ".mp4"),
+    (["-o", "{tmp}/guide.mp4"], "InvalidInputError", "is a folder"),
+    (["-o", "{tmp}/keys/00000.png"], "InvalidInputError", "is a file"),
+    (["-o", "{tmp}"], "InvalidInputError", "holds more than frames"),
+]
+
+
+@pytest.mark.parametrize("changes, error, words", CLI_MISTAKES, ids=[c[2] + ":" + c[0][-1] for c in CLI_MISTAKES])
+def test_cli_names_user_mistakes_before_any_work(cli_inputs, capsys, changes, error, words):
+    from PIL import Image
+
+    from diffstudio.cli import main
+
+    tmp = str(cli_inputs)
+    (cli_inputs / "guide.mp4").mkdir()
+    options = {"--guide": f"{tmp}/guide", "--style": f"{tmp}/style", "-o": f"{tmp}/out.mp4"}
+    changes = [arg.format(tmp=tmp) for arg in changes]
+    for flag, value in zip(changes[::2], changes[1::2]):
+        if flag == "--name-key":  # a second keyframe file with this name
+            Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(cli_inputs / "keys" / value)
+            continue
+        options[flag] = value
+    if "--keyframes" in options:
+        del options["--style"]
+    argv = ["fastblend", *[part for item in options.items() for part in item], "--quiet"]
+    before = sorted(p.name for p in cli_inputs.iterdir())
+    assert main(argv) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: {error}: ") and words in message, message
+    assert sorted(p.name for p in cli_inputs.iterdir()) == before  # nothing written
+    assert cli.main(argv[1:]) == 2  # the standalone entry point answers the same way
+    assert capsys.readouterr().err == message
+
+
+def test_cli_names_mistakes_found_in_the_frames(tmp_path, capsys):
+    """Keyframe numbers past the video's end and mismatched sizes show up once frames are read."""
+    from diffstudio.cli import main
+
+    guide, _, style = make_scene(frames=5, size=24)
+    video_io.write_frames(str(tmp_path / "guide"), guide)
+    video_io.write_frames(str(tmp_path / "style"), style[:, :16])
+    video_io.write_frames(str(tmp_path / "keys"), style[:1])
+    (tmp_path / "keys" / "00000.png").rename(tmp_path / "keys" / "00009.png")
+    assert main(["fastblend", "--guide", str(tmp_path / "guide"), "--keyframes", str(tmp_path / "keys"),
+                 "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "InvalidSizeError" in capsys.readouterr().err
+    assert main(["fastblend", "--guide", str(tmp_path / "guide"), "--style", str(tmp_path / "style"),
+                 "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "resize" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guide", "keys", "style"]
+
+
 # -- video files and the command line -----------------------------------------------------------
 
 def test_video_io_round_trip(tmp_path, scene):

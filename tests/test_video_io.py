@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from diffstudio.errors import InvalidInputError
+from diffstudio.errors import InputFileNotFoundError, InvalidInputError
 from diffstudio.video import video_io
 
 
@@ -118,3 +118,12 @@ def test_writer_with_no_frames_changes_nothing(tmp_path):
         video_io.write_frames(str(path), [])
     assert snapshot(tmp_path) == before
 
+
+
+def test_missing_inputs_name_what_is_missing(tmp_path):
+    with pytest.raises(InputFileNotFoundError, match="guide video"):
+        video_io.check_source(str(tmp_path / "nope.mp4"), "guide video")
+    with pytest.raises(InputFileNotFoundError, match="video"):
+        next(video_io.iter_frames(str(tmp_path / "nope.mp4")))
+    with pytest.raises(InvalidInputError, match="00042.png"):
+        video_io.frame_index("keyframe.png")

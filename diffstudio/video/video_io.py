@@ -17,7 +17,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from diffstudio.errors import CorruptFileError, InvalidInputError, UnsupportedFormatError
+from diffstudio.errors import CorruptFileError, InputFileNotFoundError, InvalidInputError, UnsupportedFormatError
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif")
 WRITABLE_EXTENSIONS = (".mp4", ".mov", ".mkv", ".m4v")  # containers that take H.264
@@ -29,13 +29,13 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def list_frame_files(folder: str) -> list[str]:
-    """The image files of a folder, in natural order of their names."""
+def list_frame_files(folder: str, what: str = "folder of frames") -> list[str]:
+    """The image files of a folder, in natural order of their names (``what`` names it in errors)."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"no folder of frames at {folder!r}")
+        raise InputFileNotFoundError(f"no {what} at {folder!r}: check the path")
     names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)]
     if not names:
-        raise UnsupportedFormatError(f"{folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise UnsupportedFormatError(f"the {what} {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return [os.path.join(folder, n) for n in sorted(names, key=_natural_key)]
 
 
@@ -50,24 +50,33 @@ def read_image(path: str) -> np.ndarray:
         raise CorruptFileError(f"cannot read image {path!r}: {error}") from error
 
 
-def iter_frames(path: str) -> Iterator[np.ndarray]:
-    """The frames of a video file or a folder of images, as (H, W, 3) uint8 arrays, in order."""
+def check_source(path: str, what: str = "video") -> None:
+    """Raise unless ``path`` is a video file or a folder holding images; ``what`` ("guide video",
+    "style video") names the input in the message. Reads no frames."""
     if os.path.isdir(path):
-        for name in list_frame_files(path):
-            yield read_image(name)
+        list_frame_files(path, f"{what} (a folder of frames)")
         return
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no video at {path!r}")
+        raise InputFileNotFoundError(f"no {what} at {path!r}: give a video file or a folder of frames")
     if not path.lower().endswith(VIDEO_EXTENSIONS):
         raise UnsupportedFormatError(
-            f"{path!r} is not a video ({', '.join(VIDEO_EXTENSIONS)}) or a folder of frames")
+            f"the {what} {path!r} is not a video ({', '.join(VIDEO_EXTENSIONS)}) or a folder of frames")
+
+
+def iter_frames(path: str, what: str = "video") -> Iterator[np.ndarray]:
+    """The frames of a video file or a folder of images, as (H, W, 3) uint8 arrays, in order."""
+    check_source(path, what)
+    if os.path.isdir(path):
+        for name in list_frame_files(path, what):
+            yield read_image(name)
+        return
     import imageio.v3 as iio
 
     try:
         for frame in iio.imiter(path, plugin="pyav"):
             yield np.ascontiguousarray(frame[:, :, :3])
     except (OSError, ValueError) as error:
-        raise CorruptFileError(f"cannot decode video {path!r}: {error}") from error
+        raise CorruptFileError(f"cannot decode the {what} {path!r}: {error}") from error
 
 
 def read_frames(path: str) -> list[np.ndarray]:
@@ -88,23 +97,31 @@ def video_fps(path: str, default: float = DEFAULT_FPS) -> float:
     return float(fps) if fps else default
 
 
+KEYFRAME_NAMES = "the frame number (0-based) as the last digits of the name, e.g. 00042.png or key_42.png"
+
+
 def frame_index(path: str) -> int:
     """The frame number in a keyframe's file name: its last run of digits (``key_0042.png`` -> 42)."""
     digits = re.findall(r"\d+", os.path.splitext(os.path.basename(path))[0])
     if not digits:
-        raise ValueError(f"keyframe file {path!r} has no frame number in its name (expected e.g. 00042.png)")
+        raise InvalidInputError(f"keyframe file {path!r} has no frame number in its name: name each keyframe "
+                                f"by the frame it stylises, {KEYFRAME_NAMES}")
     return int(digits[-1])
 
 
-def read_indexed_frames(folder: str) -> dict[int, np.ndarray]:
-    """Keyframes from a folder: {frame number from the file name: (H, W, 3) uint8 image}."""
-    frames: dict[int, np.ndarray] = {}
-    for path in list_frame_files(folder):
+def read_indexed_frames(folder: str, what: str = "keyframe folder") -> dict[int, np.ndarray]:
+    """Keyframes from a folder: {frame number from the file name: (H, W, 3) uint8 image}.
+
+    Every name is checked before any image is read."""
+    paths = list_frame_files(folder, what)
+    indices: dict[int, str] = {}
+    for path in paths:
         index = frame_index(path)
-        if index in frames:
-            raise ValueError(f"two keyframes in {folder!r} have frame number {index}")
-        frames[index] = read_image(path)
-    return frames
+        if index in indices:
+            raise InvalidInputError(f"{os.path.basename(indices[index])!r} and {os.path.basename(path)!r} in "
+                                    f"{folder!r} both name frame {index}: keep one keyframe per frame")
+        indices[index] = path
+    return {index: read_image(path) for index, path in indices.items()}
 
 
 def _hidden_sibling(path: str, tag: str, suffix: str = "") -> str:
