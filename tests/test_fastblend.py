@@ -468,3 +468,26 @@ def test_a_crashed_run_leaves_the_old_output(tmp_path, scene, monkeypatch, outpu
     assert len(calls) == 3  # frames had been written when it crashed
     assert files() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["guide", "keys", output])
+
+
+def test_no_entry_point_sets_a_thread_policy(tmp_path, monkeypatch):
+    """Threads are the caller's choice (docs/fastblend.md): neither command changes them."""
+    import os
+    import runpy
+    import sys
+
+    guide, _, style = make_scene(frames=3, size=24)
+    video_io.write_frames(str(tmp_path / "guide"), guide)
+    video_io.write_frames(str(tmp_path / "style"), style)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    threads = torch.get_num_threads()
+    argv = ["--guide", str(tmp_path / "guide"), "--style", str(tmp_path / "style"), "-o", str(tmp_path / "out"),
+            "--window-size", "1", "--num-iter", "1", "--quiet"]
+    from diffstudio.cli import main
+
+    assert main(["fastblend", *argv]) == 0
+    monkeypatch.setattr(sys, "argv", ["fastblend", *argv])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("diffstudio.video.fastblend", run_name="__main__")
+    assert done.value.code == 0
+    assert "OMP_WAIT_POLICY" not in os.environ and torch.get_num_threads() == threads

@@ -12,6 +12,12 @@ fixes the result.
 Frames are lists of PIL images or uint8 arrays (H, W, 3), or one (N, H, W, 3) uint8 array.
 ``iter_blend`` / ``iter_interpolate`` yield the output frames one by one instead (constant memory).
 See docs/fastblend.md for the algorithm, the modes and their costs.
+
+CPU threads: FastBlend sets no thread policy of its own, in the API or its commands. Choose the
+thread count with ``torch.set_num_threads(n)`` or ``OMP_NUM_THREADS=n``. On a CPU shared with other
+jobs, put ``OMP_WAIT_POLICY=PASSIVE`` in the environment before Python imports torch (setting
+``os.environ`` later has no effect): with OpenMP's default spinning waits, two threads on a busy
+2-core machine ran 10-100x slower than with passive waits.
 """
 
 from __future__ import annotations

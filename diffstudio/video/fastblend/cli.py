@@ -6,7 +6,8 @@
 Videos may be files or folders of frames; keyframes are images named by their frame number
 (``00042.png``). Input frames are spilled to a temporary raw file and read back one window at a
 time, and output frames are encoded as they are made, so memory stays bounded for any length.
-The same command runs standalone as ``python -m diffstudio.video.fastblend``.
+The same command runs standalone as ``python -m diffstudio.video.fastblend``. Neither sets CPU
+threads: see ``diffstudio.video.fastblend`` (OMP_NUM_THREADS, OMP_WAIT_POLICY=PASSIVE).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import argparse
 import os
 import sys
 import tempfile
-
-import torch
 
 from diffstudio.errors import DiffstudioError, InputFileNotFoundError, InvalidInputError
 from diffstudio.video import video_io
@@ -43,7 +42,6 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--fps", type=float, default=None, help="output frame rate (default: the guide's)")
     parser.add_argument("--crf", type=int, default=17, help="x264 quality of a video output (default: 17)")
     parser.add_argument("--tmp-dir", default=None, help="where decoded frames are spilled (default: temp)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -75,8 +73,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     # Keyframes are few and small: read them (and check their names) before decoding the videos.
     keyframes = video_io.read_indexed_frames(args.keyframes) if args.keyframes else None
     fps = args.fps or video_io.video_fps(args.guide)
