@@ -4,6 +4,9 @@ Videos are decoded with imageio's PyAV plugin and encoded with PyAV (H.264, cons
 neither side ever holds a whole video: ``iter_frames`` yields frames, ``VideoWriter`` takes them as
 they come. A folder of images stands for a video wherever a path is expected: its images, in
 natural order of their names (``2.png`` before ``10.png``), are the frames.
+
+Writers never damage an existing output: they write beside it under a hidden name and rename into
+place when done (``VideoWriter``). Missing inputs raise ``InputFileNotFoundError`` naming the input.
 """
 
 from __future__ import annotations
