@@ -12,6 +12,11 @@ class ModelNotFoundError(DiffstudioError, FileNotFoundError):
     """A path does not exist, or a folder holds no model file diffstudio can read."""
 
 
+class InputFileNotFoundError(DiffstudioError, FileNotFoundError):
+    """An input that is not there: a video, a folder of frames, a keyframe folder. The message names
+    which input it was."""
+
+
 class UnsupportedFormatError(DiffstudioError, ValueError):
     """A file whose format diffstudio does not read (by extension and magic bytes)."""
 

@@ -21,6 +21,7 @@ from diffstudio.video.fastblend import blend, cli, interpolate, iter_blend, rema
 from diffstudio.video.fastblend.frames import ArrayFrames, DiskFrames, FrameCache, as_unit_float
 from diffstudio.video.fastblend.modes import blend_accurate, blend_balanced, blend_fast
 from diffstudio.video.fastblend.patch_match import MatchConfig, PatchMatcher
+from diffstudio.video.fastblend.remapper import PatchMatchRemapper
 
 MOTION = (1, 2)  # rows, columns per frame
 MARGIN = 8  # pixels near the border (content entering the view) are left out of the measures
@@ -264,6 +265,28 @@ def test_interpolation_reproduces_keyframes_and_weights_by_distance(scene):
     assert all(np.array_equal(nearest[j], b) for j in range(4, 7))
 
 
+@pytest.mark.parametrize("key_indices", [(0, 15), (0, 7, 15)])
+@pytest.mark.parametrize("as_pil", [False, True])
+def test_interpolation_over_several_batches(key_indices, as_pil):
+    """Videos longer than one batch: the keyframe list must survive every batch."""
+    from PIL import Image
+
+    guide = make_scene(frames=16, size=24, seed=4)[0]
+    colours = [(200, 40, 10), (20, 100, 250), (90, 220, 60)]
+    flat = {k: np.full((24, 24, 3), colour, dtype=np.uint8) for k, colour in zip(key_indices, colours)}
+    keys = {k: Image.fromarray(frame) if as_pil else frame for k, frame in flat.items()}
+    out = interpolate(keys, guide, batch_size=3, num_iter=1)
+    assert out.shape == guide.shape
+    for j in range(16):  # a flat keyframe remaps to itself: frame j is the distance-weighted mix
+        a = max(k for k in key_indices if k <= j)
+        b = min(k for k in key_indices if k >= j)
+        t = 0.0 if a == b else (j - a) / (b - a)
+        expected = flat[a].astype(np.float64) * (1 - t) + flat[b].astype(np.float64) * t
+        assert np.abs(out[j] - expected).max() <= 1.0, j
+    # Each pair draws from its own seeded stream, so one batch gives the same frames.
+    assert np.array_equal(out, interpolate(keys, guide, batch_size=64, num_iter=1))
+
+
 def test_interpolation_follows_the_motion(scene):
     guide, clean, _ = scene
     out = interpolate({0: clean[0], 6: clean[6]}, guide[:7], num_iter=3)
@@ -288,6 +311,93 @@ def test_errors_name_the_problem(scene):
         interpolate({9: style[0]}, guide[:3])
     with pytest.raises(ValueError, match="odd"):
         blend(style[:2], guide[:2], minimum_patch_size=4)
+
+
+@pytest.fixture
+def cli_inputs(tmp_path, monkeypatch):
+    """A 5-frame guide and style video as frame folders, a keyframe folder; no decoding allowed."""
+    from PIL import Image
+
+    guide, _, style = make_scene(frames=5, size=24)
+    video_io.write_frames(str(tmp_path / "guide"), guide)
+    video_io.write_frames(str(tmp_path / "style"), style)
+    (tmp_path / "keys").mkdir()
+    Image.fromarray(style[0]).save(tmp_path / "keys" / "00000.png")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a video was decoded before the arguments were checked")
+
+    monkeypatch.setattr(DiskFrames, "spill", no_work)
+    return tmp_path
+
+
+CLI_MISTAKES = [  # (arguments replacing the defaults, error class, words the message must hold)
+    (["--guide", "{tmp}/missing.mp4"], "InputFileNotFoundError", "guide video"),
+    (["--style", "{tmp}/missing"], "InputFileNotFoundError", "style video"),
+    (["--guide", "{tmp}/keys/00000.png"], "UnsupportedFormatError", "guide video"),
+    (["--keyframes", "{tmp}/nokeys"], "InputFileNotFoundError", "keyframe folder"),
+    (["--keyframes", "{tmp}/keys", "--name-key", "style.png"], "InvalidInputError", "00042.png"),
+    (["--keyframes", "{tmp}/keys", "--name-key", "key_0.png"], "InvalidInputError", "both name frame 0"),
+    (["--window-size", "-1"], "InvalidInputError", "window_size"),
+    (["--minimum-patch-size", "4"], "InvalidInputError", "odd"),
+    (["--batch-size", "0"], "InvalidInputError", "batch_size"),
+    (["--num-iter", "0"], "InvalidInputError", "num_iter"),
+    (["--guide-weight", "-1"], "InvalidInputError", "guide_weight"),
+    (["--tracking-window-size", "-2"], "InvalidInputError", "tracking_window_size"),
+    (["--device", "nodevice"], "InvalidInputError", "device"),
+    (["--fps", "0"], "InvalidInputError", "fps"),
+    (["--crf", "99"], "InvalidInputError", "crf"),
+    (["--tmp-dir", "{tmp}/noscratch"], "InputFileNotFoundError", "tmp-dir"),
+    (["-o", "{tmp}/out.avi"], "UnsupportedFormatError", ".mp4"),
+    (["-o", "{tmp}/guide.mp4"], "InvalidInputError", "is a folder"),
+    (["-o", "{tmp}/keys/00000.png"], "InvalidInputError", "is a file"),
+    (["-o", "{tmp}"], "InvalidInputError", "holds more than frames"),
+]
+
+
+@pytest.mark.parametrize("changes, error, words", CLI_MISTAKES, ids=[c[2] + ":" + c[0][-1] for c in CLI_MISTAKES])
+def test_cli_names_user_mistakes_before_any_work(cli_inputs, capsys, changes, error, words):
+    from PIL import Image
+
+    from diffstudio.cli import main
+
+    tmp = str(cli_inputs)
+    (cli_inputs / "guide.mp4").mkdir()
+    options = {"--guide": f"{tmp}/guide", "--style": f"{tmp}/style", "-o": f"{tmp}/out.mp4"}
+    changes = [arg.format(tmp=tmp) for arg in changes]
+    for flag, value in zip(changes[::2], changes[1::2]):
+        if flag == "--name-key":  # a second keyframe file with this name
+            Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(cli_inputs / "keys" / value)
+            continue
+        options[flag] = value
+    if "--keyframes" in options:
+        del options["--style"]
+    argv = ["fastblend", *[part for item in options.items() for part in item], "--quiet"]
+    before = sorted(p.name for p in cli_inputs.iterdir())
+    assert main(argv) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: {error}: ") and words in message, message
+    assert sorted(p.name for p in cli_inputs.iterdir()) == before  # nothing written
+    assert cli.main(argv[1:]) == 2  # the standalone entry point answers the same way
+    assert capsys.readouterr().err == message
+
+
+def test_cli_names_mistakes_found_in_the_frames(tmp_path, capsys):
+    """Keyframe numbers past the video's end and mismatched sizes show up once frames are read."""
+    from diffstudio.cli import main
+
+    guide, _, style = make_scene(frames=5, size=24)
+    video_io.write_frames(str(tmp_path / "guide"), guide)
+    video_io.write_frames(str(tmp_path / "style"), style[:, :16])
+    video_io.write_frames(str(tmp_path / "keys"), style[:1])
+    (tmp_path / "keys" / "00000.png").rename(tmp_path / "keys" / "00009.png")
+    assert main(["fastblend", "--guide", str(tmp_path / "guide"), "--keyframes", str(tmp_path / "keys"),
+                 "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "InvalidSizeError" in capsys.readouterr().err
+    assert main(["fastblend", "--guide", str(tmp_path / "guide"), "--style", str(tmp_path / "style"),
+                 "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "resize" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guide", "keys", "style"]
 
 
 # -- video files and the command line -----------------------------------------------------------
@@ -326,3 +436,58 @@ def test_cli_blends_and_interpolates(tmp_path, scene):
     assert cli.main(["--guide", str(tmp_path / "guide"), "--keyframes", str(keys),
                      "-o", str(tmp_path / "o.mp4"), "--num-iter", "2", "--quiet"]) == 0
     assert len(video_io.read_frames(str(tmp_path / "o.mp4"))) == 5
+
+
+@pytest.mark.parametrize("output", ["out.mp4", "out"])
+def test_a_crashed_run_leaves_the_old_output(tmp_path, scene, monkeypatch, output):
+    guide, _, style = scene
+    video_io.write_frames(str(tmp_path / "guide"), guide)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    from PIL import Image
+
+    Image.fromarray(style[0]).save(keys / "00000.png")
+    Image.fromarray(style[9]).save(keys / "00009.png")
+    out = tmp_path / output
+    video_io.write_frames(str(out), style)
+    files = lambda: {p: p.read_bytes() for p in (sorted(out.iterdir()) if out.is_dir() else [out])}  # noqa: E731
+    before = files()
+    calls = []
+    real_pairs = PatchMatchRemapper.pairs
+
+    def crash_on_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real_pairs(self, *args, **kwargs)
+
+    monkeypatch.setattr(PatchMatchRemapper, "pairs", crash_on_third_batch)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cli.main(["--guide", str(tmp_path / "guide"), "--keyframes", str(keys), "-o", str(out),
+                  "--batch-size", "2", "--num-iter", "1", "--quiet"])
+    assert len(calls) == 3  # frames had been written when it crashed
+    assert files() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["guide", "keys", output])
+
+
+def test_no_entry_point_sets_a_thread_policy(tmp_path, monkeypatch):
+    """Threads are the caller's choice (docs/fastblend.md): neither command changes them."""
+    import os
+    import runpy
+    import sys
+
+    guide, _, style = make_scene(frames=3, size=24)
+    video_io.write_frames(str(tmp_path / "guide"), guide)
+    video_io.write_frames(str(tmp_path / "style"), style)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    threads = torch.get_num_threads()
+    argv = ["--guide", str(tmp_path / "guide"), "--style", str(tmp_path / "style"), "-o", str(tmp_path / "out"),
+            "--window-size", "1", "--num-iter", "1", "--quiet"]
+    from diffstudio.cli import main
+
+    assert main(["fastblend", *argv]) == 0
+    monkeypatch.setattr(sys, "argv", ["fastblend", *argv])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("diffstudio.video.fastblend", run_name="__main__")
+    assert done.value.code == 0
+    assert "OMP_WAIT_POLICY" not in os.environ and torch.get_num_threads() == threads

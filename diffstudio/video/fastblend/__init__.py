@@ -12,6 +12,12 @@ fixes the result.
 Frames are lists of PIL images or uint8 arrays (H, W, 3), or one (N, H, W, 3) uint8 array.
 ``iter_blend`` / ``iter_interpolate`` yield the output frames one by one instead (constant memory).
 See docs/fastblend.md for the algorithm, the modes and their costs.
+
+CPU threads: FastBlend sets no thread policy of its own, in the API or its commands. Choose the
+thread count with ``torch.set_num_threads(n)`` or ``OMP_NUM_THREADS=n``. On a CPU shared with other
+jobs, put ``OMP_WAIT_POLICY=PASSIVE`` in the environment before Python imports torch (setting
+``os.environ`` later has no effect): with OpenMP's default spinning waits, two threads on a busy
+2-core machine ran 10-100x slower than with passive waits.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffstudio.errors import InvalidSizeError
+from diffstudio.errors import InvalidInputError, InvalidSizeError
 from diffstudio.video.fastblend.frames import DiskFrames, FrameCache, as_frames, frame_size, to_array
 from diffstudio.video.fastblend.modes import blend_accurate, blend_balanced, blend_fast, interpolate_keyframes
 from diffstudio.video.fastblend.patch_match import MatchConfig, PatchMatcher
@@ -32,7 +38,7 @@ from diffstudio.video.fastblend.remapper import PatchMatchRemapper, Remapper
 MODES = ("fast", "balanced", "accurate")
 
 __all__ = ["MODES", "DiskFrames", "MatchConfig", "PatchMatcher", "PatchMatchRemapper", "Remapper", "blend",
-           "interpolate", "iter_blend", "iter_interpolate", "remap"]
+           "check_settings", "interpolate", "iter_blend", "iter_interpolate", "remap"]
 
 
 def _to_uint8(frame: torch.Tensor) -> np.ndarray:
@@ -52,6 +58,32 @@ def _remapper(minimum_patch_size: int, num_iter: int, guide_weight: float, track
     return PatchMatchRemapper(config, seed=seed, batch_size=batch_size)
 
 
+def _device(device: str | torch.device | None) -> torch.device:
+    """The torch device to compute on, checked by allocating on it (an unknown name, or CUDA on a
+    machine without it, fails here rather than at the first frame)."""
+    try:
+        device = torch.device(device or "cpu")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # torch raises AssertionError for a missing CUDA build
+        raise InvalidInputError(f"cannot compute on device {str(device)!r} ({error}): use cpu, or a device "
+                                "this machine has (e.g. cuda)") from error
+    return device
+
+
+def check_settings(*, mode: str = "fast", window_size: int = 15, batch_size: int = 8,
+                   minimum_patch_size: int = 5, num_iter: int = 5, guide_weight: float = 10.0,
+                   tracking_window_size: int = 0, device: str | torch.device | None = None) -> None:
+    """Raise ``InvalidInputError`` for a setting ``blend`` / ``interpolate`` cannot take, without
+    reading a frame: callers with slow inputs (the CLI decodes whole videos) check first."""
+    if mode not in MODES:
+        raise InvalidInputError(f"unknown FastBlend mode {mode!r}: choose one of {', '.join(MODES)}")
+    if window_size < 0:
+        raise InvalidInputError(f"window_size (frames on each side of the target) must be 0 or more, "
+                                f"got {window_size}")
+    _remapper(minimum_patch_size, num_iter, guide_weight, tracking_window_size, 0, batch_size)
+    _device(device)
+
+
 def iter_blend(style_frames, guide_frames, mode: str = "fast", window_size: int = 15, batch_size: int = 8,
                minimum_patch_size: int = 5, num_iter: int = 5, guide_weight: float = 10.0,
                tracking_window_size: int = 0, seed: int = 0, *, device: str | torch.device | None = None,
@@ -65,10 +97,9 @@ def iter_blend(style_frames, guide_frames, mode: str = "fast", window_size: int 
     against the style in the patch distance. tracking_window_size: share matches between pairs up
     to this far apart on a track (0: off). seed: fixes the random search.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown FastBlend mode {mode!r}: choose one of {', '.join(MODES)}")
-    if window_size < 0:
-        raise ValueError(f"window_size must be >= 0, got {window_size}")
+    check_settings(mode=mode, window_size=window_size, batch_size=batch_size, minimum_patch_size=minimum_patch_size,
+                   num_iter=num_iter, guide_weight=guide_weight, tracking_window_size=tracking_window_size,
+                   device=device)
     styles, guides = as_frames(style_frames), as_frames(guide_frames)
     if len(styles) != len(guides):
         raise InvalidSizeError(f"{len(styles)} style frames but {len(guides)} guide frames: "
@@ -78,7 +109,7 @@ def iter_blend(style_frames, guide_frames, mode: str = "fast", window_size: int 
         h, w = frame_size(styles, "style video")
         raise InvalidSizeError(f"style frames are {w}x{h} but guide frames are {size[1]}x{size[0]}: "
                                "resize the stylised video to the original's size")
-    device = torch.device(device or "cpu")
+    device = _device(device)
     remapper = _remapper(minimum_patch_size, num_iter, guide_weight, tracking_window_size, seed, batch_size)
     style_cache = FrameCache(styles, size, device, "style")
     guide_cache = FrameCache(guides, size, device, "guide")
@@ -112,11 +143,13 @@ def iter_interpolate(keyframes: Mapping[int, object], guide_frames, batch_size: 
     and (j - a) / (b - a); outside their span, or with ``single_keyframe``, the nearest keyframe
     alone renders it. Keyframes come out unchanged. Other arguments as ``iter_blend``.
     """
+    check_settings(batch_size=batch_size, minimum_patch_size=minimum_patch_size, num_iter=num_iter,
+                   guide_weight=guide_weight, tracking_window_size=tracking_window_size, device=device)
     guides = as_frames(guide_frames)
     size = frame_size(guides, "guide video")
     if not keyframes:
         raise InvalidSizeError("no keyframes given: interpolation needs at least one stylised frame")
-    device = torch.device(device or "cpu")
+    device = _device(device)
     keys: dict[int, torch.Tensor] = {}
     for index, frame in keyframes.items():
         index = int(index)

@@ -6,19 +6,20 @@
 Videos may be files or folders of frames; keyframes are images named by their frame number
 (``00042.png``). Input frames are spilled to a temporary raw file and read back one window at a
 time, and output frames are encoded as they are made, so memory stays bounded for any length.
-The same command runs standalone as ``python -m diffstudio.video.fastblend``.
+The same command runs standalone as ``python -m diffstudio.video.fastblend``. Neither sets CPU
+threads: see ``diffstudio.video.fastblend`` (OMP_NUM_THREADS, OMP_WAIT_POLICY=PASSIVE).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 
-import torch
-
+from diffstudio.errors import DiffstudioError, InputFileNotFoundError, InvalidInputError
 from diffstudio.video import video_io
-from diffstudio.video.fastblend import MODES, DiskFrames, iter_blend, iter_interpolate
+from diffstudio.video.fastblend import MODES, DiskFrames, check_settings, iter_blend, iter_interpolate
 
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,7 +42,6 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--fps", type=float, default=None, help="output frame rate (default: the guide's)")
     parser.add_argument("--crf", type=int, default=17, help="x264 quality of a video output (default: 17)")
     parser.add_argument("--tmp-dir", default=None, help="where decoded frames are spilled (default: temp)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -55,30 +55,57 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no decoding, so a mistake fails at once, before any work."""
+    check_settings(mode=args.mode, window_size=args.window_size, batch_size=args.batch_size,
+                   minimum_patch_size=args.minimum_patch_size, num_iter=args.num_iter,
+                   guide_weight=args.guide_weight, tracking_window_size=args.tracking_window_size,
+                   device=args.device)
+    if args.fps is not None and not args.fps > 0:
+        raise InvalidInputError(f"--fps must be positive, got {args.fps}")
+    if args.tmp_dir is not None and not os.path.isdir(args.tmp_dir):
+        raise InputFileNotFoundError(f"no folder at --tmp-dir {args.tmp_dir!r}: create it or leave the option out")
+    video_io.check_source(args.guide, "guide video")
+    if args.style is not None:
+        video_io.check_source(args.style, "style video")
+    video_io.check_output(args.output)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_args(args)
+    # Keyframes are few and small: read them (and check their names) before decoding the videos.
+    keyframes = video_io.read_indexed_frames(args.keyframes) if args.keyframes else None
     fps = args.fps or video_io.video_fps(args.guide)
+    writer = video_io.VideoWriter(args.output, fps, args.crf)  # writes nowhere until the first frame
     options = dict(batch_size=args.batch_size, minimum_patch_size=args.minimum_patch_size,
                    num_iter=args.num_iter, guide_weight=args.guide_weight,
                    tracking_window_size=args.tracking_window_size, seed=args.seed, device=args.device,
                    progress=not args.quiet)
     with tempfile.TemporaryDirectory(dir=args.tmp_dir) as scratch, \
-            DiskFrames.spill(video_io.iter_frames(args.guide), scratch) as guides:
-        if args.keyframes:
-            keyframes = video_io.read_indexed_frames(args.keyframes)
-            frames = iter_interpolate(keyframes, guides, single_keyframe=args.single_keyframe, **options)
-            count = video_io.write_frames(args.output, frames, fps, args.crf)
+            DiskFrames.spill(video_io.iter_frames(args.guide, "guide video"), scratch) as guides:
+        if keyframes is not None:
+            _write(writer, iter_interpolate(keyframes, guides, single_keyframe=args.single_keyframe, **options))
         else:
-            with DiskFrames.spill(video_io.iter_frames(args.style), scratch) as styles:
-                frames = iter_blend(styles, guides, mode=args.mode, window_size=args.window_size, **options)
-                count = video_io.write_frames(args.output, frames, fps, args.crf)
+            with DiskFrames.spill(video_io.iter_frames(args.style, "style video"), scratch) as styles:
+                _write(writer, iter_blend(styles, guides, mode=args.mode, window_size=args.window_size, **options))
     if not args.quiet:
-        print(f"wrote {count} frames to {args.output}", file=sys.stderr)
+        print(f"wrote {writer.count} frames to {args.output}", file=sys.stderr)
     return 0
+
+
+def _write(writer: video_io.VideoWriter, frames) -> None:
+    """All frames, then the output replaces ``writer.path``; on any failure the old output stays."""
+    with writer:
+        for frame in frames:
+            writer.write(frame)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = configure(argparse.ArgumentParser(prog="python -m diffstudio.video.fastblend",
                                                description=__doc__.split("\n\n")[0]))
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except DiffstudioError as error:  # a user's mistake: a message, not a traceback (as `diffstudio`)
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2

@@ -196,14 +196,14 @@ def interpolate_keyframes(keyframes: Mapping[int, torch.Tensor], guides: FrameCa
                           batch_size: int, single_keyframe: bool = False) -> Output:
     """Render every frame from its nearest keyframes (``keyframes``: index -> (3, H, W) uint8)."""
     count = len(guides)
-    keys = sorted(keyframes)
+    keyframe_indices = sorted(keyframes)
     for first in range(0, count, batch_size):
         last = min(count, first + batch_size)
         guides.keep(first, last)
         jobs = []  # (keyframe, target, weight)
         for j in range(first, last):
             if j not in keyframes:
-                jobs.extend((k, j, weight) for k, weight in _keyframe_weights(keys, j, single_keyframe))
+                jobs.extend((k, j, weight) for k, weight in _keyframe_weights(keyframe_indices, j, single_keyframe))
         # Sorted by keyframe then target, so pairs from one keyframe are consecutive (one track).
         jobs.sort()
         outputs: dict[int, torch.Tensor] = {}
@@ -211,8 +211,8 @@ def interpolate_keyframes(keyframes: Mapping[int, torch.Tensor], guides: FrameCa
             sources = [k for k, _, _ in batch]
             targets = [j for _, j, _ in batch]
             styles = torch.stack([keyframes[k] for k in sources])
-            keys = [(_INTERPOLATE, k, j) for k, j in zip(sources, targets)]
-            remapped = remapper.pairs(guides.stack(sources), styles, guides.stack(targets), None, keys,
+            seed_keys = [(_INTERPOLATE, k, j) for k, j in zip(sources, targets)]
+            remapped = remapper.pairs(guides.stack(sources), styles, guides.stack(targets), None, seed_keys,
                                       tracks=sources)
             for k, (_, j, weight) in enumerate(batch):
                 outputs[j] = outputs[j] + weight * remapped[k] if j in outputs else weight * remapped[k]

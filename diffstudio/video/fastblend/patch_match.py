@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from diffstudio.errors import InvalidSizeError
+from diffstudio.errors import InvalidInputError, InvalidSizeError
 from diffstudio.video.fastblend.frames import as_unit_float
 from diffstudio.video.fastblend.nnf import (
     box_sum,
@@ -67,13 +67,14 @@ class MatchConfig:
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.patch_size % 2 == 0:
-            raise ValueError(f"minimum_patch_size must be a positive odd number, got {self.patch_size}")
+            raise InvalidInputError(f"minimum_patch_size must be odd (a patch has a centre pixel) and positive, "
+                                    f"got {self.patch_size}: use e.g. 3, 5 or 7")
         if self.num_iter < 1:
-            raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
-        if self.guide_weight < 0:
-            raise ValueError(f"guide_weight must be >= 0, got {self.guide_weight}")
+            raise InvalidInputError(f"num_iter must be at least 1, got {self.num_iter}")
+        if not self.guide_weight >= 0:
+            raise InvalidInputError(f"guide_weight must be 0 or more, got {self.guide_weight}")
         if self.tracking_window_size < 0:
-            raise ValueError(f"tracking_window_size must be >= 0, got {self.tracking_window_size}")
+            raise InvalidInputError(f"tracking_window_size must be 0 (off) or more, got {self.tracking_window_size}")
 
 
 def pyramid_sizes(height: int, width: int, patch_size: int) -> list[tuple[int, int]]:

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from diffstudio.errors import InvalidInputError
 from diffstudio.video.fastblend.patch_match import MatchConfig, PatchMatcher, pair_seed
 
 # On a CPU, batching pairs only pays while a batch is small enough to stay in cache: bigger frames
@@ -44,7 +45,7 @@ class PatchMatchRemapper:
 
     def __init__(self, config: MatchConfig, seed: int = 0, batch_size: int = 8):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InvalidInputError(f"batch_size (frame pairs matched at once) must be at least 1, got {batch_size}")
         self.matcher = PatchMatcher(config)
         self.seed = seed
         self.batch_size = batch_size
