@@ -33,6 +33,7 @@ class Models:
     sources: dict[str, str] = field(default_factory=dict)  # role -> the path it came from
     detection: Detection | None = None
     defaults: dict = field(default_factory=dict)  # this model's own settings over the family's (e.g. size)
+    embeddings: dict = field(default_factory=dict)  # textual-inversion name -> Embedding (docs/prompts.md)
 
     def __getattr__(self, name: str):
         components = self.__dict__.get("components", {})
@@ -61,6 +62,15 @@ class Models:
         from diffstudio.patches import apply_lora
 
         return apply_lora(self, path, strength, text_strength, mode)
+
+    def add_embedding(self, path_or_folder, name: str | None = None) -> list:
+        """Add a textual-inversion embedding file, or every one under a folder, to this model's prompts
+        (by file stem, or ``name``); a name added again is replaced. Returns the embeddings added."""
+        from diffstudio.conditioning.embeddings import load_embeddings
+
+        added = load_embeddings(path_or_folder, name)
+        self.embeddings.update({embedding.name: embedding for embedding in added})
+        return added
 
 
 # ---------------------------------------------------------------------------------------------
