@@ -47,7 +47,7 @@ def encode_chatglm(encoder, tokenizer, prompts, *, clip_skip: int = 2, max_lengt
     parts = [part for p in parsed for part in p.chunks + [[]] * (n_parts - len(p.chunks))]  # row b * n_parts + k
     rows = sequence_rows(parts, lambda texts: [tokenizer.piece_ids(t) for t in texts], max_length=max_length,
                          pad=tokenizer.pad_token_id, prefix=tokenizer.prefix_ids,
-                         word_start=tokenizer.sp.piece_to_id("▁"), pad_left=True)
+                         word_start=_word_start(tokenizer), pad_left=True)
     positions = (rows.mask.cumsum(dim=1) - 1).clamp(min=0)  # 0 on the padding, then 0, 1, 2 ...
     device = next(encoder.parameters()).device
     out = encoder(rows.ids.to(device), rows.mask.to(device), positions.to(device))
@@ -58,3 +58,15 @@ def encode_chatglm(encoder, tokenizer, prompts, *, clip_skip: int = 2, max_lengt
     batch, width = len(parsed), context.shape[-1]
     pooled = states[-1][:, -1].reshape(batch, n_parts, -1)[:, 0]  # left padding: the last column is a token
     return context.reshape(batch, n_parts * max_length, width), pooled
+
+
+def _word_start(tokenizer):
+    from diffstudio.conditioning.sequence_tokens import WordStart
+
+    sp = tokenizer.sp
+
+    def piece_id(piece: str) -> int | None:
+        token_id = sp.piece_to_id(piece)
+        return None if token_id == sp.unk_id() else token_id
+
+    return WordStart(sp.id_to_piece, piece_id)

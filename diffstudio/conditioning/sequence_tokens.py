@@ -13,9 +13,10 @@ Tokens and weights (the rule of ``prompt_tokens`` for CLIP, adapted to SentenceP
 * otherwise each run is tokenised on its own, so each token knows its weight. Its surrounding
   whitespace is removed first (SentencePiece marks a word start with "▁", which stands for it;
   ChatGLM's model would otherwise turn a leading space into an extra "▁▁" piece), and when a run
-  continues the text before it without whitespace (``blue(berry:1.2)``, Chinese text) a leading bare
-  "▁" token, which SentencePiece puts at the start of every text it is given, is dropped. A word
-  split by brackets is still tokenised in pieces, as on CLIP.
+  continues the text before it without whitespace (``(a cat), a dog``, Chinese text) the "▁" that
+  SentencePiece puts at the start of every text it is given comes off its first piece (a bare "▁"
+  is dropped, ChatGLM's "▁," becomes ","). A word split by brackets is still tokenised in pieces,
+  as on CLIP.
 * specials and padding weigh 1.
 """
 
@@ -52,10 +53,29 @@ def hf_tokenize(tokenizer) -> Tokenize:
     return tokenize
 
 
-def sentencepiece_word_start(tokenizer) -> int | None:
-    """The id of the bare word-start piece "▁" of a transformers SentencePiece tokenizer (T5, mT5)."""
-    token_id = tokenizer.convert_tokens_to_ids("▁")
-    return None if token_id is None or token_id == tokenizer.unk_token_id else token_id
+@dataclass(frozen=True)
+class WordStart:
+    """A SentencePiece vocabulary's word-start mark "▁", to take off the first piece of a run that
+    continues a word: ``piece`` (id -> piece) and ``piece_id`` (piece -> id, None when not a piece)."""
+
+    piece: Callable[[int], str]
+    piece_id: Callable[[str], int | None]
+
+    def strip(self, first: int) -> list[int]:
+        piece = self.piece(first)
+        if piece == "▁":
+            return []
+        rest = self.piece_id(piece[1:]) if piece.startswith("▁") else None
+        return [first] if rest is None else [rest]
+
+
+def hf_word_start(tokenizer) -> WordStart:
+    """The :class:`WordStart` of a transformers SentencePiece tokenizer (T5, mT5)."""
+    def piece_id(piece: str) -> int | None:
+        token_id = tokenizer.convert_tokens_to_ids(piece)
+        return None if token_id is None or token_id == tokenizer.unk_token_id else token_id
+
+    return WordStart(tokenizer.convert_ids_to_tokens, piece_id)
 
 
 def joined_parts(prompt: ParsedPrompt) -> list[Fragment]:
@@ -71,7 +91,8 @@ def joined_parts(prompt: ParsedPrompt) -> list[Fragment]:
     return runs
 
 
-def part_tokens(runs: Sequence[Fragment], tokenize: Tokenize, word_start: int | None) -> tuple[list[int], list[float]]:
+def part_tokens(runs: Sequence[Fragment], tokenize: Tokenize,
+                word_start: WordStart | None) -> tuple[list[int], list[float]]:
     """One part's runs -> (token ids, a weight per token), without specials (rules in the module docstring)."""
     if len(runs) <= 1:
         text, weight = (runs[0].text, runs[0].weight) if runs else ("", 1.0)
@@ -86,8 +107,8 @@ def part_tokens(runs: Sequence[Fragment], tokenize: Tokenize, word_start: int | 
         if text:
             tokens = next(encoded)
             continues = before and not before[-1].isspace() and not run.text[0].isspace()
-            if continues and word_start is not None and tokens[:1] == [word_start]:
-                tokens = tokens[1:]
+            if continues and word_start is not None and tokens:
+                tokens = word_start.strip(tokens[0]) + tokens[1:]
             ids += tokens
             weights += [run.weight] * len(tokens)
         before += run.text
@@ -95,7 +116,7 @@ def part_tokens(runs: Sequence[Fragment], tokenize: Tokenize, word_start: int | 
 
 
 def sequence_rows(parts: Sequence[Sequence[Fragment]], tokenize: Tokenize, *, max_length: int, pad: int,
-                  prefix: Sequence[int] = (), suffix: Sequence[int] = (), word_start: int | None = None,
+                  prefix: Sequence[int] = (), suffix: Sequence[int] = (), word_start: WordStart | None = None,
                   pad_left: bool = False) -> SequenceRows:
     """One row per part: ``prefix + tokens + suffix``, the tokens cut to fit ``max_length``, padded to it."""
     room = max_length - len(prefix) - len(suffix)

@@ -46,8 +46,8 @@ def encode_t5(text_encoder: torch.nn.Module, tokenizer, prompts, *, max_length: 
     from diffstudio.conditioning.prompt_input import parse_prompts, warn_ignored
     from diffstudio.conditioning.sequence_tokens import (
         hf_tokenize,
+        hf_word_start,
         joined_parts,
-        sentencepiece_word_start,
         sequence_rows,
     )
     from diffstudio.conditioning.weighting import apply_emphasis
@@ -60,7 +60,7 @@ def encode_t5(text_encoder: torch.nn.Module, tokenizer, prompts, *, max_length: 
     warn_ignored(name, parsed, embeddings=embeddings, sequence_length=max_length)
     rows = sequence_rows([joined_parts(p) for p in parsed], hf_tokenize(tokenizer), max_length=max_length,
                          pad=tokenizer.pad_token_id, suffix=[tokenizer.eos_token_id],
-                         word_start=sentencepiece_word_start(tokenizer))
+                         word_start=hf_word_start(tokenizer))
     device = next(text_encoder.parameters()).device
     ids, mask = rows.ids.to(device), rows.mask.to(device)
     out = text_encoder(input_ids=ids, attention_mask=mask if use_attention_mask else None)
