@@ -36,7 +36,7 @@ class Models:
     defaults: dict = field(default_factory=dict)  # this model's own settings over the family's (e.g. size)
     patches: dict = field(default_factory=dict)  # role -> {parameter: [Patch]}: this model's own weight patches
     loras: list = field(default_factory=list)  # the LoRAHandles applied, in order
-    embeddings: dict = field(default_factory=dict)
+    embeddings: dict = field(default_factory=dict)  # textual-inversion name -> Embedding (docs/prompts.md)
 
     def __getattr__(self, name: str):
         components = self.__dict__.get("components", {})
@@ -111,6 +111,15 @@ class Models:
         except (StopIteration, KeyError):
             where = "no denoiser"
         return f"Models({name}: {parts}; {where}{extra})"
+
+    def add_embedding(self, path_or_folder, name: str | None = None) -> list:
+        """Add a textual-inversion embedding file, or every one under a folder, to this model's prompts
+        (by file stem, or ``name``); a name added again is replaced. Returns the embeddings added."""
+        from diffstudio.conditioning.embeddings import load_embeddings
+
+        added = load_embeddings(path_or_folder, name)
+        self.embeddings.update({embedding.name: embedding for embedding in added})
+        return added
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from diffstudio.errors import (
     UnsafeCheckpointError,
     UnsupportedFormatError,
 )
+from diffstudio.families import get_family
+from diffstudio.loader import Models
 from tests.tiny_sd15 import CLIP, randomise, reference_models, write_diffusers_folder
 
 WORDS = ["red", "green", "blue", "cat", "dog", "house", "tree", "sky", "river", "photo", "light", "dark"]
@@ -53,11 +55,9 @@ def clip_g():  # a narrower second encoder, like SDXL's bigG next to CLIP-L
     return tiny_clip(seed=12, width=32, projection=True)
 
 
-@pytest.fixture(autouse=True)
-def _empty_registry():
-    ti.clear_embeddings()
-    yield
-    ti.clear_embeddings()
+def text_models(model, tok) -> Models:
+    """A Models holding just a text encoder: what the textual-inversion tests need (its embeddings)."""
+    return Models(get_family("sd15"), {"text_encoder": model, "tokenizer": tok}, {})
 
 
 def raw(model, tok, text: str) -> torch.Tensor:
@@ -189,10 +189,11 @@ def test_embedding_formats_encode_with_their_vectors(tmp_path, clip_l, tok, fmt,
     assert torch.equal(loaded.vectors_for(64), vectors)
 
     before = {k: v.clone() for k, v in clip_l.state_dict().items()}
-    ti.add_embedding(path)
+    models = text_models(clip_l, tok)
+    assert models.add_embedding(path)[0].name == "zqstyle"
     capture = CaptureEmbeddingInput(clip_l)
-    try:
-        hidden = encode(clip_l, tok, ["a photo of ZQStyle cat"])  # the tokenizer lower-cases the name
+    try:  # the tokenizer lower-cases the name
+        hidden = encode(clip_l, tok, ["a photo of ZQStyle cat"], embeddings=models.embeddings)
     finally:
         capture.close()
     start = 1 + len(prompt_token_ids(tok, ["a photo of"])[0])
@@ -204,22 +205,23 @@ def test_embedding_formats_encode_with_their_vectors(tmp_path, clip_l, tok, fmt,
     after = clip_l.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the encoder's weights are untouched
     assert not clip_l.get_input_embeddings()._forward_hooks  # and nothing stays hooked
-    ti.clear_embeddings()
+    # Without the mapping (another model's prompts) the name is plain text.
     assert torch.equal(encode(clip_l, tok, ["a photo of zqstyle cat"]), raw(clip_l, tok, "a photo of zqstyle cat"))
 
 
 def test_embedding_never_straddles_chunks_and_takes_weights(tmp_path, clip_l, tok):
     save_emb_params(tmp_path / "zqthree.safetensors", torch.randn(3, 64))
-    ti.add_embedding(tmp_path)
+    models = text_models(clip_l, tok)
+    models.add_embedding(tmp_path)
     capture = CaptureEmbeddingInput(clip_l)
-    try:
-        hidden = encode(clip_l, tok, [" ".join(["red"] * 73) + " zqthree"])  # 73 + 3 > 75: next chunk
+    try:  # 73 + 3 > 75: next chunk
+        hidden = encode(clip_l, tok, [" ".join(["red"] * 73) + " zqthree"], embeddings=models.embeddings)
     finally:
         capture.close()
     assert hidden.shape == (1, 154, 64)
-    assert torch.allclose(capture.rows[1, 1:4], ti.registered_embeddings()["zqthree"].vectors_for(64), atol=1e-6)
-    weighted = encode(clip_l, tok, ["a (zqthree:1.2)"], emphasis="no_norm")
-    plain = encode(clip_l, tok, ["a zqthree"])
+    assert torch.allclose(capture.rows[1, 1:4], models.embeddings["zqthree"].vectors_for(64), atol=1e-6)
+    weighted = encode(clip_l, tok, ["a (zqthree:1.2)"], emphasis="no_norm", embeddings=models.embeddings)
+    plain = encode(clip_l, tok, ["a zqthree"], embeddings=models.embeddings)
     assert torch.allclose(weighted[0, 2:5], plain[0, 2:5] * 1.2, atol=1e-5)  # all three vectors weighted
 
 
@@ -227,17 +229,19 @@ def test_sdxl_dual_file_and_width_mismatch(tmp_path, clip_l, clip_g, tok):
     vectors = {"clip_l": torch.randn(2, 64), "clip_g": torch.randn(2, 32)}
     save_file(vectors, str(tmp_path / "zqdual.safetensors"))
     save_emb_params(tmp_path / "zqsdone.safetensors", torch.randn(1, 64))
-    ti.add_embedding(tmp_path)  # registering never checks widths: using a name does
+    embeddings = text_models(clip_l, tok)
+    embeddings.add_embedding(tmp_path)  # adding never checks widths: using a name does
+    embeddings = embeddings.embeddings
     for model, key in [(clip_l, "clip_l"), (clip_g, "clip_g")]:
         capture = CaptureEmbeddingInput(model)
         try:
-            encode(model, tok, ["zqdual cat"])
+            encode(model, tok, ["zqdual cat"], embeddings=embeddings)
         finally:
             capture.close()
         assert torch.allclose(capture.rows[0, 1:3], vectors[key], atol=1e-6), key
-    encode(clip_l, tok, ["zqsdone cat"])  # an SD 1.x embedding fits the 64-wide encoder
+    encode(clip_l, tok, ["zqsdone cat"], embeddings=embeddings)  # an SD 1.x embedding fits the 64-wide encoder
     with pytest.raises(EmbeddingMismatchError, match="zqsdone"):
-        encode(clip_g, tok, ["zqsdone cat"])
+        encode(clip_g, tok, ["zqsdone cat"], embeddings=embeddings)
     assert not clip_g.get_input_embeddings()._forward_hooks
 
 
@@ -252,10 +256,11 @@ def test_malicious_pickle_is_refused(tmp_path):
     torch.save({"string_to_param": {"*": Payload()}}, path)
     with pytest.raises(UnsafeCheckpointError):
         ti.load_embedding(path)
+    models = text_models(tiny_clip(), load_clip_tokenizer())
     with pytest.raises(UnsafeCheckpointError):
-        ti.add_embedding(tmp_path)
+        models.add_embedding(tmp_path)
     assert not marker.exists()
-    assert ti.registered_embeddings() == {}
+    assert models.embeddings == {}
 
 
 def test_unrecognised_file(tmp_path):
@@ -328,3 +333,18 @@ def test_pipeline_weights_and_lora_tags(pipe, tmp_path):
     finally:
         del models.apply_lora
         pipe.lora_dirs = []
+
+
+def test_embeddings_belong_to_one_models_object(tmp_path, clip_l, tok):
+    """Two models (here sharing one text encoder) never see each other's embeddings."""
+    save_emb_params(tmp_path / "zqmine.safetensors", torch.randn(2, 64))
+    with_it, without_it = text_models(clip_l, tok), text_models(clip_l, tok)
+    with_it.add_embedding(tmp_path / "zqmine.safetensors", name="zqours")  # name= renames a single file
+    assert list(with_it.embeddings) == ["zqours"] and without_it.embeddings == {}
+    family = with_it.family
+    with torch.no_grad():
+        ours = family.make_conditioning(with_it, ["a zqours cat"], clip_skip=1)["context"]
+        theirs = family.make_conditioning(without_it, ["a zqours cat"], clip_skip=1)["context"]
+    assert torch.equal(theirs, raw(clip_l, tok, "a zqours cat"))  # the name is plain text there
+    assert not torch.allclose(ours, theirs, atol=1e-4)
+    assert not hasattr(ti, "add_embedding") and not hasattr(ti, "registered_embeddings")  # no global registry

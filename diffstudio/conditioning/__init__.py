@@ -13,19 +13,23 @@ from diffstudio.conditioning.clip_encode import (
     special_ids,
     tokenize_chunks,
 )
-from diffstudio.conditioning.embeddings import add_embedding, load_embedding
-from diffstudio.conditioning.prompt_syntax import parse_prompt
+from diffstudio.conditioning.embeddings import load_embedding, load_embeddings
+from diffstudio.conditioning.prompt_input import PromptSyntaxWarning, parse_prompts
+from diffstudio.conditioning.prompt_syntax import ParsedPrompt, parse_prompt
 from diffstudio.conditioning.tokenizers import PACKAGED_CLIP_TOKENIZER, load_clip_tokenizer
 
 __all__ = [
     "CHUNK_LEN",
     "PACKAGED_CLIP_TOKENIZER",
-    "add_embedding",
+    "ParsedPrompt",
+    "PromptSyntaxWarning",
     "chunk_token_ids",
     "encode_clip",
     "load_clip_tokenizer",
     "load_embedding",
+    "load_embeddings",
     "parse_prompt",
+    "parse_prompts",
     "prompt_token_ids",
     "special_ids",
     "tokenize_chunks",

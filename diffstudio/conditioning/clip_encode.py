@@ -76,7 +76,7 @@ def tokenize_chunks(tokenizer, prompt: str, chunk_len: int = CHUNK_LEN) -> list[
 def encode_clip(
     text_encoder: torch.nn.Module,
     tokenizer,
-    prompts: Sequence[str] | str,
+    prompts,
     *,
     clip_skip: int = 1,
     chunk_len: int = CHUNK_LEN,
@@ -92,15 +92,17 @@ def encode_clip(
     chunk count in the batch, and ``pooled`` of shape (B, P) (P = C without a projection) when
     ``pooled`` is set, else None. Outputs are on the encoder's device, in its dtype.
 
-    Prompts are read in the A1111 prompt language (docs/prompts.md): ``(word:1.3)``, ``[word]``,
-    ``BREAK``, escapes; ``<lora:...>`` tags are dropped from the text. ``syntax=False`` encodes the
-    text literally. Names of textual-inversion embeddings (``embeddings``: {name: Embedding};
-    None = the registry of ``conditioning.embeddings.add_embedding``; ``{}`` = none) become their
-    vectors. ``emphasis`` is the weighting formula (``conditioning.weighting``). The pooled output
-    is never weighted. A prompt without syntax encodes exactly as with plain tokenisation.
+    ``prompts``: strings, or ``ParsedPrompt`` objects a family record parsed once for all its encoders
+    (``prompt_input.parse_prompts``). Strings are read in the A1111 prompt language (docs/prompts.md):
+    ``(word:1.3)``, ``[word]``, ``BREAK``, escapes; ``<lora:...>`` tags are dropped from the text.
+    ``syntax=False`` encodes strings literally. Names of textual-inversion embeddings (``embeddings``:
+    {name: Embedding}, a model's ``models.embeddings``; None = none) become their vectors.
+    ``emphasis`` is the weighting formula (``conditioning.weighting``). The pooled output is never
+    weighted. A prompt without syntax encodes exactly as with plain tokenisation.
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
+    from diffstudio.conditioning.prompt_input import parse_prompts
+
+    prompts = parse_prompts(prompts, syntax)
     if not prompts:
         raise ValueError("encode_clip needs at least one prompt.")
     config = text_encoder.config
@@ -119,8 +121,7 @@ def encode_clip(
     from diffstudio.conditioning.weighting import apply_emphasis
 
     bos, eos, pad = special_ids(tokenizer)
-    tokens = batch_tokens(tokenizer, prompts, chunk_len=chunk_len, bos=bos, eos=eos, pad=pad, syntax=syntax,
-                          embeddings=ti.registered_embeddings() if embeddings is None else embeddings)
+    tokens = batch_tokens(tokenizer, prompts, chunk_len=chunk_len, bos=bos, eos=eos, pad=pad, embeddings=embeddings)
     n_chunks = tokens.n_chunks
 
     device = _device_of(text_encoder)
@@ -137,26 +138,29 @@ def encode_clip(
 
 def encode_clip_concat(
     encoders: Sequence[tuple[torch.nn.Module, object]],
-    prompts: Sequence[str] | str,
+    prompts,
     *,
     clip_skip: int = 1,
     layer_norm_on_skip: bool = True,
     chunk_len: int = CHUNK_LEN,
+    embeddings: dict | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Several CLIP encoders on the same prompts: hidden states side by side, and each one's pooled.
 
     ``encoders`` are (text_encoder, tokenizer) pairs. SDXL's context is CLIP ViT-L's and OpenCLIP
     bigG's penultimate states concatenated on the feature axis (Podell et al. 2023, section 2.1):
     (B, T, 768) + (B, T, 1280) -> (B, T, 2048). Every encoder runs through ``encode_clip`` (chunks,
-    clip skip); the tokenizers share one vocabulary, so chunk counts agree. Returns
+    clip skip, ``embeddings``); the tokenizers share one vocabulary, so chunk counts agree. Returns
     ``(hidden (B, T, sum of widths), [pooled (B, P_i) per encoder])``.
     """
+    from diffstudio.conditioning.prompt_input import parse_prompts
     from diffstudio.errors import InvalidInputError
 
+    prompts = parse_prompts(prompts)  # once for all the encoders
     hiddens, pooled = [], []
     for text_encoder, tokenizer in encoders:
         hidden, pooled_i = encode_clip(text_encoder, tokenizer, prompts, clip_skip=clip_skip, chunk_len=chunk_len,
-                                       pooled=True, layer_norm_on_skip=layer_norm_on_skip)
+                                       pooled=True, layer_norm_on_skip=layer_norm_on_skip, embeddings=embeddings)
         hiddens.append(hidden)
         pooled.append(pooled_i)
     if len({h.shape[:2] for h in hiddens}) != 1:

@@ -10,12 +10,13 @@ prompt puts those N vectors where the name's tokens were. Files are read through
 * diffusers ``.bin`` / ``.safetensors``: ``{"<token>": (C,) or (N, C)}``, one tensor;
 * SDXL (and SD3's CLIPs): ``{"clip_l": (N, 768), "clip_g": (N, 1280)}``.
 
-The name used in prompts is the file stem. Registered embeddings live in one module-level registry
-(:func:`add_embedding`), like A1111's embeddings folder: they apply to whichever model encodes the
-prompt, and the vectors are chosen by that encoder's width (SDXL files: ``clip_l`` for the 768-wide
+The name used in prompts is the file stem. Embeddings belong to a loaded model
+(``Models.embeddings``, filled by ``Models.add_embedding``, which calls :func:`load_embeddings`);
+the encoding functions take them as an explicit ``embeddings`` mapping, so two models never see each
+other's. The vectors are chosen by the encoder's width (SDXL files: ``clip_l`` for the 768-wide
 encoder, ``clip_g`` for the 1280-wide one). A width that no vector set has raises
-:class:`EmbeddingMismatchError` when the name is used, never at registration (an SD 1.x embedding
-in the registry does not stop an SDXL model from running until a prompt names it).
+:class:`EmbeddingMismatchError` when the name is used, never when it is added (an SD 1.x embedding
+added to an SDXL model does not stop it from running until a prompt names it).
 
 Injection (:func:`inject`) replaces rows of the token-embedding *output* with a forward hook for
 the duration of one encoder call: the encoder's weights are never touched.
@@ -116,16 +117,10 @@ def _as_matrix(tensor: torch.Tensor, path: Path) -> torch.Tensor:
     return tensor.detach().to("cpu", torch.float32).contiguous()
 
 
-# --------------------------------------------------------------------------------------------- registry
+def load_embeddings(path_or_folder: str | Path, name: str | None = None) -> list[Embedding]:
+    """An embedding file, or every ``.safetensors`` / ``.pt`` / ``.bin`` file under a folder (sorted).
 
-_REGISTRY: dict[str, Embedding] = {}
-
-
-def add_embedding(path_or_folder: str | Path, name: str | None = None) -> list[Embedding]:
-    """Register an embedding file, or every ``.safetensors`` / ``.pt`` / ``.bin`` file under a folder.
-
-    Prompts then use each one by its name (the file stem, or ``name`` for a single file). A name
-    registered again is replaced. Returns the embeddings added. Raises on a file that is not an
+    Each is named by its file stem, or ``name`` for a single file. Raises on a file that is not an
     embedding (a folder must hold embeddings only).
     """
     from diffstudio.io.folders import existing_path
@@ -135,25 +130,8 @@ def add_embedding(path_or_folder: str | Path, name: str | None = None) -> list[E
         if name is not None:
             raise InvalidInputError(f"{path} is a folder: its embeddings are named by their files; drop name=")
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in EMBEDDING_EXTENSIONS)
-        embeddings = [load_embedding(f) for f in files]
-    else:
-        embeddings = [load_embedding(path, name)]
-    for embedding in embeddings:
-        _REGISTRY[embedding.name] = embedding
-    return embeddings
-
-
-def remove_embedding(name: str) -> None:
-    _REGISTRY.pop(name, None)
-
-
-def clear_embeddings() -> None:
-    _REGISTRY.clear()
-
-
-def registered_embeddings() -> dict[str, Embedding]:
-    """A copy of the registry: ``{name: Embedding}``."""
-    return dict(_REGISTRY)
+        return [load_embedding(f) for f in files]
+    return [load_embedding(path, name)]
 
 
 # --------------------------------------------------------------------------------------------- injection

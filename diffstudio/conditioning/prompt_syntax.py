@@ -115,6 +115,28 @@ class ParsedPrompt:
         """The fragments' text without weights (BREAKs as " BREAK ")."""
         return "".join(" BREAK " if f is BREAK else f.text for f in self.fragments)
 
+    @property
+    def has_break(self) -> bool:
+        return any(f is BREAK for f in self.fragments)
+
+    @property
+    def chunks(self) -> list[list[Fragment]]:
+        """The fragments split at each BREAK, one list per part, by CLIP's chunk rule: a BREAK always
+        closes a part (``BREAK x`` starts with an empty one), the last part is dropped when it is empty
+        and not the only one (``x BREAK`` is one part)."""
+        parts: list[list[Fragment]] = [[]]
+        for fragment in self.fragments:
+            if fragment is BREAK:
+                parts.append([])
+            else:
+                parts[-1].append(fragment)
+        return parts[:-1] if len(parts) > 1 and not parts[-1] else parts
+
+    @classmethod
+    def literal(cls, text: str) -> ParsedPrompt:
+        """``text`` as written, one fragment at weight 1 (no syntax read, no tags removed)."""
+        return cls((Fragment(text, 1.0),))
+
 
 def parse_prompt(prompt: str) -> ParsedPrompt:
     """Parse one prompt (see the module docstring for the grammar)."""

@@ -12,8 +12,9 @@ The chunking rules are A1111's (and, for prompts without syntax, exactly those o
   it is closed first (an embedding longer than a chunk is refused);
 * each chunk is ``BOS, tokens..., EOS`` padded to ``chunk_len + 2``; BOS, EOS and padding weigh 1.
 
-A registered embedding is found by its name's token ids, longest name first, so the match is as
-case-insensitive as the tokenizer (CLIP lower-cases) and respects word boundaries the way BPE does.
+An embedding of the ``embeddings`` mapping (the model's) is found by its name's token ids, longest
+name first, so the match is as case-insensitive as the tokenizer (CLIP lower-cases) and respects
+word boundaries the way BPE does.
 Its positions hold :data:`PLACEHOLDER_ID` until ``embeddings.inject`` swaps in the vectors.
 """
 
@@ -23,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from diffstudio.conditioning.embeddings import Embedding, EmbeddingSlot
-from diffstudio.conditioning.prompt_syntax import BREAK, Fragment, parse_prompt
+from diffstudio.conditioning.prompt_syntax import BREAK, ParsedPrompt
 from diffstudio.errors import InvalidInputError
 
 # Token id left at an embedding's positions (its rows are replaced): not BOS/EOS, so pooling that
@@ -50,17 +51,14 @@ class BatchTokens:
     n_chunks: int
 
 
-def prompt_fragments(prompt: str, syntax: bool = True) -> list:
-    """The fragments (and BREAKs) to tokenise: parsed, or the whole prompt at weight 1."""
-    if not syntax:
-        return [Fragment(prompt, 1.0)]
-    return list(parse_prompt(prompt).fragments)
-
-
-def batch_tokens(tokenizer, prompts: Sequence[str], *, chunk_len: int, bos: int, eos: int, pad: int,
+def batch_tokens(tokenizer, prompts: Sequence[str | ParsedPrompt], *, chunk_len: int, bos: int, eos: int, pad: int,
                  syntax: bool = True, embeddings: Mapping[str, Embedding] | None = None) -> BatchTokens:
-    """Every prompt's chunks, padded with empty chunks to the batch's largest chunk count."""
-    parsed = [prompt_fragments(p, syntax) for p in prompts]
+    """Every prompt's chunks, padded with empty chunks to the batch's largest chunk count.
+
+    ``prompts``: parsed prompts, or strings parsed here (``syntax=False``: read literally)."""
+    from diffstudio.conditioning.prompt_input import parse_prompts
+
+    parsed = [list(p.fragments) for p in parse_prompts(prompts, syntax)]
     texts = [f.text for fragments in parsed for f in fragments if f is not BREAK]
     encoded = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] if texts else []
     token_ids = iter(encoded)

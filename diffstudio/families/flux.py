@@ -58,12 +58,15 @@ def conditioning(models, prompts: list[str], *, guidance: float | None = None, *
     """context = T5-XXL hidden states (B, max_length, 4096); y = CLIP-L's pooled embedding (B, 768),
     the un-projected final-layer EOS feature; guidance (B,) for dev."""
     from diffstudio.conditioning.clip_encode import encode_clip
+    from diffstudio.conditioning.prompt_input import parse_prompts
     from diffstudio.conditioning.t5_encode import encode_t5
 
-    _, pooled = encode_clip(models.text_encoder, models.tokenizer, prompts, clip_skip=1, pooled=True)
+    parsed = parse_prompts(prompts)  # once, for both encoders
+    _, pooled = encode_clip(models.text_encoder, models.tokenizer, parsed, clip_skip=1, pooled=True,
+                            embeddings=models.embeddings)
     # T5 over a fixed length (dev 512, schnell 256), without an attention mask, as in the release.
-    context, _ = encode_t5(models.text_encoder_2, models.tokenizer_2, prompts,
-                           max_length=models.family.text_encoders[1].max_length)
+    context, _ = encode_t5(models.text_encoder_2, models.tokenizer_2, parsed,
+                           max_length=models.family.text_encoders[1].max_length, embeddings=models.embeddings)
     cond = {"context": context, "y": pooled}
     if models.configs[models.family.denoiser_role].guidance_embed:
         scale = DEFAULT_GUIDANCE if guidance is None else float(guidance)

@@ -51,12 +51,15 @@ def conditioning(models, prompts: list[str], *, width: int | None = None, height
     """BERT states (B, 77, 1024) + mask, mT5 states (B, 256, 2048) + mask, and for v1.0/v1.1 the size
     condition (B, 6) and style (B,). clip_skip does not apply: both encoders give their last layer."""
     from diffstudio.conditioning.bert_encode import encode_bert
+    from diffstudio.conditioning.prompt_input import parse_prompts
     from diffstudio.conditioning.t5_encode import encode_t5
 
     config = models.configs[models.family.denoiser_role]
-    bert, bert_mask = encode_bert(models.text_encoder, models.tokenizer, prompts, max_length=config.text_len)
-    t5, t5_mask = encode_t5(models.text_encoder_2, models.tokenizer_2, prompts, max_length=config.text_len_t5,
-                            use_attention_mask=True)
+    parsed = parse_prompts(prompts)  # once, for both encoders
+    bert, bert_mask = encode_bert(models.text_encoder, models.tokenizer, parsed, max_length=config.text_len,
+                                  embeddings=models.embeddings)
+    t5, t5_mask = encode_t5(models.text_encoder_2, models.tokenizer_2, parsed, max_length=config.text_len_t5,
+                            use_attention_mask=True, embeddings=models.embeddings, name="mT5")
     cond = {"encoder_hidden_states": bert, "text_embedding_mask": bert_mask,
             "encoder_hidden_states_t5": t5, "text_embedding_mask_t5": t5_mask}
     if config.size_style_cond:

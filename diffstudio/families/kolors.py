@@ -1,7 +1,8 @@
 """Kolors (Kuaishou Kolors team 2024, "Kolors: Effective Training of Diffusion Model for Photorealistic
 Text-to-Image Synthesis"): the SDXL UNet and VAE conditioned on ChatGLM3-6B instead of two CLIPs.
 
-* Text: ChatGLM3-6B (diffstudio.models.chatglm), prompts of at most 256 tokens, left-padded. The
+* Text: ChatGLM3-6B (diffstudio.models.chatglm), prompts of at most 256 tokens (per BREAK part,
+  conditioning/chatglm_encode.py), left-padded. The
   UNet cross-attends to the *penultimate* hidden states (4096 wide), which its ``encoder_hid_proj``
   (diffusers' ``text_proj``) maps to the 2048-wide context. The pooled vector is the last block's
   output (before the final RMSNorm) at the last position, i.e. the prompt's final token.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from diffstudio.conditioning.chatglm_encode import encode_chatglm
 from diffstudio.families.base import (
     Defaults,
     DiscreteSchedule,
@@ -63,25 +65,10 @@ def size_embeddings(width: int, height: int, batch: int, dim: int) -> torch.Tens
     return timestep_embedding(values, dim).reshape(1, SIZE_CONDITIONS * dim).expand(batch, -1)
 
 
-def encode_chatglm(encoder, tokenizer, prompts: list[str], *, clip_skip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> (context (B, 256, hidden) = hidden_states[-clip_skip], pooled (B, hidden)).
-
-    ``clip_skip`` counts from the end like CLIP's: 1 is the last block's output, 2 (Kolors) the one
-    before it. The pooled vector does not depend on it.
-    """
-    tokens = tokenizer(prompts, max_length=MAX_TOKENS)
-    device = next(encoder.parameters()).device
-    out = encoder(tokens["input_ids"].to(device), tokens["attention_mask"].to(device),
-                  tokens["position_ids"].to(device))
-    states = out.hidden_states                                     # embeddings + one per block
-    if not 1 <= clip_skip < len(states):
-        raise ValueError(f"clip_skip must be in 1..{len(states) - 1} for this ChatGLM, got {clip_skip}")
-    return states[-clip_skip], states[-1][:, -1]                   # left padding: the last column is a token
-
-
 def conditioning(models, prompts: list[str], *, clip_skip: int, width: int, height: int, **_) -> dict:
     """Kolors: context = ChatGLM's penultimate states, y = [pooled, size embeddings]."""
-    context, pooled = encode_chatglm(models.text_encoder, models.tokenizer, prompts, clip_skip=clip_skip)
+    context, pooled = encode_chatglm(models.text_encoder, models.tokenizer, prompts, clip_skip=clip_skip,
+                                     embeddings=models.embeddings)
     unet_config = models.configs[KOLORS.denoiser_role]
     sizes = size_embeddings(width, height, len(prompts), size_embedding_width(unet_config))
     y = torch.cat([pooled.float(), sizes.to(pooled.device)], dim=-1)  # (B, 5632)

@@ -39,7 +39,8 @@ def conditioning(models, prompts: list[str], *, clip_skip: int, **_) -> dict:
     """SD 1.x cross-attends to CLIP-L's hidden states; there is no pooled vector."""
     from diffstudio.conditioning.clip_encode import encode_clip
 
-    hidden, _ = encode_clip(models.text_encoder, models.tokenizer, prompts, clip_skip=clip_skip)
+    hidden, _ = encode_clip(models.text_encoder, models.tokenizer, prompts, clip_skip=clip_skip,
+                            embeddings=models.embeddings)
     return {"context": hidden}
 
 

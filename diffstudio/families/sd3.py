@@ -48,13 +48,15 @@ def variant_of(config) -> str:
 def conditioning(models, prompts: list[str], *, clip_skip: int, **_) -> dict:
     """context = [CLIP-L ⊕ CLIP-G (zero-padded to the T5 width); T5] tokens, y = [pooled L, pooled G]."""
     from diffstudio.conditioning.clip_encode import encode_clip_concat
+    from diffstudio.conditioning.prompt_input import parse_prompts
     from diffstudio.conditioning.t5_encode import encode_t5
 
     dit = models.configs[models.family.denoiser_role]
     width = dit.context_in_dim
+    parsed = parse_prompts(prompts)  # once, for the three encoders
     clip, pooled = encode_clip_concat(
-        [(models.text_encoder, models.tokenizer), (models.text_encoder_2, models.tokenizer_2)], prompts,
-        clip_skip=clip_skip, layer_norm_on_skip=False)
+        [(models.text_encoder, models.tokenizer), (models.text_encoder_2, models.tokenizer_2)], parsed,
+        clip_skip=clip_skip, layer_norm_on_skip=False, embeddings=models.embeddings)
     if clip.shape[-1] > width:
         raise UnknownModelError(f"the CLIP encoders give {clip.shape[-1]} features together but the MMDiT reads "
                                 f"{width}: these text encoders do not belong to this model")
@@ -62,7 +64,8 @@ def conditioning(models, prompts: list[str], *, clip_skip: int, **_) -> dict:
     t5 = models.components.get("text_encoder_3")
     if t5 is not None:
         spec = next(s for s in models.family.text_encoders if s.encoder_role == "text_encoder_3")
-        t5_hidden, _ = encode_t5(t5, models.tokenizer_3, prompts, max_length=spec.max_length)  # (B, 256, 4096)
+        t5_hidden, _ = encode_t5(t5, models.tokenizer_3, parsed, max_length=spec.max_length,  # (B, 256, 4096)
+                                 embeddings=models.embeddings)
         if t5_hidden.shape[-1] != width:
             raise UnknownModelError(f"T5 gives {t5_hidden.shape[-1]} features but the MMDiT reads {width}: this "
                                     "T5 does not belong to this model (SD3 uses T5-XXL, 4096 wide)")

@@ -149,7 +149,7 @@ def conditioning(models, prompts: list[str], *, clip_skip: int, width: int, heig
 
     context, (_, pooled) = encode_clip_concat(
         [(models.text_encoder, models.tokenizer), (models.text_encoder_2, models.tokenizer_2)], prompts,
-        clip_skip=clip_skip, layer_norm_on_skip=False)
+        clip_skip=clip_skip, layer_norm_on_skip=False, embeddings=models.embeddings)
     values = _size_values(width, height, original_size, crop_top_left) + [height, width]
     return {"context": context, "y": vector_condition(pooled, values, models.unet.config.adm_in_channels)}
 
@@ -169,7 +169,8 @@ def refiner_conditioning(models, prompts: list[str], *, clip_skip: int, width: i
     from diffstudio.conditioning.clip_encode import encode_clip_concat
 
     context, (pooled,) = encode_clip_concat([(models.text_encoder_2, models.tokenizer_2)], prompts,
-                                            clip_skip=clip_skip, layer_norm_on_skip=False)
+                                            clip_skip=clip_skip, layer_norm_on_skip=False,
+                                            embeddings=models.embeddings)
     sizes = _size_values(width, height, original_size, crop_top_left)
     n_positive = len(prompts) if n_positive is None else n_positive
     values = torch.tensor([sizes + [aesthetic_score if row < n_positive else negative_aesthetic_score]
