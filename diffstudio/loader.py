@@ -131,6 +131,9 @@ class _Part:
     config: Any
     source: str
 
+    def numel(self) -> int:
+        return sum(int(v.numel()) for v in self.state_dict.values())
+
 
 def _cast(sd: dict, dtype: torch.dtype, device) -> dict:
     return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
@@ -371,10 +374,15 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
                                  f"add the missing component files after it, e.g. load(base, 'vae.safetensors')")
     device = torch.device(device)
     components: dict[str, Any] = {}
-    for role in family.roles:
-        if role.name in parts:
-            components[role.name] = build_component(role.name, role.arch, parts[role.name], dtype, device,
-                                                    consume=True)
+    from tqdm.auto import tqdm
+
+    building = [role for role in family.roles if role.name in parts]
+    bar = tqdm(building, desc=f"loading {family.name}", unit="part", leave=False,
+               disable=len(building) < 2 or sum(p.numel() for p in parts.values()) < 50_000_000)
+    for role in bar:
+        bar.set_postfix_str(role.name)
+        components[role.name] = build_component(role.name, role.arch, parts[role.name], dtype, device,
+                                                consume=True)
     sources = {role: part.source for role, part in parts.items()}
     for spec in family.text_encoders:
         components[spec.tokenizer_role] = _tokenizer(spec, sources)

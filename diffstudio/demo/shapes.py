@@ -380,10 +380,13 @@ class ShapesDataset:
         return sample.image, sample.text
 
 
-def write_dataset(folder, n: int, size: int = 64, seed: int = 0, max_shapes: int = 2, **scene_kwargs) -> Path:
+def write_dataset(folder, n: int, size: int = 64, seed: int = 0, max_shapes: int = 2, progress: bool = True,
+                  **scene_kwargs) -> Path:
     """Write ``n`` PNGs and ``metadata.csv`` (columns file_name,text) into ``folder``; return it.
 
     ``scene_kwargs`` go to ``sample_scene`` (e.g. ``kinds=("diamond",)`` for a LoRA's data)."""
+    from tqdm.auto import tqdm
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = ShapesDataset(n, size=size, seed=seed, max_shapes=max_shapes, **scene_kwargs)
@@ -391,7 +394,7 @@ def write_dataset(folder, n: int, size: int = 64, seed: int = 0, max_shapes: int
     with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["file_name", "text"])
-        for i in range(n):
+        for i in tqdm(range(n), desc="shapes dataset", unit="image", disable=not progress or n < 200):
             image, text = data[i]
             name = f"{i:0{digits}d}.png"
             image.save(folder / name)
