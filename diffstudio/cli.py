@@ -83,7 +83,7 @@ def cmd_train_lora(args) -> int:
                              precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
                              optimizer=args.optimizer, caption_dropout=args.caption_dropout, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, workdir=args.workdir,
-                             export_format=args.format)
+                             export_format=args.format, restart=args.restart)
     print(f"wrote {train_lora(config)}")
     return 0
 
@@ -115,7 +115,10 @@ def _add_train_parser(sub) -> None:
     lora.add_argument("--caption-dropout", type=float, default=0.0)
     lora.add_argument("--seed", type=int, default=0)
     lora.add_argument("--checkpoint-every", type=int, default=100)
-    lora.add_argument("--workdir", help="checkpoints + caches (default: OUT.run); a rerun resumes from it")
+    lora.add_argument("--workdir", help="checkpoints + caches (default: OUT.run); a rerun with the same data, "
+                                        "base model and settings resumes from it")
+    lora.add_argument("--restart", action="store_true",
+                      help="discard the work folder's checkpoint (a run with other data or settings) and start over")
     lora.add_argument("--format", default="kohya", choices=["kohya", "peft"])
     lora.set_defaults(func=cmd_train_lora)
 

@@ -76,3 +76,14 @@ class LoRAMismatchError(DiffstudioError, ValueError):
     Usually the file was made for another family (an SDXL LoRA on SD 1.x); `diffstudio lora inspect
     FILE --model BASE` says which family it targets and which of its layers matched.
     """
+
+
+class MissingExtraError(DiffstudioError, ImportError):
+    """A feature needs an optional package that is not installed (e.g. training needs the ``train`` extra:
+    ``pip install "diffstudio[train]"``); the message names what to install."""
+
+
+class StaleRunError(InvalidInputError):
+    """A training run asked to resume from a work folder whose checkpoint was made with another recipe
+    (other data, base model or settings). The message lists the fields that differ and the ways on:
+    ``--restart`` (start over in that folder) or another ``--workdir``."""

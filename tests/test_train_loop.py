@@ -101,3 +101,81 @@ def test_captions_from_metadata_csv_or_txt_files(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "b" / "y.png")
     (tmp_path / "b" / "y.txt").write_text("a blue star\n")
     assert read_captions(tmp_path / "b")[0][1] == "a blue star"
+
+
+def _counting(loss_fn):
+    calls = []
+
+    def counted(net, step):
+        calls.append(step)
+        return loss_fn(net, step)
+
+    return counted, calls
+
+
+def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_checkpoint(tmp_path):
+    kw = dict(steps=12, lr=1e-2, warmup=4, progress=False, checkpoint_every=4)
+    model, loss_fn = _problem()
+    straight = train(model, loss_fn, out_dir=tmp_path / "a", **kw)
+    model_b, loss_fn_b = _problem()
+    train(model_b, loss_fn_b, out_dir=tmp_path / "b", stop_after=8, **kw)
+    # killed after `checkpoint` became `checkpoint.old` and before `checkpoint.tmp` became `checkpoint`
+    (tmp_path / "b" / "checkpoint").rename(tmp_path / "b" / "checkpoint.old")
+    (tmp_path / "b" / "checkpoint.tmp").mkdir()
+    (tmp_path / "b" / "checkpoint.tmp" / "state.pt").write_bytes(b"half a file")
+    model_c, loss_fn_c = _problem()
+    counted, calls = _counting(loss_fn_c)
+    resumed = train(model_c, counted, out_dir=tmp_path / "b", **kw)
+    assert calls == list(range(8, 12))  # resumed at step 8, not started over
+    assert resumed == pytest.approx(straight, rel=1e-6)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint"]
+
+
+def test_the_recipe_is_kept_with_its_checkpoint_and_discarded_with_it(tmp_path):
+    from diffstudio.train.loop import discard_checkpoints, read_checkpoint
+
+    model, loss_fn = _problem()
+    assert read_checkpoint(tmp_path) is None
+    train(model, loss_fn, steps=4, out_dir=tmp_path, progress=False, checkpoint_every=2, stop_after=3,
+          recipe={"lr": 1e-4, "data": "x"})
+    assert read_checkpoint(tmp_path) == (3, {"lr": 1e-4, "data": "x"})
+    discard_checkpoints(tmp_path)
+    assert read_checkpoint(tmp_path) is None and not list(tmp_path.iterdir())
+
+
+def test_a_checkpoint_of_another_shape_is_a_short_named_error(tmp_path):
+    from diffstudio.errors import CorruptFileError
+
+    model, loss_fn = _problem()
+    train(model, loss_fn, steps=2, out_dir=tmp_path, progress=False)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 1))
+    for trainable_only in (False, True):
+        with pytest.raises(CorruptFileError, match="does not fit") as err:
+            train(other, loss_fn, steps=4, out_dir=tmp_path, progress=False, trainable_only=trainable_only)
+        assert len(str(err.value)) < 400
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, loss_fn = _problem()
+    train(model, loss_fn, steps=2, out_dir=tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()}
+
+    def disk_full(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"\0" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        train(model, loss_fn, steps=4, out_dir=tmp_path, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()} == before
+
+
+def test_the_loop_without_accelerate_names_the_train_extra(tmp_path, monkeypatch):
+    import sys
+
+    from diffstudio.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    model, loss_fn = _problem()
+    with pytest.raises(MissingExtraError, match=r'pip install "diffstudio\[train\]"'):
+        train(model, loss_fn, steps=2, out_dir=tmp_path, progress=False)

@@ -21,6 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 CHECKPOINT = "checkpoint"
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw8bit")
+RECIPE = "recipe.json"  # what the checkpoint was trained under (written by trainers that pass ``recipe``)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -37,34 +39,70 @@ def _model_state(model, trainable_only: bool) -> dict:
 
 
 def _save(accelerator, model, optimizer, out_dir: Path, step: int, losses: list[float],
-          trainable_only: bool = False) -> None:
-    """Write the checkpoint next to the old one, then swap, so a kill mid-write loses nothing."""
-    tmp, final = out_dir / (CHECKPOINT + ".tmp"), out_dir / CHECKPOINT
+          trainable_only: bool = False, recipe: dict | None = None) -> None:
+    """Write the checkpoint next to the old one, then swap, so a kill mid-write loses nothing.
+
+    The files are written into ``checkpoint.tmp``; ``progress.json`` comes last, so a folder that has it is
+    complete. A kill between the two renames leaves ``checkpoint.old``, which ``_checkpoint_dir`` falls back to.
+    """
+    tmp, final, old = (out_dir / (CHECKPOINT + suffix) for suffix in (".tmp", "", ".old"))
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     torch.save({"model": _model_state(accelerator.unwrap_model(model), trainable_only),
                 "optimizer": optimizer.state_dict()}, tmp / "state.pt")
+    if recipe is not None:
+        (tmp / RECIPE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
     (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
-    old = out_dir / (CHECKPOINT + ".old")
     if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
         final.rename(old)
     tmp.rename(final)
     if old.exists():
         shutil.rmtree(old)
 
 
+def _checkpoint_dir(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint: ``checkpoint``, else ``checkpoint.old`` (a kill between _save's renames)."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        if (out_dir / name / "progress.json").exists():
+            return out_dir / name
+    return None
+
+
+def read_checkpoint(out_dir: str | Path) -> tuple[int, dict | None] | None:
+    """(step, recipe) of the checkpoint in ``out_dir`` (recipe None if it was saved without one), or None."""
+    ckpt = _checkpoint_dir(Path(out_dir))
+    if ckpt is None:
+        return None
+    step = int(json.loads((ckpt / "progress.json").read_text())["step"])
+    recipe = json.loads((ckpt / RECIPE).read_text()) if (ckpt / RECIPE).exists() else None
+    return step, recipe
+
+
+def discard_checkpoints(out_dir: str | Path) -> None:
+    """Remove every checkpoint folder of ``out_dir`` (the next run starts at step 0)."""
+    for suffix in ("", ".old", ".tmp"):
+        shutil.rmtree(Path(out_dir) / (CHECKPOINT + suffix), ignore_errors=True)
+
+
 def _load(model, optimizer, out_dir: Path, trainable_only: bool = False) -> tuple[int, list[float]]:
-    ckpt = out_dir / CHECKPOINT
-    if not (ckpt / "progress.json").exists():
+    from diffstudio.errors import CorruptFileError
+
+    ckpt = _checkpoint_dir(out_dir)
+    if ckpt is None:
         return 0, []
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    _, unexpected = model.load_state_dict(state["model"], strict=not trainable_only)
+    try:
+        _, unexpected = model.load_state_dict(state["model"], strict=not trainable_only)
+    except RuntimeError as exc:  # missing keys or other shapes: torch lists every tensor (hundreds of lines)
+        first = str(exc).strip().splitlines()[1:2] or [""]
+        raise CorruptFileError(f"the checkpoint in {ckpt} does not fit this model ({first[0].strip()} ...); "
+                               f"discard it (--restart) or train in another work folder") from None
     if unexpected or (trainable_only and set(_model_state(model, True)) - set(state["model"])):
-        from diffstudio.errors import CorruptFileError
-
         raise CorruptFileError(f"the checkpoint in {ckpt} does not belong to this model (unexpected keys "
-                               f"{unexpected[:3]}); remove the folder to start over")
+                               f"{unexpected[:3]}); discard it (--restart) or train in another work folder")
     optimizer.load_state_dict(state["optimizer"])
     progress = json.loads((ckpt / "progress.json").read_text())
     return int(progress["step"]), list(progress["losses"])
@@ -75,15 +113,20 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
           lr_end: float | None = None, checkpoint_every: int = 500, grad_clip: float | None = 1.0,
           mixed_precision: str = "no",
           optimizer: str = "adamw", progress: bool = True, desc: str = "train",
-          stop_after: int | None = None, trainable_only: bool = False) -> list[float]:
+          stop_after: int | None = None, trainable_only: bool = False, recipe: dict | None = None) -> list[float]:
     """Minimise ``loss_fn(model, step)`` for `steps` steps; resumes from `out_dir` if a checkpoint is there.
 
     ``stop_after`` ends the run early after that many steps of this call (used by tests to
     simulate an interrupted run). ``trainable_only`` checkpoints only the parameters that
-    require grad (LoRA adapters, not the frozen base). Returns the loss history of the whole run.
+    require grad (LoRA adapters, not the frozen base). ``recipe`` (JSON-able) is stored with every checkpoint
+    (``read_checkpoint`` gives it back): a trainer compares it before resuming. Returns the loss history of the
+    whole run.
     The learning rate rises linearly over ``warmup`` steps, then stays at ``lr``, or with ``lr_end``
     follows a half cosine down to ``lr_end`` at the last step.
     """
+    from diffstudio.train.extras import require_train_extra
+
+    require_train_extra("accelerate")
     from accelerate import Accelerator
 
     out_dir = Path(out_dir)
@@ -119,7 +162,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
         finished = step + 1 == steps
         if (step + 1) % checkpoint_every == 0 or finished or (stop_after and done >= stop_after):
             if accelerator.is_main_process:
-                _save(accelerator, model, opt, out_dir, step + 1, losses, trainable_only)
+                _save(accelerator, model, opt, out_dir, step + 1, losses, trainable_only, recipe)
         if stop_after and done >= stop_after:
             break
     bar.close()
@@ -138,6 +181,13 @@ def lr_factor(step: int, steps: int, warmup: int, lr: float, lr_end: float | Non
     return (lr_end + (lr - lr_end) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))) / lr
 
 
+def schedule_depends_on_steps(lr_end: float | None) -> bool:
+    """Whether ``lr_factor`` at a given step changes with the total step count: only the cosine to ``lr_end``
+    does (warm-up and the constant rate are functions of the step alone). A constant-rate run may therefore
+    be continued to more steps and still equal a run started with that many."""
+    return lr_end is not None
+
+
 def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -148,9 +198,12 @@ def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim
         # made with "adamw" would not repeat exactly.
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise ImportError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from exc
+        from diffstudio.train.extras import require
+
+        require("bitsandbytes", "optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes")
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; known: adamw, adamw_fused, adamw8bit")
+    from diffstudio.errors import InvalidInputError
+
+    raise InvalidInputError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")

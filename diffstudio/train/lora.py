@@ -11,7 +11,8 @@ What the trainer does, in order:
    its aspect-ratio bucket (``train.buckets``);
 3. cache every image's latent and every caption's conditioning once (the VAE and the text
    encoders are frozen and never run again), in ``<workdir>/cache.pt``;
-4. train with ``train.loop.train`` (accelerate; exact resume from ``<workdir>/checkpoint``);
+4. train with ``train.loop.train`` (accelerate; exact resume from ``<workdir>/checkpoint``, only under the
+   recipe the checkpoint was trained with: ``train.recipe``);
 5. export the adapters in kohya format (default) or diffusers/peft format (``train.lora_export``).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ class LoRATrainConfig:
     checkpoint_every: int = 100
     workdir: str | None = None  # checkpoints and caches; None = "<out>.run"
     export_format: str = "kohya"  # or "peft" (diffusers' load_lora_weights format)
+    restart: bool = False  # discard the work folder's checkpoint (made with another recipe) and start at step 0
 
     def work_path(self) -> Path:
         return Path(self.workdir) if self.workdir else Path(str(self.out) + ".run")
@@ -113,6 +116,7 @@ def adapter_weights(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, to
 def _prepare_items(models, rows, config: LoRATrainConfig, resolution: int):
     """Each row -> (bucket id, latent (C, h, w), conditioning dict with batch dim 1)."""
     from PIL import Image, ImageOps
+    from tqdm.auto import tqdm
 
     from diffstudio.io.images import images_to_tensor
     from diffstudio.pipeline.generate import Pipeline
@@ -125,7 +129,7 @@ def _prepare_items(models, rows, config: LoRATrainConfig, resolution: int):
     clip_skip = family.text_encoders[0].default_clip_skip
     guidance = {**asdict(family.defaults), **models.defaults}.get("guidance")
     items, bucket_ids, empty = [], [], {}
-    for path, caption in rows:
+    for path, caption in tqdm(rows, desc="caching latents and captions"):
         image = Image.open(path).convert("RGB")
         size = nearest_bucket(*image.size, sizes)
         image = ImageOps.fit(image, size, Image.LANCZOS)  # resize to cover, centre crop
@@ -142,18 +146,14 @@ def _prepare_items(models, rows, config: LoRATrainConfig, resolution: int):
             "empty": {f"{w}x{h}": c for (w, h), c in empty.items()}}
 
 
-def _cache_key(models, rows, config: LoRATrainConfig, resolution: int) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([str(models.sources.get(models.family.denoiser_role, "")), resolution, config.buckets,
-                         config.caption_dropout]).encode())
-    for path, caption in rows:
-        h.update(f"{path}|{path.stat().st_mtime_ns}|{caption}".encode())
-    return h.hexdigest()[:16]
+def _cache_key(recipe: dict) -> str:
+    """The cache holds what the frozen VAE and text encoders make of the data: it is reused while these agree."""
+    used = {key: recipe[key] for key in ("data", "model", "resolution", "buckets", "caption_dropout", "precision")}
+    return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_or_build_cache(models, rows, config: LoRATrainConfig, resolution: int) -> dict:
+def load_or_build_cache(models, rows, config: LoRATrainConfig, resolution: int, key: str) -> dict:
     path = config.work_path() / "cache.pt"
-    key = _cache_key(models, rows, config, resolution)
     if path.exists():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         if cached.get("key") == key:
@@ -161,7 +161,9 @@ def load_or_build_cache(models, rows, config: LoRATrainConfig, resolution: int) 
     data = _prepare_items(models, rows, config, resolution)
     data["key"] = key
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data, path)
+    tmp = path.with_name(path.name + ".tmp")  # then renamed: a failed write leaves the old cache whole
+    torch.save(data, tmp)
+    os.replace(tmp, path)
     return data
 
 
@@ -183,9 +185,29 @@ class _Trainee(torch.nn.Module):
         self.denoiser = denoiser
 
 
-def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None = None) -> Path | None:
-    """Train a LoRA on ``config.data`` and export it to ``config.out``. Resumes if ``workdir`` has a checkpoint.
+# Settings that leave every update as it is (where files go, how often a checkpoint is saved, a memory switch
+# whose recomputation gives the same gradients up to rounding): they may change between a run and its resume.
+NOT_IN_RECIPE = ("data", "out", "model", "workdir", "checkpoint_every", "gradient_checkpointing", "export_format",
+                 "restart")
 
+
+def run_recipe(config: LoRATrainConfig, models, rows, resolution: int, targets: str, alpha: float) -> dict:
+    """What decides what this run learns (``train.recipe``): the data and base model by fingerprint, the settings
+    with their defaults resolved. A setting added to the config is part of it unless listed in NOT_IN_RECIPE."""
+    from diffstudio.train.recipe import data_fingerprint, model_fingerprint
+
+    base = config.model or models.sources.get(models.family.denoiser_role)
+    settings = {k: v for k, v in asdict(config).items() if k not in NOT_IN_RECIPE}
+    return {**settings, "data": data_fingerprint(config.data, rows), "model": model_fingerprint(base),
+            "family": models.family.name, "resolution": resolution, "targets": targets, "alpha": alpha}
+
+
+def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None = None) -> Path | None:
+    """Train a LoRA on ``config.data`` and export it to ``config.out``.
+
+    Resumes from the checkpoint in ``workdir`` when it was trained with the same recipe (``run_recipe``), and
+    raises ``StaleRunError`` when not, unless ``config.restart`` (then the checkpoint is discarded once the new
+    run has loaded its model and data). A finished run started again only exports its checkpoint again.
     ``models``: an already loaded base (left unchanged afterwards). ``stop_after`` stops after that many
     steps of this call without exporting (an interrupted run; the next call resumes)."""
     import diffstudio
@@ -193,14 +215,19 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     from diffstudio.sampling.prediction import prediction_for
     from diffstudio.train.buckets import bucket_batches
     from diffstudio.train.data import read_captions
-    from diffstudio.train.loop import step_generator, train
+    from diffstudio.train.extras import require_train_extra
+    from diffstudio.train.loop import OPTIMIZERS, discard_checkpoints, step_generator, train
     from diffstudio.train.lora_export import save_lora
     from diffstudio.train.objectives import diffusion_loss
+    from diffstudio.train.recipe import check_resume
 
+    require_train_extra()
     if config.precision not in ("fp32", "bf16"):
         raise InvalidInputError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}")
     if config.rank < 1 or config.steps < 1 or config.batch_size < 1:
         raise InvalidInputError("rank, steps and batch_size must be positive")
+    if config.optimizer not in OPTIMIZERS:
+        raise InvalidInputError(f"unknown optimizer {config.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     if models is None:
         models = diffstudio.load(*([config.model] if config.model else []), dtype=dtype)
@@ -209,19 +236,21 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
         raise InvalidInputError(f"--snr-gamma weights eps/v training; {family.name} is trained by flow matching")
     defaults = {**asdict(family.defaults), **models.defaults}
     resolution = config.resolution or int(defaults["width"])
-    rows = read_captions(config.data)
-    data = load_or_build_cache(models, rows, config, resolution)
-
     denoiser = models.denoiser
     pattern = config.targets or family.lora_targets
     names = target_modules(denoiser, pattern)
     if not names:
         raise InvalidInputError(f"no Linear/1x1-Conv layer of the {family.name} denoiser matches {pattern!r}")
-    alpha = float(config.alpha if config.alpha is not None else config.rank)
-    # Checked before the adapters go in, so that the error leaves the model as it was.
     if config.gradient_checkpointing and not hasattr(denoiser, "gradient_checkpointing"):
         raise InvalidInputError(f"the {family.name} denoiser has no gradient checkpointing switch")
-    checkpointing = getattr(denoiser, "gradient_checkpointing", None)  # put back afterwards
+    alpha = float(config.alpha if config.alpha is not None else config.rank)
+    rows = read_captions(config.data)
+    recipe = run_recipe(config, models, rows, resolution, pattern, alpha)
+    check_resume(config.work_path(), recipe, restart=config.restart)  # before any work: a stale run stops here
+    data = load_or_build_cache(models, rows, config, resolution, _cache_key(recipe))
+
+    # Everything that can refuse the run has run, so the model is changed only now (and put back afterwards).
+    checkpointing = getattr(denoiser, "gradient_checkpointing", None)
     inject_lora(denoiser, names, config.rank, alpha, config.seed)
     if config.gradient_checkpointing:
         denoiser.gradient_checkpointing = True
@@ -242,11 +271,13 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
         return diffusion_loss(prediction, net_fn, x0, _collate(conds), gen, snr_gamma=config.snr_gamma)
 
     trainee = _Trainee(denoiser)
+    if config.restart:  # the new run is ready: only now does the old one go
+        discard_checkpoints(config.work_path())
     try:
         losses = train(trainee, loss_fn, steps=config.steps, out_dir=config.work_path(), lr=config.lr,
                        warmup=config.warmup, lr_end=config.lr_end, checkpoint_every=config.checkpoint_every,
                        optimizer=config.optimizer,
-                       desc=f"lora {family.name}", trainable_only=True, stop_after=stop_after)
+                       desc=f"lora {family.name}", trainable_only=True, stop_after=stop_after, recipe=recipe)
         weights = adapter_weights(denoiser)
     finally:
         remove_lora(denoiser)
@@ -260,5 +291,6 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
                 "ss_resolution": f"({resolution}, {resolution})", "ss_seed": str(config.seed),
                 "ss_base_model_version": family.name, "ss_training_comment": "trained with diffstudio",
                 "ss_enable_bucket": str(config.buckets), "ss_batch_size_per_device": str(config.batch_size),
-                "diffstudio.lora": json.dumps({"config": asdict(config), "final_loss": losses[-1]})}
+                "diffstudio.lora": json.dumps({"config": asdict(config), "recipe": recipe,
+                                               "final_loss": losses[-1]})}
     return save_lora(models, weights, alpha, config.out, config.export_format, metadata)

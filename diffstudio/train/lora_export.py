@@ -74,10 +74,12 @@ def _diffusers_parts(models, role: str, modules: list[str]) -> dict[str, list[tu
 
 def save_lora(models, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float, out: str | Path,
               export_format: str = "kohya", metadata: dict | None = None) -> Path:
-    """``weights``: {denoiser module name: (A, B)} -> a .safetensors LoRA file."""
-    from safetensors.torch import save_file
+    """``weights``: {denoiser module name: (A, B)} -> a .safetensors LoRA file.
 
+    Written atomically (a temporary file in the same folder, renamed over ``out`` once complete, with the
+    mode the umask gives), so a failed export leaves an existing file as it was."""
     from diffstudio.components import ARCHS
+    from diffstudio.io.safetensors_file import save_safetensors
 
     family = models.family
     role = family.denoiser_role
@@ -101,9 +103,6 @@ def save_lora(models, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], alp
                 tensors[f"{prefix}.{name}.lora_B.weight"] = (part * (alpha / rank)).contiguous()
     else:
         raise InvalidInputError(f"unknown LoRA export format {export_format!r}; use 'kohya' or 'peft'")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
     meta["diffstudio.lora_format"] = export_format
-    save_file({k: v.to(torch.float32) for k, v in tensors.items()}, str(out), metadata=meta)
-    return out
+    return save_safetensors({k: v.to(torch.float32) for k, v in tensors.items()}, out, metadata=meta)
