@@ -71,3 +71,7 @@ class LoRAMismatchError(DiffstudioError, ValueError):
     Usually the file was made for another family (an SDXL LoRA on SD 1.x); `diffstudio lora inspect
     FILE --model BASE` says which family it targets and which of its layers matched.
     """
+
+
+class ControlNetMismatchError(DiffstudioError, ValueError):
+    """A ControlNet that does not fit the loaded base model (made for another family, or another UNet's widths)."""
