@@ -88,13 +88,14 @@ def derive_controlnet_config(sd: Mapping, hints: Mapping | None = None) -> Contr
         if f"input_blocks.{n}.0.op.weight" in sd:
             levels.append([])
         elif f"input_blocks.{n}.0.in_layers.2.weight" in sd:
-            levels[-1].append((shape(f"input_blocks.{n}.0.in_layers.2.weight")[0], depths.get(f"input_blocks.{n}.1", 0)))
+            width = shape(f"input_blocks.{n}.0.in_layers.2.weight")[0]
+            levels[-1].append((width, depths.get(f"input_blocks.{n}.1", 0)))
         else:
             raise UnknownModelError(f"ControlNet input_blocks.{n} is neither a ResBlock nor a Downsample")
     for level, blocks in enumerate(levels):
         if not blocks or len(set(blocks)) != 1 or blocks[0][0] % model_channels:
-            raise UnknownModelError(f"ControlNet level {level} has (width, transformer depth) {blocks}; the LDM encoder "
-                                    f"has one width (a multiple of {model_channels}) and one depth per level")
+            raise UnknownModelError(f"ControlNet level {level} has (width, transformer depth) {blocks}; the LDM "
+                                    f"encoder has one width (a multiple of {model_channels}) and one depth per level")
     if _block_count(keys, "zero_convs") != n_inputs:
         raise UnknownModelError(f"ControlNet has {_block_count(keys, 'zero_convs')} zero_convs for {n_inputs} input "
                                 "blocks; it needs one per input block (truncated file?)")
