@@ -188,6 +188,21 @@ ARCHS: dict[str, ComponentArch] = {
         config_to_dict=lambda config: config.to_dict(),
         config_from_dict=_lazy("diffstudio.models.hunyuan_dit:HunyuanDiTConfig.from_dict"),
     ),
+    # ControlNet for the LDM UNet (SD 1.x, SDXL). Canonical = the cldm release's names (control_model. stripped);
+    # not a family role: it is added to a loaded model (diffstudio.controlnet_loading.add_controlnet).
+    "controlnet": ComponentArch(
+        name="controlnet",
+        sentinels="diffstudio.detect.controlnet:CONTROLNET_SENTINELS",
+        diffusers_sentinels="diffstudio.detect.controlnet:CONTROLNET_DIFFUSERS_SENTINELS",
+        derive_config=_lazy("diffstudio.detect.controlnet:derive_controlnet_config"),
+        config_from_diffusers=_lazy("diffstudio.detect.controlnet:controlnet_config_from_diffusers"),
+        build=_lazy("diffstudio.models.controlnet:ControlNetModel"),
+        from_diffusers=_lazy("diffstudio.convert.controlnet:controlnet_from_diffusers"),
+        to_diffusers=_lazy("diffstudio.convert.controlnet:controlnet_to_diffusers"),
+        config_to_dict=_dataclass_to_dict,
+        config_from_dict=_lazy("diffstudio.detect.controlnet:controlnet_config_from_dict"),
+        kohya_layout="diffusers",
+    ),
     # BERT text encoder (Hunyuan-DiT's bilingual CLIP text tower), a transformers BertModel.
     "bert": ComponentArch(
         name="bert",

@@ -246,6 +246,11 @@ def read_source(path: str | Path) -> tuple[Detection, dict[str, _Part]]:
         released = _read_released_folder(path)
         if released is not None:
             return released
+        from diffstudio.controlnet_loading import is_controlnet_folder, read_controlnet
+
+        if is_controlnet_folder(path):  # a diffusers ControlNetModel folder (an add-on: `diffstudio info` names it)
+            detection, part = read_controlnet(path)
+            return detection, {"controlnet": part}
         raise ModelNotFoundError(f"{path} is a folder without model_index.json: pass the model file inside it, "
                                  "or a diffusers folder (model_index.json, unet/, vae/, text_encoder/, ...)")
     return _read_file(path)
@@ -354,13 +359,17 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
             warnings.warn(f"the trained demo model is not at {paths[0]} (build it with `python -m diffstudio.demo "
                           "train`, docs/shapes.md): using the demo architecture with random weights", stacklevel=2)
             return untrained_demo_models()
+    from diffstudio.controlnet_loading import refuse_as_model
+
     base_detection, parts = read_source(paths[0])
+    refuse_as_model(paths[0], base_detection)
     if base_detection.family is None:
         raise UnknownModelError(f"{paths[0]} holds only {', '.join(parts)}: the first path must be a whole "
                                 "model (or a denoiser); add lone components after it")
     family = get_family(base_detection.family).for_variant(base_detection.variant)
     for extra in paths[1:]:
         detection, extra_parts = read_source(extra)
+        refuse_as_model(extra, detection)
         if detection.family not in (None, family.name):
             raise UnknownModelError(f"{extra} is a {detection.family} model but the base is {family.name}")
         if detection.family is None:  # a lone component fills the base family's role of its architecture

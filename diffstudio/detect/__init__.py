@@ -169,11 +169,16 @@ def detect(state_dict: Mapping, metadata: Mapping | None = None) -> Detection:
         raise UnknownModelError("the state dict is empty: there is nothing to detect")
     stored = stored_configs(metadata)
     reasons = []
+    from diffstudio.detect.controlnet import attach_bundled_controlnet, detect_controlnet
+
     for family in FAMILIES:
         detection, reason = _try_family(family, state_dict, stored)
         if detection is not None:
-            return detection
+            return attach_bundled_controlnet(detection, state_dict, stored)
         reasons.append((family.name, reason))
+    controlnet = detect_controlnet(state_dict, stored)  # an add-on for a family, not a model of its own
+    if controlnet is not None:
+        return controlnet
     for role, arch_name, prefixes in standalone_kinds():
         comp = _component(state_dict, (role, arch_name), prefixes, stored)
         if comp is not None:

@@ -1,0 +1,122 @@
+"""Adding a ControlNet to a loaded model: `add_controlnet(models, path) -> ControlNetModel`.
+
+A ControlNet comes as a single file (cldm names, bare or under ``control_model.``, or diffusers names;
+``.safetensors``, or ``.pth`` / ``.ckpt`` read with torch's weights-only loader) or as a diffusers
+``ControlNetModel`` folder (config.json + weights). It is built in the base model's dtype and on its
+device, after checking that it fits the base: same family, same text width, same encoder widths, so
+that every residual lands on a skip of its shape (docs/controlnet.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffstudio.detect.controlnet import ROLE, controlnet_family, derive_controlnet_config, find_controlnet
+from diffstudio.errors import ControlNetMismatchError, UnknownModelError
+from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
+from diffstudio.models.unet import UNetConfig
+
+
+def _top_keys(sd) -> str:
+    heads: dict[str, int] = {}
+    for k in sd:
+        heads[k.split(".")[0]] = heads.get(k.split(".")[0], 0) + 1
+    return ", ".join(f"{h}.* ({n})" for h, n in sorted(heads.items(), key=lambda kv: -kv[1])[:6])
+
+
+def is_controlnet_folder(folder: Path) -> bool:
+    """A diffusers ControlNetModel folder (its config.json names the class); no weights are read."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("_class_name") == "ControlNetModel"
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_controlnet(path: str | Path, hints: dict | None = None):
+    """A ControlNet file or diffusers folder -> (Detection naming its family, the loader's part in cldm names).
+
+    ``hints``: conventions shapes cannot reveal (heads, norm groups), e.g. the base UNet's. A stored config
+    (the folder's config.json, or diffstudio's safetensors metadata) wins over them."""
+    from diffstudio.components import ARCHS
+    from diffstudio.detect import Component, Detection, _dtype, _numel, stored_configs
+    from diffstudio.io.folders import existing_path, read_component
+    from diffstudio.io.state_dict import read_file_metadata, read_state_dict
+    from diffstudio.loader import _canonical, _Part
+
+    path = existing_path(path, "ControlNet")
+    arch = ARCHS[ROLE]
+    if path.is_dir():
+        sd, config_json = read_component(path)
+        if not (arch.is_canonical(sd) or arch.is_diffusers(sd)):
+            raise UnknownModelError(f"{path} holds no ControlNet weights; its top-level keys: {_top_keys(sd)}")
+        canonical = arch.to_canonical(sd)
+        stored = {ROLE: arch.config_to_dict(arch.config_from_diffusers(config_json))} if config_json else {}
+        component = Component(ROLE, ROLE, "", "original" if arch.is_canonical(sd) else "diffusers", None,
+                              _numel(canonical), _dtype(canonical))
+        family, config = controlnet_family(canonical, stored)
+    else:
+        sd = read_state_dict(path)
+        stored = stored_configs(read_file_metadata(path))
+        found = find_controlnet(sd, stored)
+        if found is None:
+            raise UnknownModelError(f"{path} holds no ControlNet: no cldm input_hint_block / zero_convs keys (bare or "
+                                    "under 'control_model.') and no diffusers controlnet_cond_embedding keys. Its "
+                                    f"top-level keys: {_top_keys(sd)}. `diffstudio info {path}` says what it is.")
+        component, family = found
+        canonical = _canonical(sd, component)
+        config = component.config
+    if hints and ROLE not in stored:
+        config = derive_controlnet_config(canonical, hints)
+    component.config = config
+    return Detection(family.name, {ROLE: component}), _Part(canonical, config, str(path))
+
+
+def fit_problems(controlnet: ControlNetConfig, unet: UNetConfig, latent_channels: int) -> list[str]:
+    """Why a ControlNet's residuals would not fit a UNet (empty when they do)."""
+    problems = []
+    if controlnet.in_channels != latent_channels:
+        problems.append(f"it takes {controlnet.in_channels}-channel latents, the model's are {latent_channels}")
+    if controlnet.context_dim != unet.context_dim:
+        problems.append(f"its text width (cross-attention context) is {controlnet.context_dim}, the UNet's "
+                        f"{unet.context_dim}")
+    encoder = ("model_channels", "channel_mult", "num_res_blocks")
+    if any(getattr(controlnet, f) != getattr(unet, f) for f in encoder):
+        problems.append("its encoder widths (" + ", ".join(f"{f}={getattr(controlnet, f)}" for f in encoder) +
+                        ") are not the UNet's (" + ", ".join(f"{f}={getattr(unet, f)}" for f in encoder) + ")")
+    if controlnet.adm_in_channels is not None and controlnet.adm_in_channels != unet.adm_in_channels:
+        problems.append(f"it takes a vector condition y of width {controlnet.adm_in_channels}, the UNet's is "
+                        f"{unet.adm_in_channels}")
+    return problems
+
+
+def add_controlnet(models, path: str | Path) -> ControlNetModel:
+    """Load the ControlNet at ``path`` for ``models`` (a loaded `Models`): in its dtype, on its device, checked
+    to fit its UNet (`ControlNetMismatchError` otherwise). The model itself is not changed."""
+    from diffstudio.loader import build_component
+
+    unet = getattr(models.denoiser, "config", None)
+    if not isinstance(unet, UNetConfig):
+        raise ControlNetMismatchError(f"this {models.family.name} model's denoiser is not an LDM UNet: diffstudio's "
+                                      "ControlNets are for SD 1.x and SDXL models")
+    hints = {"num_heads": unet.num_heads, "num_head_channels": unet.num_head_channels, "norm_groups": unet.norm_groups}
+    detection, part = read_controlnet(path, hints)
+    if detection.family != models.family.name:
+        raise ControlNetMismatchError(f"{path} is a ControlNet for {detection.family} models, the loaded model is "
+                                      f"{models.family.name}: use a ControlNet made for {models.family.name}")
+    problems = fit_problems(part.config, unet, models.family.latent.channels)
+    if problems:
+        raise ControlNetMismatchError(f"{path} is a {detection.family} ControlNet that does not fit this model's UNet: "
+                                      + "; ".join(problems) + ". It was made for another base architecture.")
+    return build_component(ROLE, ROLE, part, models.dtype, models.device, consume=True)
+
+
+def refuse_as_model(path, detection) -> None:
+    """A lone ControlNet passed to `diffstudio.load` (as the base or a component): say how to add it."""
+    if set(detection.components) == {ROLE}:
+        raise UnknownModelError(f"{path} is a ControlNet for {detection.family} models, not a model or a component: "
+                                "load the base model, then add it with diffstudio.controlnet_loading.add_controlnet"
+                                "(models, path)")

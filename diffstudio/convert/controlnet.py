@@ -1,0 +1,90 @@
+"""cldm ControlNet <-> diffusers ControlNetModel state dicts (pure renames, no tensor copies).
+
+The encoder half and middle block are the UNet's: their renames come from the UNet map
+(`diffstudio.convert.unet`), generated from the same block structure, with the decoder's entries
+left out. The ControlNet's own modules add three generated groups:
+
+    input_hint_block.0              <-> controlnet_cond_embedding.conv_in
+    input_hint_block.2 (j+1)        <-> controlnet_cond_embedding.blocks.j    (j = 0 .. 2(K-1)-1)
+    input_hint_block.2 (2K-1)       <-> controlnet_cond_embedding.conv_out    (K hint widths)
+    zero_convs.i.0                  <-> controlnet_down_blocks.i              (one per input block)
+    middle_block_out.0              <-> controlnet_mid_block
+
+Both directions end with `check_conversion`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from diffstudio.convert.check import check_conversion
+from diffstudio.convert.unet import _KeyMap, _module_pairs, _rename, _Structure
+from diffstudio.errors import ConversionError
+from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
+
+# UNet modules a ControlNet has (LDM prefixes): everything before the decoder.
+_ENCODER_PREFIXES = ("time_embed.", "label_emb.", "encoder_hid_proj", "input_blocks.", "middle_block.")
+
+
+def _pairs(structure: _Structure, hint_widths: int) -> list[tuple[str, str, dict[str, str]]]:
+    """(cldm module prefix, diffusers module prefix, sub-layer renames) of a ControlNet."""
+    pairs = [p for p in _module_pairs(structure) if p[0].startswith(_ENCODER_PREFIXES)]
+    convs = 2 * hint_widths  # conv_in, two per widening stage, conv_out
+    pairs.append(("input_hint_block.0", "controlnet_cond_embedding.conv_in", {}))
+    pairs += [(f"input_hint_block.{2 * (j + 1)}", f"controlnet_cond_embedding.blocks.{j}", {})
+              for j in range(convs - 2)]
+    pairs.append((f"input_hint_block.{2 * (convs - 1)}", "controlnet_cond_embedding.conv_out", {}))
+    inputs = 1 + sum(structure.num_res_blocks) + len(structure.num_res_blocks) - 1  # conv_in, ResBlocks, Downsamples
+    pairs += [(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}", {}) for i in range(inputs)]
+    pairs.append(("middle_block_out.0", "controlnet_mid_block", {}))
+    return pairs
+
+
+def _hint_widths_of_diffusers_keys(keys) -> int:
+    blocks = {int(m.group(1)) for k in keys if (m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.", k))}
+    if blocks != set(range(len(blocks))) or len(blocks) % 2:
+        raise ConversionError(f"diffusers ControlNet controlnet_cond_embedding.blocks are {sorted(blocks)}: expected "
+                              "an even count 0..N-1 (two convs per stage). Not a ControlNetModel state dict.")
+    return len(blocks) // 2 + 1
+
+
+def _meta_shapes(config: ControlNetConfig) -> dict[str, tuple[int, ...]]:
+    """Every key and shape of the cldm layout of `config` (built on the meta device)."""
+    with torch.device("meta"):
+        model = ControlNetModel(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def controlnet_from_diffusers(sd: Mapping) -> dict:
+    """diffusers ControlNetModel state dict (no prefix) -> cldm state dict (no ``control_model.`` prefix).
+
+    The structure is counted from the diffusers keys; the result is checked against a ControlNet built
+    on the meta device at the config derived from the result.
+    """
+    # Imported here: the detect package's __init__ imports the family records (import cycle otherwise).
+    from diffstudio.detect.controlnet import derive_controlnet_config
+
+    key_map = _KeyMap(_pairs(_Structure.of_diffusers_keys(sd.keys()), _hint_widths_of_diffusers_keys(sd.keys())),
+                      to_diffusers=False)
+    out, consumed = _rename(sd, key_map)
+    check_conversion("diffusers ControlNet -> cldm", sd.keys(), consumed, out)
+    # Heads and GroupNorm groups do not change any shape; 1 and 1 fit every width.
+    config = derive_controlnet_config(out, {"num_heads": 1, "norm_groups": 1})
+    check_conversion("diffusers ControlNet -> cldm", sd.keys(), consumed, out, _meta_shapes(config))
+    return out
+
+
+def controlnet_to_diffusers(sd: Mapping, config: ControlNetConfig) -> dict:
+    """cldm ControlNet state dict (no ``control_model.`` prefix) -> diffusers ControlNetModel layout."""
+    key_map = _KeyMap(_pairs(_Structure.of_config(config), len(config.hint_block_channels)), to_diffusers=True)
+    expected_cldm = _meta_shapes(config)
+    expected, _ = _rename(expected_cldm, key_map)
+    if len(expected) != len(expected_cldm):
+        raise ConversionError("cldm -> diffusers ControlNet: the generated key map does not cover the model built "
+                              f"from {config}; this is a diffstudio bug, please report it.")
+    out, consumed = _rename(sd, key_map)
+    check_conversion("cldm ControlNet -> diffusers", sd.keys(), consumed, out, expected)
+    return out

@@ -1,0 +1,215 @@
+"""Recognise a ControlNet and derive its `ControlNetConfig` (and the family it is for) from names and shapes.
+
+Only names and shapes are read (meta tensors and lazy safetensors work). Keys are relative to the
+ControlNet: the cldm releases store them under ``control_model.`` (the v1.0 files bundle a whole SD
+model beside them), v1.1 ``.pth`` files and most ``.safetensors`` files bare; diffusers
+``ControlNetModel`` weights are converted first (`diffstudio.convert.controlnet`).
+
+What shapes reveal is what they reveal for a UNet (`diffstudio.detect.unet`): base width and level
+multipliers from the ResBlock convs, ResBlocks per level counted between Downsamples, transformer
+depths counted, context width from ``attn2.to_k``, conv vs linear projections, SDXL's ``label_emb``
+width; plus the hint encoder's input channels and stage widths (``input_hint_block`` convs). Heads and
+norm groups come from hints (the family's UNet convention, or the base UNet's config when loading).
+
+The family is decided like a UNet's: the first family record (in detection order) whose UNet test
+accepts the ControlNet's config; a ControlNet is a copy of its base UNet's encoder, so the UNet's
+structural signature (conv vs linear projections, ``label_emb``, transformer depths) carries over.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from diffstudio.detect.unet import _block_count, _heads, _transformer_depths, config_from_diffusers
+from diffstudio.errors import ConversionError, UnknownModelError
+from diffstudio.models.controlnet import ControlNetConfig
+
+CONTROLNET_PREFIXES = ("control_model.", "")
+
+CONTROLNET_SENTINELS = (
+    "input_hint_block.0.weight",
+    "zero_convs.0.0.weight",
+    "middle_block_out.0.weight",
+    "input_blocks.0.0.weight",
+    "time_embed.0.weight",
+    "middle_block.0.in_layers.2.weight",
+)
+
+CONTROLNET_DIFFUSERS_SENTINELS = (
+    "controlnet_cond_embedding.conv_in.weight",
+    "controlnet_down_blocks.0.weight",
+    "controlnet_mid_block.weight",
+    "conv_in.weight",
+    "time_embedding.linear_1.weight",
+)
+
+_HINT_CONV = re.compile(r"^input_hint_block\.(\d+)\.weight$")
+
+
+def _hint_structure(sd: Mapping, model_channels: int) -> tuple[int, list[int]]:
+    """(hint channels, stage widths) of the input_hint_block: convs at 0, 2, 4, ...; conv 2j (j >= 1)
+    widens to the next stage, the last maps to the UNet's base width."""
+    indices = sorted(int(m.group(1)) for k in sd if (m := _HINT_CONV.match(k)))
+    convs = len(indices)
+    if indices != list(range(0, 2 * convs, 2)) or convs < 2 or convs % 2:
+        raise UnknownModelError(f"ControlNet input_hint_block convs sit at {indices}: expected an even number of "
+                                "them at 0, 2, 4, ... (truncated file, or not a cldm ControlNet)")
+    shapes = [tuple(sd[f"input_hint_block.{i}.weight"].shape) for i in indices]
+    if shapes[-1][0] != model_channels:
+        raise UnknownModelError(f"ControlNet hint encoder ends at {shapes[-1][0]} channels, its UNet encoder starts "
+                                f"at {model_channels}: not a cldm ControlNet")
+    widths = [shapes[0][0]] + [shapes[j][0] for j in range(2, convs - 1, 2)]
+    return shapes[0][1], widths
+
+
+def derive_controlnet_config(sd: Mapping, hints: Mapping | None = None) -> ControlNetConfig:
+    """cldm ControlNet state dict (names + shapes) -> ControlNetConfig. See the module docstring."""
+    hints = dict(hints or {})
+    missing = [k for k in CONTROLNET_SENTINELS if k not in sd]
+    if missing:
+        raise UnknownModelError(f"not a cldm ControlNet state dict: missing {missing}. Strip the 'control_model.' "
+                                "prefix first; a diffusers ControlNetModel goes through "
+                                "diffstudio.convert.controlnet.controlnet_from_diffusers.")
+    keys = list(sd.keys())
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise UnknownModelError(f"ControlNet state dict lacks '{key}' (truncated or pruned file?)")
+        return tuple(sd[key].shape)
+
+    depths = _transformer_depths(keys)
+    model_channels, in_channels = shape("input_blocks.0.0.weight")[:2]
+
+    # The encoder half, walked as in a UNet: a Downsample closes a level.
+    levels: list[list[tuple[int, int]]] = [[]]  # per level: (ResBlock width, transformer depth)
+    n_inputs = _block_count(keys, "input_blocks")
+    for n in range(1, n_inputs):
+        if f"input_blocks.{n}.0.op.weight" in sd:
+            levels.append([])
+        elif f"input_blocks.{n}.0.in_layers.2.weight" in sd:
+            width = shape(f"input_blocks.{n}.0.in_layers.2.weight")[0]
+            levels[-1].append((width, depths.get(f"input_blocks.{n}.1", 0)))
+        else:
+            raise UnknownModelError(f"ControlNet input_blocks.{n} is neither a ResBlock nor a Downsample")
+    for level, blocks in enumerate(levels):
+        if not blocks or len(set(blocks)) != 1 or blocks[0][0] % model_channels:
+            raise UnknownModelError(f"ControlNet level {level} has (width, transformer depth) {blocks}; the LDM "
+                                    f"encoder has one width (a multiple of {model_channels}) and one depth per level")
+    if _block_count(keys, "zero_convs") != n_inputs:
+        raise UnknownModelError(f"ControlNet has {_block_count(keys, 'zero_convs')} zero_convs for {n_inputs} input "
+                                "blocks; it needs one per input block (truncated file?)")
+
+    depth_middle = depths.get("middle_block.1", 0)
+    if depth_middle == 0:
+        raise UnknownModelError("ControlNet middle block has no SpatialTransformer; not a supported LDM ControlNet")
+    linear = len(shape("middle_block.1.proj_in.weight")) == 2
+    to_k = next((k for k in keys if k.endswith(".attn2.to_k.weight")), None)
+    num_heads, head_channels = _heads(hints, linear)
+    hint_channels, hint_widths = _hint_structure(sd, model_channels)
+    return ControlNetConfig(
+        in_channels=in_channels, model_channels=model_channels,
+        channel_mult=[blocks[0][0] // model_channels for blocks in levels],
+        num_res_blocks=[len(blocks) for blocks in levels],
+        transformer_depth=[blocks[0][1] for blocks in levels],
+        transformer_depth_middle=depth_middle,
+        context_dim=shape(to_k)[1] if to_k else None,
+        num_heads=num_heads, num_head_channels=head_channels, use_linear_in_transformer=linear,
+        adm_in_channels=shape("label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in sd else None,
+        norm_groups=int(hints.get("norm_groups", 32)),
+        encoder_hid_dim=shape("encoder_hid_proj.weight")[1] if "encoder_hid_proj.weight" in sd else None,
+        hint_channels=hint_channels, hint_block_channels=hint_widths,
+        global_average_pooling=bool(hints.get("global_average_pooling", False)),
+    )
+
+
+def controlnet_config_from_diffusers(config_json: Mapping) -> ControlNetConfig:
+    """A diffusers ``ControlNetModel`` config.json -> ControlNetConfig (the UNet fields read as a UNet's)."""
+    cfg = dict(config_json)
+    order = cfg.get("controlnet_conditioning_channel_order", "rgb")
+    if order != "rgb":
+        raise ConversionError(f"diffusers ControlNet controlnet_conditioning_channel_order={order!r}: only 'rgb' "
+                              "control images are supported; convert the image's channel order instead")
+    # A ControlNet has no decoder: give the UNet reader the mirror of the encoder it expects.
+    down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
+    cfg["up_block_types"] = [t.replace("Down", "Up") for t in reversed(down)]
+    unet = config_from_diffusers(cfg)
+    return ControlNetConfig.from_unet(
+        unet, hint_channels=int(cfg.get("conditioning_channels", 3)),
+        hint_block_channels=list(cfg.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)),
+        global_average_pooling=bool(cfg.get("global_pool_conditions", False)))
+
+
+def controlnet_config_from_dict(data: Mapping) -> ControlNetConfig:
+    return ControlNetConfig.from_dict(dict(data))
+
+
+# --------------------------------------------------------------------------------------------
+# Placing a ControlNet: which family's UNet it belongs to
+# --------------------------------------------------------------------------------------------
+
+ROLE = "controlnet"  # the component name a ControlNet gets in a Detection
+
+
+def controlnet_family(sub: Mapping, stored: Mapping | None = None):
+    """(family, config) of a canonical ControlNet state dict: the first UNet family (detection order) whose
+    UNet test accepts it, the config derived with that family's UNet hints (or the stored config)."""
+    from diffstudio.families import FAMILIES
+
+    reasons = []
+    for family in FAMILIES:
+        unet_role = family.role(family.denoiser_role)
+        if unet_role.arch != "ldm_unet":
+            continue
+        config = (controlnet_config_from_dict(stored[ROLE]) if stored and ROLE in stored
+                  else derive_controlnet_config(sub, unet_role.hints))
+        reason = family.check_denoiser(config)
+        if reason is None:
+            return family, config
+        reasons.append(f"{family.name}: {reason}")
+    raise UnknownModelError("this is a ControlNet, but for no model family diffstudio knows (it is a copy of its "
+                            f"base UNet's encoder, and no family's UNet test accepts it): {'; '.join(reasons)}")
+
+
+def find_controlnet(sd: Mapping, stored: Mapping | None = None):
+    """A ControlNet's `Component` (role "controlnet") and its family record, or None when `sd` holds none.
+
+    Looks under ``control_model.`` then at bare keys, cldm or diffusers names."""
+    from diffstudio.components import ARCHS
+    from diffstudio.detect import Component, _dtype, _numel, find_component
+
+    found = find_component(sd, ARCHS[ROLE], CONTROLNET_PREFIXES)
+    if found is None:
+        return None
+    prefix, layout, sub = found
+    family, config = controlnet_family(sub, stored)
+    return Component(ROLE, ROLE, prefix, layout, config, _numel(sub), _dtype(sub)), family
+
+
+def detect_controlnet(sd: Mapping, stored: Mapping | None = None):
+    """A lone ControlNet file -> a `Detection` naming the family it is for, its one component "controlnet";
+    None when `sd` is no ControlNet. Keys outside it must be non-weight keys (else it is no lone ControlNet)."""
+    from diffstudio.detect import NON_WEIGHT_KEYS, Detection
+
+    found = find_controlnet(sd, stored)
+    if found is None:
+        return None
+    component, family = found
+    others = sorted(k for k in sd if component.prefix and not k.startswith(component.prefix))
+    if not all(k in NON_WEIGHT_KEYS for k in others):
+        return None
+    return Detection(family.name, {ROLE: component}, None, others)
+
+
+def attach_bundled_controlnet(detection, sd: Mapping, stored: Mapping | None = None):
+    """A whole model that also carries a ControlNet under ``control_model.`` (the cldm v1.0 release files):
+    add the ControlNet to the detection (when it fits the detected family) and take its keys off the ignored."""
+    prefix = CONTROLNET_PREFIXES[0]
+    if not any(k.startswith(prefix) for k in detection.ignored):
+        return detection
+    found = find_controlnet({k: v for k, v in sd.items() if k.startswith(prefix)}, stored)
+    if found is None or found[1].name != detection.family:
+        return detection
+    detection.components[ROLE] = found[0]
+    detection.ignored = [k for k in detection.ignored if not k.startswith(prefix)]
+    return detection

@@ -1,0 +1,177 @@
+"""ControlNet for the LDM UNet (SD 1.x, SDXL).
+
+Reference: Zhang, Rao & Agrawala 2023, "Adding Conditional Control to Text-to-Image Diffusion
+Models" (arXiv:2302.05543), section 3 and fig. 3; the layout is the released ``cldm`` one.
+
+A ControlNet is a trainable copy of the UNet's encoder half (``input_blocks``) and middle block,
+fed the same latent, timestep and text as the UNet, plus a control image (the *hint*):
+
+* ``input_hint_block`` (section 3.2, "tiny network E"): eight 3x3 convs with SiLU between them,
+  three of stride 2, taking the hint from pixel to latent resolution (8x smaller) and to the
+  UNet's base width. Its output is added to the output of the first input block (conv_in).
+* ``zero_convs``: one 1x1 conv per input block ("zero convolution", eq. 2, initialised to zero),
+  mapping that block's output to a residual; ``middle_block_out``: the same for the middle block.
+
+``forward`` returns the residuals in the order ``UNetModel.forward(..., control=)`` takes them:
+one per input block (``input_blocks[0]`` = conv_in first, in order; residual i is shaped like
+input block i's output), then the middle block's. The UNet adds the last to its middle output and
+residual i to skip i when the output blocks pop it (diffusers: ``down_block_additional_residuals``
+= all but the last, ``mid_block_additional_residual`` = the last).
+
+Parameter names are the cldm release's (``control_model.`` stripped), so
+``control_v11p_sd15_canny.pth`` loads without renaming; diffusers ``ControlNetModel`` weights go
+through ``diffstudio.convert.controlnet``.
+
+Shapes: x (B, 4, H, W) latents; hint (B, hint_channels, 8H, 8W) in [0, 1] (the inpainting
+ControlNet takes -1 at masked pixels); timesteps (B,); context (B, T, context_dim); y (B, adm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from diffstudio.errors import InvalidSizeError
+from diffstudio.models.layers import timestep_embedding
+from diffstudio.models.unet import (
+    Downsample,
+    ResBlock,
+    SpatialTransformer,
+    TimestepEmbedSequential,
+    UNetConfig,
+)
+
+
+@dataclass
+class ControlNetConfig(UNetConfig):
+    """Constructor arguments of `ControlNetModel`: the UNet's (its encoder half is copied) plus the hint.
+
+    ``out_channels`` is unused (a ControlNet has no output blocks). ``hint_block_channels`` are the
+    widths of the hint encoder's stages (cldm: 16, 32, 96, 256; diffusers'
+    ``conditioning_embedding_out_channels``). ``global_average_pooling``: residuals are averaged over
+    space (the v1.1 "shuffle" ControlNet's yaml; diffusers' ``global_pool_conditions``). It changes
+    no weight, so it is never derived from a file, only read from a config.
+    """
+
+    hint_channels: int = 3
+    hint_block_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
+    global_average_pooling: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.hint_block_channels = list(self.hint_block_channels)
+        if not self.hint_block_channels:
+            raise ValueError("ControlNetConfig: hint_block_channels needs at least one width")
+
+    @classmethod
+    def from_unet(cls, unet: UNetConfig, **hint) -> ControlNetConfig:
+        """The ControlNet of a UNet (the paper initialises it as a copy of the UNet's encoder)."""
+        return cls(**{**unet.to_dict(), **hint})
+
+
+def hint_block(hint_channels: int, widths: list[int], model_channels: int) -> TimestepEmbedSequential:
+    """cldm's input_hint_block: conv, then per stage a same-width conv and a stride-2 widening conv,
+    then a conv to the UNet's width; SiLU after every conv but the last. Conv i sits at index 2i."""
+    convs = [nn.Conv2d(hint_channels, widths[0], 3, padding=1)]
+    for width, wider in zip(widths, widths[1:]):
+        convs += [nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, wider, 3, padding=1, stride=2)]
+    convs.append(nn.Conv2d(widths[-1], model_channels, 3, padding=1))
+    layers: list[nn.Module] = []
+    for conv in convs[:-1]:
+        layers += [conv, nn.SiLU()]
+    return TimestepEmbedSequential(*layers, convs[-1])
+
+
+class ControlNetModel(nn.Module):
+    """``forward(x, hint, timesteps, context, y=None) -> [residual per input block ..., middle residual]``."""
+
+    def __init__(self, config: ControlNetConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        mc = c.model_channels
+        emb_dim = mc * 4
+        g = c.norm_groups
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+        if c.encoder_hid_dim is not None:
+            if c.context_dim is None:
+                raise ValueError("ControlNetConfig: encoder_hid_dim needs context_dim (the projection's width)")
+            self.encoder_hid_proj = nn.Linear(c.encoder_hid_dim, c.context_dim)
+        self.input_hint_block = hint_block(c.hint_channels, c.hint_block_channels, mc)
+
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = c.heads_for(ch)
+            return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer, g)
+
+        def zero_conv(ch: int) -> TimestepEmbedSequential:
+            return TimestepEmbedSequential(nn.Conv2d(ch, ch, 1))
+
+        # The UNet's encoder half, block for block (same indices, so the same parameter names).
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
+        self.zero_convs = nn.ModuleList([zero_conv(mc)])
+        ch = mc
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks[level]):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, g)]
+                ch = mult * mc
+                if c.transformer_depth[level] > 0:
+                    layers.append(transformer(ch, c.transformer_depth[level]))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                self.zero_convs.append(zero_conv(ch))
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                self.zero_convs.append(zero_conv(ch))
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, g),
+                                                    transformer(ch, c.transformer_depth_middle),
+                                                    ResBlock(ch, emb_dim, ch, g))
+        self.middle_block_out = zero_conv(ch)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embed[0].weight.dtype
+
+    def residual_channels(self) -> list[int]:
+        """Channels of each residual, in forward's order (the UNet's skip widths, then the middle's)."""
+        return [zc[0].out_channels for zc in self.zero_convs] + [self.middle_block_out[0].out_channels]
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
+                context: torch.Tensor | None = None, y: torch.Tensor | None = None, **extra) -> list[torch.Tensor]:
+        """x (B, C_in, H, W), hint (B, hint_channels, 8H, 8W), timesteps (B,), context (B, T, D), y (B, adm)
+        -> len(input_blocks) + 1 residuals. ``extra`` (other conditioning the pipeline passes) is unused."""
+        c = self.config
+        dtype = self.dtype
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))   # (B, 4*mc)
+        if c.adm_in_channels is not None:
+            if y is None:
+                raise ValueError(f"this ControlNet takes a vector condition y of width {c.adm_in_channels} "
+                                 "(SDXL: pooled text embedding + size/crop embeddings), the base UNet's y; pass y=")
+            emb = emb + self.label_emb(y.to(dtype))
+        if context is not None:
+            context = context.to(dtype)
+            if c.encoder_hid_dim is not None:
+                context = self.encoder_hid_proj(context)
+
+        guide = self.input_hint_block(hint.to(dtype), emb, context)                       # (B, mc, H, W)
+        h = self.input_blocks[0](x.to(dtype), emb, context)                               # conv_in
+        if guide.shape[-2:] != h.shape[-2:]:
+            raise InvalidSizeError(f"the control image is {tuple(hint.shape[-2:])} pixels, which the hint encoder "
+                                   f"takes to {tuple(guide.shape[-2:])}, but the latent is {tuple(x.shape[-2:])}: "
+                                   "give a control image of the generated image's size (8x the latent's)")
+        h = h + guide
+        residuals = [self.zero_convs[0](h, emb, context)]
+        for block, zero_conv in zip(self.input_blocks[1:], self.zero_convs[1:]):
+            h = block(h, emb, context)
+            residuals.append(zero_conv(h, emb, context))
+        h = self.middle_block(h, emb, context)
+        residuals.append(self.middle_block_out(h, emb, context))
+        if c.global_average_pooling:
+            residuals = [r.mean(dim=(2, 3), keepdim=True) for r in residuals]
+        return residuals
+
