@@ -189,7 +189,7 @@ ARCHS: dict[str, ComponentArch] = {
         config_from_dict=_lazy("diffstudio.models.hunyuan_dit:HunyuanDiTConfig.from_dict"),
     ),
     # ControlNet for the LDM UNet (SD 1.x, SDXL). Canonical = the cldm release's names (control_model. stripped);
-    # not a family role: it is added to a loaded model (diffstudio.controlnet_loading.add_controlnet).
+    # not a family role: it is added to a loaded model (models.add_controlnet).
     "controlnet": ComponentArch(
         name="controlnet",
         sentinels="diffstudio.detect.controlnet:CONTROLNET_SENTINELS",

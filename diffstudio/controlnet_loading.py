@@ -118,5 +118,4 @@ def refuse_as_model(path, detection) -> None:
     """A lone ControlNet passed to `diffstudio.load` (as the base or a component): say how to add it."""
     if set(detection.components) == {ROLE}:
         raise UnknownModelError(f"{path} is a ControlNet for {detection.family} models, not a model or a component: "
-                                "load the base model, then add it with diffstudio.controlnet_loading.add_controlnet"
-                                "(models, path)")
+                                "load the base model, then add it with models.add_controlnet(path)")

@@ -88,5 +88,6 @@ class StaleRunError(InvalidInputError):
     (other data, base model or settings). The message lists the fields that differ and the ways on:
     ``--restart`` (start over in that folder) or another ``--workdir``."""
 
+
 class ControlNetMismatchError(DiffstudioError, ValueError):
     """A ControlNet that does not fit the loaded base model (made for another family, or another UNet's widths)."""

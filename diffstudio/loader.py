@@ -37,6 +37,7 @@ class Models:
     patches: dict = field(default_factory=dict)  # role -> {parameter: [Patch]}: this model's own weight patches
     loras: list = field(default_factory=list)  # the LoRAHandles applied, in order
     embeddings: dict = field(default_factory=dict)  # textual-inversion name -> Embedding (docs/prompts.md)
+    controlnets: dict = field(default_factory=dict)  # path -> loaded ControlNet (add_controlnet)
 
     def __getattr__(self, name: str):
         components = self.__dict__.get("components", {})
@@ -98,7 +99,7 @@ class Models:
         twin.patches = {role: {name: [copy_patch(p) for p in lists] for name, lists in params.items()}
                         for role, params in self.patches.items()}
         twin.loras = [handle.copy_to(twin) for handle in self.loras]
-        twin.embeddings = dict(self.embeddings)
+        twin.embeddings, twin.controlnets = dict(self.embeddings), dict(self.controlnets)
         twin.components, twin.configs, twin.defaults = dict(self.components), dict(self.configs), dict(self.defaults)
         return twin
 
@@ -111,6 +112,15 @@ class Models:
         except (StopIteration, KeyError):
             where = "no denoiser"
         return f"Models({name}: {parts}; {where}{extra})"
+
+    def add_controlnet(self, path) -> torch.nn.Module:
+        """Load a ControlNet file or folder that fits this model (docs/controlnet.md); loaded once per path."""
+        from diffstudio.controlnet_loading import add_controlnet
+
+        key = str(Path(path).expanduser().resolve())
+        if key not in self.controlnets:
+            self.controlnets[key] = add_controlnet(self, path)
+        return self.controlnets[key]
 
     def add_embedding(self, path_or_folder, name: str | None = None) -> list:
         """Add a textual-inversion embedding file, or every one under a folder, to this model's prompts

@@ -105,7 +105,14 @@ class Pipeline:
                  scheduler: str | None = None, sigmas=None, batch_size: int = 1, init_image=None,
                  strength: float | None = None, mask=None, clip_skip: int | None = None,
                  tiled_vae: bool | None = None, guidance: float | None = None, progress: bool = True,
-                 callback=None, regions=None, region_mode: str = "latent", modules=()) -> list[Image.Image]:
+                 callback=None, regions=None, region_mode: str = "latent", controlnets=(),
+                 modules=()) -> list[Image.Image]:
+        """``controlnets``: ``ControlNetUnit``s (pipeline/control.py); ``modules``: extra denoiser modules."""
+        modules = list(modules)
+        if controlnets:
+            from diffstudio.pipeline.control import ControlNets
+
+            modules.append(ControlNets(controlnets))
         request = Request(prompt, negative_prompt, width=width, height=height, steps=steps, cfg_scale=cfg_scale,
                           seed=seed, sampler=sampler, scheduler=scheduler, sigmas=sigmas, batch_size=batch_size,
                           init_image=init_image, strength=strength, mask=mask, clip_skip=clip_skip,

@@ -1,0 +1,163 @@
+"""ControlNet units as a denoiser module (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image
+Diffusion Models").
+
+Each unit is a ControlNet, a control image (the hint), a scale and the fraction of the steps it acts on.
+At the network stage the module computes every active unit's residuals from the network's own input
+(the scaled latent, the timestep, the text context and SDXL's vector y), sums them, and hands the sum
+to the UNet as ``control=`` (one residual per encoder skip, then the middle: docs/controlnet.md).
+
+``control_mode`` follows A1111: ``"balanced"`` adds the residuals to the conditional and the
+unconditional rows alike; ``"prompt"`` ("my prompt is more important") scales the residual of layer i
+of the 13 by 0.825^(12 - i), so the deep layers dominate; ``"control"`` ("ControlNet is more important")
+adds them to the conditional rows only, so CFG amplifies the control.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from diffstudio.errors import InvalidInputError
+from diffstudio.pipeline.modules import NETWORK, Generation, Wrapper
+
+CONTROL_MODES = ("balanced", "prompt", "control")
+SOFT_DECAY = 0.825  # A1111's "My prompt is more important" per-layer weight base
+NEGATIVE_ROWS = "negative_rows"  # a (B,) bool cond entry: True on the unconditional rows
+
+
+@dataclass
+class ControlNetUnit:
+    """One ControlNet with its control image.
+
+    model: a loaded ControlNet (``models.add_controlnet(path)``) or a path to one.
+    image: the control image (path, PIL, array or tensor), resized and centre-cropped to the output size.
+    preprocess: an annotator run on ``image`` first (``"canny"``, ``"tile"``, ``"blur"``; None = use as is).
+    start / end: the fraction of the steps during which the unit acts (0 = first step, 1 = last).
+    """
+
+    model: Any
+    image: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: str | None = None
+    control_mode: str = "balanced"
+
+    def __post_init__(self):
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise InvalidInputError(f"a ControlNet unit needs 0 <= start <= end <= 1, got {self.start}..{self.end}")
+        if self.control_mode not in CONTROL_MODES:
+            raise InvalidInputError(f"unknown control_mode {self.control_mode!r}; use one of "
+                                    f"{', '.join(CONTROL_MODES)}")
+
+    def describe(self) -> dict:
+        name = self.model if isinstance(self.model, str) else getattr(self.model, "source", type(self.model).__name__)
+        out = {"model": str(name).split("/")[-1], "scale": self.scale, "start": self.start, "end": self.end}
+        if self.preprocess:
+            out["preprocess"] = self.preprocess
+        if self.control_mode != "balanced":
+            out["control_mode"] = self.control_mode
+        return out
+
+
+def control_image(image, preprocess: str | None, width: int, height: int) -> torch.Tensor:
+    """The hint (1, 3, height, width) in [0, 1]: annotated, then scaled to cover the size and centre-cropped."""
+    from diffstudio.control import annotators
+    from diffstudio.io.images import load_image
+
+    preprocessors = {"canny": annotators.canny, "tile": annotators.tile, "blur": annotators.blur}
+    picture = load_image(image)
+    if preprocess is not None:
+        if preprocess not in preprocessors:
+            raise InvalidInputError(f"unknown ControlNet preprocessor {preprocess!r}; use one of: "
+                                    f"{', '.join(preprocessors)} (or None for an image already annotated)")
+        picture = load_image(preprocessors[preprocess](picture))
+    scale = max(width / picture.width, height / picture.height)
+    size = (max(width, round(picture.width * scale)), max(height, round(picture.height * scale)))
+    picture = picture.resize(size, Image.LANCZOS)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    picture = picture.crop((left, top, left + width, top + height))
+    return annotators.hint_tensor(picture)
+
+
+def _step_sigma(sigmas: torch.Tensor, fraction: float) -> float:
+    """The schedule's sigma a fraction of the way through its steps (linear between step boundaries)."""
+    steps = len(sigmas) - 1
+    position = fraction * steps
+    i = min(int(position), steps - 1)
+    w = position - i
+    return float(sigmas[i] * (1 - w) + sigmas[i + 1] * w)
+
+
+class ControlNets:
+    """The denoiser module of a run's ControlNet units; several units sum their residuals."""
+
+    order = NETWORK + 10
+
+    def __init__(self, units: list[ControlNetUnit]):
+        self.units = list(units)
+
+    def recipe(self) -> dict:
+        return {"controlnets": [u.describe() for u in self.units]}
+
+    def wrap(self, denoiser, gen: Generation):
+        r = gen.request
+        loaded = []
+        for unit in self.units:
+            if unit.scale == 0:
+                continue
+            model = gen.models.add_controlnet(unit.model) if isinstance(unit.model, (str,)) or hasattr(
+                unit.model, "__fspath__") else unit.model
+            hint = control_image(unit.image, unit.preprocess, r.width, r.height)
+            hi, lo = _step_sigma(gen.sigmas, unit.start), _step_sigma(gen.sigmas, unit.end)
+            loaded.append((unit, model, hint, hi, lo))
+        if not loaded:
+            return denoiser
+        n = len(gen.prompts)
+        gen.cond = {**gen.cond, NEGATIVE_ROWS: torch.zeros(n, dtype=torch.bool)}
+        gen.uncond = {**gen.uncond, NEGATIVE_ROWS: torch.ones(n, dtype=torch.bool)}
+        return ControlledDenoiser(denoiser, loaded, gen.models)
+
+
+class ControlledDenoiser(Wrapper):
+    """``D(x, sigma, **cond)`` whose network call receives the active units' summed residuals as ``control``."""
+
+    def __init__(self, inner, units, models):
+        super().__init__(inner)
+        self.units, self.models = units, models
+
+    def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        negative = cond.pop(NEGATIVE_ROWS, None)
+        level = float(torch.as_tensor(sigma).reshape(-1)[0])
+        active = [u for u in self.units if u[4] - 1e-6 <= level <= u[3] + 1e-6]
+        if not active:
+            return self.inner(x, sigma, **cond)
+        sigma_rows = torch.as_tensor(sigma).reshape(-1).expand(x.shape[0])
+        x_in, t = self.inner.prediction.network_input(x, sigma_rows)
+        dtype, device = self.models.dtype, self.models.device
+        context = cond.get("context")
+        y = cond.get("y")
+        total: list[torch.Tensor] | None = None
+        for unit, model, hint, _, _ in active:
+            with torch.inference_mode():
+                res = model(x_in.to(device, dtype), hint.to(device, dtype).expand(x.shape[0], -1, -1, -1),
+                            t.to(device), None if context is None else context.to(device, dtype),
+                            None if y is None else y.to(device, dtype))
+            weights = _layer_weights(unit, len(res), negative, x.shape[0], device, dtype)
+            res = [r * w for r, w in zip(res, weights)]
+            total = res if total is None else [a + b for a, b in zip(total, res)]
+        return self.inner(x, sigma, control=total, **cond)
+
+
+def _layer_weights(unit: ControlNetUnit, layers: int, negative, rows: int, device, dtype) -> list[torch.Tensor]:
+    """Per residual: the unit's scale, A1111's soft weights in "prompt" mode, zero on unconditional rows in
+    "control" mode. Each weight broadcasts over (rows, C, h, w)."""
+    scale = torch.full((rows, 1, 1, 1), float(unit.scale), device=device, dtype=dtype)
+    if unit.control_mode == "control" and negative is not None:
+        scale = scale * (~negative.to(device)).to(dtype).view(rows, 1, 1, 1)
+    if unit.control_mode == "prompt":
+        return [scale * SOFT_DECAY ** float(layers - 1 - i) for i in range(layers)]
+    return [scale] * layers
