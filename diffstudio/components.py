@@ -203,6 +203,20 @@ ARCHS: dict[str, ComponentArch] = {
         config_from_dict=_lazy("diffstudio.detect.controlnet:controlnet_config_from_dict"),
         kohya_layout="diffusers",
     ),
+    # AnimateDiff motion modules: an add-on to an LDM UNet (docs/animatediff.md). Canonical = the released
+    # mm_*.ckpt names; diffusers' MotionAdapter layout is converted.
+    "motion_module": ComponentArch(
+        name="motion_module",
+        sentinels="diffstudio.detect.motion:MOTION_SENTINELS",
+        diffusers_sentinels="diffstudio.detect.motion:MOTION_DIFFUSERS_SENTINELS",
+        derive_config=_lazy("diffstudio.detect.motion:derive_motion_config"),
+        config_from_diffusers=_lazy("diffstudio.detect.motion:config_from_diffusers"),
+        build=_lazy("diffstudio.models.motion:MotionModules"),
+        from_diffusers=_lazy("diffstudio.convert.motion:motion_from_diffusers"),
+        to_diffusers=_lazy("diffstudio.convert.motion:motion_to_diffusers"),
+        config_to_dict=lambda config: config.to_dict(),
+        config_from_dict=_lazy("diffstudio.models.motion:MotionConfig.from_dict"),
+    ),
     # BERT text encoder (Hunyuan-DiT's bilingual CLIP text tower), a transformers BertModel.
     "bert": ComponentArch(
         name="bert",

@@ -41,6 +41,11 @@ class ConversionError(DiffstudioError, ValueError):
     """A layout conversion left keys unconsumed, missed keys or changed shapes."""
 
 
+class MotionModuleMismatchError(DiffstudioError, ValueError):
+    """An AnimateDiff motion module that does not fit the UNet it is added to (made for another
+    family, e.g. an SDXL module on SD 1.x), or a file that is not a motion module."""
+
+
 class InvalidSizeError(DiffstudioError, ValueError):
     """An image size (or frame count) the model cannot take."""
 

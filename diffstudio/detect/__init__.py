@@ -25,6 +25,8 @@ from diffstudio.families.base import Family, Role
 # architecture, then these.
 STANDALONE_ARCHS = ("ldm_vae", "clip_text", "t5_encoder", "chatglm", "bert")
 STANDALONE_PREFIXES = ("vae.", "text_encoder.", "")
+# Add-ons a lone file may hold that no family record names as a role: (role, arch, prefixes).
+ADDON_KINDS = (("motion", "motion_module", ("",)),)
 
 
 def standalone_kinds() -> list[tuple[str, str, tuple[str, ...]]]:
@@ -179,7 +181,7 @@ def detect(state_dict: Mapping, metadata: Mapping | None = None) -> Detection:
     controlnet = detect_controlnet(state_dict, stored)  # an add-on for a family, not a model of its own
     if controlnet is not None:
         return controlnet
-    for role, arch_name, prefixes in standalone_kinds():
+    for role, arch_name, prefixes in [*standalone_kinds(), *ADDON_KINDS]:
         comp = _component(state_dict, (role, arch_name), prefixes, stored)
         if comp is not None:
             others = sorted(k for k in state_dict if comp.prefix and not k.startswith(comp.prefix))

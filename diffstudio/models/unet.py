@@ -15,7 +15,7 @@ context (B, T, context_dim) text tokens; y (B, adm_in_channels) for SDXL.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffstudio.errors import InvalidInputError, MotionModuleMismatchError
 from diffstudio.models.cpu_linear import Linear  # nn.Linear with oneDNN's faster fp32 CPU inference path
 from diffstudio.models.layers import attention, timestep_embedding
 
@@ -327,11 +328,24 @@ class SpatialTransformer(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """A Sequential that hands each layer what it takes: emb (ResBlock), context (transformer)."""
+    """A Sequential that hands each layer what it takes: emb (ResBlock), context (transformer).
+
+    ``temporal`` (the motion hook, docs/animatediff.md) runs once, right after the block's spatial
+    part: after its SpatialTransformer if it has one, else after its ResBlock; so before an
+    Upsample, and between the middle block's transformer and its second ResBlock (AnimateDiff's
+    placement). conv_in and Downsample blocks have no hook point (``temporal_after`` is None).
+    """
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__(*layers)
+        transformers = [i for i, layer in enumerate(layers) if isinstance(layer, SpatialTransformer)]
+        resblocks = [i for i, layer in enumerate(layers) if isinstance(layer, ResBlock)]
+        self.temporal_after = (transformers or resblocks or [None])[0]
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
-                out_size: Sequence[int] | None = None, context_bias: dict | None = None) -> torch.Tensor:
-        for layer in self:
+                out_size: Sequence[int] | None = None, context_bias: dict | None = None,
+                temporal: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self):
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
@@ -340,6 +354,8 @@ class TimestepEmbedSequential(nn.Sequential):
                 x = layer(x, out_size)
             else:
                 x = layer(x)
+            if temporal is not None and i == self.temporal_after:
+                x = temporal(x)
         return x
 
 
@@ -359,6 +375,12 @@ class UNetModel(nn.Module):
     ``context_bias`` is the region-prompt hook (docs/regions.md): {image tokens: additive bias
     (B|1, 1, image tokens, T)} for the cross-attention layers, one entry per token grid of
     ``region_token_grids``.
+
+    ``motion`` + ``num_frames`` is the temporal hook (AnimateDiff, docs/animatediff.md): x holds
+    videos of ``num_frames`` consecutive frames in its batch axis, (B*F, C, H, W), and after the
+    spatial part of each ResBlock(+transformer) block the UNet calls
+    ``motion.site(part, level, j)(h, num_frames)`` (``temporal_sites`` lists the sites per block).
+    Without ``motion`` the UNet computes exactly what it computes without this hook.
     """
 
     region_attention = "cross"  # how text reaches the image tokens (pipeline/region_attention.py)
@@ -417,8 +439,42 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
+        self.temporal_sites = self._temporal_sites()
+
         self.out = nn.Sequential(nn.GroupNorm(g, ch, eps=1e-5), nn.SiLU(),
                                  nn.Conv2d(mc, c.out_channels, 3, padding=1))
+
+    def _temporal_sites(self) -> dict[str, list]:
+        """Motion hook site of each block: ("down", level, j) for the j-th ResBlock block of an input
+        level, ("mid", 0, 0), ("up", u, j) for the j-th block of the u-th output level (deepest first);
+        None for blocks without a hook point (conv_in, Downsample)."""
+        c = self.config
+        inputs: list = [None]
+        for level, count in enumerate(c.num_res_blocks):
+            inputs += [("down", level, j) for j in range(count)]
+            if level != len(c.num_res_blocks) - 1:
+                inputs.append(None)
+        outputs = [("up", u, j) for u, level in enumerate(reversed(range(len(c.num_res_blocks))))
+                   for j in range(c.num_res_blocks[level] + 1)]
+        return {"input": inputs, "middle": [("mid", 0, 0)], "output": outputs}
+
+    def _temporal_hooks(self, motion, num_frames: int | None, batch: int) -> dict[str, list] | None:
+        """Per block, the callable h -> h of the motion hook (None where there is none); see forward."""
+        if motion is None:
+            return None
+        if not isinstance(num_frames, int) or num_frames < 1 or batch % num_frames:
+            raise InvalidInputError(f"a motion module needs num_frames= (frames per video, a divisor of the batch "
+                                    f"of {batch}); got num_frames={num_frames!r}")
+        reason = motion.mismatch(self.config)
+        if reason:
+            raise MotionModuleMismatchError(f"{reason}. Use a motion module made for this model family "
+                                            "(SD 1.x modules for SD 1.x, the SDXL module for SDXL).")
+
+        def hook(site):
+            module = None if site is None else motion.site(*site)
+            return None if module is None else (lambda h: module(h, num_frames))
+
+        return {part: [hook(site) for site in sites] for part, sites in self.temporal_sites.items()}
 
     def _channels_last(self) -> bool:
         """Activations follow the conv weights' layout.
@@ -444,18 +500,19 @@ class UNetModel(nn.Module):
 
     def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
              context: torch.Tensor | None, out_size: Sequence[int] | None = None,
-             context_bias: dict | None = None) -> torch.Tensor:
+             context_bias: dict | None = None, temporal: Callable | None = None) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, out_size, context_bias, use_reentrant=False)
-        return block(h, emb, context, out_size, context_bias)
+            return checkpoint(block, h, emb, context, out_size, context_bias, temporal, use_reentrant=False)
+        return block(h, emb, context, out_size, context_bias, temporal)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None,
-                context_bias: dict[int, torch.Tensor] | None = None, **extra) -> torch.Tensor:
+                context_bias: dict[int, torch.Tensor] | None = None, motion: nn.Module | None = None,
+                num_frames: int | None = None, **extra) -> torch.Tensor:
         """x (B, C_in, H, W), timesteps (B,), context (B, T, D), y (B, adm) -> (B, C_out, H, W).
 
         Inputs are cast to the weights' dtype; ``extra`` is accepted (other families' conditioning)
-        and unused.
+        and unused. ``motion`` (a models.motion.MotionModules) and ``num_frames``: see the class docstring.
         """
         c = self.config
         dtype = self.dtype
@@ -475,21 +532,26 @@ class UNetModel(nn.Module):
             raise ValueError(f"control needs {len(self.input_blocks) + 1} residuals (one per input block, "
                              f"then the middle); got {len(control)}")
 
+        hooks = self._temporal_hooks(motion, num_frames, x.shape[0])
+        none = [None] * max(len(self.input_blocks), len(self.output_blocks))
+        input_hooks, middle_hooks, output_hooks = (none, none, none) if hooks is None else \
+            (hooks["input"], hooks["middle"], hooks["output"])
+
         h = x.to(dtype)
         if self._channels_last():
             h = h.contiguous(memory_format=torch.channels_last)
         skips = []
-        for block in self.input_blocks:
-            h = self._run(block, h, emb, context, context_bias=context_bias)
+        for block, temporal in zip(self.input_blocks, input_hooks):
+            h = self._run(block, h, emb, context, context_bias=context_bias, temporal=temporal)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context, context_bias=context_bias)
+        h = self._run(self.middle_block, h, emb, context, context_bias=context_bias, temporal=middle_hooks[0])
         if control is not None:
             h = h + control[-1].to(dtype)
-        for block in self.output_blocks:
+        for block, temporal in zip(self.output_blocks, output_hooks):
             skip = skips.pop()
             if control is not None:
                 skip = skip + control[len(skips)].to(dtype)
             h = torch.cat([h, skip], dim=1)
-            h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None, context_bias)
+            h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None, context_bias, temporal)
         h = _silu_(_group_norm(self.out[0], h))
         return self.out[2](h).contiguous()
