@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-# CFG 3, not SD's 7: above 3 the guided denoiser over-corrects colour so strongly that DPM++ 2M SDE oscillates
+# CFG 3, not SD's 7: from 5 up the guided denoiser over-corrects colour so strongly that DPM++ 2M SDE oscillates
 # (docs/shapes.md, "Guidance").
 DEMO_DEFAULTS = {"width": 64, "height": 64, "steps": 20, "cfg_scale": 3.0}
 
