@@ -364,6 +364,27 @@ class TimestepEmbedSequential(nn.Sequential):
 # --------------------------------------------------------------------------------------------
 
 
+def embed_conditioning(net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
+                       y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The time embedding (+ SDXL's vector y through ``label_emb``) and the projected text context, shared by
+    the UNet and its ControlNet (which copies these layers): (B, 4*mc), (B, T, context_dim)."""
+    c = net.config
+    dtype = net.dtype
+    if timesteps.ndim == 0:
+        timesteps = timesteps.expand(x.shape[0])
+    emb = net.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))
+    if c.adm_in_channels is not None:
+        if y is None:
+            raise ValueError(f"this {type(net).__name__} takes a vector condition y of width {c.adm_in_channels} "
+                             "(SDXL: pooled text embedding + size/crop embeddings); pass y=")
+        emb = emb + net.label_emb(y.to(dtype))
+    if context is not None:
+        context = context.to(dtype)
+        if c.encoder_hid_dim is not None:
+            context = net.encoder_hid_proj(context)
+    return emb, context
+
+
 class UNetModel(nn.Module):
     """LDM UNet. ``forward(x, timesteps, context, y=None, control=None) -> raw output`` (eps or v).
 
@@ -514,20 +535,8 @@ class UNetModel(nn.Module):
         Inputs are cast to the weights' dtype; ``extra`` is accepted (other families' conditioning)
         and unused. ``motion`` (a models.motion.MotionModules) and ``num_frames``: see the class docstring.
         """
-        c = self.config
         dtype = self.dtype
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))  # (B, 4*mc)
-        if c.adm_in_channels is not None:
-            if y is None:
-                raise ValueError(f"this UNet takes a vector condition y of width {c.adm_in_channels} "
-                                 "(SDXL: pooled text embedding + size/crop embeddings); pass y=")
-            emb = emb + self.label_emb(y.to(dtype))
-        if context is not None:
-            context = context.to(dtype)
-            if c.encoder_hid_dim is not None:
-                context = self.encoder_hid_proj(context)                 # (B, T, context_dim)
+        emb, context = embed_conditioning(self, x, timesteps, context, y)
         if control is not None and len(control) != len(self.input_blocks) + 1:
             raise ValueError(f"control needs {len(self.input_blocks) + 1} residuals (one per input block, "
                              f"then the middle); got {len(control)}")
