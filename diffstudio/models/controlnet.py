@@ -40,6 +40,7 @@ from diffstudio.models.unet import (
     SpatialTransformer,
     TimestepEmbedSequential,
     UNetConfig,
+    add_embedding_layers,
     embed_conditioning,
 )
 
@@ -92,16 +93,9 @@ class ControlNetModel(nn.Module):
         self.config = config
         c = config
         mc = c.model_channels
-        emb_dim = mc * 4
         g = c.norm_groups
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if c.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
-        if c.encoder_hid_dim is not None:
-            if c.context_dim is None:
-                raise ValueError("ControlNetConfig: encoder_hid_dim needs context_dim (the projection's width)")
-            self.encoder_hid_proj = nn.Linear(c.encoder_hid_dim, c.context_dim)
+        add_embedding_layers(self, c)
+        emb_dim = mc * 4
         self.input_hint_block = hint_block(c.hint_channels, c.hint_block_channels, mc)
 
         def transformer(ch: int, depth: int) -> SpatialTransformer:

@@ -364,6 +364,19 @@ class TimestepEmbedSequential(nn.Sequential):
 # --------------------------------------------------------------------------------------------
 
 
+def add_embedding_layers(net: nn.Module, c) -> None:
+    """The layers ``embed_conditioning`` runs: time_embed, SDXL's label_emb, Kolors' encoder_hid_proj."""
+    emb_dim = c.model_channels * 4
+    net.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    if c.adm_in_channels is not None:
+        net.label_emb = nn.Sequential(nn.Sequential(
+            nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+    if c.encoder_hid_dim is not None:
+        if c.context_dim is None:
+            raise ValueError(f"{type(c).__name__}: encoder_hid_dim needs context_dim (the projection's width)")
+        net.encoder_hid_proj = nn.Linear(c.encoder_hid_dim, c.context_dim)
+
+
 def embed_conditioning(net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
                        y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The time embedding (+ SDXL's vector y through ``label_emb``) and the projected text context, shared by
@@ -412,15 +425,8 @@ class UNetModel(nn.Module):
         self.gradient_checkpointing = False
         c = config
         mc = c.model_channels
+        add_embedding_layers(self, c)
         emb_dim = mc * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if c.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
-        if c.encoder_hid_dim is not None:
-            if c.context_dim is None:
-                raise ValueError("UNetConfig: encoder_hid_dim needs context_dim (the projection's width)")
-            self.encoder_hid_proj = nn.Linear(c.encoder_hid_dim, c.context_dim)
 
         def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, dim_head = c.heads_for(ch)
