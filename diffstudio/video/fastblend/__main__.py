@@ -1,11 +1,13 @@
-"""``python -m diffstudio.video.fastblend ...``: the ``diffstudio fastblend`` command, standalone."""
+"""``python -m diffstudio.video.fastblend ...``: the ``diffstudio fastblend`` command, standalone.
 
-import os
+The OpenMP wait policy (diffstudio/threads.py) is set here too, but this package's ``__init__``
+has imported torch before this file runs, so the runtime has already read it: for the passive
+policy run ``diffstudio fastblend`` or set ``OMP_WAIT_POLICY=PASSIVE`` in the shell.
+"""
 
-# OpenMP threads that spin while waiting make torch 10-100x slower on a CPU shared with other
-# jobs (measured on a busy 2-core machine); waiting passively costs almost nothing when idle.
-# It must be set before torch starts its thread pool, so before the imports below.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from diffstudio.threads import prepare_threads
+
+prepare_threads()  # reaches subprocesses; see above for this process
 
 from diffstudio.video.fastblend.cli import main  # noqa: E402
 

@@ -15,8 +15,7 @@ import argparse
 import sys
 import tempfile
 
-import torch
-
+from diffstudio.threads import set_threads
 from diffstudio.video import video_io
 from diffstudio.video.fastblend import MODES, DiskFrames, iter_blend, iter_interpolate
 
@@ -56,8 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if getattr(args, "threads", None):  # absent under `diffstudio fastblend` (its --threads is global there)
+        set_threads(args.threads)
     fps = args.fps or video_io.video_fps(args.guide)
     options = dict(batch_size=args.batch_size, minimum_patch_size=args.minimum_patch_size,
                    num_iter=args.num_iter, guide_weight=args.guide_weight,
