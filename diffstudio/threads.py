@@ -4,10 +4,9 @@ torch runs its CPU kernels on an OpenMP pool (GNU libgomp in the pip wheels; Int
 some builds). By default an idle OpenMP thread spins for a while before it sleeps, so that the next
 parallel region starts without a wake-up. On a machine where other processes want the same cores
 that is a disaster: each parallel region ends in a barrier, the threads that arrived spin while
-the one that was descheduled waits for a core that the spinners occupy, and a 0.5 s generation on
-two cores took 11-25 s with one other busy process (docs/benchmarks.md, "Threads on a loaded
-machine"). Waiting passively (sleeping on a futex) costs microseconds per region when the machine
-is idle.
+the one that was descheduled waits for a core that the spinners occupy, and a one-second generation
+on a busy 2-core machine took 11-51 s (docs/benchmarks.md, "Threads on a loaded machine"). Waiting
+passively (sleeping on a futex) costs microseconds per region when the machine is idle.
 
 The runtimes read these variables once, when the library is loaded (``import torch``), so
 :func:`prepare_threads` must run before that: every command-line entry point calls it first
