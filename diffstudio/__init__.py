@@ -47,6 +47,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name.startswith("__"):  # dunder probes (copy, inspect, pickle) are no submodules
+        raise AttributeError(f"module 'diffstudio' has no attribute {name!r}")
     try:  # `diffstudio.io.state_dict` and friends work without an explicit import, as before
         return importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError as err:
