@@ -375,7 +375,7 @@ def _configure_fastblend(parser: argparse.ArgumentParser) -> None:
     except ImportError as err:
         raise UsageError(f"fastblend needs the video extra ({err}): pip install 'diffstudio[video]'") from None
     fastblend_cli.configure(parser)
-    parser._option_string_actions["--threads"].default = argparse.SUPPRESS  # keep a global --threads
+    _add_threads_option(parser, argparse.SUPPRESS)  # `--threads` after the command; SUPPRESS keeps a global one
     parser.description = fastblend_cli.__doc__.split("\n\n")[0]
     parser.set_defaults(func=fastblend_cli.run)
 
