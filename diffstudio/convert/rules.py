@@ -43,8 +43,8 @@ class Fuse:
     """Ours is their tensors stacked along dim 0 (a fused qkv projection is [to_q; to_k; to_v]).
 
     ``sizes``: the rows of each part when they differ (FLUX's single block fuses q, k, v and the MLP
-    input); None splits into equal parts. Split parts are copied, so no two outputs share storage
-    (safetensors refuses to write tensors that do).
+    input); None splits into equal parts. Split parts are views of the fused tensor (no copy, whatever its
+    size); copy them before writing them with safetensors, which refuses tensors that share storage.
     """
 
     sizes: tuple[int, ...] | None = None
@@ -58,7 +58,7 @@ class Fuse:
         if sizes is None or sum(sizes) != rows:
             want = f"parts of {list(self.sizes)} rows" if self.sizes else f"{n} equal parts"
             raise ConversionError(f"{rows} rows do not split into {want}")
-        return [part.clone() for part in torch.split(tensor, list(sizes), dim=0)]
+        return list(torch.split(tensor, list(sizes), dim=0))
 
 
 class SwapHalves:
