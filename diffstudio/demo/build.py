@@ -48,8 +48,7 @@ def demo_configs():
 
     # 8 norm groups (4 channels each): with SD's 32 groups at this width every group would be a single
     # channel, an instance norm that erases each channel's mean - the colour of a flat image.
-    vae = VAEConfig(latent_channels=4, base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                    norm_groups=8)
+    vae = VAEConfig(latent_channels=4, block_out_channels=(32, 64, 64, 64), num_res_blocks=1, norm_groups=8)
     unet = UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
                       transformer_depth=(1, 1, 0), transformer_depth_middle=1, context_dim=64, num_heads=8,
                       num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None)
