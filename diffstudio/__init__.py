@@ -39,6 +39,9 @@ _LAZY = {
     "Pipeline": "diffstudio.pipeline.generate",
     "Region": "diffstudio.pipeline.regions",
     "RegionLayout": "diffstudio.pipeline.regions",
+    "Request": "diffstudio.pipeline.request",
+    "ControlNetUnit": "diffstudio.pipeline.control",
+    "TiledDiffusion": "diffstudio.pipeline.tiled_diffusion",
 }
 
 
@@ -91,8 +94,8 @@ def download(repo_id: str, filename: str | None = None, **kwargs):
 
 
 __all__ = [
-    "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "InvalidInputError",
+    "ControlNetUnit", "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "InvalidInputError",
     "InvalidSizeError", "Models", "ModelNotFoundError", "NaNError", "Pipeline", "Region", "RegionError",
-    "RegionLayout", "UnknownModelError",
+    "RegionLayout", "Request", "TiledDiffusion", "UnknownModelError",
     "UnsafeCheckpointError", "UnsupportedFormatError", "detect", "download", "load",
 ]

@@ -125,9 +125,33 @@ def _check_inputs(args) -> None:
     named = [(args.model, "model"), (args.vae, "VAE file"), (args.init_image, "init image"),
              (args.mask, "mask image")]
     named += [(_lora_spec(spec)[0], "LoRA file") for spec in args.lora or ()]
+    for unit in _control_specs(args):
+        named += [(unit["model"], "ControlNet file"), (unit["image"], "control image")]
     for path, kind in named:
         if path:
             existing_path(path, kind)
+
+
+def _control_specs(args) -> list[dict]:
+    """``--control [PREPROCESS:]FILE:IMAGE[:SCALE]`` -> ControlNetUnit arguments (PREPROCESS: canny, tile, blur,
+    or none when the image is already a control image)."""
+    units = []
+    for spec in getattr(args, "control", None) or ():
+        parts = spec.split(":")
+        scale = 1.0
+        if len(parts) >= 3:
+            try:
+                scale = float(parts[-1])
+                parts = parts[:-1]
+            except ValueError:
+                pass
+        preprocess = parts.pop(0) if len(parts) == 3 else None
+        if len(parts) != 2 or not all(parts):
+            raise UsageError(f"--control {spec!r}: expected [PREPROCESS:]FILE:IMAGE[:SCALE], e.g. "
+                             "canny:control_v11p_sd15_canny.pth:photo.png:0.8")
+        units.append({"model": parts[0], "image": parts[1], "scale": scale,
+                      "preprocess": None if preprocess in (None, "none") else preprocess})
+    return units
 
 
 def cmd_generate(args) -> int:
@@ -166,8 +190,18 @@ def cmd_generate(args) -> int:
                "clip_skip": args.clip_skip, "tiled_vae": True if args.tiled_vae else None,
                "guidance": args.guidance, "regions": regions,
                "region_mode": args.region_mode if regions is not None else None}
+    modules = []
+    if args.tile_size:
+        from diffstudio.pipeline.tiled_diffusion import TiledDiffusion
+
+        overlap = args.tile_size // 4 if args.tile_overlap is None else args.tile_overlap
+        modules.append(TiledDiffusion(tile=args.tile_size, overlap=overlap))
+    if args.control:
+        from diffstudio.pipeline.control import ControlNetUnit
+
+        options["controlnets"] = [ControlNetUnit(**unit) for unit in _control_specs(args)]
     try:
-        images = pipe(args.prompt, args.negative, seed=args.seed, batch_size=args.batch_size,
+        images = pipe(args.prompt, args.negative, seed=args.seed, batch_size=args.batch_size, modules=modules,
                       **{name: value for name, value in options.items() if value is not None})
     except LoRANotFoundError as err:
         raise LoRANotFoundError(f"{err}; on the command line: --lora-dir DIR (repeatable) or {LORA_DIRS_ENV}") \
@@ -353,6 +387,13 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--clip-skip", type=int,
                      help="use the text encoder's N-th layer from the end (default: the model's)")
     gen.add_argument("--tiled-vae", action="store_true", help="encode/decode in tiles (large images)")
+    gen.add_argument("--tile-size", type=_positive_int, metavar="PIXELS",
+                     help="tiled diffusion: denoise in overlapping tiles of this size (docs/large-images.md)")
+    gen.add_argument("--tile-overlap", type=int, metavar="PIXELS",
+                     help="tiled diffusion: pixels neighbouring tiles share (default: a quarter of the tile)")
+    gen.add_argument("--control", action="append", metavar="[PRE:]FILE:IMAGE[:SCALE]",
+                     help="a ControlNet unit (repeatable), e.g. canny:control_v11p_sd15_canny.pth:photo.png:0.8; "
+                          "PRE is an annotator run on IMAGE first: canny, tile, blur (docs/controlnet.md)")
     gen.add_argument("--regions", metavar="FILE", help="a region layout JSON file: a prompt per area "
                                                        "(docs/regions.md)")
     gen.add_argument("--region-mode", default="latent", choices=["latent", "attention"],

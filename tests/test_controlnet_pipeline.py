@@ -111,3 +111,26 @@ def test_a_controlnet_file_loads_through_models_and_the_recipe_records_it(pipe, 
     assert str(path.resolve()) in pipe.models.controlnets
     direct = pipe("a red circle", **RUN, controlnets=[ControlNetUnit(net, hint_picture(), 0.7, preprocess="canny")])
     assert np.array_equal(np.asarray(out), np.asarray(direct[0]))
+
+
+def test_the_command_line_takes_control_units_and_tiles(pipe, tmp_path, capsys):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from diffstudio.cli import main
+    from diffstudio.io.recipe import read_recipe
+
+    path, picture = tmp_path / "control.safetensors", tmp_path / "edges.png"
+    save_file({f"control_model.{k}": v.contiguous() for k, v in controlnet(pipe).state_dict().items()}, str(path))
+    Image.fromarray(hint_picture()).save(picture)
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle", "--steps", "2", "-o", str(out), "--tile-size", "64",
+                 "--control", f"canny:{path}:{picture}:0.5", "--control", f"{path}:{picture}"]) == 0
+    recipe = read_recipe(out)
+    units = recipe["extra"]["controlnets"]
+    assert [(u["scale"], u.get("preprocess")) for u in units] == [(0.5, "canny"), (1.0, None)]
+    assert recipe["extra"]["tiled_diffusion"]["tile"] == [64, 64]
+    assert main(["generate", "x", "--control", f"{path}", "-o", str(tmp_path / "bad.png")]) == 2
+    assert "expected [PREPROCESS:]FILE:IMAGE" in capsys.readouterr().err
+    assert main(["generate", "x", "--control", f"{tmp_path / 'none.pth'}:{picture}", "-o", str(out)]) == 2
+    assert "ControlNet file" in capsys.readouterr().err
