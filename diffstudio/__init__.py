@@ -23,6 +23,7 @@ from diffstudio.errors import (
 )
 from diffstudio.loader import Models, load
 from diffstudio.pipeline.generate import Pipeline
+from diffstudio.pipeline.ip_adapter import ImagePrompt
 from diffstudio.pipeline.regions import Region, RegionLayout
 
 __version__ = "0.1.0"
@@ -36,7 +37,7 @@ def download(repo_id: str, filename: str | None = None, **kwargs):
 
 
 __all__ = [
-    "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "InvalidInputError",
+    "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "ImagePrompt", "InvalidInputError",
     "InvalidSizeError", "Models", "ModelNotFoundError", "NaNError", "Pipeline", "Region", "RegionError",
     "RegionLayout", "UnknownModelError",
     "UnsafeCheckpointError", "UnsupportedFormatError", "detect", "download", "load",

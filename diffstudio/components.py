@@ -217,6 +217,20 @@ ARCHS: dict[str, ComponentArch] = {
         config_to_dict=lambda config: config.to_dict(),
         config_from_dict=_lazy("diffstudio.models.motion:MotionConfig.from_dict"),
     ),
+    # IP-Adapter (image prompts) for the LDM UNet: an add-on (models.add_ip_adapter, docs/ipadapter.md). Canonical =
+    # the released names (image_proj.*, ip_adapter.N.to_k_ip / to_v_ip); there is no other layout.
+    "ip_adapter": ComponentArch(
+        name="ip_adapter",
+        sentinels="diffstudio.detect.ipadapter:IP_ADAPTER_SENTINELS",
+        diffusers_sentinels="diffstudio.detect.ipadapter:IP_ADAPTER_SENTINELS",
+        derive_config=_lazy("diffstudio.detect.ipadapter:derive_ip_adapter_config"),
+        config_from_diffusers=_lazy("diffstudio.detect.ipadapter:ip_adapter_config_from_dict"),
+        build=_lazy("diffstudio.models.ipadapter:IPAdapter"),
+        from_diffusers=lambda sd: dict(sd),
+        to_diffusers=lambda sd, config: dict(sd),
+        config_to_dict=lambda config: config.to_dict(),
+        config_from_dict=_lazy("diffstudio.detect.ipadapter:ip_adapter_config_from_dict"),
+    ),
     # BERT text encoder (Hunyuan-DiT's bilingual CLIP text tower), a transformers BertModel.
     "bert": ComponentArch(
         name="bert",
