@@ -150,3 +150,18 @@ def test_errors_are_named(pipe):
         diffstudio.ImagePrompt([])
     with pytest.raises(InvalidInputError, match="add one with models.add_ip_adapter"):
         image(pipe, ip_adapter=diffstudio.ImagePrompt(RED))
+
+
+def test_the_adapter_added_to_the_model_is_the_default(tmp_path):
+    from safetensors.torch import save_file
+
+    models = untrained_demo_models()
+    save_file({k: v.contiguous() for k, v in adapter(models.unet, "linear").state_dict().items()},
+              str(tmp_path / "ip-tiny.safetensors"))
+    vision_encoder().save_pretrained(tmp_path / "image_encoder")
+    added = models.add_ip_adapter(tmp_path / "ip-tiny.safetensors")
+    pipe = diffstudio.Pipeline(models)
+    out = pipe("a red circle", **RUN, ip_adapter=diffstudio.ImagePrompt(RED, scale=1.0))[0]
+    assert out.info["diffstudio_recipe"]["extra"]["ip_adapter"][0]["model"] == "ip-tiny.safetensors"
+    named = pipe("a red circle", **RUN, ip_adapter=diffstudio.ImagePrompt(RED, scale=1.0, model=added))[0]
+    assert np.array_equal(np.asarray(out), np.asarray(named))

@@ -177,18 +177,26 @@ class ImagePrompts:
 
     def __init__(self, prompts: list[ImagePrompt]):
         self.prompts = list(prompts)
+        self.sources: dict[int, str] = {}  # prompt index -> the adapter file it used (filled by wrap)
 
     def recipe(self) -> dict:
-        return {"ip_adapter": [p.describe() for p in self.prompts]}
+        entries = []
+        for i, prompt in enumerate(self.prompts):
+            entry = prompt.describe()
+            if "model" not in entry and i in self.sources:
+                entry["model"] = self.sources[i].split("/")[-1]
+            entries.append(entry)
+        return {"ip_adapter": entries}
 
     def wrap(self, denoiser, gen: Generation):
         from diffstudio.models.ipadapter import cross_attention_names
 
         active = []
-        for prompt in self.prompts:
+        for i, prompt in enumerate(self.prompts):
             if prompt.scale == 0:
                 continue
             loaded = _loaded(prompt.model, gen.models)
+            self.sources[i] = loaded.source
             scales = layer_scales(prompt, cross_attention_names(gen.models.denoiser))
             positive, negative = reference_tokens(loaded, prompt.images, prompt.weights)
             active.append(_Active(loaded.adapter, positive, negative, scales, _step_sigma(gen.sigmas, prompt.start),
