@@ -41,6 +41,7 @@ _LAZY = {
     "RegionLayout": "diffstudio.pipeline.regions",
     "Request": "diffstudio.pipeline.request",
     "ControlNetUnit": "diffstudio.pipeline.control",
+    "ImagePrompt": "diffstudio.pipeline.ip_adapter",
     "TiledDiffusion": "diffstudio.pipeline.tiled_diffusion",
 }
 
@@ -94,7 +95,8 @@ def download(repo_id: str, filename: str | None = None, **kwargs):
 
 
 __all__ = [
-    "ControlNetUnit", "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "InvalidInputError",
+    "ControlNetUnit", "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "ImagePrompt",
+    "InvalidInputError",
     "InvalidSizeError", "Models", "ModelNotFoundError", "NaNError", "Pipeline", "Region", "RegionError",
     "RegionLayout", "Request", "TiledDiffusion", "UnknownModelError",
     "UnsafeCheckpointError", "UnsupportedFormatError", "detect", "download", "load",

@@ -96,3 +96,8 @@ class StaleRunError(InvalidInputError):
 
 class ControlNetMismatchError(DiffstudioError, ValueError):
     """A ControlNet that does not fit the loaded base model (made for another family, or another UNet's widths)."""
+
+
+class IPAdapterMismatchError(DiffstudioError, ValueError):
+    """An IP-Adapter that does not fit the loaded model (its cross-attention count or widths), or an image
+    encoder whose features are not the ones the adapter reads."""

@@ -38,6 +38,7 @@ class Models:
     loras: list = field(default_factory=list)  # the LoRAHandles applied, in order
     embeddings: dict = field(default_factory=dict)  # textual-inversion name -> Embedding (docs/prompts.md)
     controlnets: dict = field(default_factory=dict)  # path -> loaded ControlNet (add_controlnet)
+    ip_adapters: dict = field(default_factory=dict)  # (path, encoder) -> LoadedIPAdapter (add_ip_adapter)
 
     def __getattr__(self, name: str):
         components = self.__dict__.get("components", {})
@@ -100,6 +101,7 @@ class Models:
                         for role, params in self.patches.items()}
         twin.loras = [handle.copy_to(twin) for handle in self.loras]
         twin.embeddings, twin.controlnets = dict(self.embeddings), dict(self.controlnets)
+        twin.ip_adapters = dict(self.ip_adapters)
         twin.components, twin.configs, twin.defaults = dict(self.components), dict(self.configs), dict(self.defaults)
         return twin
 
@@ -121,6 +123,17 @@ class Models:
         if key not in self.controlnets:
             self.controlnets[key] = add_controlnet(self, path)
         return self.controlnets[key]
+
+    def add_ip_adapter(self, path, image_encoder=None):
+        """Load an IP-Adapter and its image encoder (a folder or file; default: the image_encoder/ folder beside
+        the adapter) that fit this model (docs/ipadapter.md); loaded once per (path, encoder)."""
+        from diffstudio.ipadapter_loading import add_ip_adapter
+
+        key = (str(Path(path).expanduser().resolve()), image_encoder if isinstance(image_encoder, torch.nn.Module)
+               else None if image_encoder is None else str(Path(image_encoder).expanduser().resolve()))
+        if key not in self.ip_adapters:
+            self.ip_adapters[key] = add_ip_adapter(self, path, image_encoder)
+        return self.ip_adapters[key]
 
     def add_embedding(self, path_or_folder, name: str | None = None) -> list:
         """Add a textual-inversion embedding file, or every one under a folder, to this model's prompts
@@ -370,9 +383,11 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
                           "train`, docs/shapes.md): using the demo architecture with random weights", stacklevel=2)
             return untrained_demo_models()
     from diffstudio.controlnet_loading import refuse_as_model
+    from diffstudio.ipadapter_loading import refuse_as_model as refuse_ip_adapter
 
     base_detection, parts = read_source(paths[0])
     refuse_as_model(paths[0], base_detection)
+    refuse_ip_adapter(paths[0], base_detection)
     if base_detection.family is None:
         raise UnknownModelError(f"{paths[0]} holds only {', '.join(parts)}: the first path must be a whole "
                                 "model (or a denoiser); add lone components after it")
@@ -380,6 +395,7 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
     for extra in paths[1:]:
         detection, extra_parts = read_source(extra)
         refuse_as_model(extra, detection)
+        refuse_ip_adapter(extra, detection)
         if detection.family not in (None, family.name):
             raise UnknownModelError(f"{extra} is a {detection.family} model but the base is {family.name}")
         if detection.family is None:  # a lone component fills the base family's role of its architecture

@@ -15,6 +15,7 @@ from diffstudio.components import (
     controlnet,
     flux_dit,
     hunyuan_dit,
+    ip_adapter,
     ldm_unet,
     ldm_vae,
     mmdit,
@@ -24,6 +25,7 @@ from diffstudio.components import (
 from diffstudio.components.base import ComponentArch
 
 ARCHS: dict[str, ComponentArch] = {module.ARCH.name: module.ARCH for module in (
-    ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module)}
+    ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module,
+    ip_adapter)}
 
 __all__ = ["ARCHS", "ComponentArch"]

@@ -216,22 +216,33 @@ class Upsample(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of LDM: queries from x, keys/values from context (or x: self-attention)."""
+    """Multi-head attention of LDM: queries from x, keys/values from context (or x: self-attention).
+
+    ``ip_index``: the layer's place among the UNet's cross-attention layers (set by UNetModel; None for
+    self-attention), under which the IP-Adapter hook's ``ip`` holds its extra keys and values.
+    """
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
+        self.ip_index: int | None = None
         self.to_q = Linear(query_dim, inner, bias=False)
         self.to_k = Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Identity())
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        """bias: additive attention bias broadcastable to (B, heads, N, T) (region prompts)."""
+                bias: torch.Tensor | None = None, ip: Sequence | None = None) -> torch.Tensor:
+        """bias: additive attention bias broadcastable to (B, heads, N, T) (region prompts).
+        ip: the IP-Adapter hook (UNetModel.forward): decoupled cross-attention (Ye et al. 2023, eq. 5),
+        out = Attn(q, K_text, V_text) + sum of scale * Attn(q, K_image, V_image) over this layer's entries."""
         ctx = x if context is None else context
-        out = unet_attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads, bias)  # (B, N, heads*d)
+        q = self.to_q(x)
+        out = unet_attention(q, self.to_k(ctx), self.to_v(ctx), self.heads, bias)  # (B, N, heads*d)
+        if ip is not None and self.ip_index is not None:
+            for k_image, v_image, scale in ip[self.ip_index]:                   # (B, tokens, heads*d) each
+                out = out + scale * unet_attention(q, k_image, v_image, self.heads)
         return self.to_out[0](out)
 
 
@@ -271,13 +282,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None,
-                context_bias: torch.Tensor | None = None) -> torch.Tensor:
+                context_bias: torch.Tensor | None = None, ip: Sequence | None = None) -> torch.Tensor:
         if torch.is_grad_enabled():  # the norms keep x for their backward pass: no in-place updates
             x = x + self.attn1(self.norm1(x))
-            x = x + self.attn2(self.norm2(x), context, context_bias)
+            x = x + self.attn2(self.norm2(x), context, context_bias, ip)
             return x + self.ff(self.norm3(x))
         x = x + self.attn1(self.norm1(x))  # a fresh tensor: the caller's x stays untouched
-        x += self.attn2(self.norm2(x), context, context_bias)
+        x += self.attn2(self.norm2(x), context, context_bias, ip)
         x += self.ff(self.norm3(x))
         return x
 
@@ -300,7 +311,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out = Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None,
-                context_bias: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                context_bias: dict[int, torch.Tensor] | None = None, ip: Sequence | None = None) -> torch.Tensor:
         """context_bias: {tokens: (B|1, 1, tokens, T)} cross-attention biases by grid size (region prompts)."""
         b, c, hgt, wid = x.shape
         bias = None
@@ -317,7 +328,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context, bias)
+            h = block(h, context, bias, ip)
         if self.use_linear:
             h = self.proj_out(h)
         # (B, H*W, C) -> (B, C, H, W) in the layout of x (a free view if x is channels_last).
@@ -344,12 +355,13 @@ class TimestepEmbedSequential(nn.Sequential):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
                 out_size: Sequence[int] | None = None, context_bias: dict | None = None,
-                temporal: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                temporal: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                ip: Sequence | None = None) -> torch.Tensor:
         for i, layer in enumerate(self):
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, context_bias)
+                x = layer(x, context, context_bias, ip)
             elif isinstance(layer, Upsample):
                 x = layer(x, out_size)
             else:
@@ -415,6 +427,11 @@ class UNetModel(nn.Module):
     spatial part of each ResBlock(+transformer) block the UNet calls
     ``motion.site(part, level, j)(h, num_frames)`` (``temporal_sites`` lists the sites per block).
     Without ``motion`` the UNet computes exactly what it computes without this hook.
+
+    ``ip`` is the IP-Adapter hook (docs/ipadapter.md): one entry per cross-attention layer, in the order of
+    ``cross_attention_layers()``, each a sequence of (keys, values, scale) of image tokens projected for
+    that layer, (B, tokens, layer width); an empty entry leaves the layer as it is. Without ``ip`` the UNet
+    computes exactly what it computes without this hook.
     """
 
     region_attention = "cross"  # how text reaches the image tokens (pipeline/region_attention.py)
@@ -467,6 +484,8 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.temporal_sites = self._temporal_sites()
+        for index, layer in enumerate(self.cross_attention_layers()):
+            layer.ip_index = index
 
         self.out = nn.Sequential(nn.GroupNorm(g, ch, eps=1e-5), nn.SiLU(),
                                  nn.Conv2d(mc, c.out_channels, 3, padding=1))
@@ -484,6 +503,13 @@ class UNetModel(nn.Module):
         outputs = [("up", u, j) for u, level in enumerate(reversed(range(len(c.num_res_blocks))))
                    for j in range(c.num_res_blocks[level] + 1)]
         return {"input": inputs, "middle": [("mid", 0, 0)], "output": outputs}
+
+    def cross_attention_layers(self) -> list[CrossAttention]:
+        """The text cross-attention layers (attn2) in diffusers' attention-processor order: the input blocks,
+        then the output blocks, then the middle block (the order IP-Adapter files number them in)."""
+        blocks = [*self.input_blocks, *self.output_blocks, self.middle_block]
+        return [tb.attn2 for block in blocks for layer in block if isinstance(layer, SpatialTransformer)
+                for tb in layer.transformer_blocks]
 
     def _temporal_hooks(self, motion, num_frames: int | None, batch: int) -> dict[str, list] | None:
         """Per block, the callable h -> h of the motion hook (None where there is none); see forward."""
@@ -527,19 +553,20 @@ class UNetModel(nn.Module):
 
     def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
              context: torch.Tensor | None, out_size: Sequence[int] | None = None,
-             context_bias: dict | None = None, temporal: Callable | None = None) -> torch.Tensor:
+             context_bias: dict | None = None, temporal: Callable | None = None,
+             ip: Sequence | None = None) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, out_size, context_bias, temporal, use_reentrant=False)
-        return block(h, emb, context, out_size, context_bias, temporal)
+            return checkpoint(block, h, emb, context, out_size, context_bias, temporal, ip, use_reentrant=False)
+        return block(h, emb, context, out_size, context_bias, temporal, ip)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None,
                 context_bias: dict[int, torch.Tensor] | None = None, motion: nn.Module | None = None,
-                num_frames: int | None = None, **extra) -> torch.Tensor:
+                num_frames: int | None = None, ip: Sequence | None = None, **extra) -> torch.Tensor:
         """x (B, C_in, H, W), timesteps (B,), context (B, T, D), y (B, adm) -> (B, C_out, H, W).
 
         Inputs are cast to the weights' dtype; ``extra`` is accepted (other families' conditioning)
-        and unused. ``motion`` (a models.motion.MotionModules) and ``num_frames``: see the class docstring.
+        and unused. ``motion`` (a models.motion.MotionModules), ``num_frames`` and ``ip``: see the class docstring.
         """
         dtype = self.dtype
         emb, context = embed_conditioning(self, x, timesteps, context, y)
@@ -547,6 +574,9 @@ class UNetModel(nn.Module):
             raise ValueError(f"control needs {len(self.input_blocks) + 1} residuals (one per input block, "
                              f"then the middle); got {len(control)}")
 
+        if ip is not None and len(ip) != len(self.cross_attention_layers()):
+            raise InvalidInputError(f"ip needs one entry per cross-attention layer "
+                                    f"({len(self.cross_attention_layers())}); got {len(ip)}")
         hooks = self._temporal_hooks(motion, num_frames, x.shape[0])
         none = [None] * max(len(self.input_blocks), len(self.output_blocks))
         input_hooks, middle_hooks, output_hooks = (none, none, none) if hooks is None else \
@@ -557,9 +587,10 @@ class UNetModel(nn.Module):
             h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block, temporal in zip(self.input_blocks, input_hooks):
-            h = self._run(block, h, emb, context, context_bias=context_bias, temporal=temporal)
+            h = self._run(block, h, emb, context, context_bias=context_bias, temporal=temporal, ip=ip)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context, context_bias=context_bias, temporal=middle_hooks[0])
+        h = self._run(self.middle_block, h, emb, context, context_bias=context_bias, temporal=middle_hooks[0],
+                      ip=ip)
         if control is not None:
             h = h + control[-1].to(dtype)
         for block, temporal in zip(self.output_blocks, output_hooks):
@@ -567,6 +598,7 @@ class UNetModel(nn.Module):
             if control is not None:
                 skip = skip + control[len(skips)].to(dtype)
             h = torch.cat([h, skip], dim=1)
-            h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None, context_bias, temporal)
+            h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None, context_bias, temporal,
+                          ip)
         h = _silu_(_group_norm(self.out[0], h))
         return self.out[2](h).contiguous()

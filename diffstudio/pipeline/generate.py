@@ -105,14 +105,19 @@ class Pipeline:
                  scheduler: str | None = None, sigmas=None, batch_size: int = 1, init_image=None,
                  strength: float | None = None, mask=None, clip_skip: int | None = None,
                  tiled_vae: bool | None = None, guidance: float | None = None, progress: bool = True,
-                 callback=None, regions=None, region_mode: str = "latent", controlnets=(),
+                 callback=None, regions=None, region_mode: str = "latent", controlnets=(), ip_adapter=None,
                  modules=()) -> list[Image.Image]:
-        """``controlnets``: ``ControlNetUnit``s (pipeline/control.py); ``modules``: extra denoiser modules."""
+        """``controlnets``: ``ControlNetUnit``s (pipeline/control.py); ``ip_adapter``: an ``ImagePrompt`` or a list
+        of them (pipeline/ip_adapter.py); ``modules``: extra denoiser modules."""
         modules = list(modules)
         if controlnets:
             from diffstudio.pipeline.control import ControlNets
 
             modules.append(ControlNets(controlnets))
+        if ip_adapter:
+            from diffstudio.pipeline.ip_adapter import ImagePrompts
+
+            modules.append(ImagePrompts(ip_adapter if isinstance(ip_adapter, (list, tuple)) else [ip_adapter]))
         request = Request(prompt, negative_prompt, width=width, height=height, steps=steps, cfg_scale=cfg_scale,
                           seed=seed, sampler=sampler, scheduler=scheduler, sigmas=sigmas, batch_size=batch_size,
                           init_image=init_image, strength=strength, mask=mask, clip_skip=clip_skip,

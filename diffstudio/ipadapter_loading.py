@@ -1,0 +1,186 @@
+"""Adding an IP-Adapter to a loaded model: `add_ip_adapter(models, path, image_encoder) -> LoadedIPAdapter`.
+
+An IP-Adapter file (``.bin`` read with torch's weights-only loader, or ``.safetensors``; docs/ipadapter.md) is
+built in the model's dtype and on its device after checking that it fits the UNet (one projection pair per
+cross-attention layer, of that layer's width, reading tokens of the UNet's text width). Its image encoder is
+transformers' ``CLIPVisionModelWithProjection``: a folder (config.json + weights) or a single weights file,
+by default the ``image_encoder/`` folder beside the adapter file (h94/IP-Adapter's layout). The encoder must
+give the features the adapter reads: ViT-H/14 for the SD 1.5 adapters and the SDXL ``*_vit-h`` ones,
+ViT-bigG/14 for ip-adapter_sdxl.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffstudio.errors import IPAdapterMismatchError, UnknownModelError
+from diffstudio.models.ipadapter import IPAdapter, IPAdapterConfig
+
+ROLE = "ip_adapter"
+ENCODER_PREFIXES = ("vision_model.", "visual_projection.")
+
+
+@dataclass
+class LoadedIPAdapter:
+    """An IP-Adapter with the image encoder that feeds it, as `models.add_ip_adapter` returns it."""
+
+    adapter: IPAdapter
+    image_encoder: nn.Module  # transformers CLIPVisionModelWithProjection
+    source: str
+    encoder_source: str
+
+    @property
+    def image_size(self) -> int:
+        return int(self.image_encoder.config.image_size)
+
+
+# -- the adapter -----------------------------------------------------------------------------------
+
+def read_ip_adapter(path: str | Path) -> tuple[dict, IPAdapterConfig]:
+    """An IP-Adapter file -> (state dict in the released names, config). A config stored in the file's
+    safetensors metadata wins over the one derived from shapes."""
+    from diffstudio.detect import stored_configs
+    from diffstudio.detect.ipadapter import derive_ip_adapter_config, ip_adapter_config_from_dict, is_ip_adapter
+    from diffstudio.io.folders import existing_path
+    from diffstudio.io.state_dict import read_file_metadata, read_state_dict
+
+    path = existing_path(path, "IP-Adapter")
+    sd = read_state_dict(path)
+    if not is_ip_adapter(sd):
+        heads = sorted({k.split(".")[0] for k in sd})[:6]
+        raise UnknownModelError(f"{path} is not an IP-Adapter: no ip_adapter.1.to_k_ip / to_v_ip weights (its "
+                                f"top-level keys: {heads}). `diffstudio info {path}` says what it is.")
+    stored = stored_configs(read_file_metadata(path)) if path.is_file() else {}
+    config = ip_adapter_config_from_dict(stored[ROLE]) if ROLE in stored else derive_ip_adapter_config(sd)
+    return sd, config
+
+
+# -- the image encoder ------------------------------------------------------------------------------
+
+def derive_image_encoder_config(sd: dict):
+    """A CLIPVisionModelWithProjection state dict -> its CLIPVisionConfig, from shapes and the releases'
+    conventions: 16 heads for the 1024-, 1280- and 1664-wide towers (ViT-L/14, OpenCLIP ViT-H/14 and
+    ViT-bigG/14), else 64-wide heads; OpenAI's quick_gelu for the 768- and 1024-wide towers, GELU otherwise."""
+    from transformers import CLIPVisionConfig
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise UnknownModelError(f"the image encoder lacks '{key}': not a transformers "
+                                    "CLIPVisionModelWithProjection (OpenCLIP 'visual.*' files are not read)")
+        return tuple(sd[key].shape)
+
+    hidden = shape("vision_model.embeddings.class_embedding")[0]
+    patch = shape("vision_model.embeddings.patch_embedding.weight")[-1]
+    positions = shape("vision_model.embeddings.position_embedding.weight")[0]
+    layers = len({k.split(".")[3] for k in sd if k.startswith("vision_model.encoder.layers.")})
+    side = round((positions - 1) ** 0.5)
+    return CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+        projection_dim=shape("visual_projection.weight")[0], num_hidden_layers=layers,
+        num_attention_heads=16 if hidden in (1024, 1280, 1664) else hidden // 64, image_size=side * patch,
+        patch_size=patch, hidden_act="quick_gelu" if hidden in (768, 1024) else "gelu", layer_norm_eps=1e-5)
+
+
+def _encoder_config_from_json(data: dict):
+    from transformers import CLIPVisionConfig
+
+    data = dict(data)
+    if "vision_config" in data:  # a whole CLIPModel's config: the tower's own, with the shared projection width
+        data = {**data["vision_config"], "projection_dim": data.get("projection_dim", 512)}
+    data = {k: v for k, v in data.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+    return CLIPVisionConfig(**data)
+
+
+def read_image_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+    """A CLIPVisionModelWithProjection folder (config.json + weights) or weights file (a config.json beside it is
+    used; else the config is derived from shapes) -> the model in ``dtype`` on ``device``, in eval mode."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from diffstudio.io.folders import existing_path, read_component, read_component_config
+    from diffstudio.io.state_dict import read_state_dict
+    from diffstudio.loader import _materialise_buffer
+
+    path = existing_path(path, "image encoder")
+    if path.is_dir():
+        sd, config_json = read_component(path)
+    else:
+        sd, config_json = read_state_dict(path), read_component_config(path.parent)
+    sd = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES) and not k.endswith("position_ids")}
+    config = _encoder_config_from_json(config_json) if config_json else derive_image_encoder_config(sd)
+    with torch.device("meta"):
+        encoder = CLIPVisionModelWithProjection(config)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    missing, unexpected = encoder.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise UnknownModelError(f"{path} is not a CLIPVisionModelWithProjection: {len(missing)} missing keys (e.g. "
+                                f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    for name, buf in list(encoder.named_buffers()):
+        if buf.is_meta:
+            _materialise_buffer(encoder, name, buf, device)
+    return encoder.eval().requires_grad_(False)
+
+
+def encoder_problem(adapter: IPAdapterConfig, encoder_config) -> str | None:
+    """Why the encoder's features are not the adapter's input, or None."""
+    if adapter.image_features == "image_embeds":
+        given, what = int(encoder_config.projection_dim), "image embeddings (projection_dim)"
+    else:
+        given, what = int(encoder_config.hidden_size), "hidden states (hidden_size)"
+    if given == adapter.image_dim:
+        return None
+    return (f"the adapter reads {adapter.image_dim}-wide {what}, the image encoder gives {given}-wide ones. Use the "
+            "encoder it was trained with: ViT-H/14 (models/image_encoder) for the SD 1.5 adapters and the SDXL "
+            "*_vit-h ones, ViT-bigG/14 (sdxl_models/image_encoder) for ip-adapter_sdxl")
+
+
+# -- adding it to a model ---------------------------------------------------------------------------
+
+def default_image_encoder(path: Path) -> Path:
+    folder = path.parent / "image_encoder"
+    if not folder.is_dir():
+        raise IPAdapterMismatchError(f"{path} needs an image encoder and there is no image_encoder/ folder beside it: "
+                                     "pass image_encoder= (a CLIPVisionModelWithProjection folder or file)")
+    return folder
+
+
+def add_ip_adapter(models, path: str | Path, image_encoder: str | Path | nn.Module | None = None) -> LoadedIPAdapter:
+    """Load the IP-Adapter at ``path`` and its image encoder for ``models`` (in its dtype, on its device), checked to
+    fit its UNet and each other (`IPAdapterMismatchError` otherwise). The model itself is not changed."""
+    from diffstudio.loader import _Part, build_component
+    from diffstudio.models.unet import UNetModel
+
+    unet = models.denoiser
+    if not isinstance(unet, UNetModel):
+        raise IPAdapterMismatchError(f"this {models.family.name} model's denoiser is a {type(unet).__name__}: "
+                                     "diffstudio's IP-Adapters go into an LDM UNet (SD 1.x, SDXL)")
+    path = Path(path).expanduser()
+    sd, config = read_ip_adapter(path)
+    with torch.device("meta"):
+        reason = IPAdapter(config).mismatch(unet)
+    if reason:
+        raise IPAdapterMismatchError(f"{path} does not fit this {models.family.name} model's UNet: {reason}. It was "
+                                     "made for another base architecture (SD 1.5 adapters for SD 1.x, SDXL ones for "
+                                     "SDXL).")
+    if isinstance(image_encoder, nn.Module):
+        encoder, encoder_source = image_encoder, type(image_encoder).__name__
+    else:
+        encoder_path = default_image_encoder(path) if image_encoder is None else Path(image_encoder).expanduser()
+        encoder = read_image_encoder(encoder_path, models.dtype, models.device)
+        encoder_source = str(encoder_path)
+    problem = encoder_problem(config, encoder.config)
+    if problem:
+        raise IPAdapterMismatchError(f"{path} with the image encoder {encoder_source}: {problem}")
+    adapter = build_component(ROLE, ROLE, _Part(sd, config, str(path)), models.dtype, models.device, consume=True)
+    return LoadedIPAdapter(adapter, encoder, str(path), encoder_source)
+
+
+def refuse_as_model(path, detection) -> None:
+    """A lone IP-Adapter passed to `diffstudio.load`: say how to add it."""
+    if set(detection.components) == {ROLE}:
+        raise UnknownModelError(f"{path} is an IP-Adapter, not a model or a component: load the base model, then "
+                                "add it with models.add_ip_adapter(path, image_encoder=...)")

@@ -1,0 +1,233 @@
+"""Image prompts (IP-Adapter, Ye et al. 2023) as a denoiser module.
+
+Each ``ImagePrompt`` is one or more reference images, a scale, and the fraction of the steps it acts on. When
+the run is prepared the module encodes the references once: CLIP features of each image (``image_embeds`` for
+the base adapters, penultimate hidden states for Plus / full-face), their weighted mean, and the adapter's
+image tokens of that mean. The unconditional rows get the tokens of the "zero image", as the IP-Adapter
+release and diffusers do: a zero embedding for the base adapters, the encoder's features of an all-zero
+(normalised) pixel input for the hidden-state adapters. At the network stage the module hands the UNet its
+``ip`` hook (models/unet.py): per cross-attention layer the keys and values of each active prompt's tokens
+and its scale.
+
+``style_only`` (InstantStyle, Wang et al. 2024) gives the tokens to the style blocks only
+(`models.ipadapter.style_blocks`); ``blocks`` names the layers directly (diffusers block names, e.g.
+``["up_blocks.0.attentions.1", "down_blocks.2.attentions.1"]`` for InstantStyle's style + layout).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffstudio.errors import InvalidInputError, IPAdapterMismatchError
+from diffstudio.pipeline.control import _step_sigma
+from diffstudio.pipeline.modules import NETWORK, Generation, Wrapper
+
+IMAGE_PROMPT_ROWS = "image_prompt_negative_rows"  # a (B,) bool cond entry: True on the unconditional rows
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the CLIP image encoders' input normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ImagePrompt:
+    """Reference images that prompt the generation through an IP-Adapter.
+
+    images: one image or a list (paths, PIL images, arrays, tensors); several are combined as the weighted mean
+    of their CLIP features (``weights``, default equal). scale: the weight of the image attention (0 = off).
+    style_only: the tokens reach the style blocks only (InstantStyle). start / end: the fraction of the steps
+    during which the prompt acts (0 = first step, 1 = last). model: a loaded adapter
+    (``models.add_ip_adapter(...)``), a path to one, or None for the one adapter added to the model. blocks:
+    the layers that receive the tokens, as diffusers block names (None = all; overrides ``style_only``).
+    """
+
+    images: Any
+    scale: float = 0.7
+    weights: Sequence[float] | None = None
+    style_only: bool = False
+    start: float = 0.0
+    end: float = 1.0
+    model: Any = None
+    blocks: Sequence[str] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.images, (str, bytes)) or not isinstance(self.images, (list, tuple)):
+            self.images = [self.images]
+        self.images = list(self.images)
+        if not self.images:
+            raise InvalidInputError("an ImagePrompt needs at least one image")
+        if not math.isfinite(float(self.scale)):
+            raise InvalidInputError(f"an ImagePrompt's scale must be a finite number, got {self.scale}")
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise InvalidInputError(f"an ImagePrompt needs 0 <= start <= end <= 1, got {self.start}..{self.end}")
+        if self.weights is not None:
+            weights = [float(w) for w in self.weights]
+            if len(weights) != len(self.images) or any(w < 0 or not math.isfinite(w) for w in weights) or \
+                    sum(weights) <= 0:
+                raise InvalidInputError(f"ImagePrompt weights must be one non-negative number per image "
+                                        f"({len(self.images)}) with a positive sum; got {list(self.weights)}")
+            self.weights = weights
+        if self.blocks is not None:
+            self.blocks = [self.blocks] if isinstance(self.blocks, str) else list(self.blocks)
+
+    def describe(self) -> dict:
+        model = self.model if isinstance(self.model, (str, type(None))) else getattr(self.model, "source", "")
+        out = {"scale": self.scale, "images": [str(i).split("/")[-1] if isinstance(i, str) else type(i).__name__
+                                              for i in self.images], "start": self.start, "end": self.end}
+        if model:
+            out["model"] = str(model).split("/")[-1]
+        if self.weights is not None:
+            out["weights"] = self.weights
+        if self.style_only:
+            out["style_only"] = True
+        if self.blocks is not None:
+            out["blocks"] = self.blocks
+        return out
+
+
+# -- encoding the references ------------------------------------------------------------------------
+
+def clip_pixels(image, size: int) -> torch.Tensor:
+    """An image -> (3, size, size) CLIP input: the shorter side scaled to ``size`` (bicubic), centre-cropped,
+    normalised with CLIP's mean and std (what CLIPImageProcessor does)."""
+    from diffstudio.io.images import load_image
+
+    picture = load_image(image)
+    short, long = sorted(picture.size)
+    scaled = (size, int(size * long / short))
+    picture = picture.resize(scaled if picture.width <= picture.height else scaled[::-1], Image.BICUBIC)
+    left, top = (picture.width - size) // 2, (picture.height - size) // 2
+    picture = picture.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+def image_features(encoder, pixels: torch.Tensor, kind: str) -> torch.Tensor:
+    """CLIP features of (B, 3, S, S) pixels: ``image_embeds`` (B, E) or penultimate hidden states (B, T, E)."""
+    param = next(encoder.parameters())
+    out = encoder(pixel_values=pixels.to(param.device, param.dtype), output_hidden_states=kind == "penultimate")
+    return (out.image_embeds if kind == "image_embeds" else out.hidden_states[-2]).float()
+
+
+def reference_tokens(loaded, images: list, weights: list[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image tokens of the references' weighted mean feature, of the zero image), each (1, N, D)."""
+    kind = loaded.adapter.config.image_features
+    pixels = torch.stack([clip_pixels(image, loaded.image_size) for image in images])
+    with torch.inference_mode():
+        features = image_features(loaded.image_encoder, pixels, kind)          # (n, E) or (n, T, E)
+        w = torch.tensor(weights if weights is not None else [1.0] * len(images), device=features.device)
+        w = (w / w.sum()).view(-1, *[1] * (features.ndim - 1))
+        mean = (w * features).sum(0, keepdim=True)
+        zero = torch.zeros_like(mean) if kind == "image_embeds" else \
+            image_features(loaded.image_encoder, torch.zeros_like(pixels[:1]), kind)
+        return loaded.adapter(mean), loaded.adapter(zero)
+
+
+# -- the module -------------------------------------------------------------------------------------
+
+def _loaded(model, models):
+    from diffstudio.ipadapter_loading import LoadedIPAdapter
+
+    if isinstance(model, LoadedIPAdapter):
+        reason = model.adapter.mismatch(models.denoiser)
+        if reason:
+            raise IPAdapterMismatchError(f"the IP-Adapter {model.source} does not fit this model's UNet: {reason}")
+        return model
+    if model is not None:
+        return models.add_ip_adapter(model)
+    if len(models.ip_adapters) != 1:
+        raise InvalidInputError(f"this model has {len(models.ip_adapters)} IP-Adapters added: add one with "
+                                "models.add_ip_adapter(path, image_encoder=...) or name it with ImagePrompt(model=...)")
+    return next(iter(models.ip_adapters.values()))
+
+
+@dataclass
+class _Active:
+    adapter: Any
+    positive: torch.Tensor  # (1, N, D) tokens of the reference
+    negative: torch.Tensor  # (1, N, D) tokens of the zero image
+    scales: list[float]  # per cross-attention layer
+    sigma_hi: float
+    sigma_lo: float
+
+
+def layer_scales(prompt: ImagePrompt, names: list[str]) -> list[float]:
+    """The prompt's scale on each cross-attention layer (named as diffusers names them), 0 outside its blocks."""
+    from diffstudio.models.ipadapter import in_blocks, style_blocks
+
+    blocks = prompt.blocks if prompt.blocks is not None else style_blocks(names) if prompt.style_only else None
+    if blocks is None:
+        return [float(prompt.scale)] * len(names)
+    scales = [float(prompt.scale) if in_blocks(name, blocks) else 0.0 for name in names]
+    if not any(in_blocks(name, blocks) for name in names):
+        raise InvalidInputError(f"the ImagePrompt blocks {list(blocks)} name none of this UNet's cross-attention "
+                                f"layers (e.g. {', '.join(names[:3])} ...)")
+    return scales
+
+
+class ImagePrompts:
+    """The denoiser module of a run's image prompts; several prompts each add their own image attention."""
+
+    order = NETWORK + 5
+
+    def __init__(self, prompts: list[ImagePrompt]):
+        self.prompts = list(prompts)
+        self.sources: dict[int, str] = {}  # prompt index -> the adapter file it used (filled by wrap)
+
+    def recipe(self) -> dict:
+        entries = []
+        for i, prompt in enumerate(self.prompts):
+            entry = prompt.describe()
+            if "model" not in entry and i in self.sources:
+                entry["model"] = self.sources[i].split("/")[-1]
+            entries.append(entry)
+        return {"ip_adapter": entries}
+
+    def wrap(self, denoiser, gen: Generation):
+        from diffstudio.models.ipadapter import cross_attention_names
+
+        active = []
+        for i, prompt in enumerate(self.prompts):
+            if prompt.scale == 0:
+                continue
+            loaded = _loaded(prompt.model, gen.models)
+            self.sources[i] = loaded.source
+            scales = layer_scales(prompt, cross_attention_names(gen.models.denoiser))
+            positive, negative = reference_tokens(loaded, prompt.images, prompt.weights)
+            active.append(_Active(loaded.adapter, positive, negative, scales, _step_sigma(gen.sigmas, prompt.start),
+                                  _step_sigma(gen.sigmas, prompt.end)))
+        if not active:
+            return denoiser
+        n = len(gen.prompts)
+        gen.cond = {**gen.cond, IMAGE_PROMPT_ROWS: torch.zeros(n, dtype=torch.bool)}
+        gen.uncond = {**gen.uncond, IMAGE_PROMPT_ROWS: torch.ones(n, dtype=torch.bool)}
+        return ImagePromptDenoiser(denoiser, active)
+
+
+class ImagePromptDenoiser(Wrapper):
+    """``D(x, sigma, **cond)`` whose network call receives the active prompts' image attention as ``ip``."""
+
+    def __init__(self, inner, active: list[_Active]):
+        super().__init__(inner)
+        self.active = active
+
+    def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        negative = cond.pop(IMAGE_PROMPT_ROWS, None)
+        level = float(torch.as_tensor(sigma).reshape(-1)[0])
+        live = [a for a in self.active if a.sigma_lo - 1e-6 <= level <= a.sigma_hi + 1e-6]
+        if not live:
+            return self.inner(x, sigma, **cond)
+        if negative is None:
+            negative = torch.zeros(x.shape[0], dtype=torch.bool)
+        layers = None
+        for a in live:
+            rows = negative.to(a.positive.device).view(-1, 1, 1)
+            tokens = torch.where(rows, a.negative, a.positive)                 # (B, N, D)
+            entries = a.adapter.layer_inputs(tokens, a.scales)
+            layers = entries if layers is None else [mine + theirs for mine, theirs in zip(layers, entries)]
+        return self.inner(x, sigma, ip=layers, **cond)
