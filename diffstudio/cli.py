@@ -127,6 +127,10 @@ def _check_inputs(args) -> None:
     named += [(_lora_spec(spec)[0], "LoRA file") for spec in args.lora or ()]
     for unit in _control_specs(args):
         named += [(unit["model"], "ControlNet file"), (unit["image"], "control image")]
+    named += [(args.ip_adapter, "IP-Adapter file"), (args.ip_encoder, "IP-Adapter image encoder")]
+    named += [(_lora_spec(spec)[0], "reference image") for spec in args.ip_image or ()]
+    if args.ip_image and not args.ip_adapter:
+        raise UsageError("--ip-image needs --ip-adapter FILE (the adapter that reads the reference image)")
     for path, kind in named:
         if path:
             existing_path(path, kind)
@@ -196,6 +200,12 @@ def cmd_generate(args) -> int:
 
         overlap = args.tile_size // 4 if args.tile_overlap is None else args.tile_overlap
         modules.append(TiledDiffusion(tile=args.tile_size, overlap=overlap))
+    if args.ip_image:
+        from diffstudio.pipeline.ip_adapter import ImagePrompt
+
+        adapter = models.add_ip_adapter(args.ip_adapter, args.ip_encoder)
+        options["ip_adapter"] = [ImagePrompt(image, scale=scale, model=adapter, style_only=args.ip_style_only)
+                                 for image, scale in (_lora_spec(spec, 0.7) for spec in args.ip_image)]
     if args.control:
         from diffstudio.pipeline.control import ControlNetUnit
 
@@ -265,7 +275,7 @@ def _add_train_parser(sub) -> None:
     lora.set_defaults(func=cmd_train_lora)
 
 
-def _lora_spec(spec: str) -> tuple[str, float]:
+def _lora_spec(spec: str, default: float = 1.0) -> tuple[str, float]:
     """``FILE`` or ``FILE:STRENGTH`` (the last ``:`` splits only when a number follows it)."""
     file, sep, tail = spec.rpartition(":")
     if sep:
@@ -273,7 +283,7 @@ def _lora_spec(spec: str) -> tuple[str, float]:
             return file, float(tail)
         except ValueError:
             pass
-    return spec, 1.0
+    return spec, default
 
 
 def cmd_lora_inspect(args) -> int:
@@ -391,6 +401,13 @@ def _add_generate_parser(sub) -> None:
                      help="tiled diffusion: denoise in overlapping tiles of this size (docs/large-images.md)")
     gen.add_argument("--tile-overlap", type=int, metavar="PIXELS",
                      help="tiled diffusion: pixels neighbouring tiles share (default: a quarter of the tile)")
+    gen.add_argument("--ip-adapter", metavar="FILE", help="an IP-Adapter file for --ip-image (docs/ipadapter.md)")
+    gen.add_argument("--ip-encoder", metavar="PATH",
+                     help="its CLIP image encoder, a folder or file (default: image_encoder/ beside the adapter)")
+    gen.add_argument("--ip-image", action="append", metavar="IMAGE[:SCALE]",
+                     help="a reference image for the IP-Adapter (repeatable), e.g. ink.png:0.7")
+    gen.add_argument("--ip-style-only", action="store_true",
+                     help="the reference image steers the style blocks only (InstantStyle)")
     gen.add_argument("--control", action="append", metavar="[PRE:]FILE:IMAGE[:SCALE]",
                      help="a ControlNet unit (repeatable), e.g. canny:control_v11p_sd15_canny.pth:photo.png:0.8; "
                           "PRE is an annotator run on IMAGE first: canny, tile, blur (docs/controlnet.md)")

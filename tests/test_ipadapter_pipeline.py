@@ -165,3 +165,33 @@ def test_the_adapter_added_to_the_model_is_the_default(tmp_path):
     assert out.info["diffstudio_recipe"]["extra"]["ip_adapter"][0]["model"] == "ip-tiny.safetensors"
     named = pipe("a red circle", **RUN, ip_adapter=diffstudio.ImagePrompt(RED, scale=1.0, model=added))[0]
     assert np.array_equal(np.asarray(out), np.asarray(named))
+
+
+def test_the_command_line_takes_an_ip_adapter_and_reference_images(tmp_path, capsys):
+    """The SDXL chain's shape on the demo model: ControlNet + LoRA + IP-Adapter in one command, all recorded."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from diffstudio.cli import main
+    from diffstudio.io.recipe import read_recipe
+    from tests.test_controlnet_pipeline import controlnet
+    from tests.test_lora_patcher import lora_file
+
+    models = untrained_demo_models()
+    save_file({k: v.contiguous() for k, v in adapter(models.unet, "linear").state_dict().items()},
+              str(tmp_path / "ip.safetensors"))
+    vision_encoder().save_pretrained(tmp_path / "image_encoder")
+    save_file({f"control_model.{k}": v.contiguous() for k, v in controlnet(diffstudio.Pipeline(models)).state_dict()
+               .items()}, str(tmp_path / "cn.safetensors"))
+    save_file(lora_file(0), str(tmp_path / "flat.safetensors"))
+    Image.fromarray(RED).save(tmp_path / "ref.png")
+    out = tmp_path / "chain.png"
+    assert main(["generate", "a red circle", "--steps", "2", "-o", str(out),
+                 "--control", f"canny:{tmp_path / 'cn.safetensors'}:{tmp_path / 'ref.png'}:0.8",
+                 "--lora", f"{tmp_path / 'flat.safetensors'}:0.6",
+                 "--ip-adapter", str(tmp_path / "ip.safetensors"), "--ip-image", f"{tmp_path / 'ref.png'}"]) == 0
+    extra = read_recipe(out)["extra"]
+    assert extra["ip_adapter"][0]["scale"] == 0.7 and extra["controlnets"][0]["scale"] == 0.8
+    assert extra["loras"][0]["strength"] == 0.6
+    assert main(["generate", "x", "--ip-image", str(tmp_path / "ref.png"), "-o", str(out)]) == 2
+    assert "--ip-adapter" in capsys.readouterr().err
