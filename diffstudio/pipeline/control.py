@@ -83,15 +83,6 @@ def control_image(image, preprocess: str | None, width: int, height: int) -> tor
     return annotators.hint_tensor(picture)
 
 
-def _step_sigma(sigmas: torch.Tensor, fraction: float) -> float:
-    """The schedule's sigma a fraction of the way through its steps (linear between step boundaries)."""
-    steps = len(sigmas) - 1
-    position = fraction * steps
-    i = min(int(position), steps - 1)
-    w = position - i
-    return float(sigmas[i] * (1 - w) + sigmas[i + 1] * w)
-
-
 class ControlNets:
     """The denoiser module of a run's ControlNet units; several units sum their residuals."""
 
@@ -112,7 +103,7 @@ class ControlNets:
             model = gen.models.add_controlnet(unit.model) if isinstance(unit.model, (str,)) or hasattr(
                 unit.model, "__fspath__") else unit.model
             hint = control_image(unit.image, unit.preprocess, r.width, r.height)
-            hi, lo = _step_sigma(gen.sigmas, unit.start), _step_sigma(gen.sigmas, unit.end)
+            hi, lo = gen.sigma_at(unit.start), gen.sigma_at(unit.end)
             loaded.append((unit, model, hint, hi, lo))
         if not loaded:
             return denoiser

@@ -26,7 +26,6 @@ import torch
 from PIL import Image
 
 from diffstudio.errors import InvalidInputError, IPAdapterMismatchError
-from diffstudio.pipeline.control import _step_sigma
 from diffstudio.pipeline.modules import NETWORK, Generation, Wrapper
 
 IMAGE_PROMPT_ROWS = "image_prompt_negative_rows"  # a (B,) bool cond entry: True on the unconditional rows
@@ -199,8 +198,8 @@ class ImagePrompts:
             self.sources[i] = loaded.source
             scales = layer_scales(prompt, cross_attention_names(gen.models.denoiser))
             positive, negative = reference_tokens(loaded, prompt.images, prompt.weights)
-            active.append(_Active(loaded.adapter, positive, negative, scales, _step_sigma(gen.sigmas, prompt.start),
-                                  _step_sigma(gen.sigmas, prompt.end)))
+            active.append(_Active(loaded.adapter, positive, negative, scales, gen.sigma_at(prompt.start),
+                                  gen.sigma_at(prompt.end)))
         if not active:
             return denoiser
         n = len(gen.prompts)

@@ -61,6 +61,14 @@ class Generation:
     def family(self):
         return self.models.family
 
+    def sigma_at(self, fraction: float) -> float:
+        """The schedule's sigma a fraction of the way through its steps (0 = the first step, 1 = the end), linear
+        between step boundaries: where modules with a start/end (ControlNet units, image prompts) switch."""
+        steps = len(self.sigmas) - 1
+        i = min(int(fraction * steps), steps - 1)
+        w = fraction * steps - i
+        return float(self.sigmas[i] * (1 - w) + self.sigmas[i + 1] * w)
+
 
 class DenoiserModule(Protocol):
     order: int
