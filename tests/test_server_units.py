@@ -178,3 +178,12 @@ def test_a_restarted_queue_reports_old_jobs_and_fails_the_unfinished(tmp_path):
         assert again.get("../../etc/passwd") is None and again.get("b" * 32) is None
     finally:
         again.close()
+
+
+def test_serve_listens_on_loopback_unless_told_otherwise():
+    from diffstudio.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.queue_size, args.models, args.token) == ("127.0.0.1", 7860, 8, None, None)
+    args = build_parser().parse_args(["serve", "--models", "m", "--outputs", "o", "--queue-size", "3", "--token", "t"])
+    assert (args.models, args.outputs, args.queue_size, args.token) == ("m", "o", 3, "t")

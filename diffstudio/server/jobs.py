@@ -116,13 +116,12 @@ class JobQueue:
 
     # -- the client side -----------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
-        with self._lock:
-            try:
-                self._waiting.put_nowait(job)
-            except queue.Full:
-                raise QueueFullError(self.size, self.retry_after()) from None
+        with self._lock:  # only submit puts, so a queue not full here stays not full until the put
+            if self._waiting.full():
+                raise QueueFullError(self.size, self.retry_after())
+            self._save(job)  # before the worker can see the job: its own saves come after this one
             self._remember(job)
-        self._save(job)
+            self._waiting.put_nowait(job)
         return job
 
     def get(self, job_id: str) -> Job | None:
