@@ -347,3 +347,24 @@ def test_the_token_is_required_when_set(tmp_path, models):
         assert r.status_code == 200
     finally:
         live.stop()
+
+
+def test_a_ui_mounts_on_the_same_app_behind_the_token(tmp_path):
+    seen = {}
+
+    def mount(app, state):
+        seen["state"] = state
+
+        @app.get("/")
+        def page() -> dict:
+            return {"ui": True, "queue": state.jobs.size}
+
+    live = LiveServer(create_app(None, tmp_path, queue_size=3, token="t", ui=mount))
+    try:
+        assert seen["state"] is live.app.state.server
+        assert live.client.get("/").status_code == 401
+        auth = {"Authorization": "Bearer t"}
+        assert live.client.get("/", headers=auth).json() == {"ui": True, "queue": 3}
+        assert live.client.get("/v1/status", headers=auth).status_code == 200  # the APIs stay beside it
+    finally:
+        live.stop()

@@ -18,6 +18,7 @@ with 422 and what to send instead. Fields A1111 clients send that change nothing
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -171,10 +172,15 @@ async def txt2img(req: Txt2ImgRequest, request: Request):
 async def img2img(req: Img2ImgRequest, request: Request):
     state = request.app.state.server
     ignored = _refuse_unsupported(req)
+    fields = await asyncio.to_thread(_img2img_fields, req, state.limits.max_pixels)  # decoding: off the event loop
+    return await _generate("img2img", req, _spec(req, state, fields), state, ignored)
+
+
+def _img2img_fields(req: Img2ImgRequest, limit: int) -> dict[str, Any]:
+    """The init image and the mask (inverted, blurred) as the pipeline's Request fields."""
     if req.resize_mode != 0:
         raise InvalidInputError(f"resize_mode={req.resize_mode} is not supported; this server resizes the init "
                                 "image to the output size (resize_mode 0, 'Just resize')")
-    limit = state.limits.max_pixels
     init = decode_image(req.init_images[0], "init_images[0]", limit)
     fields: dict[str, Any] = {"init_image": init, "strength": req.denoising_strength}
     if req.mask is not None:
@@ -190,7 +196,7 @@ async def img2img(req: Img2ImgRequest, request: Request):
         if req.mask_blur:
             mask = mask.filter(ImageFilter.GaussianBlur(req.mask_blur))
         fields["mask"] = mask
-    return await _generate("img2img", req, _spec(req, state, fields), state, ignored)
+    return fields
 
 
 # -- settings and lists ------------------------------------------------------------------------------

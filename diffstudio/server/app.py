@@ -174,8 +174,10 @@ class TokenCheck:
         self.app, self.token = app, token.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self._allowed(scope):
+        if scope["type"] not in ("http", "websocket") or self._allowed(scope):
             return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":  # a UI's live channel: refused the same way, before it opens
+            return await send({"type": "websocket.close", "code": 1008})
         response = JSONResponse(error_body("Unauthorized", "this server needs a token: send the header "
                                                            "'Authorization: Bearer TOKEN'"),
                                 status_code=401, headers={"WWW-Authenticate": 'Bearer realm="diffstudio"'})

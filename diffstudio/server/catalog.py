@@ -50,6 +50,7 @@ class Catalog:
     checkpoints: dict[str, Entry] = field(default_factory=dict)
     loras: dict[str, Entry] = field(default_factory=dict)
     controlnets: dict[str, Entry] = field(default_factory=dict)
+    _walked: set = field(default_factory=set, repr=False)  # folders listed (links inside may form loops)
 
     @classmethod
     def scan(cls, root: str | Path | None) -> Catalog:
@@ -105,6 +106,9 @@ class Catalog:
 
     # -- scanning ------------------------------------------------------------------------------
     def _walk(self, folder: Path, kind: str | None) -> None:
+        if folder.resolve() in self._walked:
+            return
+        self._walked.add(folder.resolve())
         try:
             children = sorted(folder.iterdir())
         except OSError as err:
