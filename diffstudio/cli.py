@@ -472,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora_inspect.add_argument("--model", help="a base model: report how much of the LoRA matches it")
     lora_inspect.set_defaults(func=cmd_lora_inspect)
     _add_train_parser(sub)
+    from diffstudio.server import cli as server_cli
+
+    server_cli.add_parser(sub)
 
     fastblend = sub.add_parser("fastblend", help="deflicker a stylised video or interpolate keyframes")
     fastblend.configure_later = _configure_fastblend

@@ -1,0 +1,172 @@
+"""diffstudio's own API (``/v1``): the full request (regions, ControlNet units, LoRAs) as a queued job.
+
+``POST /v1/generate`` answers 202 with a job id at once; ``GET /v1/jobs/{id}`` reports its state, progress
+and outputs; ``GET /v1/outputs/{name}`` serves an output PNG. Names of models, LoRAs and ControlNets are
+catalog names (``GET /v1/models``), never paths; images travel as base64.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffstudio.server.a1111 import SEED_END
+from diffstudio.server.checks import check_counts, check_lora_tags, sampler_and_scheduler
+from diffstudio.server.payloads import decode_image
+from diffstudio.server.runner import GenerationSpec
+
+router = APIRouter(prefix="/v1", tags=["diffstudio"])
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RegionSpec(Strict):
+    """A prompt for one area: a box (x0, y0, x1, y1 in fractions, (0, 0) = top-left) or a base64 mask."""
+
+    prompt: str
+    box: list[float] | None = Field(None, min_length=4, max_length=4)
+    mask: str | None = None
+    weight: float = 1.0
+    negative_prompt: str | None = None
+    feather: float = 0.0
+
+
+class ControlNetSpec(Strict):
+    """A ControlNet unit: the ControlNet by catalog name, its control image as base64."""
+
+    model: str
+    image: str
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: Literal["canny", "tile", "blur"] | None = None
+    control_mode: Literal["balanced", "prompt", "control"] = "balanced"
+
+
+class LoRASpec(Strict):
+    """A LoRA by catalog name; the same as ``<lora:name:strength>`` in the prompt."""
+
+    name: str
+    strength: float = 1.0
+
+
+class GenerateRequest(Strict):
+    """One generation; left-out values take the model's defaults (docs/server.md)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str | None = Field(None, description="a checkpoint name (GET /v1/models); default: the current one")
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    guidance: float | None = None
+    seed: int = Field(0, ge=-1, lt=SEED_END, description="-1 = a random seed (the job reports it)")
+    sampler: str | None = Field(None, description="ours (euler_ancestral) or A1111's (Euler a)")
+    scheduler: str | None = None
+    batch_size: int = 1
+    batches: int = Field(1, description="runs of batch_size images, the seed advancing by batch_size")
+    clip_skip: int | None = None
+    tiled_vae: bool | None = None
+    init_image: str | None = Field(None, description="base64; img2img")
+    strength: float | None = None
+    mask: str | None = Field(None, description="base64, white = repaint; needs init_image")
+    regions: list[RegionSpec] | None = None
+    region_mode: Literal["latent", "attention"] = "latent"
+    global_weight: float | None = None
+    controlnets: list[ControlNetSpec] = Field(default_factory=list)
+    loras: list[LoRASpec] = Field(default_factory=list)
+
+
+def _spec(req: GenerateRequest, state) -> GenerationSpec:
+    from diffstudio.pipeline.control import ControlNetUnit
+    from diffstudio.pipeline.regions import Region, RegionLayout
+
+    limit = state.limits.max_pixels
+    model = state.catalog.checkpoint(req.model or state.options["sd_model_checkpoint"]).name
+    sampler, scheduler = sampler_and_scheduler(req.sampler, req.scheduler)
+    check_counts(state.limits, req.width, req.height, req.steps, req.batch_size, req.batches)
+    prompt = req.prompt + "".join(f" <lora:{lora.name}:{lora.strength:g}>" for lora in req.loras)
+    check_lora_tags(state.catalog, prompt, req.negative_prompt)
+    regions = None
+    if req.regions:
+        regions = [Region(r.prompt, mask=None if r.mask is None else decode_image(r.mask, f"regions[{i}].mask", limit),
+                          box=r.box, weight=r.weight, negative_prompt=r.negative_prompt, feather=r.feather)
+                   for i, r in enumerate(req.regions)]
+        if req.global_weight is not None:
+            regions = RegionLayout(regions, global_weight=req.global_weight)
+    units = [ControlNetUnit(str(state.catalog.controlnet(c.model).path),
+                            decode_image(c.image, f"controlnets[{i}].image", limit), scale=c.scale, start=c.start,
+                            end=c.end, preprocess=c.preprocess, control_mode=c.control_mode)
+             for i, c in enumerate(req.controlnets)]
+    images = {name: None if data is None else decode_image(data, name, limit)
+              for name, data in (("init_image", req.init_image), ("mask", req.mask))}
+    return GenerationSpec(model, {
+        "prompt": prompt, "negative_prompt": req.negative_prompt, "width": req.width, "height": req.height,
+        "steps": req.steps, "cfg_scale": req.cfg_scale, "guidance": req.guidance,
+        "seed": random.randrange(2**32) if req.seed == -1 else req.seed, "sampler": sampler,
+        "scheduler": scheduler, "batch_size": req.batch_size, "clip_skip": req.clip_skip, "tiled_vae": req.tiled_vae,
+        "strength": req.strength, "regions": regions, "region_mode": req.region_mode, **images},
+        batches=req.batches, controlnets=units)
+
+
+@router.post("/generate", status_code=202)
+def generate(req: GenerateRequest, request: Request) -> dict:
+    """Queue a generation; 202 with the job id (429 with Retry-After when the queue is full)."""
+    state = request.app.state.server
+    spec = _spec(req, state)
+    params = req.model_dump(exclude={"init_image", "mask"})
+    params["seed"] = spec.request["seed"]
+    for key, items in (("regions", params.get("regions")), ("controlnets", params.get("controlnets"))):
+        for item in items or ():
+            item.pop("mask" if key == "regions" else "image", None)
+    job = state.submit("generate", params, spec)
+    return {"id": job.id, "state": job.state, "url": f"/v1/jobs/{job.id}"}
+
+
+@router.get("/jobs/{job_id}")
+def job_status(job_id: str, request: Request) -> dict:
+    """State (queued, running, done, failed, interrupted), progress 0..1, outputs and their URLs, the error."""
+    job = request.app.state.server.jobs.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r} on this server")
+    return {**job.public(), "urls": [f"/v1/outputs/{name}" for name in job.outputs]}
+
+
+@router.delete("/jobs/{job_id}")
+def cancel_job(job_id: str, request: Request) -> dict:
+    """Stop a job: a queued one never runs, a running one stops at its next step."""
+    job = request.app.state.server.jobs.interrupt(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r} on this server")
+    return {"id": job.id, "state": job.state}
+
+
+@router.get("/outputs/{name}")
+def output(name: str, request: Request) -> FileResponse:
+    """An output PNG by name (``<job id>-<n>.png``); nothing else under the outputs folder is served."""
+    return FileResponse(request.app.state.server.output_path(name), media_type="image/png")
+
+
+@router.get("/models")
+def models(request: Request) -> dict:
+    """The catalog: checkpoints (with the current one and those loaded), LoRAs, ControlNets."""
+    state = request.app.state.server
+    catalog = state.catalog
+    return {"checkpoints": [{"name": e.name, "family": e.family} for e in catalog.checkpoints.values()],
+            "current": state.options["sd_model_checkpoint"], "loaded": state.cache.loaded,
+            "loras": sorted(catalog.loras), "controlnets": sorted(catalog.controlnets)}
+
+
+@router.get("/status")
+def status(request: Request) -> dict:
+    """The queue: the running job, how many wait, the queue's size."""
+    jobs = request.app.state.server.jobs
+    current = jobs.current
+    return {"running": None if current is None else current.id, "waiting": jobs.waiting, "queue_size": jobs.size}
