@@ -83,7 +83,7 @@ SCHEDULER_DISPLAY_NAMES = {
 
 _SAMPLER_FROM_DISPLAY = {v: k for k, v in SAMPLER_DISPLAY_NAMES.items()}
 _SAMPLER_FROM_DISPLAY["Euler Ancestral"] = "euler_ancestral"
-_SCHEDULER_FROM_DISPLAY = {v: k for k, v in SCHEDULER_DISPLAY_NAMES.items()} | {"SGMUniform": "sgm_uniform"}
+SCHEDULER_FROM_DISPLAY = {v: k for k, v in SCHEDULER_DISPLAY_NAMES.items()} | {"SGMUniform": "sgm_uniform"}
 
 # One "Key: value," item of the A1111 parameter line; a value is JSON-quoted or runs to the comma.
 _PARAM_ITEM = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -178,7 +178,7 @@ def a1111_parameters(recipe: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _split_sampler(display: str) -> tuple[str, str | None]:
+def split_sampler(display: str) -> tuple[str, str | None]:
     """'DPM++ 2M Karras' (A1111 before 1.9 folded the schedule in) -> ('dpmpp_2m', 'karras')."""
     if display in _SAMPLER_FROM_DISPLAY:
         return _SAMPLER_FROM_DISPLAY[display], None
@@ -219,11 +219,11 @@ def parse_a1111_parameters(text: str) -> dict:
                 width, height = value.lower().split("x")
                 recipe["width"], recipe["height"] = int(width), int(height)
             elif key == "Sampler":
-                recipe["sampler"], folded = _split_sampler(value)
+                recipe["sampler"], folded = split_sampler(value)
                 if folded and "Schedule type" not in fields:
                     recipe["scheduler"] = folded
             elif key == "Schedule type":
-                recipe["scheduler"] = _SCHEDULER_FROM_DISPLAY.get(value, value.lower().replace(" ", "_"))
+                recipe["scheduler"] = SCHEDULER_FROM_DISPLAY.get(value, value.lower().replace(" ", "_"))
             else:
                 unmapped[key] = value
         except ValueError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffstudio.errors import InvalidInputError
-from diffstudio.io.recipe import _SCHEDULER_FROM_DISPLAY, _split_sampler, sampler_display_name
+from diffstudio.io.recipe import SCHEDULER_FROM_DISPLAY, sampler_display_name, split_sampler
 from diffstudio.server.catalog import Catalog
 from diffstudio.server.payloads import check_pixels
 
@@ -33,14 +33,14 @@ def sampler_and_scheduler(sampler: str | None, scheduler: str | None) -> tuple[s
 
     ours, folded = (None, None)
     if sampler:
-        ours, folded = (sampler, None) if sampler in SAMPLERS else _split_sampler(sampler)
+        ours, folded = (sampler, None) if sampler in SAMPLERS else split_sampler(sampler)
         if ours not in SAMPLERS:
             names = ", ".join(f"{sampler_display_name(s)!r}" for s in SAMPLERS)
             raise InvalidInputError(f"unknown sampler {sampler!r}; this server has: {names} (or our names: "
                                     f"{', '.join(SAMPLERS)})")
     schedule = None
     if scheduler:
-        schedule = scheduler if scheduler in SCHEDULERS else _SCHEDULER_FROM_DISPLAY.get(
+        schedule = scheduler if scheduler in SCHEDULERS else SCHEDULER_FROM_DISPLAY.get(
             scheduler, scheduler.lower().replace(" ", "_"))
         if schedule == "automatic":
             schedule = None
