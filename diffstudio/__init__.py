@@ -43,6 +43,7 @@ _LAZY = {
     "ControlNetUnit": "diffstudio.pipeline.control",
     "ImagePrompt": "diffstudio.pipeline.ip_adapter",
     "TiledDiffusion": "diffstudio.pipeline.tiled_diffusion",
+    "HiresFix": "diffstudio.pipeline.hires",
 }
 
 
@@ -95,7 +96,7 @@ def download(repo_id: str, filename: str | None = None, **kwargs):
 
 
 __all__ = [
-    "ControlNetUnit", "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "ImagePrompt",
+    "ControlNetUnit", "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "HiresFix", "ImagePrompt",
     "InvalidInputError",
     "InvalidSizeError", "Models", "ModelNotFoundError", "NaNError", "Pipeline", "Region", "RegionError",
     "RegionLayout", "Request", "TiledDiffusion", "UnknownModelError",

@@ -105,10 +105,11 @@ class Pipeline:
                  scheduler: str | None = None, sigmas=None, batch_size: int = 1, init_image=None,
                  strength: float | None = None, mask=None, clip_skip: int | None = None,
                  tiled_vae: bool | None = None, guidance: float | None = None, progress: bool = True,
-                 callback=None, regions=None, region_mode: str = "latent", controlnets=(), ip_adapter=None,
+                 callback=None, regions=None, region_mode: str = "latent", controlnets=(), ip_adapter=None, hires=None,
                  modules=()) -> list[Image.Image]:
         """``controlnets``: ``ControlNetUnit``s (pipeline/control.py); ``ip_adapter``: an ``ImagePrompt`` or a list
-        of them (pipeline/ip_adapter.py); ``modules``: extra denoiser modules."""
+        of them (pipeline/ip_adapter.py); ``hires``: a ``HiresFix`` (a second, img2img pass at a larger size:
+        pipeline/hires.py); ``modules``: extra denoiser modules."""
         modules = list(modules)
         if controlnets:
             from diffstudio.pipeline.control import ControlNets
@@ -122,6 +123,10 @@ class Pipeline:
                           seed=seed, sampler=sampler, scheduler=scheduler, sigmas=sigmas, batch_size=batch_size,
                           init_image=init_image, strength=strength, mask=mask, clip_skip=clip_skip,
                           tiled_vae=tiled_vae, guidance=guidance, regions=regions, region_mode=region_mode)
+        if hires is not None:  # two passes: pipeline/hires.py
+            from diffstudio.pipeline.hires import hires_run
+
+            return hires_run(self, request, hires, modules=modules, progress=progress, callback=callback)
         return self.run(request, modules=modules, progress=progress, callback=callback)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -152,18 +157,18 @@ class Pipeline:
         gen.guided = compose(denoiser, gen.modules, gen)
         return gen
 
-    def run(self, request: Request, *, modules=(), progress: bool = True, callback=None) -> list[Image.Image]:
-        """Generate the images of ``request``; ``modules`` are extra denoiser modules (modules.py)."""
-        from diffstudio.io.images import tensor_to_images
+    def sample(self, request: Request, *, modules=(), progress: bool = True,
+               callback=None) -> tuple[Generation, torch.Tensor]:
+        """Prepare and sample ``request``: (the run's Generation, the final latents in the model's latent space)."""
         from diffstudio.sampling import get_sampler
         from diffstudio.sampling.noise import SeededNoise
 
-        started = time.time()
         gen = self.prepare(request, modules)
-        r, fam, n = gen.request, self.family, len(gen.prompts)
+        r, n = gen.request, len(gen.prompts)
         noise = SeededNoise([r.seed + i for i in range(n)], gen.latent_shape, dtype=torch.float32, device="cpu")
         x = gen.start.start(gen, noise.initial())
-        bar = tqdm(total=len(gen.sigmas) - 1, desc=f"{fam.name} {r.sampler}", disable=not progress, leave=False)
+        bar = tqdm(total=len(gen.sigmas) - 1, desc=f"{self.family.name} {r.sampler}", disable=not progress,
+                   leave=False)
 
         def on_step(i, total, x_i, denoised):
             bar.update(1)
@@ -173,6 +178,15 @@ class Pipeline:
         with torch.inference_mode():
             z = get_sampler(r.sampler)(gen.guided, x, gen.sigmas, callback=on_step, noise=noise)
         bar.close()
+        return gen, z
+
+    def run(self, request: Request, *, modules=(), progress: bool = True, callback=None) -> list[Image.Image]:
+        """Generate the images of ``request``; ``modules`` are extra denoiser modules (modules.py)."""
+        from diffstudio.io.images import tensor_to_images
+
+        started = time.time()
+        gen, z = self.sample(request, modules=modules, progress=progress, callback=callback)
+        r, fam = gen.request, self.family
         images = tensor_to_images(gen.start.finish(gen, self.decode_latents(z, r.tiled_vae)))
 
         extra = {"seconds": round(time.time() - started, 2), **lora_recipe(gen.models), **gen.recipe}

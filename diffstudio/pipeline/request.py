@@ -37,13 +37,14 @@ class Request:
     sigmas: Any = None  # a custom schedule (overrides steps and scheduler)
     batch_size: int = 1
     init_image: Any = None
-    strength: float | None = None  # img2img: default 0.75; only with an init image
+    strength: float | None = None  # img2img: default 0.75; only with an init image (or init latent)
     mask: Any = None
     clip_skip: int | None = None
     tiled_vae: bool | None = None
     guidance: float | None = None
     regions: Any = None
     region_mode: str = "latent"
+    init_latent: Any = None  # img2img from latents in the model's latent space, (1 or B, C, h, w): hires fix
     extra: dict = field(default_factory=dict)  # what denoiser modules add to the recipe
 
     # -- resolved views -----------------------------------------------------------------------
@@ -73,22 +74,26 @@ class Request:
         if len(r.negatives) != len(r.prompts):
             raise InvalidInputError(f"{len(r.negatives)} negative prompts for {len(r.prompts)} prompts; "
                                     "pass one string or one per prompt")
+        if r.init_image is not None and r.init_latent is not None:
+            raise InvalidInputError("pass an init_image or an init_latent, not both")
         if r.init_image is not None:
             r.init_image = load_image(r.init_image)  # read once: the size defaults come from it
             w0, h0 = r.init_image.size
             r.width, r.height = w0 if r.width is None else r.width, h0 if r.height is None else r.height
+        elif r.init_latent is not None:
+            _check_init_latent(r, fam)
         elif r.strength is not None:
             raise InvalidInputError("strength is how much of an init image to repaint; it needs init_image= "
                                     "(CLI: --init-image)")
         r.width = d.width if r.width is None else r.width
         r.height = d.height if r.height is None else r.height
         check_size(r.width, r.height, fam.latent.downscale)
-        if r.init_image is not None:
+        if r.init_image is not None or r.init_latent is not None:
             r.strength = 0.75 if r.strength is None else float(r.strength)
             if not 0.0 < r.strength <= 1.0:
                 raise InvalidInputError(f"strength must be in (0, 1] (1 = repaint everything), got {r.strength}")
         if r.mask is not None:
-            if r.init_image is None:
+            if r.init_image is None:  # (an init latent has no pixels to paste back outside the mask)
                 raise InvalidInputError("a mask needs an init_image: the mask says which part of that image to "
                                         "repaint; pass init_image= (CLI: --init-image)")
             r.mask = _mask_for(load_mask(r.mask), r.width, r.height)
@@ -107,6 +112,19 @@ class Request:
         r.clip_skip = _check_clip_skip(models, r.clip_skip)
         r.guidance = d.guidance if r.guidance is None else r.guidance
         return r
+
+
+def _check_init_latent(r: Request, fam) -> None:
+    """An init latent fixes the size; it has the model's latent channels and one row or one per image."""
+    latent = r.init_latent
+    down = fam.latent.downscale
+    if latent.ndim != 4 or latent.shape[1] != fam.latent.channels or latent.shape[0] not in (1, len(r.prompts)):
+        raise InvalidInputError(f"an init latent must be (1 or {len(r.prompts)}, {fam.latent.channels}, h, w) for "
+                                f"{fam.name}, got {tuple(latent.shape)}")
+    size = (latent.shape[-1] * down, latent.shape[-2] * down)
+    if (r.width or size[0], r.height or size[1]) != size:
+        raise InvalidInputError(f"the init latent is {size[0]}x{size[1]} pixels but {r.width}x{r.height} was asked")
+    r.width, r.height = size
 
 
 def _mask_for(mask, width: int, height: int):

@@ -35,9 +35,12 @@ class ImageToImage(TextToImage):
         from diffstudio.sampling.schedules import sigmas_for_strength
 
         r = gen.request
-        image = r.init_image.resize((r.width, r.height), Image.LANCZOS)
-        gen.pixels = images_to_tensor([image] * len(gen.prompts))
-        gen.known = pipe.encode_images(gen.pixels, r.tiled_vae)
+        if r.init_latent is not None:  # already in the model's latent space (hires fix)
+            gen.known = r.init_latent.float().expand(len(gen.prompts), -1, -1, -1)
+        else:
+            image = r.init_image.resize((r.width, r.height), Image.LANCZOS)
+            gen.pixels = images_to_tensor([image] * len(gen.prompts))
+            gen.known = pipe.encode_images(gen.pixels, r.tiled_vae)
         if r.sigmas is None:  # a custom schedule is taken as given
             gen.sigmas = sigmas_for_strength(gen.sigmas, r.strength)
         return []
@@ -85,6 +88,6 @@ def concat_conditioning(gen: Generation, pipe) -> None:
 def start_for(request) -> TextToImage:
     if request.mask is not None:
         return Inpaint()
-    if request.init_image is not None:
+    if request.init_image is not None or request.init_latent is not None:
         return ImageToImage()
     return TextToImage()
