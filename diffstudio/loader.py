@@ -93,15 +93,15 @@ class Models:
 
     def clone(self) -> Models:
         """The same modules (no weight is copied) with copies of the patch lists, LoRA handles and embeddings:
-        a LoRA applied to (or removed from, or re-weighted on) the clone leaves this model as it is."""
+        a LoRA applied to (or removed from, or re-weighted on) the clone leaves this model as it is. Add-ons
+        loaded once (ControlNets, IP-Adapters) are shared: loading one on a clone loads it for the base too."""
         from dataclasses import replace as copy_patch
 
         twin = copy.copy(self)
         twin.patches = {role: {name: [copy_patch(p) for p in lists] for name, lists in params.items()}
                         for role, params in self.patches.items()}
         twin.loras = [handle.copy_to(twin) for handle in self.loras]
-        twin.embeddings, twin.controlnets = dict(self.embeddings), dict(self.controlnets)
-        twin.ip_adapters = dict(self.ip_adapters)
+        twin.embeddings = dict(self.embeddings)
         twin.components, twin.configs, twin.defaults = dict(self.components), dict(self.configs), dict(self.defaults)
         return twin
 

@@ -43,6 +43,7 @@ def save_single_file(models, path: str | Path, dtype: torch.dtype | None = None,
                      extra_metadata: dict | None = None) -> Path:
     from diffstudio.io.safetensors_file import save_safetensors
 
+    models.activate()  # this model's own patches in the shared weights (a clone's may be there after a run)
     family = models.family
     tensors: dict[str, torch.Tensor] = {}
     configs = {}

@@ -14,7 +14,8 @@ from diffstudio.demo.untrained import untrained_demo_models
 from diffstudio.errors import InvalidInputError
 from diffstudio.ipadapter_loading import LoadedIPAdapter
 from diffstudio.pipeline.control import ControlNetUnit
-from diffstudio.pipeline.ip_adapter import IMAGE_PROMPT_ROWS, ImagePromptDenoiser, _Active, reference_tokens
+from diffstudio.pipeline.ip_adapter import ImagePromptDenoiser, _Active, reference_tokens
+from diffstudio.pipeline.modules import NEGATIVE_ROWS
 from tests.tiny_ipadapter import adapter, vision_encoder
 
 RUN = dict(width=64, height=64, steps=3, seed=4, cfg_scale=3.0, progress=False)
@@ -104,7 +105,7 @@ def test_unconditional_rows_get_the_zero_image_tokens(loaded, plus):
         active = _Active(model.adapter, positive, negative, [1.0] * n, 10.0, 0.0)
         wrapped = ImagePromptDenoiser(Network(), [active])
         rows = torch.tensor([False, False, True, True])
-        wrapped(torch.zeros(4, 4, 8, 8), torch.tensor(1.0), **{IMAGE_PROMPT_ROWS: rows})
+        wrapped(torch.zeros(4, 4, 8, 8), torch.tensor(1.0), **{NEGATIVE_ROWS: rows})
         keys = seen["ip"][0][0][0]  # layer 0, first prompt, keys (4, N, width)
         to_k = model.adapter.ip_adapter["1"].to_k_ip
         with torch.inference_mode():
@@ -114,7 +115,7 @@ def test_unconditional_rows_get_the_zero_image_tokens(loaded, plus):
             if model is loaded:  # base adapters: the zero embedding itself
                 assert torch.equal(negative, model.adapter(torch.zeros(1, model.adapter.config.image_dim)))
         assert not torch.equal(positive, negative)
-        assert IMAGE_PROMPT_ROWS not in seen
+        assert torch.equal(seen[NEGATIVE_ROWS], rows)  # passed on for other modules; network_fn drops it
 
 
 def test_style_only_gives_the_tokens_to_the_style_blocks_only(pipe, loaded):

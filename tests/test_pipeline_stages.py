@@ -243,3 +243,38 @@ def test_a_ckpt_copy_of_the_demo_model_keeps_its_defaults(tmp_path):
     torch.save({"state_dict": dict(read_state_dict(default_model_path()))}, path)
     assert diffstudio.load(path).defaults == diffstudio.load().defaults == {
         "width": 64, "height": 64, "steps": 20, "cfg_scale": 3.0}
+
+
+def test_the_network_never_sees_what_modules_pass_each_other():
+    from dataclasses import replace
+
+    from diffstudio.pipeline.denoiser import LOCATION_KEYS, network_fn
+
+    models = untrained_demo_models()
+    seen = {}
+
+    def spy(net, x, t, cond):
+        seen.update(cond)
+        return x
+
+    models.family = replace(models.family, call_denoiser=spy)
+    network_fn(models)(torch.zeros(2, 4, 8, 8), torch.zeros(2), context=torch.zeros(2, 77, 64), tile=(0, 0, 8, 8),
+                       frames=torch.arange(2), negative_rows=torch.tensor([False, True]))
+    assert set(seen) == {"context"} and set(LOCATION_KEYS) == {"tile", "frames", "negative_rows"}
+
+
+def test_a_prompt_tag_for_a_lora_the_model_has_sets_its_strength_for_that_call(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(lora_file(0), str(tmp_path / "style.safetensors"))
+    models = untrained_demo_models()
+    handle = models.apply_lora(tmp_path / "style.safetensors", 1.0)
+    pipe = diffstudio.Pipeline(models, lora_dirs=[tmp_path])
+    at_one = np.asarray(pipe("a red circle", **SMALL)[0], dtype=float)
+    tagged = pipe("a red circle <lora:style:0>", **SMALL)[0]
+    assert tagged.info["diffstudio_recipe"]["extra"]["loras"][0]["strength"] == 0.0
+    handle.set_strength(0.0)
+    assert np.array_equal(np.asarray(tagged, dtype=float), np.asarray(pipe("a red circle", **SMALL)[0], dtype=float))
+    assert handle.strength == 0.0 and len(models.loras) == 1
+    handle.set_strength(1.0)
+    assert np.array_equal(np.asarray(pipe("a red circle", **SMALL)[0], dtype=float), at_one)

@@ -71,3 +71,11 @@ def test_attention_regions_and_bad_tiles_are_refused(pipe):
     with pytest.raises(InvalidInputError, match="latent-mode regions"):
         pipe("x", width=128, height=64, regions=[diffstudio.Region("a red circle", box=(0, 0, .5, 1))],
              region_mode="attention", modules=[TiledDiffusion(tile=64, overlap=32)], **RUN)
+
+
+def test_latent_mode_regions_blend_inside_each_tile(pipe):
+    regions = [diffstudio.Region("a red circle", box=(0, 0, .5, 1)),
+               diffstudio.Region("a blue square", box=(.5, 0, 1, 1))]
+    image = pipe("two shapes", width=128, height=64, regions=regions, modules=[TiledDiffusion(tile=64, overlap=32)],
+                 **RUN)[0]
+    assert image.size == (128, 64)

@@ -114,7 +114,8 @@ class PromptLoRAs:
         if not wanted:
             return models
         key = (id(models), wanted, tuple(str(d) for d in lora_dirs),
-               tuple((h.name, h.strength, h.effective_text_strength) for h in getattr(models, "loras", ())))
+               tuple((h.name, h.strength, h.effective_text_strength) for h in getattr(models, "loras", ())),
+               tuple(getattr(models, "embeddings", ())))
         if key == self._key:
             return self._clone
         if not hasattr(models, "clone"):
@@ -123,6 +124,10 @@ class PromptLoRAs:
         clone = models.clone()
         for name, te, unet in wanted:
             path = resolve_lora(name, lora_dirs)
-            clone.apply_lora(path, unet) if te == unet else clone.apply_lora(path, unet, text_strength=te)
+            present = [h for h in clone.loras if Path(h.name).resolve() == path.resolve()]
+            if present:  # the base already has it: the tag sets its strength for this call (as A1111 does)
+                present[0].set_strength(unet, text_strength=None if te == unet else te)
+            else:
+                clone.apply_lora(path, unet) if te == unet else clone.apply_lora(path, unet, text_strength=te)
         self._key, self._clone = key, clone
         return clone

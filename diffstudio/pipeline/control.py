@@ -21,11 +21,10 @@ import torch
 from PIL import Image
 
 from diffstudio.errors import InvalidInputError
-from diffstudio.pipeline.modules import NETWORK, Generation, Wrapper
+from diffstudio.pipeline.modules import NEGATIVE_ROWS, NETWORK, Generation, Wrapper, is_active, mark_negative_rows
 
 CONTROL_MODES = ("balanced", "prompt", "control")
 SOFT_DECAY = 0.825  # A1111's "My prompt is more important" per-layer weight base
-NEGATIVE_ROWS = "negative_rows"  # a (B,) bool cond entry: True on the unconditional rows
 
 
 @dataclass
@@ -33,7 +32,8 @@ class ControlNetUnit:
     """One ControlNet with its control image.
 
     model: a loaded ControlNet (``models.add_controlnet(path)``) or a path to one.
-    image: the control image (path, PIL, array or tensor), resized and centre-cropped to the output size.
+    image: the control image (path, PIL or array), resized and centre-cropped to the output size; or a finished
+        hint tensor (1, C, H, W), e.g. ``annotators.inpaint(image, mask)`` for the inpainting ControlNet.
     preprocess: an annotator run on ``image`` first (``"canny"``, ``"tile"``, ``"blur"``; None = use as is).
     start / end: the fraction of the steps during which the unit acts (0 = first step, 1 = last).
     """
@@ -68,6 +68,14 @@ def control_image(image, preprocess: str | None, width: int, height: int) -> tor
     from diffstudio.control import annotators
     from diffstudio.io.images import load_image
 
+    if isinstance(image, torch.Tensor) and image.is_floating_point() and image.ndim == 4:
+        # a finished hint, e.g. annotators.inpaint's (masked pixels at -1): scaled to cover and centre-cropped
+        # as a tensor, so its values stay as they are
+        scale = max(width / image.shape[-1], height / image.shape[-2])
+        size = (max(height, round(image.shape[-2] * scale)), max(width, round(image.shape[-1] * scale)))
+        hint = torch.nn.functional.interpolate(image.float(), size=size, mode="nearest-exact")
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+        return hint[..., top:top + height, left:left + width]
     preprocessors = {"canny": annotators.canny, "tile": annotators.tile, "blur": annotators.blur}
     picture = load_image(image)
     if preprocess is not None:
@@ -102,14 +110,13 @@ class ControlNets:
                 continue
             model = gen.models.add_controlnet(unit.model) if isinstance(unit.model, (str,)) or hasattr(
                 unit.model, "__fspath__") else unit.model
-            hint = control_image(unit.image, unit.preprocess, r.width, r.height)
+            hint = control_image(unit.image, unit.preprocess, r.width, r.height).to(gen.models.device,
+                                                                                    gen.models.dtype)
             hi, lo = gen.sigma_at(unit.start), gen.sigma_at(unit.end)
             loaded.append((unit, model, hint, hi, lo))
         if not loaded:
             return denoiser
-        n = len(gen.prompts)
-        gen.cond = {**gen.cond, NEGATIVE_ROWS: torch.zeros(n, dtype=torch.bool)}
-        gen.uncond = {**gen.uncond, NEGATIVE_ROWS: torch.ones(n, dtype=torch.bool)}
+        mark_negative_rows(gen)
         return ControlledDenoiser(denoiser, loaded, gen.models, gen.family.latent.downscale)
 
 
@@ -122,9 +129,8 @@ class ControlledDenoiser(Wrapper):
         self.units, self.models, self.downscale = units, models, downscale
 
     def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        negative = cond.pop(NEGATIVE_ROWS, None)
-        level = float(torch.as_tensor(sigma).reshape(-1)[0])
-        active = [u for u in self.units if u[4] - 1e-6 <= level <= u[3] + 1e-6]
+        negative = cond.get(NEGATIVE_ROWS)
+        active = [u for u in self.units if is_active(sigma, u[3:5])]
         if not active:
             return self.inner(x, sigma, **cond)
         sigma_rows = torch.as_tensor(sigma).reshape(-1).expand(x.shape[0])
@@ -139,7 +145,7 @@ class ControlledDenoiser(Wrapper):
                 top, left, th, tw = tile
                 hint = hint[..., top * d:(top + th) * d, left * d:(left + tw) * d]
             with torch.inference_mode():
-                res = model(x_in.to(device, dtype), hint.to(device, dtype).expand(x.shape[0], -1, -1, -1),
+                res = model(x_in.to(device, dtype), hint.expand(x.shape[0], -1, -1, -1),
                             t.to(device), None if context is None else context.to(device, dtype),
                             None if y is None else y.to(device, dtype))
             weights = _layer_weights(unit, len(res), negative, x.shape[0], device, dtype)

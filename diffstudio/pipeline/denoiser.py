@@ -12,9 +12,9 @@ import torch
 
 from diffstudio.errors import NaNError
 
-# Keyword arguments latent-stage modules pass down to network-stage modules (pipeline/modules.py): a tile's
-# position (tiled diffusion), a window's frame indices (video). The network itself never receives them.
-LOCATION_KEYS = ("tile", "frames")
+# Keyword arguments modules pass down to network-stage modules (pipeline/modules.py): a tile's position (tiled
+# diffusion), a window's frame indices (video), the unconditional rows' flags. The network never receives them.
+LOCATION_KEYS = ("tile", "frames", "negative_rows")
 
 
 def network_fn(models, *, check_finite: bool = True):
@@ -28,9 +28,13 @@ def network_fn(models, *, check_finite: bool = True):
     call_net = models.family.call_denoiser or (lambda net, x, t, cond: net(x, t, **cond))
 
     def call(x: torch.Tensor, t: torch.Tensor, *, c_concat: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        tile = cond.get("tile")
         for key in LOCATION_KEYS:  # where a call sits in a larger latent: read by modules, not by networks
             cond.pop(key, None)
         if c_concat is not None:
+            if tile is not None:  # an inpainting checkpoint's mask and image channels, cropped to the tile
+                top, left, th, tw = tile
+                c_concat = c_concat[..., top:top + th, left:left + tw]
             x = torch.cat([x, c_concat.to(x)], dim=1)
         cond = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
                     else v) for k, v in cond.items()}

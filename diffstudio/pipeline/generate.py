@@ -87,7 +87,7 @@ class Pipeline:
         vae = self.models.vae
         dtype = next(vae.parameters()).dtype
         with torch.inference_mode():
-            latent = encode(vae, images.to(dtype=dtype), tiled=tiled).float()
+            latent = encode(vae, images.to(dtype=dtype), tiled=tiled).float().cpu()  # latents live on the host
         return self.family.latent.to_model(latent)
 
     def decode_latents(self, z: torch.Tensor, tiled: bool | None) -> torch.Tensor:
@@ -96,7 +96,7 @@ class Pipeline:
         vae = self.models.vae
         dtype = next(vae.parameters()).dtype
         with torch.inference_mode():
-            return decode(vae, self.family.latent.from_model(z).to(dtype), tiled=tiled).float()
+            return decode(vae, self.family.latent.from_model(z).to(dtype), tiled=tiled).float().cpu()
 
     # -- the front --------------------------------------------------------------------------
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
@@ -189,7 +189,7 @@ class Pipeline:
         r, fam = gen.request, self.family
         images = tensor_to_images(gen.start.finish(gen, self.decode_latents(z, r.tiled_vae)))
 
-        extra = {"seconds": round(time.time() - started, 2), **lora_recipe(gen.models), **gen.recipe}
+        extra = {"seconds": round(time.time() - started, 2), **lora_recipe(gen.models)}
         for module in gen.modules:
             extra.update(getattr(module, "recipe", dict)())
         model_name = str(gen.models.sources.get(fam.denoiser_role, "")).split("/")[-1]

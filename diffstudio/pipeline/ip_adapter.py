@@ -26,9 +26,8 @@ import torch
 from PIL import Image
 
 from diffstudio.errors import InvalidInputError, IPAdapterMismatchError
-from diffstudio.pipeline.modules import NETWORK, Generation, Wrapper
+from diffstudio.pipeline.modules import NEGATIVE_ROWS, NETWORK, Generation, Wrapper, is_active, mark_negative_rows
 
-IMAGE_PROMPT_ROWS = "image_prompt_negative_rows"  # a (B,) bool cond entry: True on the unconditional rows
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the CLIP image encoders' input normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -202,9 +201,7 @@ class ImagePrompts:
                                   gen.sigma_at(prompt.end)))
         if not active:
             return denoiser
-        n = len(gen.prompts)
-        gen.cond = {**gen.cond, IMAGE_PROMPT_ROWS: torch.zeros(n, dtype=torch.bool)}
-        gen.uncond = {**gen.uncond, IMAGE_PROMPT_ROWS: torch.ones(n, dtype=torch.bool)}
+        mark_negative_rows(gen)
         return ImagePromptDenoiser(denoiser, active)
 
 
@@ -216,9 +213,8 @@ class ImagePromptDenoiser(Wrapper):
         self.active = active
 
     def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        negative = cond.pop(IMAGE_PROMPT_ROWS, None)
-        level = float(torch.as_tensor(sigma).reshape(-1)[0])
-        live = [a for a in self.active if a.sigma_lo - 1e-6 <= level <= a.sigma_hi + 1e-6]
+        negative = cond.get(NEGATIVE_ROWS)
+        live = [a for a in self.active if is_active(sigma, (a.sigma_hi, a.sigma_lo))]
         if not live:
             return self.inner(x, sigma, **cond)
         if negative is None:

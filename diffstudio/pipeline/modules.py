@@ -31,6 +31,7 @@ import torch
 from diffstudio.pipeline.guidance import CFGDenoiser, LatentBlendDenoiser
 
 NETWORK, GUIDANCE, LATENT, OUTPUT = 0, 50, 60, 100
+NEGATIVE_ROWS = "negative_rows"  # a (B,) bool cond entry, True on the unconditional rows (mark_negative_rows)
 
 
 @dataclass
@@ -52,7 +53,6 @@ class Generation:
     pixels: torch.Tensor | None = None  # the init image (B, 3, H, W) in [-1, 1]
     pixel_mask: torch.Tensor | None = None  # (1, 1, H, W), 1 = repaint
     latent_mask: torch.Tensor | None = None  # (B, 1, h, w)
-    recipe: dict = field(default_factory=dict)
     start: Any = None  # the start-latent strategy (start.py)
     modules: list = field(default_factory=list)  # the run's denoiser modules, in order
     guided: Any = None  # the denoiser the sampler calls: ``denoiser`` wrapped by ``modules``
@@ -68,6 +68,22 @@ class Generation:
         i = min(int(fraction * steps), steps - 1)
         w = fraction * steps - i
         return float(self.sigmas[i] * (1 - w) + self.sigmas[i + 1] * w)
+
+
+def mark_negative_rows(gen: Generation) -> None:
+    """Network-stage modules that treat the unconditional rows differently (ControlNet's "control" mode, image
+    prompts' zero image) find them by this entry: CFG and regions stack cond and uncond dicts row by row, so the
+    flags travel with their rows. A module reads it with ``cond.get`` and the network call drops it."""
+    n = len(gen.prompts)
+    gen.cond = {**gen.cond, NEGATIVE_ROWS: torch.zeros(n, dtype=torch.bool)}
+    gen.uncond = {**gen.uncond, NEGATIVE_ROWS: torch.ones(n, dtype=torch.bool)}
+
+
+def is_active(sigma, window: tuple[float, float]) -> bool:
+    """Whether a call at ``sigma`` (a number or the (B,) sigmas of one call) lies in ``window`` = (sigma at start,
+    sigma at end) of a module with a start/end (``Generation.sigma_at``)."""
+    level = float(torch.as_tensor(sigma).reshape(-1)[0])
+    return window[1] - 1e-6 <= level <= window[0] + 1e-6
 
 
 class DenoiserModule(Protocol):

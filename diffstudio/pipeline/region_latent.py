@@ -76,6 +76,9 @@ class RegionLatentDenoiser:
                 outs[i] = chunk
         p_count = len(self.passes)
         weights = self.weights.to(x)
+        if extra.get("tile") is not None:  # tiled diffusion: this call covers one tile of the latent
+            top, left, th, tw = extra["tile"]
+            weights = weights[..., top:top + th, left:left + tw]
         x0 = torch.zeros_like(x)
         for p in range(p_count):
             pred = outs[p] if self.scale == 1.0 else outs[p_count + p] + self.scale * (outs[p] - outs[p_count + p])

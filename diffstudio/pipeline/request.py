@@ -8,7 +8,7 @@ that says what to pass instead. Nothing is silently ignored or reinterpreted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from diffstudio.errors import InvalidInputError, InvalidSizeError
@@ -45,7 +45,6 @@ class Request:
     regions: Any = None
     region_mode: str = "latent"
     init_latent: Any = None  # img2img from latents in the model's latent space, (1 or B, C, h, w): hires fix
-    extra: dict = field(default_factory=dict)  # what denoiser modules add to the recipe
 
     # -- resolved views -----------------------------------------------------------------------
     @property

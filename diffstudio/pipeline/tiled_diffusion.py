@@ -62,7 +62,6 @@ class TiledDenoiser(Wrapper):
     def __init__(self, inner, tiles: list[tuple[int, int, int, int]], weight: torch.Tensor):
         super().__init__(inner)
         self.tiles, self.weight = tiles, weight
-        self.network_calls = 0
 
     def __call__(self, x: torch.Tensor, sigma, **extra) -> torch.Tensor:
         if len(self.tiles) == 1 and self.tiles[0][2:] == tuple(x.shape[-2:]):
@@ -73,7 +72,6 @@ class TiledDenoiser(Wrapper):
         for top, left, th, tw in self.tiles:
             window = (..., slice(top, top + th), slice(left, left + tw))
             x0 = self.inner(x[window], sigma, tile=(top, left, th, tw), **extra)
-            self.network_calls += 1
             total[window] += x0 * w
             weights[top:top + th, left:left + tw] += w
         return total / weights

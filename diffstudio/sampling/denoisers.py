@@ -3,7 +3,7 @@ denoiser ``D(x, sigma, **cond) -> x0`` — k-diffusion's contract, which every s
 module (CFG, regions, ControlNet, context windows, ...) speaks.
 
 Every denoiser exposes its prediction's ``kind``, ``sigmas``, ``sigma_min``, ``sigma_max``,
-``noise_scaling``, ``inverse``, ``sigma_to_t`` and ``percent_to_sigma`` (through ``__getattr__``), so a
+``noise_scaling``, ``inverse``, ``sigma_to_t`` and ``t_to_sigma`` (through ``__getattr__``), so a
 wrapper that forwards unknown attributes to the denoiser it wraps is itself a denoiser.
 """
 
@@ -49,4 +49,4 @@ def FlowDenoiser(model, shift: float = 1.0, multiplier: float = 1000.0, num_time
     return Denoiser(model, _prediction.Flow(shift, multiplier, num_timesteps))
 
 
-Flow = FlowDenoiser  # the name the samplers' tests and older callers use
+Flow = FlowDenoiser  # the k-diffusion-style name `sampling.Flow` exports

@@ -6,7 +6,7 @@ Sampling, LoRA training and the demo build all go through these objects (ComfyUI
 * what the network sees at a level (``network_input``: scaled input and timestep) and how its output
   becomes x0 (``to_x0``) — Karras et al. 2022 ("EDM"), sec. 5 and table 1: D = c_skip x + c_out F(c_in x);
 * the training pair at a training level (``training_input``, ``training_target``) and Min-SNR weights;
-* sigma <-> training timestep (``sigma_to_t`` / ``t_to_sigma``) and ``percent_to_sigma`` for start/end points.
+* sigma <-> training timestep (``sigma_to_t`` / ``t_to_sigma``).
 
 Two noise kinds, carried as ``.kind`` so that samplers that add noise know how:
 
@@ -76,15 +76,6 @@ class Discrete(Prediction):
 
     def t_to_sigma(self, t) -> torch.Tensor:
         return schedules.t_to_sigma(t, self.sigmas)
-
-    def percent_to_sigma(self, percent: float) -> float:
-        """Sigma at a fraction of the way through sampling (0 = start, 1 = end), in training time:
-        for ControlNet / guidance start and end points."""
-        if percent <= 0.0:
-            return float("inf")
-        if percent >= 1.0:
-            return 0.0
-        return float(self.t_to_sigma((1.0 - percent) * (len(self.sigmas) - 1)))
 
     # -- sampling -------------------------------------------------------------------------------
     def noise_scaling(self, sigma, noise: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
@@ -202,13 +193,6 @@ class Flow(Prediction):
 
     def t_to_sigma(self, t) -> torch.Tensor:
         return torch.as_tensor(t, dtype=torch.float64) / self.multiplier
-
-    def percent_to_sigma(self, percent: float) -> float:
-        if percent <= 0.0:
-            return 1.0
-        if percent >= 1.0:
-            return 0.0
-        return float(schedules.shift_sigmas(1.0 - percent, self.shift))
 
     def noise_scaling(self, sigma, noise: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """x at time s from a clean latent: (1 - s) latent + s noise."""

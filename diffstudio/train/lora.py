@@ -236,7 +236,7 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
         raise InvalidInputError(f"--snr-gamma weights eps/v training; {family.name} is trained by flow matching")
     defaults = {**asdict(family.defaults), **models.defaults}
     resolution = config.resolution or int(defaults["width"])
-    denoiser = models.denoiser
+    denoiser = models.activate().denoiser  # this model's own patches (a prompt-tag clone's may be in the weights)
     pattern = config.targets or family.lora_targets
     names = target_modules(denoiser, pattern)
     if not names:
