@@ -131,8 +131,9 @@ def test_prompt_tags_apply_through_the_pipeline(tiny):
     w0 = models.unet.state_dict()[param].clone()
     pipe = diffstudio.Pipeline(models)
     pipe.lora_dirs = [lora.parent]
-    pipe("a circle <lora:style:0.5>", width=64, height=64, steps=1, progress=False)
-    (handle,) = active_loras(models)
-    assert handle.strength == 0.5 and not torch.equal(models.unet.state_dict()[param], w0)
-    pipe("a circle", width=64, height=64, steps=1, progress=False)  # no tag: the LoRA comes off
-    assert active_loras(models) == [] and torch.equal(models.unet.state_dict()[param], w0)
+    image = pipe("a circle <lora:style:0.5>", width=64, height=64, steps=1, progress=False)[0]
+    assert image.info["diffstudio_recipe"]["extra"]["loras"][0]["strength"] == 0.5
+    assert not torch.equal(models.unet.state_dict()[param], w0)  # the tag's clone is in the shared weights
+    assert active_loras(models) == []  # the model itself never has the tag's LoRA
+    pipe("a circle", width=64, height=64, steps=1, progress=False)  # no tag: the model's own weights again
+    assert torch.equal(models.unet.state_dict()[param], w0)
