@@ -24,6 +24,7 @@ from diffstudio.errors import (
 from diffstudio.loader import Models, load
 from diffstudio.pipeline.generate import Pipeline
 from diffstudio.pipeline.regions import Region, RegionLayout
+from diffstudio.video.render import VideoPipeline
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,5 @@ __all__ = [
     "InvalidSizeError", "Models", "ModelNotFoundError", "NaNError", "Pipeline", "Region", "RegionError",
     "RegionLayout", "UnknownModelError",
     "UnsafeCheckpointError", "UnsupportedFormatError", "detect", "download", "load",
+    "VideoPipeline",
 ]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from diffstudio.errors import DiffstudioError
+from diffstudio.video.cli import add_video_parser
 
 
 def cmd_info(args) -> int:
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora_inspect.add_argument("--model", help="a base model: report how much of the LoRA matches it")
     lora_inspect.set_defaults(func=cmd_lora_inspect)
     _add_train_parser(sub)
+    add_video_parser(sub)
 
     try:
         from diffstudio.video.fastblend import cli as fastblend_cli

@@ -122,6 +122,13 @@ class Models:
             self.controlnets[key] = add_controlnet(self, path)
         return self.controlnets[key]
 
+    def add_motion_module(self, path, hints: dict | None = None) -> torch.nn.Module:
+        """Add an AnimateDiff motion module file or MotionAdapter folder (docs/animatediff.md) as this model's
+        ``motion`` component; a video run then uses it and the family's motion schedule."""
+        from diffstudio.motion_loading import add_motion_module
+
+        return add_motion_module(self, path, hints=hints)
+
     def add_embedding(self, path_or_folder, name: str | None = None) -> list:
         """Add a textual-inversion embedding file, or every one under a folder, to this model's prompts
         (by file stem, or ``name``); a name added again is replaced. Returns the embeddings added."""

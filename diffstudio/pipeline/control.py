@@ -26,6 +26,7 @@ from diffstudio.pipeline.modules import NETWORK, Generation, Wrapper
 CONTROL_MODES = ("balanced", "prompt", "control")
 SOFT_DECAY = 0.825  # A1111's "My prompt is more important" per-layer weight base
 NEGATIVE_ROWS = "negative_rows"  # a (B,) bool cond entry: True on the unconditional rows
+FRAMES = "frames"  # video runs: the frame indices of the rows' video window (video/animatediff.py)
 
 
 @dataclass
@@ -33,7 +34,8 @@ class ControlNetUnit:
     """One ControlNet with its control image.
 
     model: a loaded ControlNet (``models.add_controlnet(path)``) or a path to one.
-    image: the control image (path, PIL, array or tensor), resized and centre-cropped to the output size.
+    image: the control image (path, PIL, array or tensor), resized and centre-cropped to the output size; in a
+    video run, a list of them (one per frame, read when a window needs them).
     preprocess: an annotator run on ``image`` first (``"canny"``, ``"tile"``, ``"blur"``; None = use as is).
     start / end: the fraction of the steps during which the unit acts (0 = first step, 1 = last).
     """
@@ -111,7 +113,10 @@ class ControlNets:
                 continue
             model = gen.models.add_controlnet(unit.model) if isinstance(unit.model, (str,)) or hasattr(
                 unit.model, "__fspath__") else unit.model
-            hint = control_image(unit.image, unit.preprocess, r.width, r.height)
+            if isinstance(unit.image, (list, tuple)):
+                hint = FrameHints(unit.image, unit.preprocess, r.width, r.height)
+            else:
+                hint = control_image(unit.image, unit.preprocess, r.width, r.height)
             hi, lo = _step_sigma(gen.sigmas, unit.start), _step_sigma(gen.sigmas, unit.end)
             loaded.append((unit, model, hint, hi, lo))
         if not loaded:
@@ -122,8 +127,36 @@ class ControlNets:
         return ControlledDenoiser(denoiser, loaded, gen.models)
 
 
+class FrameHints:
+    """A unit's control images, one per video frame: ``rows(frames, n)`` -> the hints of those frames for
+    ``n`` rows (videos of ``len(frames)`` frames each, frame index fastest). Only the last window's hints
+    are kept, so a long video's control frames are never all in memory."""
+
+    def __init__(self, images, preprocess: str | None, width: int, height: int):
+        self.images, self.preprocess, self.size = list(images), preprocess, (width, height)
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def rows(self, frames, n: int) -> torch.Tensor:
+        if frames is None:
+            raise InvalidInputError("a ControlNet unit with one image per frame needs a video run "
+                                    "(diffstudio.VideoPipeline); give an image run one control image")
+        frames = [int(i) for i in frames]
+        if max(frames) >= len(self.images):
+            raise InvalidInputError(f"the ControlNet unit has {len(self.images)} control frames but the video "
+                                    f"has frame {max(frames)}: give one control image per frame")
+        kept = {}
+        for i in frames:
+            kept[i] = self._cache[i] if i in self._cache else control_image(self.images[i], self.preprocess,
+                                                                            *self.size)
+        self._cache = kept
+        window = torch.cat([kept[i] for i in frames])
+        return window.repeat(n // len(frames), 1, 1, 1)
+
+
 class ControlledDenoiser(Wrapper):
     """``D(x, sigma, **cond)`` whose network call receives the active units' summed residuals as ``control``."""
+
+    takes_frames = True  # reads the ``frames`` entry of a video run (per-frame control images)
 
     def __init__(self, inner, units, models):
         super().__init__(inner)
@@ -131,6 +164,7 @@ class ControlledDenoiser(Wrapper):
 
     def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         negative = cond.pop(NEGATIVE_ROWS, None)
+        frames = cond.pop(FRAMES, None)
         level = float(torch.as_tensor(sigma).reshape(-1)[0])
         active = [u for u in self.units if u[4] - 1e-6 <= level <= u[3] + 1e-6]
         if not active:
@@ -142,8 +176,10 @@ class ControlledDenoiser(Wrapper):
         y = cond.get("y")
         total: list[torch.Tensor] | None = None
         for unit, model, hint, _, _ in active:
+            rows = hint.rows(frames, x.shape[0]) if isinstance(hint, FrameHints) else \
+                hint.expand(x.shape[0], -1, -1, -1)
             with torch.inference_mode():
-                res = model(x_in.to(device, dtype), hint.to(device, dtype).expand(x.shape[0], -1, -1, -1),
+                res = model(x_in.to(device, dtype), rows.to(device, dtype),
                             t.to(device), None if context is None else context.to(device, dtype),
                             None if y is None else y.to(device, dtype))
             weights = _layer_weights(unit, len(res), negative, x.shape[0], device, dtype)
