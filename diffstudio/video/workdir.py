@@ -63,6 +63,7 @@ class WorkDir:
         self.recipe = json.loads(json.dumps(recipe))  # the form it has once stored (tuples become lists)
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInputError(f"the work folder {self.path} is a file: give a folder (it is made if missing)")
+        self.path.mkdir(parents=True, exist_ok=True)
 
     @property
     def state_file(self) -> Path:
