@@ -1,27 +1,54 @@
-"""The `diffstudio` command line: info, generate, fastblend."""
+"""The `diffstudio` command line: info, generate, lora inspect, train lora, fastblend.
+
+Building the parser imports no torch (``diffstudio --help`` answers at once, and the OpenMP wait
+policy of diffstudio/threads.py is set before torch starts); each command imports what it needs.
+Every error a user can cause ends the run with one line on stderr and exit status 2:
+``error: <ErrorName>: <message>`` for diffstudio's named errors, ``error: <message>`` for a command
+line argparse refuses.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from diffstudio.errors import DiffstudioError
+from diffstudio.errors import DiffstudioError, InvalidInputError, LoRANotFoundError, UnknownModelError
+from diffstudio.sampling_names import SAMPLER_NAMES, SCHEDULER_NAMES
+from diffstudio.threads import prepare_threads, set_threads
 from diffstudio.video.cli import add_video_parser
+
+LORA_DIRS_ENV = "DIFFSTUDIO_LORA_DIRS"  # folders searched for <lora:name:w> prompt tags, os.pathsep-separated
+
+
+class UsageError(Exception):
+    """A command line argparse refuses (unknown option, bad value, missing argument)."""
+
+
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 def cmd_info(args) -> int:
     from diffstudio.loader import read_source
 
     path = Path(args.path)
-    if path.is_file():
-        from diffstudio.detect import detect
-        from diffstudio.io.state_dict import read_file_metadata, read_state_dict_meta
+    try:
+        if path.is_file():
+            from diffstudio.detect import detect
+            from diffstudio.io.state_dict import read_file_metadata, read_state_dict_meta
 
-        sd, _ = read_state_dict_meta(path)
-        detection = detect(sd, read_file_metadata(path))
-    else:
-        detection, _ = read_source(path)
+            sd, _ = read_state_dict_meta(path)
+            detection = detect(sd, read_file_metadata(path))
+        else:
+            detection, _ = read_source(path)
+    except UnknownModelError:
+        lora = _lora_summary(path) if path.is_file() else None
+        if lora is None:
+            raise
+        print(f"{path}: {lora}; `diffstudio lora inspect {path}` tells more")
+        return 0
     print(f"{path}")
     print(detection.summary())
     from diffstudio.components import ARCHS
@@ -35,6 +62,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _lora_summary(path: Path) -> str | None:
+    """'a LoRA file (format, N layers, made for F), not a model' when ``path`` is one, else None."""
+    from diffstudio.patches.doctor import lora_report_if_lora
+
+    try:
+        report = lora_report_if_lora(path)
+    except DiffstudioError:
+        return None
+    if report is None:
+        return None
+    return (f"a LoRA file ({report.format}, {report.layers} layers, made for {report.family_guess or 'unknown'}), "
+            "not a model")
+
+
 def _dtype(name: str):
     import torch
 
@@ -42,33 +83,100 @@ def _dtype(name: str):
             "fp16": torch.float16, "float16": torch.float16}[name]
 
 
-def cmd_generate(args) -> int:
-    import diffstudio
-    from diffstudio.io.recipe import save_png
+def _check_device(name: str) -> None:
+    """A device torch knows and this machine has, or a named error (before any model is loaded)."""
+    import torch
 
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidInputError(f"--device {name}: not a device name; use cpu, cuda, cuda:N, mps or xpu") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InvalidInputError(f"--device {name}: {why} (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                                    f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise InvalidInputError(f"--device {name}: no {device.type} device is available here; use --device cpu")
+
+
+def _lora_dirs(args) -> list[Path]:
+    """--lora-dir folders, then those of DIFFSTUDIO_LORA_DIRS; each must exist."""
+    given = [(folder, "--lora-dir") for folder in args.lora_dir or ()]
+    given += [(folder, LORA_DIRS_ENV) for folder in os.environ.get(LORA_DIRS_ENV, "").split(os.pathsep) if folder]
+    folders = []
+    for folder, source in given:
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise InvalidInputError(f"LoRA folder not found: {folder} (from {source})")
+        folders.append(path)
+    return folders
+
+
+def _check_inputs(args) -> None:
+    """Every file the command line names exists (a named error for the kind of file), before anything loads."""
+    from diffstudio.io.folders import existing_path
+
+    named = [(args.model, "model"), (args.vae, "VAE file"), (args.init_image, "init image"),
+             (args.mask, "mask image")]
+    named += [(_lora_spec(spec)[0], "LoRA file") for spec in args.lora or ()]
+    for path, kind in named:
+        if path:
+            existing_path(path, kind)
+
+
+def cmd_generate(args) -> int:
+    from diffstudio.io.recipe import image_format, save_image
+
+    image_format(args.output)  # a suffix we cannot write fails now, not after the images are made
     regions = None
     if args.regions:  # checked before the model loads: a typo in the layout fails fast
         from diffstudio.pipeline.region_layout import load_layout
 
         regions = load_layout(args.regions)
+    _check_inputs(args)
+    lora_dirs = _lora_dirs(args)
+    _check_device(args.device)
+    import diffstudio
+
     paths = [args.model] if args.model else []
     if args.vae:
         paths.append(args.vae)
-    models = diffstudio.load(*paths, dtype=_dtype(args.dtype), device=args.device)
+    try:
+        models = diffstudio.load(*paths, dtype=_dtype(args.dtype), device=args.device)
+    except UnknownModelError:
+        for path in paths:
+            lora = _lora_summary(Path(path))
+            if lora is not None:
+                raise InvalidInputError(f"{path} is {lora}: pass it with --lora {path}") from None
+        raise
     for spec in args.lora or ():
         file, strength = _lora_spec(spec)
         models.apply_lora(file, strength)
     pipe = diffstudio.Pipeline(models)
-    sigmas = [float(s) for s in args.sigmas.split(",")] if args.sigmas else None
-    images = pipe(args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
-                  cfg_scale=args.cfg, seed=args.seed, sampler=args.sampler, scheduler=args.scheduler,
-                  sigmas=sigmas, batch_size=args.batch_size, init_image=args.init_image,
-                  strength=args.strength, mask=args.mask, clip_skip=args.clip_skip,
-                  tiled_vae=True if args.tiled_vae else None, regions=regions, region_mode=args.region_mode)
+    pipe.lora_dirs = lora_dirs
+    options = {"width": args.width, "height": args.height, "steps": args.steps, "cfg_scale": args.cfg,
+               "sampler": args.sampler, "scheduler": args.scheduler, "sigmas": args.sigmas,
+               "init_image": args.init_image, "strength": args.strength, "mask": args.mask,
+               "clip_skip": args.clip_skip, "tiled_vae": True if args.tiled_vae else None,
+               "guidance": args.guidance, "regions": regions,
+               "region_mode": args.region_mode if regions is not None else None}
+    try:
+        images = pipe(args.prompt, args.negative, seed=args.seed, batch_size=args.batch_size,
+                      **{name: value for name, value in options.items() if value is not None})
+    except LoRANotFoundError as err:
+        raise LoRANotFoundError(f"{err}; on the command line: --lora-dir DIR (repeatable) or {LORA_DIRS_ENV}") \
+            from None
     out = Path(args.output)
     for i, image in enumerate(images):
         target = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        save_png(image, target, image.info["diffstudio_recipe"])
+        save_image(image, target, image.info["diffstudio_recipe"])
         print(f"wrote {target}")
     return 0
 
@@ -152,42 +260,154 @@ def cmd_lora_inspect(args) -> int:
     return 0
 
 
+# -- the parser (torch-free) ---------------------------------------------------------------------
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' to an option's help where X says something (not None, '', False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "default" in text or quiet or action.default == "":
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line (UsageError, printed by main); defaults shown in help; arguments added on first
+    use where ``configure_later`` is set (a command whose module imports torch)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.configure_later = None
+
+    def _configure(self) -> None:
+        if self.configure_later is not None:
+            configure, self.configure_later = self.configure_later, None
+            configure(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._configure()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._configure()
+        return super().format_help()
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count; give 1 or more")
+    return value
+
+
+def _sigmas(text: str) -> list[float]:
+    """'14.6,7,3.1,0' -> floats (whether they make a schedule is the pipeline's check)."""
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} is not a number; give comma-separated "
+                                             "numbers ending in 0, e.g. 14.6,7.0,3.1,0") from None
+    return values
+
+
+def _add_generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="generate images from a prompt",
+                         description="Generate images; options not given take the model's own defaults.")
+    gen.add_argument("prompt", help="what to draw (the A1111 prompt language: (word:1.3), [word], BREAK, "
+                                    "<lora:name:w>; docs/prompts.md)")
+    gen.add_argument("--model", help="model file or diffusers folder (default: the packaged Shapes demo model)")
+    gen.add_argument("--vae", help="a separate VAE file to use instead of the bundled one")
+    gen.add_argument("-o", "--output", default="out.png",
+                     help="the image to write; its suffix chooses the format: .png .jpg .jpeg .webp "
+                          "(a batch writes NAME-0, NAME-1 ...)")
+    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    gen.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    gen.add_argument("--guidance", type=float,
+                     help="FLUX dev's distilled guidance, an input of the model (default: the model's)")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed; image i of a batch uses seed + i")
+    gen.add_argument("--sampler", choices=SAMPLER_NAMES, metavar="NAME",
+                     help=f"one of: {', '.join(SAMPLER_NAMES)} (default: the model's)")
+    gen.add_argument("--scheduler", choices=SCHEDULER_NAMES, metavar="NAME",
+                     help=f"sigma schedule, one of: {', '.join(SCHEDULER_NAMES)} (default: the model's)")
+    gen.add_argument("--sigmas", type=_sigmas, metavar="S1,S2,...,0",
+                     help="custom comma-separated sigmas, decreasing and ending in 0 (replace --steps/--scheduler)")
+    gen.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's)")
+    gen.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's)")
+    gen.add_argument("--batch-size", type=int, default=1, help="images made at once")
+    gen.add_argument("--init-image", metavar="FILE", help="img2img: start from this image")
+    gen.add_argument("--strength", type=float,
+                     help="img2img / inpainting: how much of the init image is redrawn, 0-1 (default: the "
+                          "pipeline's)")
+    gen.add_argument("--mask", metavar="FILE", help="inpainting: white = repaint (needs --init-image)")
+    gen.add_argument("--clip-skip", type=int,
+                     help="use the text encoder's N-th layer from the end (default: the model's)")
+    gen.add_argument("--tiled-vae", action="store_true", help="encode/decode in tiles (large images)")
+    gen.add_argument("--regions", metavar="FILE", help="a region layout JSON file: a prompt per area "
+                                                       "(docs/regions.md)")
+    gen.add_argument("--region-mode", default="latent", choices=["latent", "attention"],
+                     help="latent: a pass per region, blended (any model); attention: one pass, masked attention")
+    gen.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
+                     help="apply a LoRA / LyCORIS file before generating (repeatable), e.g. style.safetensors:0.8")
+    gen.add_argument("--lora-dir", action="append", metavar="DIR",
+                     help=f"a folder where <lora:name:w> prompt tags are looked up (repeatable; also "
+                          f"{LORA_DIRS_ENV}, folders separated by '{os.pathsep}', searched after these)")
+    gen.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"],
+                     help="weights' precision")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
+    gen.set_defaults(func=cmd_generate)
+
+
+def _configure_fastblend(parser: argparse.ArgumentParser) -> None:
+    """Adds fastblend's arguments (its module imports torch: only when the command is used)."""
+    try:
+        from diffstudio.video.fastblend import cli as fastblend_cli
+    except ImportError as err:
+        raise UsageError(f"fastblend needs the video extra ({err}): pip install 'diffstudio[video]'") from None
+    fastblend_cli.configure(parser)
+    _add_threads_option(parser, argparse.SUPPRESS)  # `--threads` after the command; SUPPRESS keeps a global one
+    parser.description = fastblend_cli.__doc__.split("\n\n")[0]
+    parser.set_defaults(func=fastblend_cli.run)
+
+
+def _add_threads_option(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--threads", type=_positive_int, default=default, metavar="N",
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the physical cores; "
+                             "idle threads wait passively, so sharing the cores with other work costs little: "
+                             "docs/benchmarks.md)")
+
+
+def _accept_threads_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`--threads` after the command name too; SUPPRESS keeps a global --threads from being overwritten."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if child.configure_later is None and "--threads" not in child._option_string_actions:
+                    _add_threads_option(child, argparse.SUPPRESS)
+                _accept_threads_everywhere(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffstudio", description="A unified diffusion engine.")
+    parser = _Parser(prog="diffstudio", description="A unified diffusion engine.")
+    _add_threads_option(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="say what a model file or folder is (or why it is not recognised)")
     info.add_argument("path")
     info.set_defaults(func=cmd_info)
 
-    gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument("prompt")
-    gen.add_argument("--model", help="model file or diffusers folder (default: the packaged Shapes demo model)")
-    gen.add_argument("--vae", help="a separate VAE file to use instead of the bundled one")
-    gen.add_argument("-o", "--output", default="out.png")
-    gen.add_argument("--negative", default="")
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--cfg", type=float)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--sampler")
-    gen.add_argument("--scheduler")
-    gen.add_argument("--sigmas", help="custom comma-separated sigmas, ending in 0")
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--batch-size", type=int, default=1)
-    gen.add_argument("--init-image")
-    gen.add_argument("--strength", type=float, help="img2img: how much to repaint (default 0.75)")
-    gen.add_argument("--mask", help="white = repaint (needs --init-image)")
-    gen.add_argument("--clip-skip", type=int)
-    gen.add_argument("--tiled-vae", action="store_true", help="encode/decode in tiles (large images)")
-    gen.add_argument("--regions", help="a region layout JSON file: a prompt per area (docs/regions.md)")
-    gen.add_argument("--region-mode", default="latent", choices=["latent", "attention"],
-                     help="latent: a pass per region, blended (any model); attention: one pass, masked attention")
-    gen.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
-                     help="apply a LoRA / LyCORIS file before generating (repeatable), e.g. style.safetensors:0.8")
-    gen.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"])
-    gen.add_argument("--device", default="cpu")
-    gen.set_defaults(func=cmd_generate)
+    _add_generate_parser(sub)
 
     lora = sub.add_parser("lora", help="LoRA tools").add_subparsers(dest="lora_command", required=True)
     lora_inspect = lora.add_parser("inspect", help="the LoRA doctor: format, target family, coverage on a model")
@@ -197,22 +417,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     add_video_parser(sub)
 
-    try:
-        from diffstudio.video.fastblend import cli as fastblend_cli
-
-        fastblend_cli.add_parser(sub)
-    except ImportError:  # the video extra is optional
-        pass
+    fastblend = sub.add_parser("fastblend", help="deflicker a stylised video or interpolate keyframes")
+    fastblend.configure_later = _configure_fastblend
+    _accept_threads_everywhere(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (2 and one `error:` line for a user's mistake).
+
+    ``diffstudio`` and ``python -m diffstudio`` land here.
+    """
+    prepare_threads()  # before anything imports torch
     try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "threads", None) is not None:
+            set_threads(args.threads)
         return args.func(args)
-    except DiffstudioError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+    except DiffstudioError as err:  # the error's name is part of the interface (docs/files.md lists them)
+        print(f"error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+    except BrokenPipeError:  # `diffstudio info ... | head`: the reader left; nothing to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
+    except OSError as err:  # the output folder is not writable, the disk is full ...
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 2
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ References: transformers' CLIPTokenizer / CLIPTextModel at tiny configs with ran
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import shutil
-from pathlib import Path
+import unicodedata
 
 import pytest
+import regex
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -34,7 +37,6 @@ from diffstudio.detect.clip import CLIP_SENTINELS, derive_clip_config
 from diffstudio.errors import ConversionError, ModelNotFoundError, UnknownModelError
 
 BOS, EOS = 49406, 49407
-REFERENCE_TOKENIZER = Path("/tmp/oc/ds_x/diffsynth/tokenizer_configs/flux/tokenizer_1")
 COMPARED_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "max_position_embeddings", "hidden_act", "layer_norm_eps", "bos_token_id", "eos_token_id",
@@ -99,6 +101,68 @@ def our_model(ref_model) -> CLIPTextModel:
     return load_clip_text_model(sd, derive_clip_config(sd, {"num_attention_heads": 4}))
 
 
+# ------------------------------------------------------------------------------------ reference BPE
+
+
+def _bytes_to_symbols() -> dict[int, str]:
+    """CLIP's (and GPT-2's) byte -> printable symbol table, in vocabulary order: the printable Latin-1 bytes
+    stand for themselves, then the other 68 bytes take the code points from 256 on, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _packaged_merges() -> list[tuple[str, str]]:
+    lines = (PACKAGED_CLIP_TOKENIZER / "merges.txt").read_text(encoding="utf-8").splitlines()
+    return [tuple(line.split()) for line in lines[1:] if line]  # line 0 is the "#version" header
+
+
+def _packaged_vocab() -> dict[str, int]:
+    return json.loads((PACKAGED_CLIP_TOKENIZER / "vocab.json").read_text(encoding="utf-8"))
+
+
+def _clip_vocabulary(merges: list[tuple[str, str]]) -> list[str]:
+    symbols = list(_bytes_to_symbols().values())
+    return [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges),
+            "<|startoftext|>", "<|endoftext|>"]
+
+
+class ClipBpe:
+    """CLIP's tokenizer, independent of transformers and tokenizers: ids from the vocabulary built from the
+    merges, words from CLIP's pattern, each word's bytes merged pairwise, lowest merge rank first."""
+
+    WORD = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                         r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+
+    def __init__(self, merges: list[tuple[str, str]]):
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.ids = {token: i for i, token in enumerate(_clip_vocabulary(merges))}
+        self.symbols = _bytes_to_symbols()
+
+    def _bpe(self, word: str) -> list[str]:
+        parts = [self.symbols[b] for b in word.encode("utf-8")]
+        parts[-1] += "</w>"
+        while len(parts) > 1:
+            pairs = {(a, b) for a, b in zip(parts, parts[1:])}
+            best = min(pairs, key=lambda pair: self.ranks.get(pair, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return parts
+
+    def encode(self, text: str) -> list[int]:
+        text = re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip().lower()
+        return [self.ids[piece] for word in self.WORD.findall(text) for piece in self._bpe(word)]
+
+
 def words_prompt(n_tokens: int, rng: random.Random) -> str:
     vocab = ["red", "green", "blue", "cat", "dog", "house", "tree", "sky", "river", "photo", "light", "dark"]
     return " ".join(rng.choice(vocab) for _ in range(n_tokens))
@@ -114,12 +178,18 @@ def test_known_token_ids(tokenizer):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (BOS, EOS, EOS)
 
 
-@pytest.mark.skipif(
-    not REFERENCE_TOKENIZER.is_dir(),
-    reason=f"reference CLIP tokenizer folder {REFERENCE_TOKENIZER} (diffsynth 1.1.9 wheel) is absent",
-)
-def test_tokenizer_matches_reference_vocabulary(tokenizer):
-    reference = CLIPTokenizer.from_pretrained(str(REFERENCE_TOKENIZER), local_files_only=True)
+def test_packaged_vocabulary_is_clips():
+    """The released CLIP vocabulary: 256 byte symbols, the same with the end-of-word mark, one token per
+    BPE merge in merge order (48 894 of them), then the two specials: 49 408 ids."""
+    merges, vocab = _packaged_merges(), _packaged_vocab()
+    assert len(merges) == 48894 and len(vocab) == 49408
+    assert vocab == {token: i for i, token in enumerate(_clip_vocabulary(merges))}
+
+
+def test_tokenizer_matches_reference_bpe(tokenizer):
+    """Our tokenizer against CLIP's byte-level BPE written from its description (OpenAI's simple_tokenizer:
+    NFC + whitespace folding + lower case, the word pattern, bytes -> symbols, lowest-rank merges first)."""
+    reference = ClipBpe(_packaged_merges())
     rng = random.Random(0)
     pieces = [
         "a photo of a cat", "masterpiece", "(best quality:1.2)", "[dog|cat]", "Hello,  World!",
@@ -130,9 +200,9 @@ def test_tokenizer_matches_reference_vocabulary(tokenizer):
     strings = ["", " ", "a" * 200, words_prompt(120, rng)]
     for _ in range(300):
         strings.append(" ".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))))
-    assert prompt_token_ids(tokenizer, strings) == reference(strings, add_special_tokens=False).input_ids
+    assert prompt_token_ids(tokenizer, strings) == [reference.encode(s) for s in strings]
     short = strings[:50]
-    assert tokenizer(short).input_ids == reference(short).input_ids
+    assert tokenizer(short).input_ids == [[BOS, *reference.encode(s), EOS] for s in short]
 
 
 def test_tokenizer_from_folder_and_pad_override(tmp_path, tokenizer):

@@ -31,18 +31,9 @@ def _star(t, folder):
 BUILDERS = {"tiny_sdxl": _sdxl, "tiny_kolors": _star, "tiny_sd3": _sd3, "tiny_flux": _star, "tiny_hunyuan": _star}
 
 
-def _fixture(name):
-    try:
-        return importlib.import_module(f"tests.{name}")
-    except ImportError:
-        return None
-
-
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def pipe(request, tmp_path_factory):
-    module = _fixture(request.param)
-    if module is None:
-        pytest.skip(f"tests/{request.param}.py is not there yet")
+    module = importlib.import_module(f"tests.{request.param}")  # a missing fixture module is a failure
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         folder = BUILDERS[request.param](module, tmp_path_factory.mktemp(request.param) / "model")

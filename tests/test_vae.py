@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
+import diffstudio
 from diffstudio.convert.vae import vae_from_diffusers, vae_to_diffusers
 from diffstudio.detect.vae import (
     VAE_DIFFUSERS_SENTINELS,
@@ -118,7 +119,7 @@ def test_conversion_checks_raise(tiny_pairs):
     theirs = reference.state_dict()
     with pytest.raises(ConversionError, match="missing"):
         vae_from_diffusers({k: v for k, v in theirs.items() if "up_blocks.1.resnets.2.conv2" not in k})
-    with pytest.raises(ConversionError, match="not consumed"):
+    with pytest.raises(ConversionError, match="matched no rule"):
         vae_from_diffusers({**theirs, "decoder.extra_layer.weight": torch.zeros(1)})
     canonical = vae_from_diffusers(theirs)
     config = derive_vae_config(canonical, {"norm_groups": 8})
@@ -184,6 +185,40 @@ def test_mixed_precision_levels(tiny_pairs):
     assert all(p.dtype == torch.float32 for p in mixed.parameters())
 
 
+# Widths that are not multiples of the first level's (legal in diffusers).
+ODD_WIDTHS = dict(block_out_channels=(32, 48, 80), layers_per_block=1, norm_num_groups=16, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+
+
+def test_any_level_widths_load_from_a_diffusers_folder(tmp_path):
+    from tests.tiny_sd15 import randomise, reference_models, write_diffusers_folder
+
+    unet, _, text = reference_models()
+    reference = DiffusersAutoencoderKL(**ODD_WIDTHS).eval()
+    randomise(reference, 7)
+    models = diffstudio.load(write_diffusers_folder(tmp_path / "model", unet, reference, text))
+    ours = models.vae
+    assert ours.config.block_out_channels == (32, 48, 80) and ours.config.norm_groups == 16
+    images, latents = torch.rand(2, 3, 32, 40) * 2 - 1, torch.randn(2, 4, 8, 10)
+    with torch.no_grad():
+        dist = reference.encode(images).latent_dist
+        mean, logvar = ours.encode_dist(images)
+        assert rel_err(mean, dist.mean) < 1e-4 and rel_err(logvar, dist.logvar) < 1e-4
+        assert rel_err(ours.decode(latents), reference.decode(latents).sample) < 1e-4
+    # The single-file (LDM) layout of the same weights derives the same config and converts back exactly.
+    theirs = reference.state_dict()
+    canonical = vae_from_diffusers(theirs)
+    assert derive_vae_config(canonical, {"norm_groups": 16}) == ours.config
+    back = vae_to_diffusers(canonical, ours.config)
+    assert back.keys() == theirs.keys() and all(torch.equal(back[k], theirs[k]) for k in theirs)
+
+
+def test_config_reads_ldm_ch_and_ch_mult():
+    """Configs may give the widths as LDM's ch x ch_mult (the ddconfig vocabulary)."""
+    ldm = {"latent_channels": 4, "base_channels": 32, "channel_mult": [1, 2, 2, 2], "norm_groups": 8}
+    assert VAEConfig.from_dict(ldm).block_out_channels == (32, 64, 64, 64)
+
+
 def _meta_pair(variant: str):
     with torch.device("meta"):
         reference = DiffusersAutoencoderKL(**REAL, **VARIANTS[variant])
@@ -197,7 +232,7 @@ def test_full_size_layout_on_meta(variant):
     canonical = vae_from_diffusers(theirs)
     config = derive_vae_config(canonical)
     assert config == config_from_diffusers(dict(reference.config))
-    assert config.base_channels == 128 and config.channel_mult == (1, 2, 4, 4) and config.num_res_blocks == 2
+    assert config.block_out_channels == (128, 256, 512, 512) and config.num_res_blocks == 2
     with torch.device("meta"):
         ours = AutoencoderKL(config)
     assert all(p.is_meta for p in ours.parameters())
@@ -238,7 +273,7 @@ def test_blending_is_exact_for_tile_independent_maps():
 @pytest.fixture(scope="module")
 def tiling_vae():
     torch.manual_seed(1)
-    config = VAEConfig(latent_channels=4, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+    config = VAEConfig(latent_channels=4, block_out_channels=(8, 16), num_res_blocks=1,
                        norm_groups=4)
     model = AutoencoderKL(config).eval()
     return model

@@ -20,15 +20,20 @@ def _shape(value) -> tuple[int, ...]:
 
 
 def check_conversion(what: str, source_keys: Iterable[str], consumed: Iterable[str],
-                     produced: Mapping, expected: Mapping | None = None) -> None:
+                     produced: Mapping, expected: Mapping | None = None, found: Iterable[str] = ()) -> None:
     """Raise ConversionError unless the conversion `what` was complete and exact.
 
     source_keys: every key of the input state dict; consumed: those the map used.
     produced: the output state dict (key -> tensor, or key -> shape).
     expected: key -> tensor or shape of the target layout (e.g. a model built on the meta
     device); when given, the output must have exactly these keys with these shapes.
+    found: what the map itself found wrong (a fused tensor with a part absent, rows that do not split).
     """
     problems = []
+    found = list(found)
+    if found:
+        more = f" ... (+{len(found) - _SHOWN} more)" if len(found) > _SHOWN else ""
+        problems.append("; ".join(found[:_SHOWN]) + more)
     unconsumed = set(source_keys) - set(consumed)
     if unconsumed:
         problems.append(f"{len(unconsumed)} input key(s) matched no rule: {_some(unconsumed)}")

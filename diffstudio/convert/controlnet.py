@@ -10,7 +10,7 @@ left out. The ControlNet's own modules add three generated groups:
     zero_convs.i.0                  <-> controlnet_down_blocks.i              (one per input block)
     middle_block_out.0              <-> controlnet_mid_block
 
-Both directions end with `check_conversion`.
+Both directions are rule lists of the one engine (`diffstudio.convert.rules`) and end with `check_conversion`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
-from diffstudio.convert.check import check_conversion
-from diffstudio.convert.unet import _KeyMap, _module_pairs, _rename, _Structure
+from diffstudio.convert.rules import Rule, from_canonical, rule, to_canonical
+from diffstudio.convert.unet import _module_pairs, _Structure
 from diffstudio.errors import ConversionError
 from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
 
@@ -29,8 +29,8 @@ from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
 _ENCODER_PREFIXES = ("time_embed.", "label_emb.", "encoder_hid_proj", "input_blocks.", "middle_block.")
 
 
-def _pairs(structure: _Structure, hint_widths: int) -> list[tuple[str, str, dict[str, str]]]:
-    """(cldm module prefix, diffusers module prefix, sub-layer renames) of a ControlNet."""
+def _rules(structure: _Structure, hint_widths: int) -> list[Rule]:
+    """The rules of a ControlNet: each (cldm module, diffusers module) pair, and renamed sub-layers."""
     pairs = [p for p in _module_pairs(structure) if p[0].startswith(_ENCODER_PREFIXES)]
     convs = 2 * hint_widths  # conv_in, two per widening stage, conv_out
     pairs.append(("input_hint_block.0", "controlnet_cond_embedding.conv_in", {}))
@@ -40,7 +40,8 @@ def _pairs(structure: _Structure, hint_widths: int) -> list[tuple[str, str, dict
     inputs = 1 + sum(structure.num_res_blocks) + len(structure.num_res_blocks) - 1  # conv_in, ResBlocks, Downsamples
     pairs += [(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}", {}) for i in range(inputs)]
     pairs.append(("middle_block_out.0", "controlnet_mid_block", {}))
-    return pairs
+    return [r for ldm, dif, sub in pairs
+            for r in (rule(ldm, dif), *(rule(f"{ldm}.{old}", f"{dif}.{new}") for old, new in sub.items()))]
 
 
 def _hint_widths_of_diffusers_keys(keys) -> int:
@@ -51,11 +52,10 @@ def _hint_widths_of_diffusers_keys(keys) -> int:
     return len(blocks) // 2 + 1
 
 
-def _meta_shapes(config: ControlNetConfig) -> dict[str, tuple[int, ...]]:
+def _meta_state_dict(config: ControlNetConfig) -> dict[str, torch.Tensor]:
     """Every key and shape of the cldm layout of `config` (built on the meta device)."""
     with torch.device("meta"):
-        model = ControlNetModel(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return ControlNetModel(config).state_dict()
 
 
 def controlnet_from_diffusers(sd: Mapping) -> dict:
@@ -67,24 +67,13 @@ def controlnet_from_diffusers(sd: Mapping) -> dict:
     # Imported here: the detect package's __init__ imports the family records (import cycle otherwise).
     from diffstudio.detect.controlnet import derive_controlnet_config
 
-    key_map = _KeyMap(_pairs(_Structure.of_diffusers_keys(sd.keys()), _hint_widths_of_diffusers_keys(sd.keys())),
-                      to_diffusers=False)
-    out, consumed = _rename(sd, key_map)
-    check_conversion("diffusers ControlNet -> cldm", sd.keys(), consumed, out)
+    rules = _rules(_Structure.of_diffusers_keys(sd.keys()), _hint_widths_of_diffusers_keys(sd.keys()))
     # Heads and GroupNorm groups do not change any shape; 1 and 1 fit every width.
-    config = derive_controlnet_config(out, {"num_heads": 1, "norm_groups": 1})
-    check_conversion("diffusers ControlNet -> cldm", sd.keys(), consumed, out, _meta_shapes(config))
-    return out
+    return to_canonical("diffusers ControlNet -> cldm", sd, rules, lambda out: _meta_state_dict(
+        derive_controlnet_config(out, {"num_heads": 1, "norm_groups": 1})))
 
 
 def controlnet_to_diffusers(sd: Mapping, config: ControlNetConfig) -> dict:
     """cldm ControlNet state dict (no ``control_model.`` prefix) -> diffusers ControlNetModel layout."""
-    key_map = _KeyMap(_pairs(_Structure.of_config(config), len(config.hint_block_channels)), to_diffusers=True)
-    expected_cldm = _meta_shapes(config)
-    expected, _ = _rename(expected_cldm, key_map)
-    if len(expected) != len(expected_cldm):
-        raise ConversionError("cldm -> diffusers ControlNet: the generated key map does not cover the model built "
-                              f"from {config}; this is a diffstudio bug, please report it.")
-    out, consumed = _rename(sd, key_map)
-    check_conversion("cldm ControlNet -> diffusers", sd.keys(), consumed, out, expected)
-    return out
+    rules = _rules(_Structure.of_config(config), len(config.hint_block_channels))
+    return from_canonical("cldm ControlNet -> diffusers", sd, rules, _meta_state_dict(config))

@@ -1,103 +1,73 @@
 """FLUX.1 transformer state dicts: diffusers ``FluxTransformer2DModel`` <-> BFL's original layout.
 
-The map is generated from the config (one rule per parameter, loops over the blocks), and both
-directions read the same rules, so they cannot drift apart. Three kinds of rule:
+The map is a rule list (``diffstudio.convert.rules``) generated from the config, one rule per module,
+read in both directions. Besides renames (``img_in`` <-> ``x_embedder``, ``img_mod.lin`` <-> ``norm1.linear``
+with the same (shift, scale, gate) x 2 order on both sides):
 
-* ``copy``: one tensor, renamed (``img_in`` <-> ``x_embedder``, ``img_mod.lin`` <-> ``norm1.linear``
-  with the same (shift, scale, gate) x 2 order on both sides);
-* ``cat``:  BFL fuses what diffusers keeps apart, along the output (row) dimension:
+* ``Fuse``: BFL fuses what diffusers keeps apart, along the output (row) dimension:
   ``img_attn.qkv`` = [to_q; to_k; to_v], ``txt_attn.qkv`` = [add_q_proj; add_k_proj; add_v_proj],
   ``single_blocks.N.linear1`` = [to_q; to_k; to_v; proj_mlp] (widths hidden, hidden, hidden, mlp);
-* ``swap``: the final adaLN. BFL's ``final_layer.adaLN_modulation.1`` produces (shift, scale);
-  diffusers' ``norm_out.linear`` (AdaLayerNormContinuous) produces (scale, shift): the two row halves
-  trade places (an exchange, so the same rule maps both ways).
+* ``SwapHalves``: the final adaLN. BFL's ``final_layer.adaLN_modulation.1`` produces (shift, scale);
+  diffusers' ``norm_out.linear`` (AdaLayerNormContinuous) produces (scale, shift).
 
 The QK-norm weights are ``...norm.query_norm.scale`` in BFL and ``attn.norm_q.weight`` in diffusers.
-Every conversion ends with ``check_conversion``: every input key consumed, every expected key
-produced, every shape equal.
+Both directions end in ``check_conversion`` against our model built on the meta device.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 
-from diffstudio.convert.check import check_conversion
+from diffstudio.convert.rules import SWAP_HALVES, Fuse, Rule, from_canonical, rule, to_canonical
 from diffstudio.errors import ConversionError
-from diffstudio.models.flux import FluxConfig
-
-StateDict = dict[str, torch.Tensor]
-Rule = tuple[str, tuple[str, ...], str]  # (BFL key, diffusers keys, "copy" | "cat" | "swap")
-
-
-def _linear(bfl: str, diffusers: str | tuple[str, ...], kind: str = "copy", bias: bool = True) -> Iterator[Rule]:
-    parts = (diffusers,) if isinstance(diffusers, str) else diffusers
-    for suffix in ("weight", "bias") if bias else ("weight",):
-        yield f"{bfl}.{suffix}", tuple(f"{p}.{suffix}" for p in parts), kind
+from diffstudio.models.flux import FluxConfig, FluxTransformer
 
 
 def rules(config: FluxConfig) -> list[Rule]:
-    """Every parameter of the model, as a rule between the two layouts."""
-    out: list[Rule] = []
-    add = out.extend
-    add(_linear("img_in", "x_embedder"))
-    add(_linear("txt_in", "context_embedder"))
+    """Every module of the model, as a rule between the two layouts."""
+    out = [rule("img_in", "x_embedder"), rule("txt_in", "context_embedder")]
     embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
     if config.guidance_embed:
         embedders.append(("guidance_in", "guidance_embedder"))
     for bfl, dif in embedders:
-        add(_linear(f"{bfl}.in_layer", f"time_text_embed.{dif}.linear_1"))
-        add(_linear(f"{bfl}.out_layer", f"time_text_embed.{dif}.linear_2"))
+        out += [rule(f"{bfl}.in_layer", f"time_text_embed.{dif}.linear_1"),
+                rule(f"{bfl}.out_layer", f"time_text_embed.{dif}.linear_2")]
     for i in range(config.depth):
         b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        for stream, mod, ff, q, k, v, out_proj, nq, nk in (
-            ("img", "norm1", "ff", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k"),
-            ("txt", "norm1_context", "ff_context", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        for stream, mod, ff, qkv, out_proj, nq, nk in (
+            ("img", "norm1", "ff", ("to_q", "to_k", "to_v"), "to_out.0", "norm_q", "norm_k"),
+            ("txt", "norm1_context", "ff_context", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out",
              "norm_added_q", "norm_added_k"),
         ):
-            add(_linear(f"{b}.{stream}_mod.lin", f"{d}.{mod}.linear"))
-            add(_linear(f"{b}.{stream}_attn.qkv", (f"{d}.attn.{q}", f"{d}.attn.{k}", f"{d}.attn.{v}"), "cat",
-                        bias=config.qkv_bias))
-            out.append((f"{b}.{stream}_attn.norm.query_norm.scale", (f"{d}.attn.{nq}.weight",), "copy"))
-            out.append((f"{b}.{stream}_attn.norm.key_norm.scale", (f"{d}.attn.{nk}.weight",), "copy"))
-            add(_linear(f"{b}.{stream}_attn.proj", f"{d}.attn.{out_proj}"))
-            add(_linear(f"{b}.{stream}_mlp.0", f"{d}.{ff}.net.0.proj"))
-            add(_linear(f"{b}.{stream}_mlp.2", f"{d}.{ff}.net.2"))
+            out += [rule(f"{b}.{stream}_mod.lin", f"{d}.{mod}.linear"),
+                    rule(f"{b}.{stream}_attn.qkv", tuple(f"{d}.attn.{p}" for p in qkv), Fuse()),
+                    rule(f"{b}.{stream}_attn.norm.query_norm.scale", f"{d}.attn.{nq}.weight"),
+                    rule(f"{b}.{stream}_attn.norm.key_norm.scale", f"{d}.attn.{nk}.weight"),
+                    rule(f"{b}.{stream}_attn.proj", f"{d}.attn.{out_proj}"),
+                    rule(f"{b}.{stream}_mlp.0", f"{d}.{ff}.net.0.proj"),
+                    rule(f"{b}.{stream}_mlp.2", f"{d}.{ff}.net.2")]
+    h = config.hidden_size
     for i in range(config.depth_single_blocks):
         b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        add(_linear(f"{b}.linear1", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"), "cat"))
-        add(_linear(f"{b}.linear2", f"{d}.proj_out"))
-        out.append((f"{b}.norm.query_norm.scale", (f"{d}.attn.norm_q.weight",), "copy"))
-        out.append((f"{b}.norm.key_norm.scale", (f"{d}.attn.norm_k.weight",), "copy"))
-        add(_linear(f"{b}.modulation.lin", f"{d}.norm.linear"))
-    add(_linear("final_layer.linear", "proj_out"))
-    add(_linear("final_layer.adaLN_modulation.1", "norm_out.linear", "swap"))
-    return out
+        out += [rule(f"{b}.linear1", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"),
+                     Fuse((h, h, h, config.mlp_hidden))),
+                rule(f"{b}.linear2", f"{d}.proj_out"),
+                rule(f"{b}.norm.query_norm.scale", f"{d}.attn.norm_q.weight"),
+                rule(f"{b}.norm.key_norm.scale", f"{d}.attn.norm_k.weight"),
+                rule(f"{b}.modulation.lin", f"{d}.norm.linear")]
+    return out + [rule("final_layer.linear", "proj_out"),
+                  rule("final_layer.adaLN_modulation.1", "norm_out.linear", SWAP_HALVES)]
 
 
-def _split_sizes(bfl_key: str, n_parts: int, config: FluxConfig) -> list[int]:
-    h = config.hidden_size
-    if ".linear1." in bfl_key:  # single block: q, k, v, MLP input
-        return [h, h, h, config.mlp_hidden]
-    return [h] * n_parts
-
-
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat((second, first), dim=0)
-
-
-def _bfl_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
-    from diffstudio.models.flux import FluxTransformer
-
+def _meta_state_dict(config: FluxConfig) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
-        model = FluxTransformer(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return FluxTransformer(config).state_dict()
 
 
-# -- diffusers -> BFL -----------------------------------------------------------------------------
+# -- the structure a diffusers state dict implies ---------------------------------------------------
 
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 
@@ -139,48 +109,12 @@ def _first_shape(sd: Mapping, keys: tuple[str, ...]) -> tuple[int, ...]:
     raise KeyError(keys[0])
 
 
-def flux_from_diffusers(sd: Mapping, config: FluxConfig | None = None) -> StateDict:
+def flux_from_diffusers(sd: Mapping, config: FluxConfig | None = None) -> dict[str, torch.Tensor]:
     """diffusers FluxTransformer2DModel state dict -> BFL layout (checked)."""
     config = config or layout_config(sd)
-    out: StateDict = {}
-    consumed: list[str] = []
-    for bfl, parts, kind in rules(config):
-        missing = [p for p in parts if p not in sd]
-        if missing:
-            raise ConversionError(f"diffusers FLUX state dict lacks {missing[0]} (for {bfl}); the file is "
-                                  "truncated or a different FLUX variant than its shapes suggest")
-        tensors = [sd[p] for p in parts]
-        if kind == "cat":
-            out[bfl] = torch.cat(tensors, dim=0)
-        elif kind == "swap":
-            out[bfl] = _swap_halves(tensors[0])
-        else:
-            out[bfl] = tensors[0]
-        consumed.extend(parts)
-    check_conversion("FLUX diffusers -> BFL", sd.keys(), consumed, out, _bfl_shapes(config))
-    return out
+    return to_canonical("FLUX diffusers -> BFL", sd, rules(config), _meta_state_dict(config))
 
 
-# -- BFL -> diffusers -----------------------------------------------------------------------------
-
-
-def flux_to_diffusers(sd: Mapping, config: FluxConfig) -> StateDict:
+def flux_to_diffusers(sd: Mapping, config: FluxConfig) -> dict[str, torch.Tensor]:
     """BFL-layout state dict -> diffusers FluxTransformer2DModel layout (checked)."""
-    shapes = _bfl_shapes(config)
-    check_conversion("FLUX BFL state dict", sd.keys(), [k for k in sd if k in shapes],
-                     {k: sd[k] for k in sd if k in shapes}, shapes)
-    out: StateDict = {}
-    expected: dict[str, tuple[int, ...]] = {}
-    for bfl, parts, kind in rules(config):
-        t = sd[bfl]
-        if kind == "cat":
-            pieces = torch.split(t, _split_sizes(bfl, len(parts), config), dim=0)
-            out.update(zip(parts, pieces, strict=True))
-        elif kind == "swap":
-            out[parts[0]] = _swap_halves(t)
-        else:
-            out[parts[0]] = t
-        sizes = _split_sizes(bfl, len(parts), config) if kind == "cat" else [shapes[bfl][0]]
-        expected.update({p: (n, *shapes[bfl][1:]) for p, n in zip(parts, sizes, strict=True)})
-    check_conversion("FLUX BFL -> diffusers", sd.keys(), list(sd.keys()), out, expected)
-    return out
+    return from_canonical("FLUX BFL -> diffusers", sd, rules(config), _meta_state_dict(config))

@@ -1,9 +1,9 @@
 """LDM UNet <-> diffusers UNet2DConditionModel state dicts (pure renames, no tensor copies).
 
-The map is generated from the block structure (levels, ResBlocks per level, which levels have
-attention): each LDM module prefix pairs with one diffusers module prefix, and ResBlocks rename
-their sub-layers. Transformer internals (norm, proj_in, transformer_blocks.K.attn1...) have the
-same names in both layouts. Both directions end with `check_conversion`.
+The map is a rule list (``diffstudio.convert.rules``) generated from the block structure (levels,
+ResBlocks per level, which levels have attention): each LDM module pairs with one diffusers module,
+and ResBlocks rename their sub-layers. Transformer internals (norm, proj_in, transformer_blocks.K.attn1...)
+have the same names in both layouts. Both directions end with `check_conversion`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from diffstudio.convert.check import check_conversion
+from diffstudio.convert.rules import Rule, from_canonical, rule, to_canonical
+from diffstudio.detect.unet import derive_unet_config
 from diffstudio.errors import ConversionError
 from diffstudio.models.unet import UNetConfig, UNetModel
 
@@ -92,47 +93,16 @@ def _module_pairs(s: _Structure) -> list[tuple[str, str, dict[str, str]]]:
     return pairs
 
 
-class _KeyMap:
-    """Renames keys module by module: the longest known module prefix, then its sub-layer renames."""
-
-    def __init__(self, pairs: list[tuple[str, str, dict[str, str]]], to_diffusers: bool):
-        self.modules = {}
-        for ldm, dif, sub in pairs:
-            if to_diffusers:
-                self.modules[ldm] = (dif, sub)
-            else:
-                self.modules[dif] = (ldm, {v: k for k, v in sub.items()})
-
-    def __call__(self, key: str) -> str | None:
-        parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            found = self.modules.get(".".join(parts[:cut]))
-            if found is not None:
-                target, sub = found
-                rest = ".".join(parts[cut:])
-                for old, new in sub.items():
-                    if rest.startswith(old + "."):
-                        rest = new + rest[len(old):]
-                        break
-                return f"{target}.{rest}"
-        return None
+def rules(s: _Structure) -> list[Rule]:
+    """Each module pair as a rule, and each renamed ResBlock sub-layer as a longer (so preferred) one."""
+    return [r for ldm, dif, sub in _module_pairs(s)
+            for r in (rule(ldm, dif), *(rule(f"{ldm}.{old}", f"{dif}.{new}") for old, new in sub.items()))]
 
 
-def _rename(sd: Mapping, key_map: _KeyMap) -> tuple[dict, list[str]]:
-    out, consumed = {}, []
-    for key, value in sd.items():
-        new = key_map(key)
-        if new is not None:
-            out[new] = value
-            consumed.append(key)
-    return out, consumed
-
-
-def _meta_shapes(config: UNetConfig) -> dict[str, tuple[int, ...]]:
+def _meta_state_dict(config: UNetConfig) -> dict[str, torch.Tensor]:
     """Every key and shape of the canonical layout of `config` (built on the meta device)."""
     with torch.device("meta"):
-        model = UNetModel(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return UNetModel(config).state_dict()
 
 
 def unet_from_diffusers(sd: Mapping) -> dict:
@@ -141,26 +111,12 @@ def unet_from_diffusers(sd: Mapping) -> dict:
     The structure is counted from the diffusers keys; the result is checked against an LDM UNet
     built on the meta device at the config derived from the result.
     """
-    # Imported here: the detect package's __init__ imports the family records, which may import us.
-    from diffstudio.detect.unet import derive_unet_config
-
     structure = _Structure.of_diffusers_keys(sd.keys())
-    out, consumed = _rename(sd, _KeyMap(_module_pairs(structure), to_diffusers=False))
-    check_conversion("diffusers UNet -> LDM", sd.keys(), consumed, out)
     # Heads and GroupNorm groups do not change any shape; 1 and 1 fit every width.
-    config = derive_unet_config(out, {"num_heads": 1, "norm_groups": 1})
-    check_conversion("diffusers UNet -> LDM", sd.keys(), consumed, out, _meta_shapes(config))
-    return out
+    return to_canonical("diffusers UNet -> LDM", sd, rules(structure),
+                        lambda out: _meta_state_dict(derive_unet_config(out, {"num_heads": 1, "norm_groups": 1})))
 
 
 def unet_to_diffusers(sd: Mapping, config: UNetConfig) -> dict:
     """LDM UNet state dict (no 'model.diffusion_model.' prefix) -> diffusers UNet2DConditionModel layout."""
-    key_map = _KeyMap(_module_pairs(_Structure.of_config(config)), to_diffusers=True)
-    expected_ldm = _meta_shapes(config)
-    expected, _ = _rename(expected_ldm, key_map)
-    if len(expected) != len(expected_ldm):
-        raise ConversionError("LDM -> diffusers UNet: the generated key map does not cover the model built "
-                              f"from {config}; this is a diffstudio bug, please report it.")
-    out, consumed = _rename(sd, key_map)
-    check_conversion("LDM UNet -> diffusers", sd.keys(), consumed, out, expected)
-    return out
+    return from_canonical("LDM UNet -> diffusers", sd, rules(_Structure.of_config(config)), _meta_state_dict(config))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from diffstudio.threads import prepare_threads
+
 
 def _rate_or_none(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
 def main() -> None:
+    prepare_threads()  # before torch is imported (diffstudio/threads.py)
     import inspect
 
     from diffstudio.demo.build import STAGES, build

@@ -11,9 +11,7 @@ docs/shapes.md gives the stages' times and the scores):
     python -m diffstudio.demo train --workdir runs/shapes --out diffstudio/demo/weights/shapes-sd.safetensors
 
 Runs with the same thread count repeat themselves bit for bit; another thread count sums in another order and
-trains a slightly different model. The weights shipped until session 6 (kind 0.77, no edge weight, 143 minutes on
-one thread) come from `OMP_NUM_THREADS=1 ... --unet-steps 6000 --unet-lr-end none --optimizer adamw
---vae-edge-weight 0`.
+trains a slightly different model.
 
 Stages, run in this order (each checkpoints into --workdir and resumes if killed; `--stage` runs one):
 1. `vae`: the autoencoder, encoder and decoder together, on full 64x64 images;
@@ -50,8 +48,7 @@ def demo_configs():
 
     # 8 norm groups (4 channels each): with SD's 32 groups at this width every group would be a single
     # channel, an instance norm that erases each channel's mean - the colour of a flat image.
-    vae = VAEConfig(latent_channels=4, base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                    norm_groups=8)
+    vae = VAEConfig(latent_channels=4, block_out_channels=(32, 64, 64, 64), num_res_blocks=1, norm_groups=8)
     unet = UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
                       transformer_depth=(1, 1, 0), transformer_depth_middle=1, context_dim=64, num_heads=8,
                       num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None)
@@ -171,7 +168,8 @@ def layout_loss(net, x0, ids, gen, prediction, t_low: int) -> torch.Tensor:
     enough for a network to read where the shapes are from x_t instead of from the text; and the eps
     objective weights x0 errors there by SNR(t) < 0.05, so it barely asks for text-driven layout. At
     sampling time the first input is pure noise, so such a model places shapes where the seed's noise
-    suggests, whatever the prompt says (measured: the position word moved the output by 0.06%).
+    suggests, whatever the prompt says (after the unet stage alone, position accuracy is near chance:
+    docs/shapes.md).
     Penalising ||x0_pred - x0||^2 at t >= t_low asks the network to put the shape where the caption
     says when x_t cannot tell it. x0_pred is the eps prediction read back through the schedule, so the
     network stays an ordinary eps-prediction SD 1.x UNet.
@@ -190,8 +188,8 @@ def train_denoiser(model: DemoDenoiser, latents, ids, empty_ids, *, steps, batch
                    snr_gamma: float | None = None, optimizer: str = "adamw"):
     """``layout_t`` > 0: a ``layout_share`` of each batch (half in the layout stage) trains ``layout_loss``
     at t >= layout_t, captioned by ``layout_ids`` (default: ``ids``). ``lr_end``: anneal to it (half
-    cosine). ``snr_gamma``: Min-SNR weighting of the eps part (objectives.diffusion_loss). These were
-    varied in session 3's and 4's runs (docs/shapes.md)."""
+    cosine). ``snr_gamma``: Min-SNR weighting of the eps part (objectives.diffusion_loss). The stages'
+    values are in `build` (docs/shapes.md, "Rebuilding it")."""
     from diffstudio.sampling.prediction import prediction_for
     from diffstudio.train.data import batch_indices
     from diffstudio.train.loop import step_generator, train
@@ -299,20 +297,20 @@ def build(out: str | Path, workdir: str | Path = "runs/shapes", *, n_images: int
     if "unet" in stages:
         denoiser_stage("unet", dataset()[1], None, steps=unet_steps, seed=seed, lr_end=unet_lr_end)
     if "layout" in stages:
-        # The unet stage learns colour and kind but not where a shape goes (docs/shapes.md: its output
-        # barely moves between "left" and "right"; see layout_loss for why). Go on with captions that
+        # The unet stage learns colour and kind but not where a shape goes (docs/shapes.md: position 0.26
+        # after it, chance 0.2; see layout_loss for why). Go on with captions that
         # always name the position, half of each batch on the x0 error at high noise.
         denoiser_stage("layout", stage_captions(n_images, size, seed, always_position=True), "unet", steps=layout_steps,
                        seed=seed + 2, lr=5e-4, layout_t=700, warmup=50)
     if "polish" in stages:
-        # The layout stage's x0 term trades some shape detail (kind accuracy 0.77 -> 0.58) for position
-        # (0.15 -> 1.0). A plain-eps run at a low learning rate gives the detail back: the eps
+        # The layout stage's x0 term trades some shape detail (kind accuracy 0.83 -> 0.52) for position
+        # (0.26 -> 1.0). A plain-eps run at a low learning rate gives the detail back: the eps
         # objective weighs the low-noise steps where edges form, and barely touches the high-noise
         # behaviour that places the shapes.
         denoiser_stage("polish", stage_captions(n_images, size, seed, always_position=True), "layout",
                        steps=polish_steps, seed=seed + 3, lr=2e-4, warmup=20)
     if "refine" in stages:
-        # Teach the prompts people write, at an annealed rate (docs/shapes.md, "Session 4"): half of the
+        # Teach the prompts people write, at an annealed rate (docs/shapes.md, "Rebuilding it"): half of the
         # backgrounds phrased "on a white background". The dataset says ", white background", and "on" alone
         # reads as "on the left/right" to a model that never saw the other phrasing (two shapes, one on the
         # right). Captions keep naming positions (with the dataset's 20% without, region prompts in

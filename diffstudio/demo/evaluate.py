@@ -13,7 +13,7 @@ import random
 from diffstudio.demo.shapes import KINDS, POSITIONS, ShapeSpec
 
 SAMPLED_KINDS = ("circle", "square", "triangle", "star")
-# Every registered sampler at its usual step count (the demo model's sampler check: tests, experiments).
+# Every registered sampler at its usual step count (the sampler check of tests and tools/shapes/eval_variant.py).
 USUAL_STEPS = {"euler": 20, "euler_ancestral": 25, "heun": 12, "dpmpp_2m": 15, "dpmpp_2m_sde": 20, "ddim": 20,
                "lcm": 25}
 

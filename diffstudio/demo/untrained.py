@@ -1,13 +1,13 @@
-"""The demo architecture with seeded random weights: what `diffstudio.load()` returns until the
-trained shapes-sd weights are built (docs/shapes.md). It runs every SD 1.x code path; its
+"""The demo architecture with seeded random weights: what `diffstudio.load()` returns when the
+packaged shapes-sd weights file is missing (docs/shapes.md). It runs every SD 1.x code path; its
 pictures are noise, not shapes."""
 
 from __future__ import annotations
 
 import torch
 
-# CFG 3, not SD's 7: at 5 the guided denoiser over-corrects colour so strongly that DPM++ 2M SDE oscillates
-# (docs/shapes.md, "Session 4").
+# CFG 3, not SD's 7: from 5 up the guided denoiser over-corrects colour so strongly that DPM++ 2M SDE oscillates
+# (docs/shapes.md, "Guidance").
 DEMO_DEFAULTS = {"width": 64, "height": 64, "steps": 20, "cfg_scale": 3.0}
 
 

@@ -12,12 +12,22 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffstudio.components import ARCHS, ComponentArch
 from diffstudio.errors import UnknownModelError
 from diffstudio.families import FAMILIES
 from diffstudio.families.base import Family, Role
+
+if TYPE_CHECKING:
+    from diffstudio.components import ComponentArch
+
+
+def _archs() -> dict:
+    """The architecture records, imported on use: their modules import this package's leaf modules
+    (``detect.unet``, ...), so importing them here at the top would be a cycle."""
+    from diffstudio.components import ARCHS
+
+    return ARCHS
 
 # Roles a lone component file is given, and the prefixes such files use.
 # Architectures a lone component file may hold (a VAE, a text encoder, e.g. t5xxl_fp16.safetensors),
@@ -125,7 +135,7 @@ def stored_configs(metadata: Mapping | None) -> dict:
 def _component(sd, role: Role | tuple, prefixes, stored: dict) -> Component | None:
     name, arch_name = (role.name, role.arch) if isinstance(role, Role) else role[:2]
     hints = role.hints if isinstance(role, Role) else {}
-    arch = ARCHS[arch_name]
+    arch = _archs()[arch_name]
     found = find_component(sd, arch, prefixes)
     if found is None:
         return None
@@ -142,7 +152,7 @@ def _try_family(family: Family, sd: Mapping, stored: dict) -> tuple[Detection | 
     den_role = family.role(family.denoiser_role)
     den = _component(sd, den_role, den_role.prefixes + ("",), stored)
     if den is None:
-        missing = ARCHS[den_role.arch].missing_sentinels(_sub(sd, den_role.prefixes[0])) or []
+        missing = _archs()[den_role.arch].missing_sentinels(_sub(sd, den_role.prefixes[0])) or []
         return None, f"no {den_role.arch} keys (e.g. missing {', '.join(missing[:2])})"
     reason = family.check_denoiser(den.config)
     if reason:

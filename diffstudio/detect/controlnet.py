@@ -21,7 +21,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from diffstudio.detect.unet import _block_count, _heads, _transformer_depths, config_from_diffusers
+from diffstudio.detect.unet import (
+    _block_count,
+    _transformer_depths,
+    config_from_diffusers,
+    encoder_levels,
+    shared_fields,
+)
 from diffstudio.errors import ConversionError, UnknownModelError
 from diffstudio.models.controlnet import ControlNetConfig
 
@@ -81,43 +87,17 @@ def derive_controlnet_config(sd: Mapping, hints: Mapping | None = None) -> Contr
     depths = _transformer_depths(keys)
     model_channels, in_channels = shape("input_blocks.0.0.weight")[:2]
 
-    # The encoder half, walked as in a UNet: a Downsample closes a level.
-    levels: list[list[tuple[int, int]]] = [[]]  # per level: (ResBlock width, transformer depth)
+    channel_mult, num_res_blocks, transformer_depth = encoder_levels(sd, shape, depths, model_channels,
+                                                                     "ControlNet")
     n_inputs = _block_count(keys, "input_blocks")
-    for n in range(1, n_inputs):
-        if f"input_blocks.{n}.0.op.weight" in sd:
-            levels.append([])
-        elif f"input_blocks.{n}.0.in_layers.2.weight" in sd:
-            width = shape(f"input_blocks.{n}.0.in_layers.2.weight")[0]
-            levels[-1].append((width, depths.get(f"input_blocks.{n}.1", 0)))
-        else:
-            raise UnknownModelError(f"ControlNet input_blocks.{n} is neither a ResBlock nor a Downsample")
-    for level, blocks in enumerate(levels):
-        if not blocks or len(set(blocks)) != 1 or blocks[0][0] % model_channels:
-            raise UnknownModelError(f"ControlNet level {level} has (width, transformer depth) {blocks}; the LDM "
-                                    f"encoder has one width (a multiple of {model_channels}) and one depth per level")
     if _block_count(keys, "zero_convs") != n_inputs:
         raise UnknownModelError(f"ControlNet has {_block_count(keys, 'zero_convs')} zero_convs for {n_inputs} input "
                                 "blocks; it needs one per input block (truncated file?)")
-
-    depth_middle = depths.get("middle_block.1", 0)
-    if depth_middle == 0:
-        raise UnknownModelError("ControlNet middle block has no SpatialTransformer; not a supported LDM ControlNet")
-    linear = len(shape("middle_block.1.proj_in.weight")) == 2
-    to_k = next((k for k in keys if k.endswith(".attn2.to_k.weight")), None)
-    num_heads, head_channels = _heads(hints, linear)
     hint_channels, hint_widths = _hint_structure(sd, model_channels)
     return ControlNetConfig(
-        in_channels=in_channels, model_channels=model_channels,
-        channel_mult=[blocks[0][0] // model_channels for blocks in levels],
-        num_res_blocks=[len(blocks) for blocks in levels],
-        transformer_depth=[blocks[0][1] for blocks in levels],
-        transformer_depth_middle=depth_middle,
-        context_dim=shape(to_k)[1] if to_k else None,
-        num_heads=num_heads, num_head_channels=head_channels, use_linear_in_transformer=linear,
-        adm_in_channels=shape("label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in sd else None,
-        norm_groups=int(hints.get("norm_groups", 32)),
-        encoder_hid_dim=shape("encoder_hid_proj.weight")[1] if "encoder_hid_proj.weight" in sd else None,
+        in_channels=in_channels, model_channels=model_channels, channel_mult=channel_mult,
+        num_res_blocks=num_res_blocks, transformer_depth=transformer_depth,
+        **shared_fields(sd, shape, depths, hints, "ControlNet"),
         hint_channels=hint_channels, hint_block_channels=hint_widths,
         global_average_pooling=bool(hints.get("global_average_pooling", False)),
     )

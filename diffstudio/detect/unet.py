@@ -91,32 +91,10 @@ def derive_unet_config(sd: Mapping, hints: Mapping | None = None) -> UNetConfig:
     model_channels, in_channels = shape("input_blocks.0.0.weight")[:2]
     out_channels = shape("out.2.weight")[0]
 
-    # Input side: walk the blocks; a Downsample closes a level.
-    widths: list[list[int]] = [[]]
-    level_depths: list[list[int]] = [[]]
-    n_inputs = _block_count(keys, "input_blocks")
-    for n in range(1, n_inputs):
-        if f"input_blocks.{n}.0.op.weight" in sd:
-            widths.append([])
-            level_depths.append([])
-        elif f"input_blocks.{n}.0.in_layers.2.weight" in sd:
-            widths[-1].append(shape(f"input_blocks.{n}.0.in_layers.2.weight")[0])
-            level_depths[-1].append(depths.get(f"input_blocks.{n}.1", 0))
-        else:
-            raise UnknownModelError(f"input_blocks.{n} is neither a ResBlock nor a Downsample: "
-                                    "not an LDM UNet")
-    channel_mult, num_res_blocks, transformer_depth = [], [], []
-    for level, (ws, ds) in enumerate(zip(widths, level_depths)):
-        if not ws or len(set(ws)) != 1 or len(set(ds)) != 1 or ws[0] % model_channels:
-            raise UnknownModelError(f"UNet level {level} has ResBlock widths {ws} and transformer depths "
-                                    f"{ds}; an LDM UNet has one width (a multiple of {model_channels}) "
-                                    "and one depth per level.")
-        channel_mult.append(ws[0] // model_channels)
-        num_res_blocks.append(len(ws))
-        transformer_depth.append(ds[0])
+    channel_mult, num_res_blocks, transformer_depth = encoder_levels(sd, shape, depths, model_channels, "UNet")
 
     # Output side must mirror it (num_res_blocks + 1 blocks per level, same depths).
-    expected_out = [d for lvl in reversed(range(len(widths))) for d in [transformer_depth[lvl]] *
+    expected_out = [d for lvl in reversed(range(len(channel_mult))) for d in [transformer_depth[lvl]] *
                     (num_res_blocks[lvl] + 1)]
     n_outputs = _block_count(keys, "output_blocks")
     found_out = [depths.get(f"output_blocks.{n}.1", 0) for n in range(n_outputs)]
@@ -124,17 +102,48 @@ def derive_unet_config(sd: Mapping, hints: Mapping | None = None) -> UNetConfig:
         raise UnknownModelError(f"UNet output blocks have transformer depths {found_out}, expected "
                                 f"{expected_out} from the input side; asymmetric UNets are not supported.")
 
+    return UNetConfig(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+                      channel_mult=channel_mult, num_res_blocks=num_res_blocks, transformer_depth=transformer_depth,
+                      **shared_fields(sd, shape, depths, hints, "UNet"))
+
+
+def encoder_levels(sd: Mapping, shape, depths: dict, model_channels: int, what: str):
+    """Walk input_blocks 1.. (a Downsample closes a level) -> (channel_mult, num_res_blocks, transformer_depth).
+    Shared by the UNet and its ControlNet (a copy of the UNet's encoder)."""
+    widths: list[list[int]] = [[]]
+    level_depths: list[list[int]] = [[]]
+    for n in range(1, _block_count(list(sd), "input_blocks")):
+        if f"input_blocks.{n}.0.op.weight" in sd:
+            widths.append([])
+            level_depths.append([])
+        elif f"input_blocks.{n}.0.in_layers.2.weight" in sd:
+            widths[-1].append(shape(f"input_blocks.{n}.0.in_layers.2.weight")[0])
+            level_depths[-1].append(depths.get(f"input_blocks.{n}.1", 0))
+        else:
+            raise UnknownModelError(f"{what} input_blocks.{n} is neither a ResBlock nor a Downsample: "
+                                    "not an LDM UNet encoder")
+    channel_mult, num_res_blocks, transformer_depth = [], [], []
+    for level, (ws, ds) in enumerate(zip(widths, level_depths)):
+        if not ws or len(set(ws)) != 1 or len(set(ds)) != 1 or ws[0] % model_channels:
+            raise UnknownModelError(f"{what} level {level} has ResBlock widths {ws} and transformer depths "
+                                    f"{ds}; an LDM UNet has one width (a multiple of {model_channels}) "
+                                    "and one depth per level.")
+        channel_mult.append(ws[0] // model_channels)
+        num_res_blocks.append(len(ws))
+        transformer_depth.append(ds[0])
+    return channel_mult, num_res_blocks, transformer_depth
+
+
+def shared_fields(sd: Mapping, shape, depths: dict, hints: Mapping, what: str) -> dict:
+    """The UNetConfig fields read from the middle block, the attention layers and the embeddings."""
     depth_middle = depths.get("middle_block.1", 0)
     if depth_middle == 0:
-        raise UnknownModelError("UNet middle block has no SpatialTransformer; not a supported LDM UNet")
+        raise UnknownModelError(f"{what} middle block has no SpatialTransformer; not a supported LDM {what}")
     linear = len(shape("middle_block.1.proj_in.weight")) == 2
-    to_k = next((k for k in keys if k.endswith(".attn2.to_k.weight")), None)
+    to_k = next((k for k in sd if k.endswith(".attn2.to_k.weight")), None)
     num_heads, head_channels = _heads(hints, linear)
-    return UNetConfig(
-        in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
-        channel_mult=channel_mult, num_res_blocks=num_res_blocks, transformer_depth=transformer_depth,
-        transformer_depth_middle=depth_middle,
-        context_dim=shape(to_k)[1] if to_k else None,
+    return dict(
+        transformer_depth_middle=depth_middle, context_dim=shape(to_k)[1] if to_k else None,
         num_heads=num_heads, num_head_channels=head_channels, use_linear_in_transformer=linear,
         adm_in_channels=shape("label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in sd else None,
         norm_groups=int(hints.get("norm_groups", 32)),

@@ -44,8 +44,9 @@ def count_indices(keys, prefix: str) -> int:
 def derive_vae_config(sd: Mapping, hints: Mapping | None = None) -> VAEConfig:
     """Canonical state dict (names + shapes) -> VAEConfig.
 
-    Widths: `decoder.up.N.block.0.conv2` has `base_channels * channel_mult[N]` outputs. Depth: the
-    decoder has `num_res_blocks + 1` blocks per level. Latent channels: inputs of `decoder.conv_in`.
+    Widths: `decoder.up.N.block.0.conv2` has level N's `block_out_channels[N]` outputs (any widths, multiples
+    of the first or not). Depth: the decoder has `num_res_blocks + 1` blocks per level. Latent channels:
+    inputs of `decoder.conv_in`.
     """
     hints = dict(hints or {})
     missing = [k for k in VAE_SENTINELS if k not in sd]
@@ -56,10 +57,6 @@ def derive_vae_config(sd: Mapping, hints: Mapping | None = None) -> VAEConfig:
     keys = list(sd.keys())
     levels = count_indices(keys, "decoder.up")
     widths = [int(sd[f"decoder.up.{i}.block.0.conv2.weight"].shape[0]) for i in range(levels)]
-    base = widths[0]
-    if any(w % base for w in widths):
-        raise UnknownModelError(f"VAE level widths {widths} are not multiples of the first level's "
-                                f"{base}; this is not an LDM AutoencoderKL layout diffstudio knows.")
     dec_blocks = count_indices(keys, "decoder.up.0.block")
     latent = int(sd["decoder.conv_in.weight"].shape[1])
     has_encoder = "encoder.conv_in.weight" in sd
@@ -68,6 +65,10 @@ def derive_vae_config(sd: Mapping, hints: Mapping | None = None) -> VAEConfig:
         if z_out not in (latent, 2 * latent):
             raise UnknownModelError(f"encoder.conv_out has {z_out} outputs for {latent} latent channels "
                                     f"(expected {latent} or {2 * latent}); the file looks damaged.")
+        if int(sd["encoder.conv_in.weight"].shape[0]) != widths[0]:
+            raise UnknownModelError(f"encoder.conv_in has {int(sd['encoder.conv_in.weight'].shape[0])} outputs but "
+                                    f"the first level is {widths[0]} wide; this is not an LDM AutoencoderKL "
+                                    "layout diffstudio knows.")
         enc_blocks = count_indices(keys, "encoder.down.0.block")
         if enc_blocks != dec_blocks - 1:
             raise UnknownModelError(f"encoder has {enc_blocks} blocks per level but the decoder "
@@ -82,8 +83,7 @@ def derive_vae_config(sd: Mapping, hints: Mapping | None = None) -> VAEConfig:
         int(sd["decoder.conv_out.weight"].shape[0]),
         out_channels=int(sd["decoder.conv_out.weight"].shape[0]),
         latent_channels=latent,
-        base_channels=base,
-        channel_mult=tuple(w // base for w in widths),
+        block_out_channels=tuple(widths),
         num_res_blocks=dec_blocks - 1,
         double_z=(z_out == 2 * latent) if has_encoder else True,
         use_quant_conv="post_quant_conv.weight" in sd or "quant_conv.weight" in sd,
@@ -96,13 +96,12 @@ def config_from_diffusers(config_json: Mapping) -> VAEConfig:
     """A diffusers `AutoencoderKL` config.json dict -> VAEConfig."""
     cfg = dict(config_json)
     widths = [int(c) for c in cfg.get("block_out_channels", (64,))]
-    base = widths[0]
     unsupported = [t for t in list(cfg.get("down_block_types", ())) + list(cfg.get("up_block_types", ()))
                    if t not in ("DownEncoderBlock2D", "UpDecoderBlock2D")]
-    if unsupported or cfg.get("act_fn", "silu") != "silu" or any(w % base for w in widths):
-        raise UnknownModelError(f"diffusers VAE config with block types {unsupported or 'standard'}, "
-                                f"act_fn {cfg.get('act_fn', 'silu')!r} and widths {widths} is not an LDM "
-                                f"AutoencoderKL; only the SD/SDXL/SD3/FLUX layout is supported.")
+    if unsupported or cfg.get("act_fn", "silu") != "silu":
+        raise UnknownModelError(f"diffusers VAE config with block types {unsupported or 'standard'} and "
+                                f"act_fn {cfg.get('act_fn', 'silu')!r} is not an LDM AutoencoderKL; only the "
+                                "SD/SDXL/SD3/FLUX layout (DownEncoderBlock2D / UpDecoderBlock2D, silu) is supported.")
     use_quant = bool(cfg.get("use_quant_conv", True))
     if use_quant != bool(cfg.get("use_post_quant_conv", True)):
         raise UnknownModelError("diffusers VAE config has only one of quant_conv / post_quant_conv; "
@@ -111,8 +110,7 @@ def config_from_diffusers(config_json: Mapping) -> VAEConfig:
         in_channels=int(cfg.get("in_channels", 3)),
         out_channels=int(cfg.get("out_channels", 3)),
         latent_channels=int(cfg.get("latent_channels", 4)),
-        base_channels=base,
-        channel_mult=tuple(w // base for w in widths),
+        block_out_channels=tuple(widths),
         num_res_blocks=int(cfg.get("layers_per_block", 1)),
         double_z=True,
         use_quant_conv=use_quant,

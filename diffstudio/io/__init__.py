@@ -1,5 +1,5 @@
 """Reading and writing files safely: weights (safetensors, weights-only pickles, HF folders),
-images, the PNG recipe and Hub downloads. See docs/files.md for what loads and what is refused.
+images, the recipe in PNG / JPEG / WebP files and Hub downloads. See docs/files.md for what loads and what is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from diffstudio.io.folders import (
 )
 from diffstudio.io.images import images_to_tensor, load_image, load_mask, tensor_to_images
 from diffstudio.io.pickle_checkpoint import load_pickle_checkpoint, unwrap_state_dict
-from diffstudio.io.recipe import a1111_parameters, parse_a1111_parameters, read_recipe, save_png
+from diffstudio.io.recipe import a1111_parameters, parse_a1111_parameters, read_recipe, save_image, save_png
 from diffstudio.io.safetensors_file import (
     LazySafetensors,
     decode_metadata_value,
@@ -46,6 +46,7 @@ __all__ = [
     "read_safetensors_header",
     "read_state_dict",
     "read_state_dict_meta",
+    "save_image",
     "save_png",
     "save_safetensors",
     "tensor_to_images",

@@ -1,6 +1,7 @@
-"""The generation recipe stored in PNG files, readable by diffstudio and by the A1111 ecosystem.
+"""The generation recipe stored in image files, readable by diffstudio and by the A1111 ecosystem.
 
-Each PNG gets two text chunks:
+:func:`save_image` writes the format the file name asks for (.png, .jpg / .jpeg, .webp; other
+suffixes are refused) and stores the recipe twice. A PNG gets two text chunks:
 
 * ``parameters`` — AUTOMATIC1111's "infotext", which image sites and other UIs parse::
 
@@ -11,6 +12,11 @@ Each PNG gets two text chunks:
   Values holding ``,`` ``:`` or a newline are JSON-quoted, as A1111 does.
 * ``diffstudio`` — the full recipe as JSON (sigmas, family, batch index ...), the source of truth.
 
+A JPEG or WebP carries the same two texts where those formats have room for them: the A1111
+text in the EXIF UserComment (an 8-byte ``UNICODE\\0`` code, then UTF-16 big-endian: what A1111
+writes through piexif and reads back), the JSON in an XMP packet as the property
+``diffstudio:recipe`` (namespace ``urn:diffstudio:xmp:1.0/``). :func:`read_recipe` reads all three.
+
 Recipe keys (see ``diffstudio.pipeline.generate.Recipe``): prompt, negative_prompt, steps,
 sampler, scheduler, cfg_scale, seed, width, height, model, model_hash, strength (img2img
 denoising strength), clip_skip, extra. A1111 fields with no diffstudio meaning are kept in
@@ -20,17 +26,19 @@ denoising strength), clip_skip, extra. A1111 fields with no diffstudio meaning a
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from diffstudio.errors import CorruptFileError, UnsupportedFormatError
+from diffstudio.errors import CorruptFileError, InvalidInputError, UnsupportedFormatError
+from diffstudio.io.atomic import atomic_path
 from diffstudio.io.folders import existing_path
 from diffstudio.io.images import ImageLike, load_image
 
@@ -82,6 +90,17 @@ _PARAM_ITEM = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)
 
 PARAMETERS_CHUNK = "parameters"
 RECIPE_CHUNK = "diffstudio"
+
+# The formats an output may have, by suffix (Pillow's format names).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+_EXIF_IFD = 0x8769        # the pointer to the Exif sub-IFD
+_USER_COMMENT = 0x9286    # Exif UserComment: an 8-byte character code, then the text
+_UNICODE_CODE = b"UNICODE\0"
+_JPEG_SEGMENT_LIMIT = 65_000  # an APP1 segment (EXIF, XMP) holds at most 65533 bytes with its header
+_RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+XMP_NAMESPACE = "urn:diffstudio:xmp:1.0/"  # JPEG / WebP: the recipe JSON is the XMP property diffstudio:recipe
+_XMP_PROPERTY = "recipe"
 
 
 def _quote(value: str) -> str:
@@ -222,51 +241,139 @@ def _json_default(value: object) -> object:
     raise TypeError(f"a recipe value of type {type(value).__name__} cannot be stored as JSON")
 
 
-def save_png(image: ImageLike, path: str | Path, recipe: Mapping | object | None = None) -> Path:
-    """Write ``image`` as PNG with its recipe in a ``parameters`` (A1111) and a ``diffstudio`` chunk.
+def image_format(path: str | Path) -> str:
+    """The format a file name asks for (Pillow's name): .png, .jpg / .jpeg or .webp; others are refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        shown = f"'{suffix}'" if suffix else "no suffix"
+        raise UnsupportedFormatError(f"cannot write {path}: the suffix chooses the image format and {shown} is "
+                                     f"none of {' '.join(IMAGE_FORMATS)}; name the file e.g. out.png")
+    return IMAGE_FORMATS[suffix]
 
-    Without ``recipe``, the one the pipeline attached (``image.info["diffstudio_recipe"]``) is
-    used. The file is written atomically (temporary file, then rename).
+
+def _user_comment(text: str) -> bytes:
+    """EXIF UserComment as A1111 writes it (piexif's "unicode" encoding): an 8-byte code, then UTF-16 BE."""
+    return _UNICODE_CODE + text.encode("utf-16-be")
+
+
+def _read_user_comment(raw: bytes | str) -> str:
+    """The inverse of :func:`_user_comment`, also for ASCII / undefined codes and little-endian UTF-16."""
+    if isinstance(raw, str):
+        return raw
+    code, payload = raw[:8], raw[8:]
+    if code == _UNICODE_CODE:
+        # A1111 (piexif) always writes big-endian; writers that follow a little-endian EXIF header do not.
+        little = len(payload) >= 2 and payload[1] == 0 and payload[0] != 0
+        return payload.decode("utf-16-le" if little else "utf-16-be", errors="replace").rstrip("\0")
+    return payload.decode("utf-8", errors="replace").rstrip("\0")
+
+
+def _xmp_packet(recipe_json: str) -> bytes:
+    """An XMP packet holding the recipe JSON in one ``diffstudio:recipe`` property."""
+    return (f'<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+            f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="{_RDF_NS}">'
+            f'<rdf:Description rdf:about="" xmlns:diffstudio="{XMP_NAMESPACE}">'
+            f'<diffstudio:{_XMP_PROPERTY}>{escape(recipe_json)}</diffstudio:{_XMP_PROPERTY}>'
+            '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode()
+
+
+def _recipe_from_xmp(xmp: bytes | str) -> str | None:
+    try:
+        root = ElementTree.fromstring(xmp)
+    except ElementTree.ParseError:
+        return None
+    element = root.find(f".//{{{XMP_NAMESPACE}}}{_XMP_PROPERTY}")
+    return element.text if element is not None else None
+
+
+def _metadata_options(data: dict, image_format_name: str, path: Path) -> dict:
+    """Pillow ``save`` options that store the recipe: PNG text chunks, or EXIF UserComment + XMP."""
+    if not data:
+        return {}
+    parameters = a1111_parameters(data)
+    recipe_json = json.dumps(data, default=_json_default)
+    if image_format_name == "PNG":
+        info = PngInfo()
+        info.add_text(PARAMETERS_CHUNK, parameters)
+        info.add_text(RECIPE_CHUNK, recipe_json)
+        return {"pnginfo": info}
+    exif = Image.Exif()
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _user_comment(parameters)
+    options = {"exif": exif.tobytes()}
+    xmp = _xmp_packet(recipe_json)
+    if image_format_name == "JPEG" and len(xmp) > _JPEG_SEGMENT_LIMIT:
+        warnings.warn(f"{path}: the full recipe ({len(xmp)} bytes) does not fit a JPEG metadata segment; only "
+                      "the A1111 parameters are stored (save as .png to keep it all)", stacklevel=3)
+    else:
+        options["xmp"] = xmp
+    if image_format_name == "JPEG" and len(options["exif"]) > _JPEG_SEGMENT_LIMIT:
+        raise InvalidInputError(f"{path}: the prompt is too long for a JPEG's EXIF segment (64 KB); save as .png")
+    return options
+
+
+def save_image(image: ImageLike, path: str | Path, recipe: Mapping | object | None = None, *,
+               quality: int = 95) -> Path:
+    """Write ``image`` in the format its suffix names (.png, .jpg/.jpeg, .webp) with its recipe.
+
+    PNG: ``parameters`` (A1111) and ``diffstudio`` (JSON) text chunks. JPEG and WebP: the A1111
+    text in EXIF UserComment (where A1111 writes and reads it) and the JSON in an XMP property.
+    Without ``recipe``, the one the pipeline attached (``image.info["diffstudio_recipe"]``) is used.
+    The file is written atomically (diffstudio/io/atomic.py); ``quality`` applies to JPEG and WebP.
     """
+    return _save(image, path, recipe, image_format(path), quality)
+
+
+def save_png(image: ImageLike, path: str | Path, recipe: Mapping | object | None = None) -> Path:
+    """Write ``image`` as PNG whatever the suffix (see :func:`save_image`, which follows the suffix)."""
+    return _save(image, path, recipe, "PNG", 95)
+
+
+def _save(image: ImageLike, path: str | Path, recipe, image_format_name: str, quality: int) -> Path:
     if recipe is None and isinstance(image, Image.Image):
         recipe = image.info.get("diffstudio_recipe")
-    data = _as_dict(recipe)
-    info = PngInfo()
-    if data:
-        info.add_text(PARAMETERS_CHUNK, a1111_parameters(data))
-        info.add_text(RECIPE_CHUNK, json.dumps(data, default=_json_default))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        load_image(image).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    options = _metadata_options(_as_dict(recipe), image_format_name, path)
+    if image_format_name != "PNG":
+        options["quality"] = quality
+    pixels = load_image(image)
+    with atomic_path(path) as tmp:
+        pixels.save(tmp, format=image_format_name, **options)
     return path
 
 
-def read_recipe(path: str | Path) -> dict:
-    """The recipe of a PNG: the ``diffstudio`` JSON chunk, else a parsed A1111 ``parameters`` chunk."""
-    path = existing_path(path, "image")
+def _stored_texts(path: Path) -> tuple[str | None, str | None]:
+    """(recipe JSON, A1111 parameters) as an image file stores them; None where absent."""
     try:
         with Image.open(path) as image:
-            image.load()
-            chunks = dict(getattr(image, "text", None) or image.info)
+            image.load()  # PNG text chunks after the pixel data are read by load()
+            texts = dict(getattr(image, "text", None) or {})
+            recipe_json = texts.get(RECIPE_CHUNK)
+            parameters = texts.get(PARAMETERS_CHUNK, image.info.get(PARAMETERS_CHUNK))
+            if recipe_json is None and image.info.get("xmp"):
+                recipe_json = _recipe_from_xmp(image.info["xmp"])
+            if parameters is None:
+                comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+                parameters = _read_user_comment(comment) if comment else None
     except OSError as err:
         raise CorruptFileError(f"{path}: cannot read the image ({err})") from None
-    if RECIPE_CHUNK in chunks:
+    return recipe_json, (str(parameters) if parameters else None)
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The recipe of a PNG, JPEG or WebP: diffstudio's JSON, else the A1111 parameters, parsed."""
+    path = existing_path(path, "image")
+    recipe_json, parameters = _stored_texts(path)
+    if recipe_json is not None:
         try:
-            recipe = json.loads(chunks[RECIPE_CHUNK])
+            recipe = json.loads(recipe_json)
             if isinstance(recipe, dict):
                 return recipe
         except json.JSONDecodeError:
             pass
-        if PARAMETERS_CHUNK not in chunks:
-            raise CorruptFileError(f"{path}: its diffstudio recipe chunk is not valid JSON")
-    if PARAMETERS_CHUNK in chunks:
-        return parse_a1111_parameters(str(chunks[PARAMETERS_CHUNK]))
+        if parameters is None:
+            raise CorruptFileError(f"{path}: its diffstudio recipe is not valid JSON")
+    if parameters is not None:
+        return parse_a1111_parameters(parameters)
     raise UnsupportedFormatError(f"{path} holds no generation recipe (no '{RECIPE_CHUNK}' or "
-                                 f"'{PARAMETERS_CHUNK}' text chunk); it was not saved by diffstudio or A1111")
+                                 f"'{PARAMETERS_CHUNK}' text, no EXIF UserComment); it was not saved by "
+                                 "diffstudio or A1111")

@@ -34,13 +34,14 @@ import torch
 from torch import nn
 
 from diffstudio.errors import InvalidSizeError
-from diffstudio.models.layers import timestep_embedding
 from diffstudio.models.unet import (
     Downsample,
     ResBlock,
     SpatialTransformer,
     TimestepEmbedSequential,
     UNetConfig,
+    add_embedding_layers,
+    embed_conditioning,
 )
 
 
@@ -92,16 +93,9 @@ class ControlNetModel(nn.Module):
         self.config = config
         c = config
         mc = c.model_channels
-        emb_dim = mc * 4
         g = c.norm_groups
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if c.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
-        if c.encoder_hid_dim is not None:
-            if c.context_dim is None:
-                raise ValueError("ControlNetConfig: encoder_hid_dim needs context_dim (the projection's width)")
-            self.encoder_hid_proj = nn.Linear(c.encoder_hid_dim, c.context_dim)
+        add_embedding_layers(self, c)
+        emb_dim = mc * 4
         self.input_hint_block = hint_block(c.hint_channels, c.hint_block_channels, mc)
 
         def transformer(ch: int, depth: int) -> SpatialTransformer:
@@ -145,18 +139,7 @@ class ControlNetModel(nn.Module):
         -> len(input_blocks) + 1 residuals. ``extra`` (other conditioning the pipeline passes) is unused."""
         c = self.config
         dtype = self.dtype
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))   # (B, 4*mc)
-        if c.adm_in_channels is not None:
-            if y is None:
-                raise ValueError(f"this ControlNet takes a vector condition y of width {c.adm_in_channels} "
-                                 "(SDXL: pooled text embedding + size/crop embeddings), the base UNet's y; pass y=")
-            emb = emb + self.label_emb(y.to(dtype))
-        if context is not None:
-            context = context.to(dtype)
-            if c.encoder_hid_dim is not None:
-                context = self.encoder_hid_proj(context)
+        emb, context = embed_conditioning(self, x, timesteps, context, y)            # (B, 4*mc), (B, T, D)
 
         guide = self.input_hint_block(hint.to(dtype), emb, context)                       # (B, mc, H, W)
         h = self.input_blocks[0](x.to(dtype), emb, context)                               # conv_in

@@ -364,6 +364,40 @@ class TimestepEmbedSequential(nn.Sequential):
 # --------------------------------------------------------------------------------------------
 
 
+def add_embedding_layers(net: nn.Module, c) -> None:
+    """The layers ``embed_conditioning`` runs: time_embed, SDXL's label_emb, Kolors' encoder_hid_proj."""
+    emb_dim = c.model_channels * 4
+    net.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    if c.adm_in_channels is not None:
+        net.label_emb = nn.Sequential(nn.Sequential(
+            nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+    if c.encoder_hid_dim is not None:
+        if c.context_dim is None:
+            raise ValueError(f"{type(c).__name__}: encoder_hid_dim needs context_dim (the projection's width)")
+        net.encoder_hid_proj = nn.Linear(c.encoder_hid_dim, c.context_dim)
+
+
+def embed_conditioning(net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
+                       y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The time embedding (+ SDXL's vector y through ``label_emb``) and the projected text context, shared by
+    the UNet and its ControlNet (which copies these layers): (B, 4*mc), (B, T, context_dim)."""
+    c = net.config
+    dtype = net.dtype
+    if timesteps.ndim == 0:
+        timesteps = timesteps.expand(x.shape[0])
+    emb = net.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))
+    if c.adm_in_channels is not None:
+        if y is None:
+            raise ValueError(f"this {type(net).__name__} takes a vector condition y of width {c.adm_in_channels} "
+                             "(SDXL: pooled text embedding + size/crop embeddings); pass y=")
+        emb = emb + net.label_emb(y.to(dtype))
+    if context is not None:
+        context = context.to(dtype)
+        if c.encoder_hid_dim is not None:
+            context = net.encoder_hid_proj(context)
+    return emb, context
+
+
 class UNetModel(nn.Module):
     """LDM UNet. ``forward(x, timesteps, context, y=None, control=None) -> raw output`` (eps or v).
 
@@ -391,15 +425,8 @@ class UNetModel(nn.Module):
         self.gradient_checkpointing = False
         c = config
         mc = c.model_channels
+        add_embedding_layers(self, c)
         emb_dim = mc * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if c.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
-        if c.encoder_hid_dim is not None:
-            if c.context_dim is None:
-                raise ValueError("UNetConfig: encoder_hid_dim needs context_dim (the projection's width)")
-            self.encoder_hid_proj = nn.Linear(c.encoder_hid_dim, c.context_dim)
 
         def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, dim_head = c.heads_for(ch)
@@ -514,20 +541,8 @@ class UNetModel(nn.Module):
         Inputs are cast to the weights' dtype; ``extra`` is accepted (other families' conditioning)
         and unused. ``motion`` (a models.motion.MotionModules) and ``num_frames``: see the class docstring.
         """
-        c = self.config
         dtype = self.dtype
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))  # (B, 4*mc)
-        if c.adm_in_channels is not None:
-            if y is None:
-                raise ValueError(f"this UNet takes a vector condition y of width {c.adm_in_channels} "
-                                 "(SDXL: pooled text embedding + size/crop embeddings); pass y=")
-            emb = emb + self.label_emb(y.to(dtype))
-        if context is not None:
-            context = context.to(dtype)
-            if c.encoder_hid_dim is not None:
-                context = self.encoder_hid_proj(context)                 # (B, T, context_dim)
+        emb, context = embed_conditioning(self, x, timesteps, context, y)
         if control is not None and len(control) != len(self.input_blocks) + 1:
             raise ValueError(f"control needs {len(self.input_blocks) + 1} residuals (one per input block, "
                              f"then the middle); got {len(control)}")

@@ -31,13 +31,17 @@ LOGVAR_RANGE = (-30.0, 20.0)  # clamp of DiagonalGaussianDistribution in the LDM
 
 @dataclass
 class VAEConfig:
-    """Hyper-parameters of an LDM AutoencoderKL (the ``ddconfig`` of the release's yaml)."""
+    """Hyper-parameters of an LDM AutoencoderKL (the ``ddconfig`` of the release's yaml).
+
+    ``block_out_channels`` are the widths of the levels, full resolution first: LDM's ``ch * ch_mult``
+    (128 x (1, 2, 4, 4) for every released SD / SDXL / SD3 / FLUX VAE), diffusers' ``block_out_channels``.
+    Any widths work, multiples of the first or not (e.g. (32, 48, 80)).
+    """
 
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 4  # z_channels: 4 for SD 1.x / SDXL, 16 for SD3 / FLUX
-    base_channels: int = 128  # ch
-    channel_mult: tuple[int, ...] = field(default=(1, 2, 4, 4))  # ch_mult, one entry per level
+    block_out_channels: tuple[int, ...] = field(default=(128, 256, 512, 512))  # one width per level
     num_res_blocks: int = 2  # per encoder level; the decoder has one more
     double_z: bool = True  # encoder outputs mean and logvar
     use_quant_conv: bool = True  # 1x1 quant_conv / post_quant_conv (absent in SD3 / FLUX)
@@ -45,20 +49,28 @@ class VAEConfig:
     norm_groups: int = 32
 
     def __post_init__(self):
-        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.block_out_channels = tuple(int(w) for w in self.block_out_channels)
+
+    @property
+    def levels(self) -> int:
+        return len(self.block_out_channels)
 
     @property
     def downscale_factor(self) -> int:
         """Image pixels per latent pixel along one side (8 for every released LDM VAE)."""
-        return 2 ** (len(self.channel_mult) - 1)
+        return 2 ** (self.levels - 1)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
+        d["block_out_channels"] = list(self.block_out_channels)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
+        """Also reads the widths as LDM's ``ch`` and ``ch_mult`` (keys ``base_channels``, ``channel_mult``)."""
+        d = dict(d)
+        if "block_out_channels" not in d and "channel_mult" in d:
+            d["block_out_channels"] = [int(d["base_channels"]) * int(m) for m in d["channel_mult"]]
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -237,17 +249,16 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        g, ch = cfg.norm_groups, cfg.base_channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        g, widths = cfg.norm_groups, cfg.block_out_channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
-        block_in = ch
-        for level, mult in enumerate(cfg.channel_mult):
+        block_in = widths[0]
+        for level, block_out in enumerate(widths):
             stage = _Level()
-            block_out = ch * mult
             for _ in range(cfg.num_res_blocks):
                 stage.block.append(ResnetBlock(block_in, block_out, g))
                 block_in = block_out
-            if level != len(cfg.channel_mult) - 1:
+            if level != cfg.levels - 1:
                 stage.downsample = Downsample(block_in)
             self.down.append(stage)
         self.mid = _Mid(block_in, g, cfg.mid_attention)
@@ -272,14 +283,14 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        g, ch = cfg.norm_groups, cfg.base_channels
-        block_in = ch * cfg.channel_mult[-1]
+        g, widths = cfg.norm_groups, cfg.block_out_channels
+        block_in = widths[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, block_in, 3, padding=1)
         self.mid = _Mid(block_in, g, cfg.mid_attention)
         levels: list[_Level] = []
-        for level in reversed(range(len(cfg.channel_mult))):
+        for level in reversed(range(cfg.levels)):
             stage = _Level()
-            block_out = ch * cfg.channel_mult[level]
+            block_out = widths[level]
             for _ in range(cfg.num_res_blocks + 1):
                 stage.block.append(ResnetBlock(block_in, block_out, g))
                 block_in = block_out
@@ -331,7 +342,7 @@ class AutoencoderKL(nn.Module):
         low-resolution half in fp32 buys most of the speed for a fraction of the error
         (numbers in docs/benchmarks.md, "VAE decode"). Returns self.
         """
-        n_levels = len(self.config.channel_mult)
+        n_levels = self.config.levels
         levels = n_levels if levels is None else max(0, min(levels, n_levels))
         self.float()
         if levels == 0:

@@ -1,10 +1,12 @@
 """The LoRA doctor: what a file is, which family it was made for, and how much of it fits a model.
 
-``inspect_lora(path, models=None)`` -> ``LoRAReport``: the detected format, the family guessed from
-the key patterns (and, with a base model, the share of layers that match it), per block group
-(unet down/mid/up, dit double/single, text encoder 1/2...) the matched layers out of the file's,
-and the unmatched layers grouped into families (digits -> N) with the reason. ``check_coverage``
-turns a report into the interface: 0 % raises ``LoRAMismatchError``, anything short of 100 % warns.
+``inspect_lora(path, models=None)`` -> ``LoRAReport``: the detected format, the family the file's
+training metadata names (``ss_base_model_version``: diffstudio's trainer stores the family there;
+``modelspec.architecture``), else one guessed from the key patterns (and, with a base model, the
+share of layers that match it), per block group (unet down/mid/up, dit double/single, text encoder
+1/2...) the matched layers out of the file's, and the unmatched layers grouped into families
+(digits -> N) with the reason. ``check_coverage`` turns a report into the interface: 0 % raises
+``LoRAMismatchError``, anything short of 100 % warns.
 """
 
 from __future__ import annotations
@@ -68,8 +70,37 @@ class LoRAReport:
         return "\n".join(lines)
 
 
+# sd-scripts' ss_base_model_version values (prefixes) -> family; files diffstudio trains store the family's name.
+_KOHYA_BASE_VERSIONS = (("sd_v1", "sd15"), ("sd_v2", "sd2"), ("sdxl", "sdxl"), ("flux", "flux"), ("sd3", "sd3"))
+# The modelspec.architecture values sd-scripts and others write (prefixes) -> family.
+_MODELSPEC_ARCHITECTURES = (("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd2"),
+                            ("stable-diffusion-xl-v1-refiner", "sdxl_refiner"), ("stable-diffusion-xl", "sdxl"),
+                            ("stable-diffusion-3", "sd3"), ("flux-1", "flux"))
+
+
+def family_from_metadata(metadata: dict) -> tuple[str | None, str]:
+    """The family a file's training metadata names (our trainer's and sd-scripts' keys), if any."""
+    from diffstudio.families import FAMILIES
+
+    version = str(metadata.get("ss_base_model_version") or "")
+    if version in {family.name for family in FAMILIES}:
+        return version, f"the file's metadata: ss_base_model_version {version}"
+    for prefix, family in _KOHYA_BASE_VERSIONS:
+        if version.startswith(prefix):
+            return family, f"the file's metadata: ss_base_model_version {version}"
+    architecture = str(metadata.get("modelspec.architecture") or "")
+    for prefix, family in _MODELSPEC_ARCHITECTURES:
+        if architecture.startswith(prefix):
+            return family, f"the file's metadata: modelspec.architecture {architecture}"
+    return None, ""
+
+
 def guess_family(parsed: ParsedLoRA) -> tuple[str | None, str]:
-    """The family a file was trained for, from its layer names (and a cross-attention width)."""
+    """The family a file was trained for: from its metadata when it names one, else from its layer
+    names (and a cross-attention width)."""
+    family, reason = family_from_metadata(parsed.metadata)
+    if family is not None:
+        return family, reason
     names = [layer.local for layer in parsed.layers]
 
     def has(pattern: str) -> bool:
@@ -133,6 +164,18 @@ def inspect_lora(source, models=None) -> LoRAReport:
     parsed = parse_lora(sd, metadata)
     matches = match_lora(parsed, models) if models is not None else None
     return make_report(parsed, matches, models, name)
+
+
+def lora_report_if_lora(path) -> LoRAReport | None:
+    """The doctor's report when ``path`` is a LoRA / LyCORIS file (most of its keys form LoRA layers), else None.
+
+    For ``diffstudio info`` on a file no model family matches: a LoRA is not a model, and saying so
+    beats listing the families it is not. Safetensors are memory-mapped, so a large non-LoRA file
+    is not read.
+    """
+    report = inspect_lora(path)
+    lora_keys = report.keys
+    return report if report.layers and lora_keys >= len(report.unknown_keys) else None
 
 
 def check_coverage(report: LoRAReport) -> None:

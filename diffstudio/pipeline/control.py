@@ -124,7 +124,7 @@ class ControlNets:
         n = len(gen.prompts)
         gen.cond = {**gen.cond, NEGATIVE_ROWS: torch.zeros(n, dtype=torch.bool)}
         gen.uncond = {**gen.uncond, NEGATIVE_ROWS: torch.ones(n, dtype=torch.bool)}
-        return ControlledDenoiser(denoiser, loaded, gen.models)
+        return ControlledDenoiser(denoiser, loaded, gen.models, gen.family.latent.downscale)
 
 
 class FrameHints:
@@ -154,13 +154,14 @@ class FrameHints:
 
 
 class ControlledDenoiser(Wrapper):
-    """``D(x, sigma, **cond)`` whose network call receives the active units' summed residuals as ``control``."""
+    """``D(x, sigma, **cond)`` whose network call receives the active units' summed residuals as ``control``.
+    Under tiled diffusion (``tile=(top, left, h, w)`` in latent pixels) each hint is cropped to the tile."""
 
     takes_frames = True  # reads the ``frames`` entry of a video run (per-frame control images)
 
-    def __init__(self, inner, units, models):
+    def __init__(self, inner, units, models, downscale: int):
         super().__init__(inner)
-        self.units, self.models = units, models
+        self.units, self.models, self.downscale = units, models, downscale
 
     def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         negative = cond.pop(NEGATIVE_ROWS, None)
@@ -172,12 +173,16 @@ class ControlledDenoiser(Wrapper):
         sigma_rows = torch.as_tensor(sigma).reshape(-1).expand(x.shape[0])
         x_in, t = self.inner.prediction.network_input(x, sigma_rows)
         dtype, device = self.models.dtype, self.models.device
+        tile, d = cond.get("tile"), self.downscale
         context = cond.get("context")
         y = cond.get("y")
         total: list[torch.Tensor] | None = None
         for unit, model, hint, _, _ in active:
             rows = hint.rows(frames, x.shape[0]) if isinstance(hint, FrameHints) else \
                 hint.expand(x.shape[0], -1, -1, -1)
+            if tile is not None:
+                top, left, th, tw = tile
+                rows = rows[..., top * d:(top + th) * d, left * d:(left + tw) * d]
             with torch.inference_mode():
                 res = model(x_in.to(device, dtype), rows.to(device, dtype),
                             t.to(device), None if context is None else context.to(device, dtype),

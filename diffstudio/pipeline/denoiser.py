@@ -12,6 +12,10 @@ import torch
 
 from diffstudio.errors import NaNError
 
+# Keyword arguments latent-stage modules pass down to network-stage modules (pipeline/modules.py): a tile's
+# position (tiled diffusion), a window's frame indices (video). The network itself never receives them.
+LOCATION_KEYS = ("tile", "frames")
+
 
 def network_fn(models, *, check_finite: bool = True):
     """``call(x, t, *, c_concat=None, **cond) -> output`` of ``models``' denoiser network.
@@ -24,6 +28,8 @@ def network_fn(models, *, check_finite: bool = True):
     call_net = models.family.call_denoiser or (lambda net, x, t, cond: net(x, t, **cond))
 
     def call(x: torch.Tensor, t: torch.Tensor, *, c_concat: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        for key in LOCATION_KEYS:  # where a call sits in a larger latent: read by modules, not by networks
+            cond.pop(key, None)
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x)], dim=1)
         cond = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()

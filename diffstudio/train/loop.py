@@ -194,7 +194,7 @@ def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim
     if name == "adamw_fused":
         # torch's fused kernel (CPU and CUDA) updates every tensor in one pass, where the default on CPU loops
         # over tensors in Python (33 ms a step for the 10.5 M-parameter demo model, 7 fused:
-        # experiments/shapes/overheads.py). Not the default: its rounding differs in the last bit, so runs
+        # tools/shapes/adamw_step.py). Not the default: its rounding differs in the last bit, so runs
         # made with "adamw" would not repeat exactly.
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     if name == "adamw8bit":

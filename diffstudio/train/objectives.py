@@ -85,7 +85,7 @@ def vae_loss(vae, images: torch.Tensor, gen: torch.Generator, kl_weight: float =
             error = error + chroma_weight * (chroma(recon) - chroma(images)).abs()
         return (error * (1 + edge_weight * edge_map(images))).mean() + kl_weight * kl
     # unweighted: the same terms through F.l1_loss / F.mse_loss, summed in the order they always were, so that a
-    # recipe without edge weight (the demo file shipped until session 7) still trains bit for bit as it did
+    # recipe without edge weight (vae_edge_weight=0) trains bit for bit as that code path always has
     loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl
     if chroma_weight:
         loss = loss + chroma_weight * F.l1_loss(chroma(recon), chroma(images))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffstudio.sampling_names import SAMPLER_NAMES, SCHEDULER_NAMES
+
 
 def _steps(text: str) -> list[int]:
     try:
@@ -39,8 +41,10 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--cfg", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampler")
-    parser.add_argument("--scheduler")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, metavar="NAME",
+                        help=f"one of {', '.join(SAMPLER_NAMES)}; with --work-dir: euler, euler_ancestral, ddim, heun "
+                             "or lcm")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, metavar="NAME", help=", ".join(SCHEDULER_NAMES))
     parser.add_argument("--clip-skip", type=int)
     parser.add_argument("--context-length", type=int, default=16, help="frames the network sees at once (16)")
     parser.add_argument("--context-stride", type=int, help="frames between window starts (default: half the length)")
@@ -69,7 +73,7 @@ def add_video_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     import diffstudio
-    from diffstudio.cli import _dtype, _lora_spec
+    from diffstudio.cli import _check_device, _dtype, _lora_spec
     from diffstudio.video import video_io
     from diffstudio.video.render import VideoPipeline
     from diffstudio.video.workdir import check_sampler
@@ -79,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         video_io.check_source(args.input, "input video")
     if args.work_dir is not None and args.sampler is not None:
         check_sampler(args.sampler)
+    _check_device(args.device)
     paths = [args.model] if args.model else []
     if args.vae:
         paths.append(args.vae)

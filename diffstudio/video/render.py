@@ -84,8 +84,9 @@ class VideoPipeline:
         of frames or a list of frames) its length, or its first ``num_frames``. ``strength``: how much of the
         input to repaint (default 0.75). ``controlnets``: ``ControlNetUnit``s whose image is one control image
         or a list with one per frame. ``context_length`` / ``context_stride``: the frames the network sees at
-        once and the step between windows (default: half the length). ``same_noise``: every frame starts from the same noise.
-        ``smoother`` ("fastblend" or a ``FastBlendSmoother``) at ``smoother_steps`` (-1: after decoding).
+        once and the step between windows (default: half the length). ``same_noise``: every frame starts from
+        the same noise. ``smoother`` ("fastblend" or a ``FastBlendSmoother``) at ``smoother_steps`` (-1: after
+        decoding).
         ``work_dir``: save the state after every step and continue from it (``restart``: discard it).
         ``output``: write a video file (.mp4/.mov/.mkv) or a folder of PNGs and return its path.
         ``callback(step, total, x, x0)`` after every step."""

@@ -1,6 +1,8 @@
-# Assemble WORKDIR's current unet checkpoint with the shared decoder, then score it; or score a model file.
-# python experiments/shapes/eval_variant.py WORKDIR|MODEL.safetensors [PAIRS] [SEEDS] [CFG]
-# (session 3: 6 seeds; session 4: 12)
+# Score a demo model beyond `evaluate`: the evaluation pairs, then 12 seeds each of three everyday prompts (what the
+# scorer reads, and whether exactly one shape is drawn), and "a red circle in the center, white background" with
+# every sampler at its usual steps. Prints one JSON report.
+#   python tools/shapes/eval_variant.py MODEL.safetensors|WORKDIR [PAIRS] [SEEDS] [CFG]
+# WORKDIR: a `python -m diffstudio.demo train` work folder, assembled from its latest stage first.
 import json
 import sys
 import time

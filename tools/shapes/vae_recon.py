@@ -1,8 +1,7 @@
-# Does the autoencoder keep a shape's kind? 200 single shapes (the evaluation's prompts, held-out sizes drawn at
-# random) rendered by the world, passed through a VAE checkpoint (encode -> decode), read back by the scorer;
-# kind accuracy per kind (docs/shapes.md, "Session 7"). A stage folder with a checkpoint (runs/build10/vae,
-# runs/build10/decoder) or a model file.
-#   python experiments/shapes/vae_recon.py runs/build8/decoder runs/build10/decoder
+# Does the autoencoder keep a shape's kind? 200 single shapes (the evaluation's prompts, sizes drawn at random)
+# rendered by the world, passed through a VAE (encode -> decode), read back by the scorer; kind accuracy per kind.
+# SOURCE: a model file, or a build folder's stage with a checkpoint (runs/shapes/vae, runs/shapes/decoder).
+#   python tools/shapes/vae_recon.py diffstudio/demo/weights/shapes-sd.safetensors runs/shapes/vae
 import collections
 import sys
 from dataclasses import replace

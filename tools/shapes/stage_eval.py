@@ -1,6 +1,5 @@
 # Score every denoiser stage of a build folder (unet, layout, polish, refine), each with the folder's decoder,
-# to see which stage gains or loses what (docs/shapes.md, "Session 5").
-# python experiments/shapes/stage_eval.py WORKDIR [PAIRS] [CFG]   -> one JSON line per stage
+# to see what each stage adds. python tools/shapes/stage_eval.py WORKDIR [PAIRS] [CFG]   -> one JSON line per stage
 import json
 import sys
 from pathlib import Path

@@ -1,6 +1,6 @@
-# Which kind does the model draw for each asked kind? The evaluation's own pairs (evaluate.scored_pairs), the
-# scorer's reading of each image (docs/shapes.md, "Session 7"). MODEL: a file, or "shipped".
-#   python experiments/shapes/kind_confusion.py runs/build10/shapes-sd.safetensors 120 [FIRST_SEED]
+# Which kind does the model draw for each asked kind? The evaluation's own pairs (evaluate.scored_pairs), read by
+# the scorer. MODEL: a file, or "shipped" for the packaged demo model.
+#   python tools/shapes/kind_confusion.py shipped 120 [FIRST_SEED]
 import collections
 import sys
 

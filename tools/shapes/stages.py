@@ -1,6 +1,6 @@
 # Load one denoiser stage of a build folder as a model: assemble links only what that stage's file needs (the
 # latents' VAE, the decoder stage if the folder has one, and the stage itself, which `assemble` then picks as the
-# latest present). Shared by stage_eval.py and ema_polish.py.
+# latest present). Used by stage_eval.py.
 import tempfile
 from pathlib import Path
 
@@ -8,13 +8,12 @@ import diffstudio
 from diffstudio.demo.build import build
 
 
-def load_stage(workdir: Path, stage: str, stage_dir: Path | None = None):
-    """``stage_dir``: the stage's folder when it lives elsewhere than ``workdir / stage``."""
+def load_stage(workdir: Path, stage: str):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in ("latents.pt", "decoder"):
             if (workdir / name).exists():
                 (tmp / name).symlink_to((workdir / name).resolve())
-        (tmp / stage).symlink_to((stage_dir or workdir / stage).resolve())
+        (tmp / stage).symlink_to((workdir / stage).resolve())
         build(tmp / "model.safetensors", tmp, stages=("assemble",))
         return diffstudio.load(tmp / "model.safetensors")

@@ -1,5 +1,5 @@
 # Samplers x guidance scale on "a red circle in the center, white background": how many of 12 seeds the
-# scorer reads right (docs/shapes.md, "Session 4"). python experiments/shapes/cfg_sweep.py [MODEL]
+# scorer reads right. python tools/shapes/cfg_sweep.py [MODEL]   (default: the packaged demo model)
 import sys
 
 import diffstudio

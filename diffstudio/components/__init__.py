@@ -1,0 +1,29 @@
+"""Component architectures: the kinds of weight blocks a checkpoint can hold.
+
+Each architecture is one module of this package exporting ``ARCH``, its `ComponentArch` record, with real
+references to its sentinel keys (``diffstudio.detect.<x>``), module (``diffstudio.models.<x>``) and
+converters (``diffstudio.convert.<x>``). ``ARCHS`` maps each record's name to it; family records name
+architectures by these names. Adding an architecture = one module here and one line below.
+"""
+
+from __future__ import annotations
+
+from diffstudio.components import (
+    bert,
+    chatglm,
+    clip_text,
+    controlnet,
+    flux_dit,
+    hunyuan_dit,
+    ldm_unet,
+    ldm_vae,
+    mmdit,
+    motion_module,
+    t5_encoder,
+)
+from diffstudio.components.base import ComponentArch
+
+ARCHS: dict[str, ComponentArch] = {module.ARCH.name: module.ARCH for module in (
+    ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module)}
+
+__all__ = ["ARCHS", "ComponentArch"]
