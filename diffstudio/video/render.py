@@ -31,6 +31,7 @@ from diffstudio.errors import InvalidInputError, InvalidSizeError
 from diffstudio.pipeline.generate import Pipeline
 from diffstudio.pipeline.request import Request
 from diffstudio.video.animatediff import ContextWindows, Frames, VideoStart
+from diffstudio.video.context import context_windows
 from diffstudio.video.frames import InputVideo, LatentCodec, fingerprint
 from diffstudio.video.smoothing import InLoopSmoothing, smoothed_frames, smoother_for
 from diffstudio.video.workdir import WorkDir, check_sampler, restore_noise
@@ -117,11 +118,11 @@ class VideoPipeline:
         if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
             raise InvalidInputError(f"num_frames must be a positive whole number, got {num_frames!r}")
 
+        if not isinstance(prompt, str):
+            raise InvalidInputError("a video has one prompt; pass a string")
         request = Request(prompt, negative_prompt, width=width, height=height, steps=steps, cfg_scale=cfg_scale,
                           seed=seed, sampler=sampler, scheduler=scheduler, sigmas=sigmas, clip_skip=clip_skip,
                           tiled_vae=tiled_vae)
-        if not isinstance(prompt, str):
-            raise InvalidInputError("a video has one prompt; pass a string")
         pipe = Pipeline(motion_view(self.models), self.lora_dirs)
         resolved = request.resolve(pipe.models)
         if work_dir is not None:
@@ -165,8 +166,6 @@ class VideoPipeline:
                 run_modules.append(smoothing)
             gen = pipe.prepare(request, run_modules, start=VideoStart(known, strength))
             total = len(gen.sigmas) - 1
-            from diffstudio.video.context import context_windows
-
             per_step = len(context_windows(num_frames, context_length, context_stride))
             noise = frame_noise(seed, num_frames, gen.latent_shape, same_noise)
             if saved is not None:
