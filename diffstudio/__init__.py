@@ -44,6 +44,7 @@ _LAZY = {
     "ImagePrompt": "diffstudio.pipeline.ip_adapter",
     "TiledDiffusion": "diffstudio.pipeline.tiled_diffusion",
     "HiresFix": "diffstudio.pipeline.hires",
+    "VideoPipeline": "diffstudio.video.render",
 }
 
 
@@ -101,4 +102,5 @@ __all__ = [
     "InvalidSizeError", "Models", "ModelNotFoundError", "NaNError", "Pipeline", "Region", "RegionError",
     "RegionLayout", "Request", "TiledDiffusion", "UnknownModelError",
     "UnsafeCheckpointError", "UnsupportedFormatError", "detect", "download", "load",
+    "VideoPipeline",
 ]

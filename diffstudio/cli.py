@@ -17,6 +17,7 @@ from pathlib import Path
 from diffstudio.errors import DiffstudioError, InvalidInputError, LoRANotFoundError, UnknownModelError
 from diffstudio.sampling_names import SAMPLER_NAMES, SCHEDULER_NAMES
 from diffstudio.threads import prepare_threads, set_threads
+from diffstudio.video.cli import add_video_parser
 
 LORA_DIRS_ENV = "DIFFSTUDIO_LORA_DIRS"  # folders searched for <lora:name:w> prompt tags, os.pathsep-separated
 
@@ -475,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     from diffstudio.server import cli as server_cli
 
     server_cli.add_parser(sub)
+    add_video_parser(sub)
 
     fastblend = sub.add_parser("fastblend", help="deflicker a stylised video or interpolate keyframes")
     fastblend.configure_later = _configure_fastblend

@@ -135,6 +135,13 @@ class Models:
             self.ip_adapters[key] = add_ip_adapter(self, path, image_encoder)
         return self.ip_adapters[key]
 
+    def add_motion_module(self, path, hints: dict | None = None) -> torch.nn.Module:
+        """Add an AnimateDiff motion module file or MotionAdapter folder (docs/animatediff.md) as this model's
+        ``motion`` component; a video run then uses it and the family's motion schedule."""
+        from diffstudio.motion_loading import add_motion_module
+
+        return add_motion_module(self, path, hints=hints)
+
     def add_embedding(self, path_or_folder, name: str | None = None) -> list:
         """Add a textual-inversion embedding file, or every one under a folder, to this model's prompts
         (by file stem, or ``name``); a name added again is replaced. Returns the embeddings added."""

@@ -141,6 +141,9 @@ class Family:
     # The loader hands the pipeline ``family.for_variant(detection.variant)``, so nothing else asks.
     variant_of: Callable[[Any], str | None] = lambda config: None
     variants: dict[str, dict] = field(default_factory=dict)
+    # The noise schedule the family's AnimateDiff motion modules were trained with, used in place of
+    # ``schedule`` while a motion module is loaded (``for_motion``); None: the family's own schedule.
+    motion_schedule: DiscreteSchedule | None = None
 
     def variant_from(self, denoiser_config) -> str | None:
         """The variant a denoiser of this structure is: "inpaint" when it takes extra input channels,
@@ -153,6 +156,12 @@ class Family:
 
         overrides = self.variants.get(variant or "", {})
         return replace(self, **overrides) if overrides else self
+
+    def for_motion(self) -> Family:
+        """This record as an AnimateDiff run sees it: ``motion_schedule`` in place of ``schedule``."""
+        from dataclasses import replace
+
+        return replace(self, schedule=self.motion_schedule) if self.motion_schedule is not None else self
 
     def role(self, name: str) -> Role:
         for r in self.roles:

@@ -66,4 +66,7 @@ SD15 = Family(
     lora_targets=LDM_UNET_LORA_TARGETS,
     diffusers_pipelines=("StableDiffusionPipeline", "StableDiffusionInpaintPipeline",
                          "StableDiffusionImg2ImgPipeline"),
+    # AnimateDiff v1-v3 for SD 1.x were trained and are sampled on the *linear* betas (its
+    # configs/inference/inference-v*.yaml: beta_start 0.00085, beta_end 0.012, "linear").
+    motion_schedule=DiscreteSchedule(beta_start=0.00085, beta_end=0.012, num_steps=1000, kind="linear"),
 )

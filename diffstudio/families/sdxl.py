@@ -213,6 +213,9 @@ SDXL = Family(
     # Only the txt2img class is the base's alone: StableDiffusionXLImg2ImgPipeline (and the inpaint
     # one) also holds refiners, so those folders are placed by their UNet's structure.
     diffusers_pipelines=("StableDiffusionXLPipeline",),
+    # AnimateDiff's SDXL beta module: scaled-linear betas up to 0.020 (the sdxl branch's
+    # configs/inference/inference.yaml), not SDXL's own 0.012.
+    motion_schedule=DiscreteSchedule(beta_start=0.00085, beta_end=0.020, num_steps=1000, kind="scaled_linear"),
 )
 
 # The refiner shares the base's UNet, VAE, latent format, schedule and defaults; it differs in its text

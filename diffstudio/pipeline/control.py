@@ -25,6 +25,7 @@ from diffstudio.pipeline.modules import NEGATIVE_ROWS, NETWORK, Generation, Wrap
 
 CONTROL_MODES = ("balanced", "prompt", "control")
 SOFT_DECAY = 0.825  # A1111's "My prompt is more important" per-layer weight base
+FRAMES = "frames"  # video runs: the frame indices of the rows' video window (video/animatediff.py)
 
 
 @dataclass
@@ -33,7 +34,8 @@ class ControlNetUnit:
 
     model: a loaded ControlNet (``models.add_controlnet(path)``) or a path to one.
     image: the control image (path, PIL or array), resized and centre-cropped to the output size; or a finished
-        hint tensor (1, C, H, W), e.g. ``annotators.inpaint(image, mask)`` for the inpainting ControlNet.
+        hint tensor (1, C, H, W), e.g. ``annotators.inpaint(image, mask)`` for the inpainting ControlNet; in a
+        video run, a list of them (one per frame, read when a window needs them).
     preprocess: an annotator run on ``image`` first (``"canny"``, ``"tile"``, ``"blur"``; None = use as is).
     start / end: the fraction of the steps during which the unit acts (0 = first step, 1 = last).
     """
@@ -110,8 +112,11 @@ class ControlNets:
                 continue
             model = gen.models.add_controlnet(unit.model) if isinstance(unit.model, (str,)) or hasattr(
                 unit.model, "__fspath__") else unit.model
-            hint = control_image(unit.image, unit.preprocess, r.width, r.height).to(gen.models.device,
-                                                                                    gen.models.dtype)
+            if isinstance(unit.image, (list, tuple)):
+                hint = FrameHints(unit.image, unit.preprocess, r.width, r.height)
+            else:
+                hint = control_image(unit.image, unit.preprocess, r.width, r.height).to(gen.models.device,
+                                                                                        gen.models.dtype)
             hi, lo = gen.sigma_at(unit.start), gen.sigma_at(unit.end)
             loaded.append((unit, model, hint, hi, lo))
         if not loaded:
@@ -120,9 +125,37 @@ class ControlNets:
         return ControlledDenoiser(denoiser, loaded, gen.models, gen.family.latent.downscale)
 
 
+class FrameHints:
+    """A unit's control images, one per video frame: ``rows(frames, n)`` -> the hints of those frames for
+    ``n`` rows (videos of ``len(frames)`` frames each, frame index fastest). Only the last window's hints
+    are kept, so a long video's control frames are never all in memory."""
+
+    def __init__(self, images, preprocess: str | None, width: int, height: int):
+        self.images, self.preprocess, self.size = list(images), preprocess, (width, height)
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def rows(self, frames, n: int) -> torch.Tensor:
+        if frames is None:
+            raise InvalidInputError("a ControlNet unit with one image per frame needs a video run "
+                                    "(diffstudio.VideoPipeline); give an image run one control image")
+        frames = [int(i) for i in frames]
+        if max(frames) >= len(self.images):
+            raise InvalidInputError(f"the ControlNet unit has {len(self.images)} control frames but the video "
+                                    f"has frame {max(frames)}: give one control image per frame")
+        kept = {}
+        for i in frames:
+            kept[i] = self._cache[i] if i in self._cache else control_image(self.images[i], self.preprocess,
+                                                                            *self.size)
+        self._cache = kept
+        window = torch.cat([kept[i] for i in frames])
+        return window.repeat(n // len(frames), 1, 1, 1)
+
+
 class ControlledDenoiser(Wrapper):
     """``D(x, sigma, **cond)`` whose network call receives the active units' summed residuals as ``control``.
     Under tiled diffusion (``tile=(top, left, h, w)`` in latent pixels) each hint is cropped to the tile."""
+
+    takes_frames = True  # reads the ``frames`` entry of a video run (per-frame control images)
 
     def __init__(self, inner, units, models, downscale: int):
         super().__init__(inner)
@@ -130,6 +163,7 @@ class ControlledDenoiser(Wrapper):
 
     def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         negative = cond.get(NEGATIVE_ROWS)
+        frames = cond.get(FRAMES)
         active = [u for u in self.units if is_active(sigma, u[3:5])]
         if not active:
             return self.inner(x, sigma, **cond)
@@ -141,11 +175,13 @@ class ControlledDenoiser(Wrapper):
         y = cond.get("y")
         total: list[torch.Tensor] | None = None
         for unit, model, hint, _, _ in active:
+            rows = hint.rows(frames, x.shape[0]) if isinstance(hint, FrameHints) else \
+                hint.expand(x.shape[0], -1, -1, -1)
             if tile is not None:
                 top, left, th, tw = tile
-                hint = hint[..., top * d:(top + th) * d, left * d:(left + tw) * d]
+                rows = rows[..., top * d:(top + th) * d, left * d:(left + tw) * d]
             with torch.inference_mode():
-                res = model(x_in.to(device, dtype), hint.expand(x.shape[0], -1, -1, -1),
+                res = model(x_in.to(device, dtype), rows.to(device, dtype),
                             t.to(device), None if context is None else context.to(device, dtype),
                             None if y is None else y.to(device, dtype))
             weights = _layer_weights(unit, len(res), negative, x.shape[0], device, dtype)

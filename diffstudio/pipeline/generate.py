@@ -130,9 +130,10 @@ class Pipeline:
         return self.run(request, modules=modules, progress=progress, callback=callback)
 
     # -- the loop ---------------------------------------------------------------------------
-    def prepare(self, request: Request, modules=()) -> Generation:
+    def prepare(self, request: Request, modules=(), start=None) -> Generation:
         """Everything before sampling: the request resolved, prompts encoded, the start prepared and the
-        network's denoiser wrapped by the run's modules (``gen.guided``)."""
+        network's denoiser wrapped by the run's modules (``gen.guided``). ``start``: a start-latent strategy
+        (start.py) in place of the one the request implies (the video pipeline's frames)."""
         from diffstudio.sampling import get_sigmas
 
         r = request.resolve(self.models)
@@ -150,7 +151,7 @@ class Pipeline:
         denoiser = make_denoiser(models, lat_shape[1:])
         sigmas = r.sigmas if r.sigmas is not None else get_sigmas(r.scheduler, denoiser, r.steps)
         gen = Generation(models, r, denoiser, sigmas, cond, uncond, encode, texts[:n], texts[n:], lat_shape)
-        gen.start = start_for(r)
+        gen.start = start_for(r) if start is None else start
         gen.modules = [*gen.start.prepare(gen, self), *modules]
         concat_conditioning(gen, self)
         gen.modules.append(RegionPrompts(r.regions, r.region_mode) if r.regions else ClassifierFreeGuidance())
