@@ -233,7 +233,7 @@ class VideoPipeline:
 
     def _frame_recipe(self, gen, num_frames: int, started: float) -> dict:
         r = gen.request
-        extra = {"seconds": round(time.time() - started, 2), **gen.recipe}
+        extra = {"seconds": round(time.time() - started, 2)}
         for module in gen.modules:
             extra.update(getattr(module, "recipe", dict)())
         return {"prompt": r.prompt, "negative_prompt": r.negative_prompt, "width": r.width, "height": r.height,
