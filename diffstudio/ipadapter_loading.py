@@ -102,7 +102,7 @@ def read_image_encoder(path: str | Path, dtype: torch.dtype = torch.float32, dev
 
     from diffstudio.io.folders import existing_path, read_component, read_component_config
     from diffstudio.io.state_dict import read_state_dict
-    from diffstudio.loader import _materialise_buffer
+    from diffstudio.loader import assign_weights
 
     path = existing_path(path, "image encoder")
     if path.is_dir():
@@ -114,15 +114,7 @@ def read_image_encoder(path: str | Path, dtype: torch.dtype = torch.float32, dev
     with torch.device("meta"):
         encoder = CLIPVisionModelWithProjection(config)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
-    missing, unexpected = encoder.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise UnknownModelError(f"{path} is not a CLIPVisionModelWithProjection: {len(missing)} missing keys (e.g. "
-                                f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-    for name, buf in list(encoder.named_buffers()):
-        if buf.is_meta:
-            _materialise_buffer(encoder, name, buf, device)
-    return encoder.eval().requires_grad_(False)
+    return assign_weights(encoder, sd, device, f"{path} is not a CLIPVisionModelWithProjection")
 
 
 def encoder_problem(adapter: IPAdapterConfig, encoder_config) -> str | None:

@@ -340,14 +340,20 @@ def build_component(role: str, arch_name: str, part: _Part, dtype: torch.dtype, 
         from diffstudio.convert.clip import to_installed_transformers_layout
 
         state = to_installed_transformers_layout(state, module)
+    from diffstudio.errors import ConversionError
+
+    return assign_weights(module, state, device, f"{role} from {part.source}", ConversionError)
+
+
+def assign_weights(module: torch.nn.Module, state: dict, device, what: str, error=UnknownModelError):
+    """Put ``state`` (already in the right dtype and device) into ``module`` built on the meta device: every key
+    must match (``error`` names ``what`` otherwise); buffers no checkpoint holds (position_ids) are made on
+    ``device``. Returns the module in eval mode, without gradients."""
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        from diffstudio.errors import ConversionError
-
-        raise ConversionError(f"{role} from {part.source}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-    # Buffers that are not in checkpoints (e.g. position_ids) are still on meta: materialise them.
+        raise error(f"{what}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+                    f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     for name, buf in list(module.named_buffers()):
         if buf.is_meta:
             _materialise_buffer(module, name, buf, device)
