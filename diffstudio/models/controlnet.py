@@ -35,13 +35,13 @@ from torch import nn
 
 from diffstudio.errors import InvalidSizeError
 from diffstudio.models.unet import (
-    Downsample,
     ResBlock,
     SpatialTransformer,
     TimestepEmbedSequential,
     UNetConfig,
     add_embedding_layers,
     embed_conditioning,
+    encoder_blocks,
 )
 
 
@@ -106,20 +106,10 @@ class ControlNetModel(nn.Module):
             return TimestepEmbedSequential(nn.Conv2d(ch, ch, 1))
 
         # The UNet's encoder half, block for block (same indices, so the same parameter names).
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
-        self.zero_convs = nn.ModuleList([zero_conv(mc)])
-        ch = mc
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, g)]
-                ch = mult * mc
-                if c.transformer_depth[level] > 0:
-                    layers.append(transformer(ch, c.transformer_depth[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self.zero_convs.append(zero_conv(ch))
-            if level != len(c.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                self.zero_convs.append(zero_conv(ch))
+        blocks, widths = encoder_blocks(c, emb_dim, transformer)
+        self.input_blocks = nn.ModuleList(blocks)
+        self.zero_convs = nn.ModuleList([zero_conv(width) for width in widths])
+        ch = widths[-1]
         self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, g),
                                                     transformer(ch, c.transformer_depth_middle),
                                                     ResBlock(ch, emb_dim, ch, g))

@@ -376,6 +376,26 @@ class TimestepEmbedSequential(nn.Sequential):
 # --------------------------------------------------------------------------------------------
 
 
+def encoder_blocks(c, emb_dim: int, transformer) -> tuple[list[nn.Module], list[int]]:
+    """The UNet's input blocks (conv_in, then per level its ResBlocks (+ transformers) and a Downsample but for
+    the last level) and the width after each (the skips): shared with the ControlNet, which copies them."""
+    mc = c.model_channels
+    blocks: list[nn.Module] = [TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))]
+    widths, ch = [mc], mc
+    for level, mult in enumerate(c.channel_mult):
+        for _ in range(c.num_res_blocks[level]):
+            layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, c.norm_groups)]
+            ch = mult * mc
+            if c.transformer_depth[level] > 0:
+                layers.append(transformer(ch, c.transformer_depth[level]))
+            blocks.append(TimestepEmbedSequential(*layers))
+            widths.append(ch)
+        if level != len(c.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            widths.append(ch)
+    return blocks, widths
+
+
 def add_embedding_layers(net: nn.Module, c) -> None:
     """The layers ``embed_conditioning`` runs: time_embed, SDXL's label_emb, Kolors' encoder_hid_proj."""
     emb_dim = c.model_channels * 4
@@ -451,22 +471,9 @@ class UNetModel(nn.Module):
                                       c.use_linear_in_transformer, c.norm_groups)
 
         g = c.norm_groups
-        conv_in = nn.Conv2d(c.in_channels, mc, 3, padding=1)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
-        skip_channels = [mc]
-        ch = mc
-        levels = len(c.channel_mult)
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, g)]
-                ch = mult * mc
-                if c.transformer_depth[level] > 0:
-                    layers.append(transformer(ch, c.transformer_depth[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != levels - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
+        blocks, skip_channels = encoder_blocks(c, emb_dim, transformer)
+        self.input_blocks = nn.ModuleList(blocks)
+        ch = skip_channels[-1]
 
         self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, g),
                                                     transformer(ch, c.transformer_depth_middle),
