@@ -274,6 +274,9 @@ def _add_train_parser(sub) -> None:
                       help="discard the work folder's checkpoint (a run with other data or settings) and start over")
     lora.add_argument("--format", default="kohya", choices=["kohya", "peft"])
     lora.set_defaults(func=cmd_train_lora)
+    from diffstudio.control import cli as control_cli
+
+    control_cli.add_train_parser(kinds)
 
 
 def _lora_spec(spec: str, default: float = 1.0) -> tuple[str, float]:
@@ -473,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     lora_inspect.add_argument("--model", help="a base model: report how much of the LoRA matches it")
     lora_inspect.set_defaults(func=cmd_lora_inspect)
     _add_train_parser(sub)
+    from diffstudio.control import cli as control_cli
+
+    control_cli.add_annotate_parser(sub)
+
     from diffstudio.server import cli as server_cli
 
     server_cli.add_parser(sub)

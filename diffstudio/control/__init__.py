@@ -1,5 +1,12 @@
 """Control images for ControlNets: annotators that turn an image into a control image (docs/controlnet.md)."""
 
-from diffstudio.control.annotators import blur, canny, canny_edges, hint_tensor, inpaint, tile
-
 __all__ = ["blur", "canny", "canny_edges", "hint_tensor", "inpaint", "tile"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that the command line (diffstudio.control.cli) does not load SciPy to start.
+    if name in __all__:
+        from diffstudio.control import annotators
+
+        return getattr(annotators, name)
+    raise AttributeError(f"module 'diffstudio.control' has no attribute {name!r}")

@@ -10,7 +10,7 @@ What the trainer does, in order:
 2. read the data folder (images + ``metadata.csv`` or ``.txt`` captions) and put each image in
    its aspect-ratio bucket (``train.buckets``);
 3. cache every image's latent and every caption's conditioning once (the VAE and the text
-   encoders are frozen and never run again), in ``<workdir>/cache.pt``;
+   encoders are frozen and never run again), in ``<workdir>/cache.pt`` (``train.cache``);
 4. train with ``train.loop.train`` (accelerate; exact resume from ``<workdir>/checkpoint``, only under the
    recipe the checkpoint was trained with: ``train.recipe``);
 5. export the adapters in kohya format (default) or diffusers/peft format (``train.lora_export``).
@@ -18,9 +18,7 @@ What the trainer does, in order:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,70 +108,6 @@ def adapter_weights(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, to
     return out
 
 
-# --- data: buckets and caches ------------------------------------------------------------------------------
-
-
-def _prepare_items(models, rows, config: LoRATrainConfig, resolution: int):
-    """Each row -> (bucket id, latent (C, h, w), conditioning dict with batch dim 1)."""
-    from PIL import Image, ImageOps
-    from tqdm.auto import tqdm
-
-    from diffstudio.io.images import images_to_tensor
-    from diffstudio.pipeline.generate import Pipeline
-    from diffstudio.train.buckets import bucket_sizes, nearest_bucket
-
-    family = models.family
-    multiple = family.latent.downscale * 8
-    sizes = bucket_sizes(resolution, multiple) if config.buckets else [(resolution, resolution)]
-    pipe = Pipeline(models)
-    clip_skip = family.text_encoders[0].default_clip_skip
-    guidance = {**asdict(family.defaults), **models.defaults}.get("guidance")
-    items, bucket_ids, empty = [], [], {}
-    for path, caption in tqdm(rows, desc="caching latents and captions"):
-        image = Image.open(path).convert("RGB")
-        size = nearest_bucket(*image.size, sizes)
-        image = ImageOps.fit(image, size, Image.LANCZOS)  # resize to cover, centre crop
-        with torch.no_grad():
-            latent = pipe.encode_images(images_to_tensor([image]), tiled=False)[0]
-            cond = family.make_conditioning(models, [caption], clip_skip=clip_skip, width=size[0],
-                                            height=size[1], guidance=guidance)
-            if size not in empty and config.caption_dropout > 0:
-                empty[size] = family.make_conditioning(models, [""], clip_skip=clip_skip, width=size[0],
-                                                       height=size[1], guidance=guidance)
-        bucket_ids.append(sizes.index(size))
-        items.append({"latent": latent, "cond": cond, "size": list(size)})
-    return {"items": items, "buckets": bucket_ids,
-            "empty": {f"{w}x{h}": c for (w, h), c in empty.items()}}
-
-
-def _cache_key(recipe: dict) -> str:
-    """The cache holds what the frozen VAE and text encoders make of the data: it is reused while these agree."""
-    used = {key: recipe[key] for key in ("data", "model", "resolution", "buckets", "caption_dropout", "precision")}
-    return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def load_or_build_cache(models, rows, config: LoRATrainConfig, resolution: int, key: str) -> dict:
-    path = config.work_path() / "cache.pt"
-    if path.exists():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key:
-            return cached
-    data = _prepare_items(models, rows, config, resolution)
-    data["key"] = key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # then renamed: a failed write leaves the old cache whole
-    torch.save(data, tmp)
-    os.replace(tmp, path)
-    return data
-
-
-def _collate(conds: list[dict]) -> dict:
-    out = {}
-    for key, value in conds[0].items():
-        out[key] = torch.cat([c[key] for c in conds]) if isinstance(value, torch.Tensor) else value
-    return out
-
-
 # --- training -------------------------------------------------------------------------------------------------
 
 
@@ -213,10 +147,10 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     import diffstudio
     from diffstudio.pipeline.denoiser import network_fn
     from diffstudio.sampling.prediction import prediction_for
-    from diffstudio.train.buckets import bucket_batches
+    from diffstudio.train.cache import cache_key, draw_batch, load_or_build_cache, prepare_items
     from diffstudio.train.data import read_captions
     from diffstudio.train.extras import require_train_extra
-    from diffstudio.train.loop import OPTIMIZERS, discard_checkpoints, step_generator, train
+    from diffstudio.train.loop import OPTIMIZERS, discard_checkpoints, train
     from diffstudio.train.lora_export import save_lora
     from diffstudio.train.objectives import diffusion_loss
     from diffstudio.train.recipe import check_resume
@@ -247,7 +181,8 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     rows = read_captions(config.data)
     recipe = run_recipe(config, models, rows, resolution, pattern, alpha)
     check_resume(config.work_path(), recipe, restart=config.restart)  # before any work: a stale run stops here
-    data = load_or_build_cache(models, rows, config, resolution, _cache_key(recipe))
+    data = load_or_build_cache(config.work_path() / "cache.pt", cache_key(recipe), lambda: prepare_items(
+        models, rows, resolution=resolution, buckets=config.buckets, caption_dropout=config.caption_dropout))
 
     # Everything that can refuse the run has run, so the model is changed only now (and put back afterwards).
     checkpointing = getattr(denoiser, "gradient_checkpointing", None)
@@ -255,20 +190,13 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     if config.gradient_checkpointing:
         denoiser.gradient_checkpointing = True
 
-    items, buckets = data["items"], data["buckets"]
+    items = data["items"]
     prediction = prediction_for(family)
     net_fn = network_fn(models, check_finite=False)
 
     def loss_fn(model, step):
-        gen = step_generator(config.seed, step)
-        idx = bucket_batches(buckets, config.batch_size, step, config.seed)
-        x0 = torch.stack([items[i]["latent"] for i in idx]).float()
-        conds = []
-        for i in idx:
-            dropped = config.caption_dropout and torch.rand((), generator=gen).item() < config.caption_dropout
-            size = items[i]["size"]
-            conds.append(data["empty"][f"{size[0]}x{size[1]}"] if dropped else items[i]["cond"])
-        return diffusion_loss(prediction, net_fn, x0, _collate(conds), gen, snr_gamma=config.snr_gamma)
+        _, gen, x0, cond = draw_batch(data, step, config.seed, config.batch_size, config.caption_dropout)
+        return diffusion_loss(prediction, net_fn, x0, cond, gen, snr_gamma=config.snr_gamma)
 
     trainee = _Trainee(denoiser)
     if config.restart:  # the new run is ready: only now does the old one go

@@ -1,0 +1,85 @@
+"""The ControlNet commands: ``diffstudio train controlnet`` and ``diffstudio annotate`` (docs/controlnet.md)."""
+
+from __future__ import annotations
+
+ANNOTATORS = ("canny", "tile", "blur")
+
+
+def _widths(text: str) -> list[int]:
+    return [int(w) for w in text.split(",")]
+
+
+def cmd_train_controlnet(args) -> int:
+    from diffstudio.train.controlnet import ControlNetTrainConfig, train_controlnet
+
+    config = ControlNetTrainConfig(data=args.data, out=args.out, model=args.model,
+                                   hint_block_channels=args.hint_channels, steps=args.steps,
+                                   batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, lr_end=args.lr_end,
+                                   snr_gamma=args.snr_gamma, resolution=args.resolution, buckets=not args.no_buckets,
+                                   precision=args.precision, optimizer=args.optimizer,
+                                   caption_dropout=args.caption_dropout, seed=args.seed,
+                                   checkpoint_every=args.checkpoint_every, workdir=args.workdir,
+                                   save_dtype=args.save_dtype, restart=args.restart)
+    print(f"wrote {train_controlnet(config)}")
+    return 0
+
+
+def add_train_parser(kinds) -> None:
+    """``train controlnet`` under the ``train`` command's sub-parsers ``kinds``."""
+    p = kinds.add_parser("controlnet", help="train a ControlNet for an SD 1.x / SDXL model",
+                         description="Trains a ControlNet initialised from the base UNet's encoder; the base stays "
+                                     "frozen. Runs on accelerate like LoRA training (docs/controlnet.md).")
+    p.add_argument("--model", help="base model file or folder (default: the packaged Shapes demo model)")
+    p.add_argument("--data", required=True,
+                   help="a folder with metadata.csv (file_name,conditioning_image,text) and the images")
+    p.add_argument("--out", required=True, help="the ControlNet file to write (.safetensors)")
+    p.add_argument("--hint-channels", type=_widths, default=[16, 32, 96, 256],
+                   help="widths of the hint encoder's stages, comma-separated (default: the released 16,32,96,256)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--lr-end", type=float, default=None, help="anneal to this learning rate (half cosine)")
+    p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (eps/v families)")
+    p.add_argument("--resolution", type=int, help="bucket area = resolution^2 (default: the model's size)")
+    p.add_argument("--no-buckets", action="store_true", help="square crops instead of aspect-ratio buckets")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the frozen base in bf16 (the ControlNet trains in fp32)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adamw8bit"])
+    p.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="share of samples trained on the empty prompt (the paper drops half)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--workdir", help="checkpoints + caches (default: OUT.run); a rerun with the same data, "
+                                     "base model and settings resumes from it")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the work folder's checkpoint (a run with other data or settings) and start over")
+    p.add_argument("--save-dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="the file's dtype")
+    p.set_defaults(func=cmd_train_controlnet)
+
+
+def cmd_annotate(args) -> int:
+    from diffstudio.control import annotators
+
+    if args.kind == "canny":
+        image = annotators.canny(args.image, args.low, args.high)
+    elif args.kind == "tile":
+        image = annotators.tile(args.image, args.factor)
+    else:
+        image = annotators.blur(args.image, args.radius)
+    image.save(args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def add_annotate_parser(sub) -> None:
+    """``annotate --kind canny IMAGE -o OUT``: a control image from a picture, no weights needed."""
+    p = sub.add_parser("annotate", help="make a ControlNet control image (canny edges, tile, blur) from a picture")
+    p.add_argument("image")
+    p.add_argument("--kind", required=True, choices=ANNOTATORS)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--low", type=float, default=100, help="canny: the lower hysteresis threshold")
+    p.add_argument("--high", type=float, default=200, help="canny: the upper hysteresis threshold")
+    p.add_argument("--factor", type=float, default=4.0, help="tile: how many times smaller the averaged image is")
+    p.add_argument("--radius", type=float, default=4.0, help="blur: the Gaussian's radius in pixels")
+    p.set_defaults(func=cmd_annotate)
