@@ -89,7 +89,7 @@ def cmd_train_lora(args) -> int:
 
 
 def _add_train_parser(sub) -> None:
-    train = sub.add_parser("train", help="train a LoRA (any family)")
+    train = sub.add_parser("train", help="train a LoRA (any family) or AnimateDiff motion modules")
     kinds = train.add_subparsers(dest="kind", required=True)
     lora = kinds.add_parser("lora", help="train a LoRA on a folder of images with captions",
                             description="Runs on accelerate: `accelerate launch -m diffstudio.cli train lora ...` "
@@ -121,6 +121,10 @@ def _add_train_parser(sub) -> None:
                       help="discard the work folder's checkpoint (a run with other data or settings) and start over")
     lora.add_argument("--format", default="kohya", choices=["kohya", "peft"])
     lora.set_defaults(func=cmd_train_lora)
+
+    from diffstudio.video import train_cli
+
+    train_cli.add_parser(kinds)
 
 
 def _lora_spec(spec: str) -> tuple[str, float]:

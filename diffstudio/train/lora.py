@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,25 +120,22 @@ def _prepare_items(models, rows, config: LoRATrainConfig, resolution: int):
     from diffstudio.io.images import images_to_tensor
     from diffstudio.pipeline.generate import Pipeline
     from diffstudio.train.buckets import bucket_sizes, nearest_bucket
+    from diffstudio.train.conditioning import caption_encoder
 
     family = models.family
     multiple = family.latent.downscale * 8
     sizes = bucket_sizes(resolution, multiple) if config.buckets else [(resolution, resolution)]
     pipe = Pipeline(models)
-    clip_skip = family.text_encoders[0].default_clip_skip
-    guidance = {**asdict(family.defaults), **models.defaults}.get("guidance")
+    encode = caption_encoder(models)
     items, bucket_ids, empty = [], [], {}
     for path, caption in tqdm(rows, desc="caching latents and captions"):
         image = Image.open(path).convert("RGB")
         size = nearest_bucket(*image.size, sizes)
         image = ImageOps.fit(image, size, Image.LANCZOS)  # resize to cover, centre crop
-        with torch.no_grad():
-            latent = pipe.encode_images(images_to_tensor([image]), tiled=False)[0]
-            cond = family.make_conditioning(models, [caption], clip_skip=clip_skip, width=size[0],
-                                            height=size[1], guidance=guidance)
-            if size not in empty and config.caption_dropout > 0:
-                empty[size] = family.make_conditioning(models, [""], clip_skip=clip_skip, width=size[0],
-                                                       height=size[1], guidance=guidance)
+        latent = pipe.encode_images(images_to_tensor([image]), tiled=False)[0]
+        cond = encode(caption, size)
+        if size not in empty and config.caption_dropout > 0:
+            empty[size] = encode("", size)
         bucket_ids.append(sizes.index(size))
         items.append({"latent": latent, "cond": cond, "size": list(size)})
     return {"items": items, "buckets": bucket_ids,
@@ -153,25 +149,9 @@ def _cache_key(recipe: dict) -> str:
 
 
 def load_or_build_cache(models, rows, config: LoRATrainConfig, resolution: int, key: str) -> dict:
-    path = config.work_path() / "cache.pt"
-    if path.exists():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key:
-            return cached
-    data = _prepare_items(models, rows, config, resolution)
-    data["key"] = key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # then renamed: a failed write leaves the old cache whole
-    torch.save(data, tmp)
-    os.replace(tmp, path)
-    return data
+    from diffstudio.train.cache import load_or_build
 
-
-def _collate(conds: list[dict]) -> dict:
-    out = {}
-    for key, value in conds[0].items():
-        out[key] = torch.cat([c[key] for c in conds]) if isinstance(value, torch.Tensor) else value
-    return out
+    return load_or_build(config.work_path() / "cache.pt", key, lambda: _prepare_items(models, rows, config, resolution))
 
 
 # --- training -------------------------------------------------------------------------------------------------
@@ -214,6 +194,7 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     from diffstudio.pipeline.denoiser import network_fn
     from diffstudio.sampling.prediction import prediction_for
     from diffstudio.train.buckets import bucket_batches
+    from diffstudio.train.conditioning import collate
     from diffstudio.train.data import read_captions
     from diffstudio.train.extras import require_train_extra
     from diffstudio.train.loop import OPTIMIZERS, discard_checkpoints, step_generator, train
@@ -268,7 +249,7 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
             dropped = config.caption_dropout and torch.rand((), generator=gen).item() < config.caption_dropout
             size = items[i]["size"]
             conds.append(data["empty"][f"{size[0]}x{size[1]}"] if dropped else items[i]["cond"])
-        return diffusion_loss(prediction, net_fn, x0, _collate(conds), gen, snr_gamma=config.snr_gamma)
+        return diffusion_loss(prediction, net_fn, x0, collate(conds), gen, snr_gamma=config.snr_gamma)
 
     trainee = _Trainee(denoiser)
     if config.restart:  # the new run is ready: only now does the old one go
