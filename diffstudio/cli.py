@@ -242,7 +242,7 @@ def cmd_train_lora(args) -> int:
 
 
 def _add_train_parser(sub) -> None:
-    train = sub.add_parser("train", help="train a LoRA (any family)")
+    train = sub.add_parser("train", help="train a LoRA (any family) or AnimateDiff motion modules")
     kinds = train.add_subparsers(dest="kind", required=True)
     lora = kinds.add_parser("lora", help="train a LoRA on a folder of images with captions",
                             description="Runs on accelerate: `accelerate launch -m diffstudio.cli train lora ...` "
@@ -277,6 +277,10 @@ def _add_train_parser(sub) -> None:
     from diffstudio.control import cli as control_cli
 
     control_cli.add_train_parser(kinds)
+
+    from diffstudio.video import train_cli
+
+    train_cli.add_parser(kinds)
 
 
 def _lora_spec(spec: str, default: float = 1.0) -> tuple[str, float]:

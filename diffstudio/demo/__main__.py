@@ -1,4 +1,4 @@
-"""`python -m diffstudio.demo train|dataset` — the Shapes world's command line."""
+"""`python -m diffstudio.demo train|dataset|evaluate|motion` — the Shapes world's command line."""
 
 from __future__ import annotations
 
@@ -53,8 +53,15 @@ def main() -> None:
     ev.add_argument("--sampler")
     ev.add_argument("--cfg", type=float, help="guidance scale (default: the model's own, 3 for the demo model)")
     ev.add_argument("--seed", type=int, default=1000, help="the first pair's image seed (one more per pair)")
+    from diffstudio.demo.motion_build import add_motion_parser
+
+    add_motion_parser(sub)
     args = parser.parse_args()
-    if args.command == "train":
+    if args.command == "motion":
+        from diffstudio.demo.motion_build import run_motion_command
+
+        run_motion_command(args)
+    elif args.command == "train":
         print(build(args.out, args.workdir, n_images=args.images, vae_steps=args.vae_steps,
                     decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
                     layout_steps=args.layout_steps, polish_steps=args.polish_steps,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -49,13 +48,13 @@ def prepare_items(models, rows, *, resolution: int, buckets: bool, caption_dropo
     from diffstudio.io.images import images_to_tensor
     from diffstudio.pipeline.generate import Pipeline
     from diffstudio.train.buckets import bucket_sizes, nearest_bucket
+    from diffstudio.train.conditioning import caption_encoder
 
     family = models.family
     multiple = family.latent.downscale * 8
     sizes = bucket_sizes(resolution, multiple) if buckets else [(resolution, resolution)]
     pipe = Pipeline(models)
-    clip_skip = family.text_encoders[0].default_clip_skip
-    guidance = {**asdict(family.defaults), **models.defaults}.get("guidance")
+    encode = caption_encoder(models)
     items, bucket_ids, empty = [], [], {}
     encoded: dict[tuple[str, tuple[int, int]], dict] = {}  # a caption repeated at a size is encoded once
     for i, (path, caption) in enumerate(tqdm(rows, desc="caching latents and captions")):
@@ -65,12 +64,10 @@ def prepare_items(models, rows, *, resolution: int, buckets: bool, caption_dropo
         with torch.no_grad():
             latent = pipe.encode_images(images_to_tensor([image]), tiled=False)[0]
             if (caption, size) not in encoded:
-                encoded[caption, size] = family.make_conditioning(models, [caption], clip_skip=clip_skip,
-                                                                  width=size[0], height=size[1], guidance=guidance)
+                encoded[caption, size] = encode(caption, size)
             cond = encoded[caption, size]
             if size not in empty and caption_dropout > 0:
-                empty[size] = family.make_conditioning(models, [""], clip_skip=clip_skip, width=size[0],
-                                                       height=size[1], guidance=guidance)
+                empty[size] = encode("", size)
         bucket_ids.append(sizes.index(size))
         item = {"latent": latent, "cond": cond, "size": list(size)}
         if hints is not None:  # the same cover-and-centre-crop, so the control image stays on its image
@@ -95,19 +92,12 @@ def load_or_build_cache(path: Path, key: str, build) -> dict:
     return data
 
 
-def collate(conds: list[dict]) -> dict:
-    """Per-item conditioning dicts (batch dim 1) -> one batch: tensors concatenated, other values from the first."""
-    out = {}
-    for key, value in conds[0].items():
-        out[key] = torch.cat([c[key] for c in conds]) if isinstance(value, torch.Tensor) else value
-    return out
-
-
 def draw_batch(data: dict, step: int, seed: int, batch_size: int, caption_dropout: float):
     """Step ``step``'s batch: (image indices, the step's generator, latents x0 (B, C, h, w) float32, the batch's
     conditioning). Each item's caption is replaced by the empty prompt with probability ``caption_dropout``,
     drawn from the generator, which the caller goes on using for the noise."""
     from diffstudio.train.buckets import bucket_batches
+    from diffstudio.train.conditioning import collate
     from diffstudio.train.loop import step_generator
 
     items = data["items"]

@@ -34,17 +34,26 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(folder: str | Path, rows: list[tuple[Path, str]]) -> str:
-    """'N images, sha256 XXXX' over each image's path relative to ``folder``, size, content hash and caption.
+def path_digest(path: Path) -> tuple[int, str]:
+    """(bytes, SHA-256) of a file, or of a folder (a clip's frames): its files' relative names and digests, sorted."""
+    if not path.is_dir():
+        return path.stat().st_size, file_digest(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    entries = [(f.relative_to(path).as_posix(), file_digest(f)) for f in files]
+    return sum(f.stat().st_size for f in files), hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def data_fingerprint(folder: str | Path, rows: list[tuple[Path, str]], what: str = "images") -> str:
+    """'N images, sha256 XXXX' over each item's path relative to ``folder``, size, content hash and caption.
 
     The rows are hashed in the order they are read (the order of metadata.csv, or of the file names): the
-    batches of step N are drawn by image index, so the order is part of what the run learns. Contents rather
-    than modification times, so a copied data folder still resumes and a rewritten image does not.
+    batches of step N are drawn by item index, so the order is part of what the run learns. Contents rather
+    than modification times, so a copied data folder still resumes and a rewritten image does not. An item may
+    be a folder (a video clip as frames): its files count.
     """
-    entries = [(os.path.relpath(path, folder), path.stat().st_size, file_digest(path), caption)
-               for path, caption in rows]
+    entries = [(os.path.relpath(path, folder), *path_digest(Path(path)), caption) for path, caption in rows]
     digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
-    return f"{len(rows)} images, sha256 {digest}"
+    return f"{len(rows)} {what}, sha256 {digest}"
 
 
 def model_fingerprint(path: str | Path | None) -> str:
