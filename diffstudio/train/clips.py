@@ -7,10 +7,9 @@ from a ``.txt`` file beside each clip (``walk.mp4`` + ``walk.txt``, ``walk/`` + 
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-from diffstudio.errors import InvalidInputError, ModelNotFoundError
+from diffstudio.errors import InvalidInputError
 from diffstudio.video.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 
@@ -21,29 +20,17 @@ def _is_clip(path: Path) -> bool:
 
 
 def read_clips(folder: str | Path) -> list[tuple[Path, str]]:
-    """[(clip path, caption)] of a data folder, in the order of metadata.csv or of the names."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelNotFoundError(f"training data folder {folder} does not exist")
-    meta = folder / "metadata.csv"
-    if meta.exists():
-        with meta.open(newline="", encoding="utf-8") as f:
-            rows = [(folder / r["file_name"], r["text"]) for r in csv.DictReader(f)]
-        missing = [str(p) for p, _ in rows if not p.exists()]
-        if missing:
-            raise ModelNotFoundError(f"{len(missing)} clips listed in {meta} are missing, e.g. {missing[0]}")
-        not_clips = [str(p) for p, _ in rows if not _is_clip(p)]
-        if not_clips:
-            raise InvalidInputError(f"{meta} lists {len(not_clips)} entries that are neither a video "
-                                    f"({', '.join(VIDEO_EXTENSIONS)}) nor a folder of frames, e.g. {not_clips[0]}")
-    else:
-        rows = []
-        for clip in sorted(p for p in folder.iterdir() if _is_clip(p)):
-            txt = clip.with_suffix(".txt") if clip.is_file() else clip.parent / (clip.name + ".txt")
-            rows.append((clip, txt.read_text(encoding="utf-8").strip() if txt.exists() else ""))
-    if not rows:
-        raise ModelNotFoundError(f"{folder} has no clips (looked for metadata.csv, video files "
-                                 f"({', '.join(VIDEO_EXTENSIONS)}) and folders of frames)")
+    """[(clip path, caption)] of a data folder, in the order of metadata.csv or of the names; a clip's caption file
+    is NAME.txt beside a video file or beside a folder of frames."""
+    from diffstudio.train.data import read_captioned
+
+    rows = read_captioned(folder, _is_clip, "clip",
+                          f"video files ({', '.join(VIDEO_EXTENSIONS)}) and folders of frames",
+                          lambda clip: clip.with_suffix(".txt") if clip.is_file() else clip.parent / f"{clip.name}.txt")
+    not_clips = [str(p) for p, _ in rows if not _is_clip(p)]
+    if not_clips:
+        raise InvalidInputError(f"metadata.csv lists {len(not_clips)} entries that are neither a video "
+                                f"({', '.join(VIDEO_EXTENSIONS)}) nor a folder of frames, e.g. {not_clips[0]}")
     return rows
 
 
