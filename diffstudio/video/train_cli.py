@@ -7,7 +7,7 @@ import argparse
 
 def add_parser(kinds) -> argparse.ArgumentParser:
     """Register ``motion`` on the ``train`` command's subparsers."""
-    from diffstudio.train.motion import MotionTrainConfig
+    from diffstudio.train.motion_config import MotionTrainConfig
 
     d = MotionTrainConfig(data="", out="")
     p = kinds.add_parser("motion", help="train AnimateDiff motion modules on a folder of video clips",
