@@ -11,23 +11,10 @@ from __future__ import annotations
 import torch
 
 from diffstudio.models.layers import timestep_embedding
+from tests.test_unet import POOLED, TIME_DIM, TINY  # noqa: F401 (TIME_DIM, POOLED: part of this fixture's face)
 from tests.tiny_sd15 import randomise
 
-TIME_DIM = 8  # SDXL's addition_time_embed_dim (256 released)
-POOLED = 16
-
-UNETS = {
-    "sd15": dict(block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=24,
-                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                 attention_head_dim=2, norm_num_groups=8),
-    "sdxl": dict(block_out_channels=(32, 64, 96), layers_per_block=1, cross_attention_dim=24,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 attention_head_dim=(2, 4, 6), transformer_layers_per_block=(1, 2, 2), use_linear_projection=True,
-                 norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
-                 projection_class_embeddings_input_dim=POOLED + 6 * TIME_DIM),
-}
+UNETS = {"sd15": TINY["sd1"], "sdxl": TINY["sdxl"]}  # the UNet tests' tiny layouts
 HINT_WIDTHS = {"sd15": (8, 16, 16, 32), "sdxl": (16, 32, 96, 256)}
 # What shapes cannot reveal, as a base UNet's config would give it.
 HINTS = {"sd15": {"num_heads": 2, "norm_groups": 8}, "sdxl": {"num_head_channels": 16, "norm_groups": 8}}
