@@ -242,6 +242,8 @@ def cmd_train_lora(args) -> int:
 
 
 def _add_train_parser(sub) -> None:
+    from diffstudio.train.options import add_run_options
+
     train = sub.add_parser("train", help="train a LoRA (any family) or AnimateDiff motion modules")
     kinds = train.add_subparsers(dest="kind", required=True)
     lora = kinds.add_parser("lora", help="train a LoRA on a folder of images with captions",
@@ -253,26 +255,12 @@ def _add_train_parser(sub) -> None:
     lora.add_argument("--rank", type=int, default=16)
     lora.add_argument("--alpha", type=float, help="default: the rank")
     lora.add_argument("--targets", help="regex over denoiser layer names (default: the family's)")
-    lora.add_argument("--steps", type=int, default=1000)
-    lora.add_argument("--batch-size", type=int, default=1)
-    lora.add_argument("--lr", type=float, default=1e-4)
-    lora.add_argument("--warmup", type=int, default=0)
-    lora.add_argument("--lr-end", type=float, default=None, help="anneal to this learning rate (half cosine)")
-    lora.add_argument("--snr-gamma", type=float, default=None,
-                      help="Min-SNR-gamma loss weighting, e.g. 5 (eps/v families; docs/training.md)")
     lora.add_argument("--resolution", type=int, help="bucket area = resolution^2 (default: the model's size)")
     lora.add_argument("--no-buckets", action="store_true", help="square crops instead of aspect-ratio buckets")
     lora.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     lora.add_argument("--gradient-checkpointing", action="store_true")
-    lora.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adamw8bit"])
-    lora.add_argument("--caption-dropout", type=float, default=0.0)
-    lora.add_argument("--seed", type=int, default=0)
-    lora.add_argument("--checkpoint-every", type=int, default=100)
-    lora.add_argument("--workdir", help="checkpoints + caches (default: OUT.run); a rerun with the same data, "
-                                        "base model and settings resumes from it")
-    lora.add_argument("--restart", action="store_true",
-                      help="discard the work folder's checkpoint (a run with other data or settings) and start over")
     lora.add_argument("--format", default="kohya", choices=["kohya", "peft"])
+    add_run_options(lora, steps=1000, batch_size=1, lr=1e-4)
     lora.set_defaults(func=cmd_train_lora)
     from diffstudio.control import cli as control_cli
 

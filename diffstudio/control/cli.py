@@ -26,6 +26,8 @@ def cmd_train_controlnet(args) -> int:
 
 def add_train_parser(kinds) -> None:
     """``train controlnet`` under the ``train`` command's sub-parsers ``kinds``."""
+    from diffstudio.train.options import add_run_options
+
     p = kinds.add_parser("controlnet", help="train a ControlNet for an SD 1.x / SDXL model",
                          description="Trains a ControlNet initialised from the base UNet's encoder; the base stays "
                                      "frozen. Runs on accelerate like LoRA training (docs/controlnet.md).")
@@ -35,25 +37,11 @@ def add_train_parser(kinds) -> None:
     p.add_argument("--out", required=True, help="the ControlNet file to write (.safetensors)")
     p.add_argument("--hint-channels", type=_widths, default=[16, 32, 96, 256],
                    help="widths of the hint encoder's stages, comma-separated (default: the released 16,32,96,256)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--lr-end", type=float, default=None, help="anneal to this learning rate (half cosine)")
-    p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (eps/v families)")
     p.add_argument("--resolution", type=int, help="bucket area = resolution^2 (default: the model's size)")
     p.add_argument("--no-buckets", action="store_true", help="square crops instead of aspect-ratio buckets")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: the frozen base in bf16 (the ControlNet trains in fp32)")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adamw8bit"])
-    p.add_argument("--caption-dropout", type=float, default=0.0,
-                   help="share of samples trained on the empty prompt (the paper drops half)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--workdir", help="checkpoints + caches (default: OUT.run); a rerun with the same data, "
-                                     "base model and settings resumes from it")
-    p.add_argument("--restart", action="store_true",
-                   help="discard the work folder's checkpoint (a run with other data or settings) and start over")
+    add_run_options(p, steps=1000, batch_size=1, lr=1e-5)
     p.add_argument("--save-dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="the file's dtype")
     p.set_defaults(func=cmd_train_controlnet)
 

@@ -8,6 +8,7 @@ import argparse
 def add_parser(kinds) -> argparse.ArgumentParser:
     """Register ``motion`` on the ``train`` command's subparsers."""
     from diffstudio.train.motion_config import MotionTrainConfig
+    from diffstudio.train.options import add_run_options
 
     d = MotionTrainConfig(data="", out="")
     p = kinds.add_parser("motion", help="train AnimateDiff motion modules on a folder of video clips",
@@ -22,23 +23,12 @@ def add_parser(kinds) -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="square frames of this side (default: the model's size)")
     p.add_argument("--max-frames", type=int, default=d.max_frames, help="rows of the frame position table")
     p.add_argument("--mid-block", action="store_true", help="a module in the middle block too (v2 layout)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="clips per step")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--lr-end", type=float, default=None, help="anneal to this learning rate (half cosine)")
     p.add_argument("--schedule", default=d.schedule, choices=["linear", "model"],
                    help="noise schedule: AnimateDiff's linear betas (default) or the base model's own")
-    p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting, e.g. 5")
-    p.add_argument("--caption-dropout", type=float, default=d.caption_dropout)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "adamw_fused", "adamw8bit"])
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--workdir", help="checkpoints + cache (default: OUT.run); a rerun with the same data, base "
-                                     "model and settings resumes from it")
-    p.add_argument("--restart", action="store_true",
-                   help="discard the work folder's checkpoint (a run with other data or settings) and start over")
+    add_run_options(p, steps=d.steps, batch_size=d.batch_size, lr=d.lr, warmup=d.warmup,
+                    caption_dropout=d.caption_dropout, optimizer=d.optimizer, seed=d.seed,
+                    checkpoint_every=d.checkpoint_every)
     p.add_argument("--save-dtype", default=d.save_dtype, choices=["fp16", "bf16", "fp32"])
     p.set_defaults(func=cmd_train_motion)
     return p
