@@ -225,6 +225,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from diffstudio.batch import run_batch
+
+    _check_device(args.device)
+    written = run_batch(args.recipes, args.output, model=args.model, restart=args.restart,
+                        dtype=_dtype(args.dtype) if args.dtype else None, device=args.device)
+    print(f"wrote {len(written)} image(s) to {args.output}")
+    return 0
+
+
+def _add_batch_parser(sub) -> None:
+    batch = sub.add_parser("batch", help="render a file of recipes (JSON lines), resumable, across processes",
+                           description="Render every line of a JSON-lines recipe file into a folder; done lines are "
+                                       "skipped, so a stopped batch continues; under `accelerate launch` the lines "
+                                       "are shared among the processes (docs/scale.md).")
+    batch.add_argument("recipes", help="a .jsonl file: one Request object per line (docs/scale.md)")
+    batch.add_argument("-o", "--output", required=True, help="the output folder")
+    batch.add_argument("--model", help="the checkpoint for lines without a \"model\" (default: the demo model)")
+    batch.add_argument("--restart", action="store_true", help="render over outputs left by other recipes")
+    batch.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    batch.add_argument("--device", default="cpu")
+    batch.set_defaults(func=cmd_batch)
+
+
 def cmd_train_lora(args) -> int:
     from diffstudio.train.lora import LoRATrainConfig, train_lora
 
@@ -461,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     _add_generate_parser(sub)
+    _add_batch_parser(sub)
 
     lora = sub.add_parser("lora", help="LoRA tools").add_subparsers(dest="lora_command", required=True)
     lora_inspect = lora.add_parser("inspect", help="the LoRA doctor: format, target family, coverage on a model")

@@ -11,8 +11,10 @@ follows the same loss curve as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +30,38 @@ RECIPE = "recipe.json"  # what the checkpoint was trained under (written by trai
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The random source of one training step (noise, timesteps, caption dropout)."""
     return torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1)
+
+
+def process_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) under ``accelerate launch`` or ``torchrun``, else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def data_parallel_rows(batch_size: int) -> slice:
+    """This process's rows of a step's global batch: process r of N takes rows [r B/N, (r+1) B/N).
+
+    Every process draws the same global batch and noise (a function of seed and step), keeps its share and
+    back-propagates the mean loss of it; DDP averages the N equal shares' gradients, which is the gradient of
+    the global batch's mean loss. N processes therefore follow the 1-process run up to fp32 summation order,
+    and a run may be resumed under another process count."""
+    from diffstudio.errors import InvalidInputError
+
+    rank, world = process_rank()
+    if batch_size % world:
+        raise InvalidInputError(f"the batch size ({batch_size}) must be a multiple of the number of processes "
+                                f"({world}): each process takes an equal share of every step's batch")
+    share = batch_size // world
+    return slice(rank * share, (rank + 1) * share)
+
+
+def main_process_first():
+    """A context in which process 0 runs first and the others wait for it (work-folder caches, discarding a
+    checkpoint); a no-op in a single process."""
+    if process_rank()[1] == 1:
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()  # the state train() goes on with
 
 
 def _model_state(model, trainable_only: bool) -> dict:
@@ -137,7 +171,11 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     start, losses = _load(model, opt, out_dir, trainable_only)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s + start, steps, warmup, lr,
                                                                           lr_end))
-    model, opt = accelerator.prepare(model, opt)
+    if accelerator.num_processes == 1:
+        model, opt = accelerator.prepare(model, opt)
+    else:  # the losses call the network through the pipeline, not the module's forward, so DDP's hooks would not
+        opt = accelerator.prepare(opt)  # run: the gradients are averaged below instead (what DDP computes)
+        _broadcast_parameters(params)
     model.train()
     bar = tqdm(range(start, steps), desc=desc, disable=not progress or not accelerator.is_main_process,
                initial=start, total=steps)
@@ -151,6 +189,8 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
                            f"The last checkpoint in {out_dir} is intact.")
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        if accelerator.num_processes > 1:
+            _average_gradients(params, accelerator.num_processes)
         if grad_clip:
             accelerator.clip_grad_norm_(params, grad_clip)
         opt.step()
@@ -168,6 +208,21 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     bar.close()
     model.eval()
     return losses
+
+
+def _broadcast_parameters(params) -> None:
+    """Every process starts from process 0's trainable weights."""
+    for p in params:
+        torch.distributed.broadcast(p.data, src=0)
+
+
+def _average_gradients(params, processes: int) -> None:
+    """The mean over the processes of each trainable parameter's gradient (each process's loss is the mean of
+    its equal share of the batch, so this is the gradient of the whole batch's mean loss)."""
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(processes)
 
 
 def lr_factor(step: int, steps: int, warmup: int, lr: float, lr_end: float | None) -> float:

@@ -150,7 +150,14 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     from diffstudio.train.cache import cache_key, draw_batch, load_or_build_cache, prepare_items
     from diffstudio.train.data import read_captions
     from diffstudio.train.extras import require_train_extra
-    from diffstudio.train.loop import OPTIMIZERS, discard_checkpoints, train
+    from diffstudio.train.loop import (
+        OPTIMIZERS,
+        data_parallel_rows,
+        discard_checkpoints,
+        main_process_first,
+        process_rank,
+        train,
+    )
     from diffstudio.train.lora_export import save_lora
     from diffstudio.train.objectives import diffusion_loss
     from diffstudio.train.recipe import check_resume
@@ -181,8 +188,10 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     rows = read_captions(config.data)
     recipe = run_recipe(config, models, rows, resolution, pattern, alpha)
     check_resume(config.work_path(), recipe, restart=config.restart)  # before any work: a stale run stops here
-    data = load_or_build_cache(config.work_path() / "cache.pt", cache_key(recipe), lambda: prepare_items(
-        models, rows, resolution=resolution, buckets=config.buckets, caption_dropout=config.caption_dropout))
+    rows_of_process = data_parallel_rows(config.batch_size)  # several processes: each its share of every batch
+    with main_process_first():  # one process writes the work folder's cache, the others read it
+        data = load_or_build_cache(config.work_path() / "cache.pt", cache_key(recipe), lambda: prepare_items(
+            models, rows, resolution=resolution, buckets=config.buckets, caption_dropout=config.caption_dropout))
 
     # Everything that can refuse the run has run, so the model is changed only now (and put back afterwards).
     checkpointing = getattr(denoiser, "gradient_checkpointing", None)
@@ -196,11 +205,12 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
 
     def loss_fn(model, step):
         _, gen, x0, cond = draw_batch(data, step, config.seed, config.batch_size, config.caption_dropout)
-        return diffusion_loss(prediction, net_fn, x0, cond, gen, snr_gamma=config.snr_gamma)
+        return diffusion_loss(prediction, net_fn, x0, cond, gen, snr_gamma=config.snr_gamma, rows=rows_of_process)
 
     trainee = _Trainee(denoiser)
-    if config.restart:  # the new run is ready: only now does the old one go
-        discard_checkpoints(config.work_path())
+    with main_process_first():
+        if config.restart and process_rank()[0] == 0:  # the new run is ready: only now does the old one go
+            discard_checkpoints(config.work_path())
     try:
         losses = train(trainee, loss_fn, steps=config.steps, out_dir=config.work_path(), lr=config.lr,
                        warmup=config.warmup, lr_end=config.lr_end, checkpoint_every=config.checkpoint_every,
@@ -211,7 +221,7 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
         remove_lora(denoiser)
         if config.gradient_checkpointing:
             denoiser.gradient_checkpointing = checkpointing
-    if len(losses) < config.steps:
+    if len(losses) < config.steps or process_rank()[0] != 0:  # interrupted, or not the process that exports
         return None
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.rank),
                 "ss_network_alpha": str(alpha), "ss_learning_rate": str(config.lr),

@@ -20,7 +20,7 @@ def alphas_cumprod(family) -> torch.Tensor:
 
 
 def diffusion_loss(family_or_prediction, net, x0: torch.Tensor, cond: dict, gen: torch.Generator,
-                   snr_gamma: float | None = None) -> torch.Tensor:
+                   snr_gamma: float | None = None, rows: slice | None = None) -> torch.Tensor:
     """Mean-squared error of the network's prediction at a random noise level.
 
     The noising, the network's timestep and the target come from the prediction object
@@ -32,12 +32,21 @@ def diffusion_loss(family_or_prediction, net, x0: torch.Tensor, cond: dict, gen:
     steps dominate the gradient (SNR up to ~1e3 with SD's schedule) while the mid-noise steps, where
     colour and shape are decided from the text, barely count. Min-SNR caps the x0 weight at gamma: each
     sample's loss is scaled by min(SNR, gamma) / SNR (eps) or min(SNR, gamma) / (SNR + 1) (v).
+
+    ``rows``: the loss of these rows of the batch only (a data-parallel process's share,
+    ``train.loop.data_parallel_rows``); the noise and the levels are drawn for the whole batch first, so each
+    row sees what it would in one process.
     """
     pred = _prediction(family_or_prediction)
     if snr_gamma is not None and pred.kind == "flow":
         raise ValueError("snr_gamma (Min-SNR weighting) is defined for eps and v prediction, not flow matching")
     noise = torch.randn(x0.shape, generator=gen).to(x0)
     levels = pred.training_levels(x0.shape[0], gen)
+    if rows is not None:
+        batch = x0.shape[0]
+        x0, noise, levels = x0[rows], noise[rows], levels[rows]
+        cond = {k: v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
+                for k, v in cond.items()}
     x_in, t = pred.training_input(x0, noise, levels)
     out = net(x_in, t, **cond)
     target = pred.training_target(x0, noise, levels)
