@@ -56,6 +56,15 @@ KOLORS_UNET = dict(sample_size=128, in_channels=4, out_channels=4, block_out_cha
                    use_linear_projection=True, encoder_hid_dim=4096, encoder_hid_dim_type="text_proj",
                    addition_embed_type="text_time", addition_time_embed_dim=256,
                    projection_class_embeddings_input_dim=5632)
+# stabilityai/stable-video-diffusion-img2vid-xt unet/config.json (UNetSpatioTemporalConditionModel; SVD-XT 1.1
+# is the same); stabilityai/stable-video-diffusion-img2vid differs only in num_frames
+SVD_XT_UNET = dict(sample_size=96, in_channels=8, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                   down_block_types=("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",),
+                   up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3,
+                   layers_per_block=2, transformer_layers_per_block=1, num_attention_heads=(5, 10, 20, 20),
+                   cross_attention_dim=1024, addition_time_embed_dim=256, projection_class_embeddings_input_dim=768,
+                   num_frames=25)
+SVD_UNET = {**SVD_XT_UNET, "num_frames": 14}
 # ChatGLM3-6B as Kolors ships it (Kwai-Kolors/Kolors text_encoder/config.json, THUDM/chatglm3-6b-base)
 CHATGLM3_6B = dict(num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696, kv_channels=128,
                    num_attention_heads=32, multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True,

@@ -36,7 +36,8 @@ def _archs() -> dict:
 STANDALONE_ARCHS = ("ldm_vae", "clip_text", "t5_encoder", "chatglm", "bert")
 STANDALONE_PREFIXES = ("vae.", "text_encoder.", "")
 # Add-ons a lone file may hold that no family record names as a role: (role, arch, prefixes).
-ADDON_KINDS = (("motion", "motion_module", ("",)), ("ip_adapter", "ip_adapter", ("",)))
+ADDON_KINDS = (("motion", "motion_module", ("",)), ("ip_adapter", "ip_adapter", ("",)),
+               ("exvideo", "exvideo_svd", ("",)))
 
 
 def standalone_kinds() -> list[tuple[str, str, tuple[str, ...]]]:
