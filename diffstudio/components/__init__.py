@@ -20,12 +20,13 @@ from diffstudio.components import (
     ldm_vae,
     mmdit,
     motion_module,
+    svd_vae,
     t5_encoder,
 )
 from diffstudio.components.base import ComponentArch
 
 ARCHS: dict[str, ComponentArch] = {module.ARCH.name: module.ARCH for module in (
     ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module,
-    ip_adapter)}
+    ip_adapter, svd_vae)}
 
 __all__ = ["ARCHS", "ComponentArch"]
