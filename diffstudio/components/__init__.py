@@ -12,6 +12,7 @@ from diffstudio.components import (
     bert,
     chatglm,
     clip_text,
+    clip_vision,
     controlnet,
     flux_dit,
     hunyuan_dit,
@@ -27,6 +28,6 @@ from diffstudio.components.base import ComponentArch
 
 ARCHS: dict[str, ComponentArch] = {module.ARCH.name: module.ARCH for module in (
     ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module,
-    ip_adapter, svd_vae)}
+    ip_adapter, svd_vae, clip_vision)}
 
 __all__ = ["ARCHS", "ComponentArch"]
