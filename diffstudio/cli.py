@@ -501,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     server_cli.add_parser(sub)
     add_video_parser(sub)
+    from diffstudio.video import img2vid_cli
+
+    img2vid_cli.add_parser(sub)
 
     fastblend = sub.add_parser("fastblend", help="deflicker a stylised video or interpolate keyframes")
     fastblend.configure_later = _configure_fastblend

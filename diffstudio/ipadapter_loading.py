@@ -63,26 +63,10 @@ def read_ip_adapter(path: str | Path) -> tuple[dict, IPAdapterConfig]:
 
 def derive_image_encoder_config(sd: dict):
     """A CLIPVisionModelWithProjection state dict -> its CLIPVisionConfig, from shapes and the releases'
-    conventions: 16 heads for the 1024-, 1280- and 1664-wide towers (ViT-L/14, OpenCLIP ViT-H/14 and
-    ViT-bigG/14), else 64-wide heads; OpenAI's quick_gelu for the 768- and 1024-wide towers, GELU otherwise."""
-    from transformers import CLIPVisionConfig
+    conventions (``detect.clip_vision.derive_vision_config``)."""
+    from diffstudio.detect.clip_vision import derive_vision_config
 
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in sd:
-            raise UnknownModelError(f"the image encoder lacks '{key}': not a transformers "
-                                    "CLIPVisionModelWithProjection (OpenCLIP 'visual.*' files are not read)")
-        return tuple(sd[key].shape)
-
-    hidden = shape("vision_model.embeddings.class_embedding")[0]
-    patch = shape("vision_model.embeddings.patch_embedding.weight")[-1]
-    positions = shape("vision_model.embeddings.position_embedding.weight")[0]
-    layers = len({k.split(".")[3] for k in sd if k.startswith("vision_model.encoder.layers.")})
-    side = round((positions - 1) ** 0.5)
-    return CLIPVisionConfig(
-        hidden_size=hidden, intermediate_size=shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
-        projection_dim=shape("visual_projection.weight")[0], num_hidden_layers=layers,
-        num_attention_heads=16 if hidden in (1024, 1280, 1664) else hidden // 64, image_size=side * patch,
-        patch_size=patch, hidden_act="quick_gelu" if hidden in (768, 1024) else "gelu", layer_norm_eps=1e-5)
+    return derive_vision_config(sd)
 
 
 def _encoder_config_from_json(data: dict):

@@ -12,6 +12,7 @@ from diffstudio.components import (
     bert,
     chatglm,
     clip_text,
+    clip_vision,
     controlnet,
     exvideo_svd,
     flux_dit,
@@ -22,12 +23,13 @@ from diffstudio.components import (
     mmdit,
     motion_module,
     svd_unet,
+    svd_vae,
     t5_encoder,
 )
 from diffstudio.components.base import ComponentArch
 
 ARCHS: dict[str, ComponentArch] = {module.ARCH.name: module.ARCH for module in (
     ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module,
-    ip_adapter, svd_unet, exvideo_svd)}
+    ip_adapter, svd_unet, exvideo_svd, svd_vae, clip_vision)}
 
 __all__ = ["ARCHS", "ComponentArch"]

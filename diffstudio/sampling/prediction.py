@@ -19,6 +19,8 @@ Two noise kinds, carried as ``.kind`` so that samplers that add noise know how:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffstudio.sampling import schedules
@@ -223,10 +225,45 @@ class Flow(Prediction):
         return x_t - _rows(s, x_t) * out
 
 
+class EDMV(Prediction):
+    """Continuous-time v-prediction with EDM's preconditioning (Stable Video Diffusion; Karras et al. 2022,
+    table 1 with sigma_data = 1): D = c_skip x + c_out F(c_in x, c_noise), c_skip = 1 / (sigma^2 + 1),
+    c_out = -sigma / sqrt(sigma^2 + 1), c_in = 1 / sqrt(sigma^2 + 1), c_noise = ln(sigma) / 4
+    (generative-models' ``VScalingWithEDMcNoise``). Noise enters as for the discrete models (x = x0 + sigma n);
+    the levels are continuous in [sigma_min, sigma_max] (SVD: 0.002, 700), and ``sigmas`` is a log-even table
+    of them for the schedules that read one."""
+
+    kind = "ve"
+    name = "edm_v"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 700.0, table_size: int = 1000):
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        log_range = torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), table_size,
+                                   dtype=torch.float64)
+        self.sigmas = log_range.exp()
+
+    def sigma_to_t(self, sigma) -> torch.Tensor:
+        return 0.25 * torch.as_tensor(sigma, dtype=torch.float64).log()
+
+    def t_to_sigma(self, t) -> torch.Tensor:
+        return (4.0 * torch.as_tensor(t, dtype=torch.float64)).exp()
+
+    noise_scaling = Discrete.noise_scaling  # x0 + sigma n, and its inverse
+    inverse = Discrete.inverse
+    to_x0 = V.to_x0  # c_skip x + c_out v
+
+    def network_input(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_in x, c_noise) for sigma of shape (B,)."""
+        s = per_item(sigma, x)
+        return x * (s**2 + 1).rsqrt(), self.sigma_to_t(sigma).to(device=x.device, dtype=torch.float32)
+
+
 def prediction_for(family, latent_size: tuple[int, int] = (64, 64)) -> Prediction:
     """The prediction object of a family record. ``latent_size`` (height, width) matters only to flow
     models whose shift depends on the resolution (FLUX dev)."""
     s = family.schedule
+    if family.prediction == "edm_v":
+        return EDMV(s.sigma_min, s.sigma_max)
     if family.prediction == "flow":
         return Flow(shift=s.shift_for(*latent_size), multiplier=s.multiplier)
     betas = schedules.betas_for(s.kind, s.beta_start, s.beta_end, s.num_steps)
