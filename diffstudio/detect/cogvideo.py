@@ -36,6 +36,15 @@ COGVIDEO_SENTINELS = (
     "norm_out.linear.weight",
     "proj_out.weight",
 )
+# DiffSynth-Studio's CogDiT names (diffstudio.convert.cogvideo).
+COGVIDEO_DIFFSYNTH_SENTINELS = (
+    "patchify.proj.weight",
+    "context_embedder.weight",
+    "time_embedder.timestep_embedder.0.weight",
+    "blocks.0.attn1.to_q.weight",
+    "blocks.0.norm_q.weight",
+    "proj_out.weight",
+)
 WIDTH_2B = 1920  # 30 heads x 64: the one release with sinusoidal positions
 HINTABLE = {f for f in CogVideoConfig.__dataclass_fields__}
 V15_TRAINING_SIZE = dict(sample_width=300, sample_height=300, sample_frames=81)
