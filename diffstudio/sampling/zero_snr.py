@@ -12,7 +12,8 @@ CogVideoX also shifts the SNR of its scaled-linear schedule before the rescale (
 
 Samplers: ``sample_ddim_v`` (deterministic DDIM, Song et al. 2021 eq. 12 with eta = 0) and
 ``sample_dpmpp_2m_v`` (DPM-Solver++(2M), Lu et al. 2022, algorithm 2), both over integer training timesteps
-in decreasing order; after the last timestep the sample is taken to abar = 1 (the clean latent).
+in decreasing order; after the last timestep the sample is taken to abar = 1 (the clean latent). ``stride``
+selects the release's rule for the level a step goes to (``_next_abar``).
 """
 
 from __future__ import annotations
@@ -66,8 +67,14 @@ def _alpha_sigma(abar: float) -> tuple[float, float]:
     return math.sqrt(abar), math.sqrt(max(1.0 - abar, 0.0))
 
 
-def _next_abar(abar: torch.Tensor, timesteps: Sequence[int], i: int) -> float:
-    """abar after step i: at the next timestep of the schedule, or 1 (clean) after the last one."""
+def _next_abar(abar: torch.Tensor, timesteps: Sequence[int], i: int, stride: int | None) -> float:
+    """abar after step i: at the next timestep of the schedule, or 1 (clean) after the last one. With ``stride``
+    (the release's rule, diffusers' CogVideoX schedulers): at t - stride, or 1 below 0. The two agree when the
+    step count divides T (50 of 1000: stride 20); otherwise trailing timesteps are not evenly spaced and the
+    release's rule is what it was tuned with."""
+    if stride is not None:
+        t = timesteps[i] - stride
+        return float(abar[t]) if t >= 0 else 1.0
     return float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
 
 
@@ -81,13 +88,13 @@ VModel = Callable[[torch.Tensor, int, int], torch.Tensor]  # (x, timestep, step 
 
 
 def sample_ddim_v(model: VModel, x: torch.Tensor, timesteps: Sequence[int], abar: torch.Tensor, *,
-                  callback: Callable | None = None) -> torch.Tensor:
+                  callback: Callable | None = None, stride: int | None = None) -> torch.Tensor:
     """Deterministic DDIM in VP form. At each timestep: x0 = alpha x - sigma v, eps = (x - alpha x0) / sigma,
     x' = alpha' x0 + sigma' eps; written as x' = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) x0, which
     holds at sigma = 1, alpha = 0 (the zero-SNR first step) without dividing by alpha."""
     for i, t in enumerate(timesteps):
         alpha, sigma = _alpha_sigma(float(abar[t]))
-        alpha_next, sigma_next = _alpha_sigma(_next_abar(abar, timesteps, i))
+        alpha_next, sigma_next = _alpha_sigma(_next_abar(abar, timesteps, i, stride))
         v = model(x, t, i)
         x0 = alpha * x - sigma * v
         ratio = sigma_next / sigma
@@ -98,7 +105,7 @@ def sample_ddim_v(model: VModel, x: torch.Tensor, timesteps: Sequence[int], abar
 
 
 def sample_dpmpp_2m_v(model: VModel, x: torch.Tensor, timesteps: Sequence[int], abar: torch.Tensor, *,
-                      callback: Callable | None = None) -> torch.Tensor:
+                      callback: Callable | None = None, stride: int | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) in VP form on data predictions x0 = alpha x - sigma v (Lu et al. 2022, alg. 2):
     with lambda = log(alpha / sigma) and h = lambda' - lambda,
         x' = (sigma'/sigma) x - alpha' (e^-h - 1) D,   D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev,  r = h_prev / h.
@@ -107,7 +114,7 @@ def sample_dpmpp_2m_v(model: VModel, x: torch.Tensor, timesteps: Sequence[int], 
     previous, h_previous = None, None
     for i, t in enumerate(timesteps):
         alpha, sigma = _alpha_sigma(float(abar[t]))
-        abar_next = _next_abar(abar, timesteps, i)
+        abar_next = _next_abar(abar, timesteps, i, stride)
         v = model(x, t, i)
         x0 = alpha * x - sigma * v
         if abar_next >= 1.0:

@@ -171,7 +171,7 @@ class CogVideoPipeline:
             uncond, cond = v.chunk(2)
             return uncond + scale * (cond - uncond)
 
-        x = sample(v_model, x, timesteps, abar, callback=callback)
+        x = sample(v_model, x, timesteps, abar, callback=callback, stride=family.schedule.num_steps // steps)
         if output_type == "latent":
             return x
         frames = self.decode(x)
