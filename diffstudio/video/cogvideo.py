@@ -58,6 +58,11 @@ class CogVideoPipeline:
         if models.family.name != "cogvideox":
             raise InvalidInputError(f"CogVideoPipeline runs CogVideoX models; this one is {models.family.name}")
         self.models = models
+        config = models.configs[models.family.denoiser_role]
+        if config.in_channels != models.family.latent.channels or config.ofs_embed_dim:
+            variant = getattr(models.detection, "variant", None)
+            raise InvalidInputError(f"this is a CogVideoX image-to-video model ({variant}); CogVideoPipeline runs "
+                                    "the text-to-video models (2B, 5B, 1.5) only so far")
 
     # -- pieces ---------------------------------------------------------------------------------------
     @property
