@@ -104,6 +104,9 @@ def derive_cogvideo_config(sd: Mapping, hints: Mapping | None = None) -> CogVide
 
 def config_from_diffusers(config_json: Mapping) -> CogVideoConfig:
     """A diffusers ``CogVideoXTransformer3DModel`` config.json dict (or our stored config) -> CogVideoConfig."""
+    class_name = config_json.get("_class_name", "CogVideoXTransformer3DModel")
+    if class_name != "CogVideoXTransformer3DModel":  # another family's transformer/ folder
+        raise UnknownModelError(f"a {class_name} config, not a CogVideoXTransformer3DModel's")
     cfg = {k: v for k, v in config_json.items() if not k.startswith("_")}
     for name, released in (("activation_fn", "gelu-approximate"), ("timestep_activation_fn", "silu")):
         if cfg.get(name, released) != released:
