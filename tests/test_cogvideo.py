@@ -337,3 +337,36 @@ def test_exvideo_lora_layout_maps_fully_and_merged_equals_on_the_fly(tiny, names
     delta = sd[f"{key}.lora_B.default.weight"] @ sd[f"{key}.lora_A.default.weight"]
     assert torch.allclose(dict(net.named_parameters())[name], original + delta, atol=1e-6)
     base.activate()
+
+
+def test_single_files_in_both_layouts_are_detected(tmp_path):
+    """A lone transformer file with diffusers' names (bare), and one in DiffSynth-Studio's CogDiT names."""
+    from safetensors.torch import save_file
+
+    from diffstudio.convert.cogvideo import cogvideo_to_diffsynth
+    from diffstudio.loader import read_source
+    from tests.tiny_cogvideo import reference_models
+
+    ref = reference_models("5b")[0]  # 16 latent channels, as the family needs
+    config = config_from_diffusers(ref.config)
+    layouts = {"original": ref.state_dict(), "diffsynth": cogvideo_to_diffsynth(ref.state_dict(), config)}
+    for layout, sd in layouts.items():
+        path = tmp_path / f"{layout}.safetensors"
+        save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(path))
+        det, parts = read_source(path)
+        comp = det.components["transformer"]
+        assert det.family == "cogvideox" and det.variant == "5b" and comp.layout == layout
+        assert parts["transformer"].state_dict.keys() == ref.state_dict().keys()
+
+
+def test_pipeline_refuses_image_to_video_models():
+    from types import SimpleNamespace
+
+    from diffstudio.families.cogvideox import COGVIDEOX
+    from diffstudio.video.cogvideo import CogVideoPipeline
+
+    config = config_from_diffusers({**SMALL, "in_channels": 32, "use_rotary_positional_embeddings": True})
+    models = SimpleNamespace(family=COGVIDEOX, configs={"transformer": config},
+                             detection=SimpleNamespace(variant="5b-i2v"))
+    with pytest.raises(InvalidInputError, match="image-to-video"):
+        CogVideoPipeline(models)
