@@ -315,6 +315,7 @@ def test_exvideo_lora_layout_maps_fully_and_merged_equals_on_the_fly(tiny, names
             warnings.simplefilter("error")  # partial coverage would warn
             handle = twin.apply_lora(sd, mode=mode)
         assert handle.report.coverage == 1.0 and handle.report.base_family == "cogvideox"
+        assert handle.report.family_guess == "cogvideox"
         assert handle.report.matched == 4 * models.configs["transformer"].num_layers
         twin.activate()
         with torch.no_grad():
