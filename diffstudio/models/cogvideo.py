@@ -131,14 +131,14 @@ def rope_grid(frames: int, height: int, width: int, config: CogVideoConfig) -> t
     """Positions (t, y, x) of the video tokens along each axis, as the release lays them out.
 
     CogVideoX 1.0 (5B) fits the token grid into the training grid (sample_height/p x sample_width/p) keeping
-    its aspect ratio, centred ("resize-crop"), then spreads the tokens evenly over that region: positions
-    start + (stop - start) * i / n. At the training size that is 0, 1, ..., n - 1. Frames are 0 .. F - 1.
+    its aspect ratio, centred ("resize-crop"), the region [start, stop) of each axis; the n tokens of an axis
+    then sit evenly from start to stop (n - 1) / n (the release's spacing: exact for start = 0, where it is
+    stop i / n). At the training size that is 0, 1, ..., n - 1; frames are 0 .. F - 1 the same way.
     CogVideoX 1.5 ("slice") uses integer positions 0 .. n - 1 on every axis.
     """
     p = config.patch_size
-    time = torch.arange(frames, dtype=torch.float32)
     if config.patch_size_t is not None:
-        return time, torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32)
+        return tuple(torch.arange(n, dtype=torch.float32) for n in (frames, height, width))
     base_h, base_w = config.sample_height // p, config.sample_width // p
     # Fit (height, width) into (base_h, base_w): the side that is relatively longer fills its base side.
     if height / width > base_h / base_w:
