@@ -258,6 +258,10 @@ def test_pipeline_seed_decode_and_video_to_video(tiny):
     from diffstudio.video.cogvideo import CogVideoPipeline
 
     style, models, (_, _, vae) = tiny
+    import diffstudio
+
+    with pytest.raises(InvalidInputError, match="CogVideoPipeline"):
+        diffstudio.Pipeline(models)  # the image pipeline names the one to use
     pipe = CogVideoPipeline(models)
     args = dict(num_frames=9, width=64, height=48, steps=2, cfg_scale=1.0)
     with pytest.raises(Exception, match="no VAE"):
