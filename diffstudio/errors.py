@@ -101,3 +101,8 @@ class ControlNetMismatchError(DiffstudioError, ValueError):
 class IPAdapterMismatchError(DiffstudioError, ValueError):
     """An IP-Adapter that does not fit the loaded model (its cross-attention count or widths), or an image
     encoder whose features are not the ones the adapter reads."""
+
+
+class FrameCountError(InvalidInputError):
+    """A frame count a video model cannot take (CogVideoX: 4k + 1 frames, one latent frame per four video
+    frames after the first)."""

@@ -6,6 +6,7 @@ record must come before any record whose test it would also pass. Each record's
 """
 
 from diffstudio.families.base import Family
+from diffstudio.families.cogvideox import COGVIDEOX
 from diffstudio.families.flux import FLUX
 from diffstudio.families.hunyuan import HUNYUAN_DIT
 from diffstudio.families.kolors import KOLORS
@@ -19,8 +20,8 @@ from diffstudio.families.sdxl import SDXL, SDXL_REFINER
 # SDXL's test refuses an encoder_hid_proj too.
 # FLUX (a flux_dit transformer, no UNet) excludes every UNet family.
 # SD3 (an mmdit transformer) excludes every other family by its denoiser architecture.
-# Hunyuan-DiT (a hunyuan_dit transformer) likewise.
-FAMILIES: tuple[Family, ...] = (SD15, KOLORS, SDXL, SDXL_REFINER, FLUX, SD3, HUNYUAN_DIT)
+# Hunyuan-DiT (a hunyuan_dit transformer) likewise, and CogVideoX (a cogvideo_dit transformer).
+FAMILIES: tuple[Family, ...] = (SD15, KOLORS, SDXL, SDXL_REFINER, FLUX, SD3, HUNYUAN_DIT, COGVIDEOX)
 
 
 def get_family(name: str) -> Family:

@@ -144,6 +144,9 @@ class Family:
     # The noise schedule the family's AnimateDiff motion modules were trained with, used in place of
     # ``schedule`` while a motion module is loaded (``for_motion``); None: the family's own schedule.
     motion_schedule: DiscreteSchedule | None = None
+    # The pipeline that runs this family when the image Pipeline cannot (CogVideoX: 5-D video latents), as
+    # "module:Class"; the image Pipeline refuses such a model with a message naming it.
+    own_pipeline: str | None = None
 
     def variant_from(self, denoiser_config) -> str | None:
         """The variant a denoiser of this structure is: "inpaint" when it takes extra input channels,

@@ -114,6 +114,8 @@ def guess_family(parsed: ParsedLoRA) -> tuple[str | None, str]:
         return "sd3", "MMDiT attention with context projections (diffusers)"
     if has(r"(^|[._])blocks[._]\d+[._]attn1[._]Wqkv"):
         return "hunyuan", "Hunyuan-DiT blocks"
+    if has(r"^(transformer_blocks|blocks)[._]\d+[._]attn1[._]to_(q|k|v|out)"):
+        return "cogvideox", "top-level blocks with a single attn1 (CogVideoX: diffusers' or DiffSynth's names)"
     if any(layer.scope == "text" and (layer.text_index or 0) >= 1 for layer in parsed.layers):
         return "sdxl", "a second text encoder (te2 / text_encoder_2)"
     width = _cross_attention_width(parsed)

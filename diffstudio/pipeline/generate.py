@@ -62,6 +62,11 @@ class Pipeline:
     the LoRAs applied to it with ``models.apply_lora``."""
 
     def __init__(self, models, lora_dirs=()):
+        if models.family.own_pipeline:
+            from diffstudio.errors import InvalidInputError
+
+            raise InvalidInputError(f"{models.family.name} models run in {models.family.own_pipeline}, not the "
+                                    "image Pipeline")
         self.models = models
         self.family = models.family
         self.lora_dirs: list = list(lora_dirs)  # folders where <lora:name:w> prompt tags are looked up
