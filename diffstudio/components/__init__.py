@@ -12,6 +12,7 @@ from diffstudio.components import (
     bert,
     chatglm,
     clip_text,
+    cogvideox_vae,
     controlnet,
     flux_dit,
     hunyuan_dit,
@@ -26,6 +27,6 @@ from diffstudio.components.base import ComponentArch
 
 ARCHS: dict[str, ComponentArch] = {module.ARCH.name: module.ARCH for module in (
     ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module,
-    ip_adapter)}
+    ip_adapter, cogvideox_vae)}
 
 __all__ = ["ARCHS", "ComponentArch"]
