@@ -389,6 +389,7 @@ class AutoencoderKLCogVideoX(nn.Module):
         `frames_per_chunk` (a multiple of 4; None = all frames in one pass) sets the frames per encoder pass;
         the default is the release's (diffusers').
         """
+        self._check_video(video, frames_per_chunk)
         b, _, frames, height, width = video.shape
         f, z = self.downscale_factor, self.config.latent_channels
         mean = logvar = None
@@ -426,6 +427,7 @@ class AutoencoderKLCogVideoX(nn.Module):
         `frames_per_chunk` latent frames per decoder pass after the first (None = all in one pass); the
         default 2 is the release's.
         """
+        self._check_latent(latents)
         b, _, frames, h, w = latents.shape
         f = self.downscale_factor
         video, start = None, 0
