@@ -70,3 +70,12 @@ CHATGLM3_6B = dict(num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn
                    num_attention_heads=32, multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True,
                    add_bias_linear=False, original_rope=True, seq_length=32768, rmsnorm=True, post_layer_norm=True,
                    layernorm_epsilon=1e-5, apply_residual_connection_post_layernorm=False)
+
+# THUDM/CogVideoX-2b vae/config.json (AutoencoderKLCogVideoX). CogVideoX-5b and -5b-I2V ship the same layout
+# with scaling_factor 0.7; CogVideoX1.5-5B adds invert_scale_latents=True.
+COGVIDEOX_2B_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 256, 512),
+                        layers_per_block=3, act_fn="silu", norm_eps=1e-6, norm_num_groups=32,
+                        temporal_compression_ratio=4, sample_height=480, sample_width=720,
+                        scaling_factor=1.15258426, use_quant_conv=False, use_post_quant_conv=False,
+                        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4)
+COGVIDEOX_5B_VAE = {**COGVIDEOX_2B_VAE, "scaling_factor": 0.7}

@@ -33,7 +33,7 @@ def _archs() -> dict:
 # Architectures a lone component file may hold (a VAE, a text encoder, e.g. t5xxl_fp16.safetensors),
 # most specific test first; the prefixes tried are every prefix a family record gives that
 # architecture, then these.
-STANDALONE_ARCHS = ("ldm_vae", "clip_text", "t5_encoder", "chatglm", "bert")
+STANDALONE_ARCHS = ("ldm_vae", "clip_text", "t5_encoder", "chatglm", "bert", "cogvideox_vae")
 STANDALONE_PREFIXES = ("vae.", "text_encoder.", "")
 # Add-ons a lone file may hold that no family record names as a role: (role, arch, prefixes).
 ADDON_KINDS = (("motion", "motion_module", ("",)), ("ip_adapter", "ip_adapter", ("",)),

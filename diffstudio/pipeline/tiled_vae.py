@@ -8,6 +8,9 @@ is that of one tile; the only full-size buffers are the input and the output.
 Tiling is not exact: GroupNorm statistics are computed per tile instead of over the whole image,
 and convolutions near a tile's border see zero padding instead of neighbours. The overlaps hide
 both; a tile that covers the whole input gives exactly the untiled result.
+
+Videos (B, C, T, H, W) tile the same way over H and W, every tile running through all frames (the CogVideoX
+VAE chunks time inside its own encode/decode).
 """
 
 from __future__ import annotations
@@ -78,8 +81,8 @@ def _run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid
         iterator = tqdm(tiles, desc=what, unit="tile")
     for (r0, r1, r_before, r_after), (c0, c1, c_before, c_after) in iterator:
         piece = fn(x[..., r0 * in_scale:r1 * in_scale, c0 * in_scale:c1 * in_scale])
-        if out is None:  # (B, C_out, grid_h * out_scale, grid_w * out_scale), accumulated in fp32
-            out = torch.zeros(*piece.shape[:2], grid[0] * out_scale, grid[1] * out_scale,
+        if out is None:  # (B, C_out, [T,] grid_h * out_scale, grid_w * out_scale), accumulated in fp32
+            out = torch.zeros(*piece.shape[:-2], grid[0] * out_scale, grid[1] * out_scale,
                               dtype=torch.float32, device=piece.device)
             weight_sum = torch.zeros(grid[0] * out_scale, grid[1] * out_scale, device=piece.device)
             out_dtype = piece.dtype
