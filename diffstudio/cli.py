@@ -18,6 +18,7 @@ from diffstudio.errors import DiffstudioError, InvalidInputError, LoRANotFoundEr
 from diffstudio.sampling_names import SAMPLER_NAMES, SCHEDULER_NAMES
 from diffstudio.threads import prepare_threads, set_threads
 from diffstudio.video.cli import add_video_parser
+from diffstudio.video.diffutoon_cli import add_diffutoon_parser
 
 LORA_DIRS_ENV = "DIFFSTUDIO_LORA_DIRS"  # folders searched for <lora:name:w> prompt tags, os.pathsep-separated
 
@@ -504,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     from diffstudio.video import img2vid_cli
 
     img2vid_cli.add_parser(sub)
+    add_diffutoon_parser(sub)
 
     fastblend = sub.add_parser("fastblend", help="deflicker a stylised video or interpolate keyframes")
     fastblend.configure_later = _configure_fastblend

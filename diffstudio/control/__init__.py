@@ -1,6 +1,6 @@
 """Control images for ControlNets: annotators that turn an image into a control image (docs/controlnet.md)."""
 
-__all__ = ["blur", "canny", "canny_edges", "hint_tensor", "inpaint", "tile"]
+__all__ = ["blur", "canny", "canny_edges", "hint_tensor", "inpaint", "lineart", "softedge", "tile"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""Control-image annotators that need no weights: canny edges, tile (low-res), blur, and the inpaint hint.
+"""Control-image annotators that need no weights: canny edges, classical line art and soft edges, tile
+(low-res), blur, and the inpaint hint.
 
 A ControlNet takes its control image ("hint") as float (B, 3, H, W) in [0, 1] at the generated
 image's pixel size (`hint_tensor`); the inpainting ControlNet (control_v11p_sd15_inpaint) takes the
@@ -9,6 +10,14 @@ reads (a path, PIL image, array or tensor).
 blur; 3x3 Sobel with replicated borders; on a colour image, per pixel the channel with the largest
 gradient; L1 magnitude |dx| + |dy|; non-maximum suppression in four directions; hysteresis with
 8-connectivity). Canny 1986, "A Computational Approach to Edge Detection".
+
+`lineart` and `softedge` are *classical* stand-ins for the learned annotators the lineart and softedge
+ControlNets were trained with (controlnet-aux's LineartDetector, HED/PiDiNet), which are not built in
+(they need their own weights). `lineart` is a difference of Gaussians (Marr & Hildreth 1980; Winnemoeller
+2011's XDoG without its threshold): pixels darker than their surroundings become white lines on black.
+`softedge` is the Sobel gradient magnitude of the blurred image, scaled to its maximum: soft, thick
+boundaries as HED draws them. Any callable ``image -> image`` can take their place wherever an annotator is
+asked for (``ControlNetUnit(preprocess=fn)``, Diffutoon's ``lineart=fn``), e.g. a controlnet-aux detector.
 """
 
 from __future__ import annotations
@@ -74,6 +83,43 @@ def canny(image: ImageLike, low: float = 100, high: float = 200) -> Image.Image:
     """The canny ControlNet's control image: white edges on black, RGB, the input's size."""
     edges = canny_edges(image, low, high).astype(np.uint8) * 255
     return Image.fromarray(np.repeat(edges[..., None], 3, axis=-1))
+
+
+def _gray(image: ImageLike) -> np.ndarray:
+    """(H, W) float64 luminance in [0, 1] (ITU-R 601 weights, PIL's "L")."""
+    return np.asarray(load_image(image).convert("L"), dtype=np.float64) / 255.0
+
+
+def _white_on_black(values: np.ndarray) -> Image.Image:
+    """(H, W) floats in [0, 1] -> an RGB control image, 1 = white."""
+    grey = np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+
+
+def lineart(image: ImageLike, sigma: float = 1.0, ratio: float = 1.6, gain: float = 12.0) -> Image.Image:
+    """Classical line art, white lines on black (the lineart ControlNet's input polarity): the difference of
+    Gaussians G(ratio * sigma) - G(sigma) of the luminance, positive where a pixel is darker than its
+    surroundings (dark strokes, the dark side of an edge), times ``gain``, clipped to [0, 1]. Weight-free:
+    not the learned LineartDetector the ControlNet was trained on (pass that as a callable for full fidelity).
+    """
+    if sigma <= 0 or ratio <= 1 or gain <= 0:
+        raise InvalidInputError(f"lineart needs sigma > 0, ratio > 1, gain > 0; got {sigma}, {ratio}, {gain}")
+    gray = _gray(image)
+    dog = ndimage.gaussian_filter(gray, ratio * sigma, mode="nearest") - ndimage.gaussian_filter(
+        gray, sigma, mode="nearest")
+    return _white_on_black(gain * dog)
+
+
+def softedge(image: ImageLike, sigma: float = 2.0) -> Image.Image:
+    """Classical soft edges, white on black: the Sobel gradient magnitude of the luminance blurred by ``sigma``,
+    divided by its maximum (a flat image gives black). Weight-free: not HED/PiDiNet, which the softedge
+    ControlNet was trained on (pass one as a callable for full fidelity)."""
+    if sigma < 0:
+        raise InvalidInputError(f"softedge sigma must be >= 0, got {sigma}")
+    gray = ndimage.gaussian_filter(_gray(image), sigma, mode="nearest") if sigma > 0 else _gray(image)
+    magnitude = np.hypot(ndimage.sobel(gray, axis=1, mode="nearest"), ndimage.sobel(gray, axis=0, mode="nearest"))
+    peak = magnitude.max()
+    return _white_on_black(magnitude / peak if peak > 0 else magnitude)
 
 
 def tile(image: ImageLike, factor: float = 4.0) -> Image.Image:

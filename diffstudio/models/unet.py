@@ -233,12 +233,22 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Identity())
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None, ip: Sequence | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, ip: Sequence | None = None,
+                frames: int | None = None) -> torch.Tensor:
         """bias: additive attention bias broadcastable to (B, heads, N, T) (region prompts).
         ip: the IP-Adapter hook (UNetModel.forward): decoupled cross-attention (Ye et al. 2023, eq. 5),
-        out = Attn(q, K_text, V_text) + sum of scale * Attn(q, K_image, V_image) over this layer's entries."""
+        out = Attn(q, K_text, V_text) + sum of scale * Attn(q, K_image, V_image) over this layer's entries.
+        frames: the cross-frame attention hook (self-attention only): the rows are videos of ``frames`` frames
+        and every frame's queries attend to the tokens of all frames of its video."""
         ctx = x if context is None else context
         q = self.to_q(x)
+        if frames is not None and frames > 1 and context is None:
+            # (B, N, inner) -> (B / F, F * N, inner): one token sequence per video, so each frame's queries
+            # meet the keys and values of every frame of it (DiffSynth's cross-frame attention); back after.
+            b, n, inner = q.shape
+            k, v = self.to_k(x), self.to_v(x)
+            out = unet_attention(*(t.reshape(b // frames, frames * n, inner) for t in (q, k, v)), self.heads)
+            return self.to_out[0](out.reshape(b, n, inner))
         out = unet_attention(q, self.to_k(ctx), self.to_v(ctx), self.heads, bias)  # (B, N, heads*d)
         if ip is not None and self.ip_index is not None:
             for k_image, v_image, scale in ip[self.ip_index]:                   # (B, tokens, heads*d) each
@@ -282,12 +292,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None,
-                context_bias: torch.Tensor | None = None, ip: Sequence | None = None) -> torch.Tensor:
+                context_bias: torch.Tensor | None = None, ip: Sequence | None = None,
+                frames: int | None = None) -> torch.Tensor:
         if torch.is_grad_enabled():  # the norms keep x for their backward pass: no in-place updates
-            x = x + self.attn1(self.norm1(x))
+            x = x + self.attn1(self.norm1(x), frames=frames)
             x = x + self.attn2(self.norm2(x), context, context_bias, ip)
             return x + self.ff(self.norm3(x))
-        x = x + self.attn1(self.norm1(x))  # a fresh tensor: the caller's x stays untouched
+        x = x + self.attn1(self.norm1(x), frames=frames)  # a fresh tensor: the caller's x stays untouched
         x += self.attn2(self.norm2(x), context, context_bias, ip)
         x += self.ff(self.norm3(x))
         return x
@@ -311,8 +322,10 @@ class SpatialTransformer(nn.Module):
         self.proj_out = Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None,
-                context_bias: dict[int, torch.Tensor] | None = None, ip: Sequence | None = None) -> torch.Tensor:
-        """context_bias: {tokens: (B|1, 1, tokens, T)} cross-attention biases by grid size (region prompts)."""
+                context_bias: dict[int, torch.Tensor] | None = None, ip: Sequence | None = None,
+                frames: int | None = None) -> torch.Tensor:
+        """context_bias: {tokens: (B|1, 1, tokens, T)} cross-attention biases by grid size (region prompts).
+        frames: cross-frame self-attention over videos of that many frames (CrossAttention.forward)."""
         b, c, hgt, wid = x.shape
         bias = None
         if context_bias is not None:
@@ -328,7 +341,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context, bias, ip)
+            h = block(h, context, bias, ip, frames)
         if self.use_linear:
             h = self.proj_out(h)
         # (B, H*W, C) -> (B, C, H, W) in the layout of x (a free view if x is channels_last).
@@ -356,12 +369,12 @@ class TimestepEmbedSequential(nn.Sequential):
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
                 out_size: Sequence[int] | None = None, context_bias: dict | None = None,
                 temporal: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                ip: Sequence | None = None) -> torch.Tensor:
+                ip: Sequence | None = None, frames: int | None = None) -> torch.Tensor:
         for i, layer in enumerate(self):
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, context_bias, ip)
+                x = layer(x, context, context_bias, ip, frames)
             elif isinstance(layer, Upsample):
                 x = layer(x, out_size)
             else:
@@ -452,6 +465,11 @@ class UNetModel(nn.Module):
     ``cross_attention_layers()``, each a sequence of (keys, values, scale) of image tokens projected for
     that layer, (B, tokens, layer width); an empty entry leaves the layer as it is. Without ``ip`` the UNet
     computes exactly what it computes without this hook.
+
+    ``frame_attention`` is the cross-frame attention hook (docs/diffutoon.md): x holds videos of that many
+    consecutive frames (frame index fastest), and every self-attention layer attends over the tokens of all
+    frames of a row's video instead of its own frame's (DiffSynth-Studio's cross-frame attention, which keeps
+    a frame-wise re-render consistent). Identical frames give the frame-wise result; None leaves the UNet as is.
     """
 
     region_attention = "cross"  # how text reaches the image tokens (pipeline/region_attention.py)
@@ -561,15 +579,17 @@ class UNetModel(nn.Module):
     def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
              context: torch.Tensor | None, out_size: Sequence[int] | None = None,
              context_bias: dict | None = None, temporal: Callable | None = None,
-             ip: Sequence | None = None) -> torch.Tensor:
+             ip: Sequence | None = None, frames: int | None = None) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, out_size, context_bias, temporal, ip, use_reentrant=False)
-        return block(h, emb, context, out_size, context_bias, temporal, ip)
+            return checkpoint(block, h, emb, context, out_size, context_bias, temporal, ip, frames,
+                              use_reentrant=False)
+        return block(h, emb, context, out_size, context_bias, temporal, ip, frames)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None,
                 context_bias: dict[int, torch.Tensor] | None = None, motion: nn.Module | None = None,
-                num_frames: int | None = None, ip: Sequence | None = None, **extra) -> torch.Tensor:
+                num_frames: int | None = None, ip: Sequence | None = None, frame_attention: int | None = None,
+                **extra) -> torch.Tensor:
         """x (B, C_in, H, W), timesteps (B,), context (B, T, D), y (B, adm) -> (B, C_out, H, W).
 
         Inputs are cast to the weights' dtype; ``extra`` is accepted (other families' conditioning)
@@ -585,6 +605,10 @@ class UNetModel(nn.Module):
             raise InvalidInputError(f"ip needs one entry per cross-attention layer "
                                     f"({len(self.cross_attention_layers())}); got {len(ip)}")
         hooks = self._temporal_hooks(motion, num_frames, x.shape[0])
+        frames = frame_attention
+        if frames is not None and (frames < 1 or x.shape[0] % frames):
+            raise InvalidInputError(f"frame_attention={frames} (frames per video) must divide the batch of "
+                                    f"{x.shape[0]} rows")
         none = [None] * max(len(self.input_blocks), len(self.output_blocks))
         input_hooks, middle_hooks, output_hooks = (none, none, none) if hooks is None else \
             (hooks["input"], hooks["middle"], hooks["output"])
@@ -594,10 +618,10 @@ class UNetModel(nn.Module):
             h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block, temporal in zip(self.input_blocks, input_hooks):
-            h = self._run(block, h, emb, context, context_bias=context_bias, temporal=temporal, ip=ip)
+            h = self._run(block, h, emb, context, context_bias=context_bias, temporal=temporal, ip=ip, frames=frames)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context, context_bias=context_bias, temporal=middle_hooks[0],
-                      ip=ip)
+                      ip=ip, frames=frames)
         if control is not None:
             h = h + control[-1].to(dtype)
         for block, temporal in zip(self.output_blocks, output_hooks):
@@ -606,6 +630,6 @@ class UNetModel(nn.Module):
                 skip = skip + control[len(skips)].to(dtype)
             h = torch.cat([h, skip], dim=1)
             h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None, context_bias, temporal,
-                          ip)
+                          ip, frames)
         h = _silu_(_group_norm(self.out[0], h))
         return self.out[2](h).contiguous()

@@ -36,7 +36,8 @@ class ControlNetUnit:
     image: the control image (path, PIL or array), resized and centre-cropped to the output size; or a finished
         hint tensor (1, C, H, W), e.g. ``annotators.inpaint(image, mask)`` for the inpainting ControlNet; in a
         video run, a list of them (one per frame, read when a window needs them).
-    preprocess: an annotator run on ``image`` first (``"canny"``, ``"tile"``, ``"blur"``; None = use as is).
+    preprocess: an annotator run on ``image`` first (``"canny"``, ``"lineart"``, ``"softedge"``, ``"tile"``,
+        ``"blur"``, or any callable image -> image, e.g. a controlnet-aux detector; None = use as is).
     start / end: the fraction of the steps during which the unit acts (0 = first step, 1 = last).
     """
 
@@ -59,10 +60,17 @@ class ControlNetUnit:
         name = self.model if isinstance(self.model, str) else getattr(self.model, "source", type(self.model).__name__)
         out = {"model": str(name).split("/")[-1], "scale": self.scale, "start": self.start, "end": self.end}
         if self.preprocess:
-            out["preprocess"] = self.preprocess
+            out["preprocess"] = preprocess_name(self.preprocess)
         if self.control_mode != "balanced":
             out["control_mode"] = self.control_mode
         return out
+
+
+def preprocess_name(preprocess) -> str:
+    """An annotator's name for recipes: the string, or a callable's qualified name."""
+    if isinstance(preprocess, str):
+        return preprocess
+    return getattr(preprocess, "__qualname__", None) or type(preprocess).__name__
 
 
 def control_image(image, preprocess: str | None, width: int, height: int) -> torch.Tensor:
@@ -78,9 +86,12 @@ def control_image(image, preprocess: str | None, width: int, height: int) -> tor
         hint = torch.nn.functional.interpolate(image.float(), size=size, mode="nearest-exact")
         top, left = (size[0] - height) // 2, (size[1] - width) // 2
         return hint[..., top:top + height, left:left + width]
-    preprocessors = {"canny": annotators.canny, "tile": annotators.tile, "blur": annotators.blur}
+    preprocessors = {"canny": annotators.canny, "lineart": annotators.lineart, "softedge": annotators.softedge,
+                     "tile": annotators.tile, "blur": annotators.blur}
     picture = load_image(image)
-    if preprocess is not None:
+    if callable(preprocess):
+        picture = load_image(preprocess(picture))
+    elif preprocess is not None:
         if preprocess not in preprocessors:
             raise InvalidInputError(f"unknown ControlNet preprocessor {preprocess!r}; use one of: "
                                     f"{', '.join(preprocessors)} (or None for an image already annotated)")

@@ -12,6 +12,8 @@ A video run denoises one latent of shape (F, C, h, w): F frames of one video, th
   UNet its temporal hook, ``motion=`` the motion modules and ``num_frames=len(frames)``. Without a motion
   module the same call renders each frame on its own. Modules inside it that read per-frame inputs declare
   ``takes_frames = True`` (the ControlNet units' per-frame control images) and get ``frames`` passed on.
+  With ``cross_frame_attention`` it also passes ``frame_attention=len(frames)``: the UNet's self-attention then
+  spans all frames of the window (the frame-wise re-render of Diffutoon's editing branch, docs/diffutoon.md).
 * ``VideoStart`` is the run's start latent: noise, or the input video's latents noised to the level
   ``strength`` picks (the schedule keeps its last ``strength`` fraction of steps, as img2img does).
 """
@@ -42,15 +44,19 @@ def rows_per_frame(cond: dict, videos: int, num_frames: int) -> dict:
 
 class Frames:
     """The network call of a context window: per-frame conditioning rows and, with ``motion``, AnimateDiff's
-    temporal hook (``motion=``, ``num_frames=``). A call without ``frames`` passes through unchanged."""
+    temporal hook (``motion=``, ``num_frames=``), and with ``cross_frame_attention`` the UNet's cross-frame
+    attention hook over the window (``frame_attention=``). A call without ``frames`` passes through unchanged."""
 
     order = NETWORK + 20  # outside the ControlNet units (NETWORK + 10): they see one conditioning row per frame
 
-    def __init__(self, motion=None):
-        self.motion = motion
+    def __init__(self, motion=None, cross_frame_attention: bool = False):
+        self.motion, self.cross_frame_attention = motion, cross_frame_attention
+
+    def recipe(self) -> dict:
+        return {"cross_frame_attention": True} if self.cross_frame_attention else {}
 
     def wrap(self, denoiser, gen: Generation):
-        motion = self.motion
+        motion, across = self.motion, self.cross_frame_attention
         pass_frames = bool(getattr(denoiser, "takes_frames", False))
 
         class FrameRows(Wrapper):
@@ -64,6 +70,8 @@ class Frames:
                 cond = rows_per_frame(cond, x.shape[0] // count, count)
                 if motion is not None:
                     cond.update(motion=motion, num_frames=count)
+                if across:
+                    cond["frame_attention"] = count
                 if pass_frames:
                     cond[FRAMES] = frames
                 return self.inner(x, sigma, **cond)

@@ -77,7 +77,8 @@ class VideoPipeline:
                  cfg_scale: float | None = None, seed: int = 0, sampler: str | None = None,
                  scheduler: str | None = None, sigmas=None, clip_skip: int | None = None, init_video=None,
                  strength: float | None = None, controlnets: Sequence = (), context_length: int = 16,
-                 context_stride: int | None = None, same_noise: bool = False, smoother=None, smoother_steps=(),
+                 context_stride: int | None = None, same_noise: bool = False, cross_frame_attention: bool = False,
+                 smoother=None, smoother_steps=(),
                  work_dir=None, restart: bool = False, output=None, fps: float | None = None,
                  tiled_vae: bool | None = None, vae_batch: int = 8, progress: bool = True,
                  callback: Callable | None = None, modules: Sequence = ()):
@@ -86,8 +87,9 @@ class VideoPipeline:
         input to repaint (default 0.75). ``controlnets``: ``ControlNetUnit``s whose image is one control image
         or a list with one per frame. ``context_length`` / ``context_stride``: the frames the network sees at
         once and the step between windows (default: half the length). ``same_noise``: every frame starts from
-        the same noise. ``smoother`` ("fastblend" or a ``FastBlendSmoother``) at ``smoother_steps`` (-1: after
-        decoding).
+        the same noise. ``cross_frame_attention``: each frame's self-attention spans every frame of its
+        window (consistent frame-wise re-rendering without a motion module). ``smoother`` ("fastblend" or a
+        ``FastBlendSmoother``) at ``smoother_steps`` (-1: after decoding).
         ``work_dir``: save the state after every step and continue from it (``restart``: discard it).
         ``output``: write a video file (.mp4/.mov/.mkv) or a folder of PNGs and return its path.
         ``callback(step, total, x, x0)`` after every step."""
@@ -129,7 +131,7 @@ class VideoPipeline:
             check_sampler(resolved.sampler)
             workdir = WorkDir(work_dir, self._recipe(resolved, init_video, num_frames, strength, controlnets,
                                                      context_length, context_stride, same_noise, smoother,
-                                                     smoother_steps))
+                                                     smoother_steps, cross_frame_attention))
             saved = workdir.load(restart)
         else:
             workdir = saved = None
@@ -155,7 +157,7 @@ class VideoPipeline:
 
             bar = tqdm(desc="video", disable=not progress, leave=False)
             windows = ContextWindows(context_length, context_stride, on_window=lambda i, n: bar.update(1))
-            run_modules = [Frames(self.motion), windows, *modules]
+            run_modules = [Frames(self.motion, cross_frame_attention), windows, *modules]
             if controlnets:
                 from diffstudio.pipeline.control import ControlNets
 
@@ -210,7 +212,7 @@ class VideoPipeline:
 
     # -- recipes ----------------------------------------------------------------------------------------
     def _recipe(self, r, init_video, num_frames, strength, controlnets, context_length, context_stride,
-                same_noise, smoother, smoother_steps) -> dict:
+                same_noise, smoother, smoother_steps, cross_frame_attention=False) -> dict:
         """Everything that decides a render's result, inputs by content: what a work folder must match."""
         from diffstudio.patches.apply import lora_recipe
         from diffstudio.train.recipe import model_fingerprint
@@ -228,6 +230,7 @@ class VideoPipeline:
             "controlnets": units, "context_length": context_length, "context_stride": context_stride,
             "same_noise": same_noise, "smoother": None if smoother is None else smoother.describe(),
             "smoother_steps": [int(s) for s in smoother_steps], "models": models,
+            **({"cross_frame_attention": True} if cross_frame_attention else {}),
             "dtype": str(self.models.dtype), "device": str(self.models.device), **lora_recipe(self.models),
         }
 

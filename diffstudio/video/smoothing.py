@@ -38,6 +38,7 @@ class FastBlendSmoother:
     minimum_patch_size: int = 5
     num_iter: int = 5
     guide_weight: float = 10.0
+    tracking_window_size: int = 0
     seed: int = 0
     device: str | None = None
 
@@ -46,17 +47,20 @@ class FastBlendSmoother:
 
         check_settings(mode=self.mode, window_size=self.window_size, batch_size=self.batch_size,
                        minimum_patch_size=self.minimum_patch_size, num_iter=self.num_iter,
-                       guide_weight=self.guide_weight, device=self.device)
+                       guide_weight=self.guide_weight, tracking_window_size=self.tracking_window_size,
+                       device=self.device)
 
     def describe(self) -> dict:
-        return {"smoother": "fastblend", **{k: v for k, v in asdict(self).items() if k != "device"}}
+        skip = {"device"} | ({"tracking_window_size"} if not self.tracking_window_size else set())
+        return {"smoother": "fastblend", **{k: v for k, v in asdict(self).items() if k not in skip}}
 
     def __call__(self, frames: Sequence, guide: Sequence) -> Iterator[np.ndarray]:
         from diffstudio.video.fastblend import iter_blend
 
         return iter_blend(frames, guide, mode=self.mode, window_size=self.window_size, batch_size=self.batch_size,
                           minimum_patch_size=self.minimum_patch_size, num_iter=self.num_iter,
-                          guide_weight=self.guide_weight, seed=self.seed, device=self.device)
+                          guide_weight=self.guide_weight, tracking_window_size=self.tracking_window_size,
+                          seed=self.seed, device=self.device)
 
 
 def smoother_for(smoother) -> FastBlendSmoother | None:
