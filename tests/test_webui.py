@@ -119,3 +119,44 @@ def test_editor_layers_become_masks():
     assert np.asarray(masks[0])[:, :4].min() == 255 and np.asarray(masks[0])[:, 4:].max() == 0
     np.testing.assert_array_equal(np.asarray(editor.painted_mask(value)), np.asarray(masks[0]))
     assert editor.background(value).mode == "RGB"
+
+
+def test_fastblend_runs_as_a_job_of_the_queue(app, tmp_path):
+    from diffstudio.video import video_io
+    from diffstudio.video.fastblend import interpolate
+    from diffstudio.webui.video_tab import queue_fastblend
+    from diffstudio.webui.video_task import FastBlendTask
+
+    guide = tmp_path / "guide"
+    guide.mkdir()
+    frames = [np.asarray(picture(i, 32)) for i in range(4)]
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(guide / f"{i:05d}.png")
+    key = tmp_path / "00000.png"
+    Image.fromarray(255 - frames[0]).save(key)
+    job = queue_fastblend(app.state.server, FastBlendTask(str(guide), keyframes=[str(key)]))
+    assert job.done.wait(120) and job.state == "done", job.error
+    assert job.step == job.steps == 4
+    written = video_io.read_frames(str(app.state.server.outputs / job.outputs[0]))
+    expected = interpolate({0: 255 - frames[0]}, frames)
+    assert len(written) == 4 and np.abs(written[0].astype(int) - expected[0]).mean() < 8  # H.264, visually lossless
+
+
+def test_lora_training_runs_as_a_job_with_its_loss_history(app, tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    from diffstudio.webui.training_tab import queue_training
+    from diffstudio.webui.training_task import LoRATrainingTask
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        picture(i).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a red circle")
+    done = []
+    task = LoRATrainingTask("shapes-sd", str(data), str(tmp_path / "x.safetensors"), steps=4, checkpoint_every=2,
+                            finished=done.append)
+    job = queue_training(app.state.server, task)
+    assert job.done.wait(300) and job.state == "done", job.error
+    assert job.step == 4 and len(job.info["losses"]) == 4 and all(np.isfinite(job.info["losses"]))
+    assert done == [tmp_path / "x.safetensors"] and done[0].is_file()
