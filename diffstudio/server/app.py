@@ -29,7 +29,7 @@ from diffstudio.server.catalog import Catalog, Entry
 from diffstudio.server.checks import Limits
 from diffstudio.server.jobs import Job, JobQueue, QueueFullError
 from diffstudio.server.model_cache import ModelCache
-from diffstudio.server.runner import GenerationSpec, run_generation
+from diffstudio.server.runner import GenerationSpec, run_job
 
 log = logging.getLogger("diffstudio.server")
 
@@ -92,7 +92,7 @@ def create_app(models_dir: str | Path | None = None, outputs_dir: str | Path = "
     catalog = Catalog.scan(models_dir)
     cache = ModelCache(catalog, loaded_models, loader)
     limits = Limits(max_pixels, max_images, max_steps)
-    jobs = JobQueue(lambda job: run_generation(job, cache, outputs, limits), outputs / "jobs", queue_size)
+    jobs = JobQueue(lambda job: run_job(job, cache, outputs, limits), outputs / "jobs", queue_size)
     state = ServerState(catalog, cache, jobs, outputs, limits, token,
                         {"sd_model_checkpoint": catalog.default_checkpoint})
 

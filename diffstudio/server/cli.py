@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     serve.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest width x height accepted")
     serve.add_argument("--loaded-models", type=int, default=1, help="models kept in memory (least recently used "
                                                                      "dropped)")
+    serve.add_argument("--no-ui", action="store_true", help="the HTTP API only, no web UI at /ui")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -40,7 +41,16 @@ def cmd_serve(args) -> int:
     if args.host not in LOOPBACK and not args.token:
         log.warning("listening on %s without --token: anyone who can reach this address can use the server",
                     args.host)
+    ui = None
+    if not args.no_ui:
+        from diffstudio.webui import UI_PATH, gradio_available, mount_ui
+
+        if gradio_available():
+            ui = mount_ui
+            log.info("web UI at http://%s:%s%s/", args.host, args.port, UI_PATH)
+        else:
+            log.warning('no web UI: it needs gradio (pip install "diffstudio[webui]"); serving the HTTP API only')
     app = create_app(args.models, args.outputs, args.queue_size, args.token, max_pixels=args.max_pixels,
-                     loaded_models=args.loaded_models)
+                     loaded_models=args.loaded_models, ui=ui)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

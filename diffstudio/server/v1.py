@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from diffstudio.server.a1111 import SEED_END
 from diffstudio.server.checks import check_counts, check_lora_tags, sampler_and_scheduler
+from diffstudio.server.jobs import Job
 from diffstudio.server.payloads import decode_image
 from diffstudio.server.runner import GenerationSpec
 
@@ -119,15 +120,19 @@ def _spec(req: GenerateRequest, state) -> GenerationSpec:
 @router.post("/generate", status_code=202)
 def generate(req: GenerateRequest, request: Request) -> dict:
     """Queue a generation; 202 with the job id (429 with Retry-After when the queue is full)."""
-    state = request.app.state.server
+    job = queue_generation(req, request.app.state.server)
+    return {"id": job.id, "state": job.state, "url": f"/v1/jobs/{job.id}"}
+
+
+def queue_generation(req: GenerateRequest, state) -> Job:
+    """Check ``req``, turn it into a GenerationSpec and queue it (the web UI queues its jobs here too)."""
     spec = _spec(req, state)
     params = req.model_dump(exclude={"init_image", "mask"})
     params["seed"] = spec.request["seed"]
     for key, items in (("regions", params.get("regions")), ("controlnets", params.get("controlnets"))):
         for item in items or ():
             item.pop("mask" if key == "regions" else "image", None)
-    job = state.submit("generate", params, spec)
-    return {"id": job.id, "state": job.state, "url": f"/v1/jobs/{job.id}"}
+    return state.submit("generate", params, spec)
 
 
 @router.get("/jobs/{job_id}")

@@ -1,0 +1,84 @@
+"""The Image tab's add-on networks: LoRAs with strengths and a ControlNet unit (image, annotator preview,
+scale, start/end), both picked from the server's catalog (``GET /v1/models`` lists the same)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from diffstudio.webui.form import PREPROCESSORS, ControlRow
+
+LORA_SLOTS = 3
+
+
+@dataclass
+class NetworkPanel:
+    loras: list[gr.Dropdown]
+    strengths: list[gr.Slider]
+    control_model: gr.Dropdown
+    control_image: gr.Image
+    preprocess: gr.Radio
+    scale: gr.Slider
+    start: gr.Slider
+    end: gr.Slider
+    control_mode: gr.Radio
+
+    @property
+    def inputs(self) -> list:
+        return [*self.loras, *self.strengths, self.control_model, self.control_image, self.preprocess, self.scale,
+                self.start, self.end, self.control_mode]
+
+
+def lora_values(data: dict, panel: NetworkPanel) -> list[tuple[str, float]]:
+    return [(data[d], float(data[s])) for d, s in zip(panel.loras, panel.strengths) if data[d]]
+
+
+def control_rows(data: dict, panel: NetworkPanel) -> list[ControlRow]:
+    if not data[panel.control_model]:
+        return []
+    return [ControlRow(data[panel.control_model], data[panel.control_image], data[panel.preprocess],
+                       float(data[panel.scale]), float(data[panel.start]), float(data[panel.end]),
+                       data[panel.control_mode])]
+
+
+def annotate(image, preprocess: str):
+    """What the ControlNet will see: the image through its annotator (canny, tile, blur) or as is."""
+    from diffstudio.control import annotators
+
+    if image is None:
+        raise gr.Error("upload a control image first")
+    if preprocess == "none":
+        return image
+    return {"canny": annotators.canny, "tile": annotators.tile, "blur": annotators.blur}[preprocess](image)
+
+
+def build_network_panel(catalog) -> NetworkPanel:
+    loras = sorted(catalog.loras)
+    with gr.Accordion(f"LoRA ({len(loras)} on this server)", open=False):
+        if not loras:
+            gr.Markdown("No LoRAs: put them in MODELS/Lora and start the server with `--models MODELS`. "
+                        "`<lora:name:0.8>` tags in the prompt work too.")
+        dropdowns, strengths = [], []
+        for i in range(LORA_SLOTS):
+            with gr.Row():
+                dropdowns.append(gr.Dropdown([("none", "")] + [(n, n) for n in loras], value="", scale=3,
+                                             label=f"LoRA {i + 1}", elem_id=f"lora-{i + 1}"))
+                strengths.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="strength", scale=2))
+    controlnets = sorted(catalog.controlnets)
+    with gr.Accordion(f"ControlNet ({len(controlnets)} on this server)", open=False):
+        if not controlnets:
+            gr.Markdown("No ControlNets: put them in MODELS/ControlNet and start the server with `--models MODELS`.")
+        model = gr.Dropdown([("none", "")] + [(n, n) for n in controlnets], value="", label="ControlNet")
+        with gr.Row():
+            image = gr.Image(type="pil", label="Control image", height=220)
+            preview = gr.Image(type="pil", label="Annotator preview", interactive=False, height=220)
+        preprocess = gr.Radio(list(PREPROCESSORS), value="none", label="Annotator (none: the image is a hint already)")
+        show = gr.Button("Preview the annotator", size="sm")
+        with gr.Row():
+            scale = gr.Slider(0, 2, value=1.0, step=0.05, label="scale")
+            start = gr.Slider(0, 1, value=0.0, step=0.05, label="start")
+            end = gr.Slider(0, 1, value=1.0, step=0.05, label="end")
+        control_mode = gr.Radio(["balanced", "prompt", "control"], value="balanced", label="Control mode")
+        show.click(annotate, [image, preprocess], preview)
+    return NetworkPanel(dropdowns, strengths, model, image, preprocess, scale, start, end, control_mode)
