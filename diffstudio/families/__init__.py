@@ -13,6 +13,7 @@ from diffstudio.families.kolors import KOLORS
 from diffstudio.families.sd3 import SD3
 from diffstudio.families.sd15 import SD15
 from diffstudio.families.sdxl import SDXL, SDXL_REFINER
+from diffstudio.families.svd import SVD
 
 # SDXL base and refiner exclude each other by the lowest level's transformer blocks, and SD 1.x
 # (no label_emb, conv proj_in) excludes both.
@@ -21,7 +22,8 @@ from diffstudio.families.sdxl import SDXL, SDXL_REFINER
 # FLUX (a flux_dit transformer, no UNet) excludes every UNet family.
 # SD3 (an mmdit transformer) excludes every other family by its denoiser architecture.
 # Hunyuan-DiT (a hunyuan_dit transformer) likewise, and CogVideoX (a cogvideo_dit transformer).
-FAMILIES: tuple[Family, ...] = (SD15, KOLORS, SDXL, SDXL_REFINER, FLUX, SD3, HUNYUAN_DIT, COGVIDEOX)
+# SVD (an svd_unet: time_stack blocks, 8 input channels) is refused by every LDM UNet family's test.
+FAMILIES: tuple[Family, ...] = (SD15, KOLORS, SDXL, SDXL_REFINER, FLUX, SD3, HUNYUAN_DIT, COGVIDEOX, SVD)
 
 
 def get_family(name: str) -> Family:
