@@ -33,6 +33,7 @@ PROMPT = "a red circle on a blue square"
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # this checkout's diffstudio, wherever the script is started from
+from diffstudio.threads import WAIT_POLICY  # noqa: E402  (no torch: safe before the children start)
 
 
 # -- the file: SD 1.5 layout, random weights ---------------------------------------------------------------------
@@ -129,19 +130,28 @@ class Phases:
     def __init__(self):
         self.rows, self.last = [], time.perf_counter()
 
-    def mark(self, name: str, seconds: float | None = None) -> None:
+    def mark(self, name: str, seconds: float | None = None, peak: float | None = None) -> None:
         now = time.perf_counter()
         self.rows.append({"phase": name, "s": seconds if seconds is not None else now - self.last,
-                          "peak_mib": _peak_mib(), "rss_mib": _rss_mib()})
+                          "peak_mib": _peak_mib() if peak is None else peak, "rss_mib": _rss_mib()})
         self.last = now
 
 
 def _timed(fn, store: list):
+    """``fn`` that appends (seconds, peak RSS MiB so far) of each call to ``store``."""
     def wrapper(*a, **k):
         t = time.perf_counter()
         out = fn(*a, **k)
-        store.append(time.perf_counter() - t)
+        store.append((time.perf_counter() - t, _peak_mib()))
         return out
+    return wrapper
+
+
+def _before(fn, store: list):
+    """``fn`` that appends the peak RSS so far (MiB) to ``store`` before each call."""
+    def wrapper(*a, **k):
+        store.append(_peak_mib())
+        return fn(*a, **k)
     return wrapper
 
 
@@ -160,14 +170,15 @@ def child_ours(args) -> list[dict]:
     pipe = diffstudio.Pipeline(models)
     encode_s, decode_s = [], []
     pipe.encode_prompts = _timed(pipe.encode_prompts, encode_s)
-    pipe.decode_latents = _timed(pipe.decode_latents, decode_s)
+    before_decode = []
+    pipe.decode_latents = _timed(_before(pipe.decode_latents, before_decode), decode_s)
     t = time.perf_counter()
     images = pipe(PROMPT, steps=args.steps, width=args.size, height=args.size, cfg_scale=7.0, sampler="euler",
                   seed=0, progress=False, modules=args.modules)
     total = time.perf_counter() - t
-    phases.mark("encode", encode_s[0])
-    phases.mark("steps", total - encode_s[0] - decode_s[0])
-    phases.mark("decode", decode_s[0])
+    phases.mark("encode", encode_s[0][0], encode_s[0][1])
+    phases.mark("steps", total - encode_s[0][0] - decode_s[0][0], before_decode[0])
+    phases.mark("decode", decode_s[0][0], decode_s[0][1])
     from diffstudio.io.recipe import save_image
 
     phases.last = time.perf_counter()
@@ -193,16 +204,17 @@ def child_diffusers(args) -> list[dict]:
     load_extra = phases.rows[-1]["peak_mib"] - before
     encode_s, decode_s = [], []
     pipe.encode_prompt = _timed(pipe.encode_prompt, encode_s)
-    pipe.vae.decode = _timed(pipe.vae.decode, decode_s)
+    before_decode = []
+    pipe.vae.decode = _timed(_before(pipe.vae.decode, before_decode), decode_s)
     pipe.set_progress_bar_config(disable=True)
     t = time.perf_counter()
     with torch.inference_mode():
         image = pipe(PROMPT, num_inference_steps=args.steps, width=args.size, height=args.size, guidance_scale=7.0,
                      generator=torch.Generator().manual_seed(0)).images[0]
     total = time.perf_counter() - t
-    phases.mark("encode", encode_s[0])
-    phases.mark("steps", total - encode_s[0] - decode_s[0])
-    phases.mark("decode", decode_s[0])
+    phases.mark("encode", encode_s[0][0], encode_s[0][1])
+    phases.mark("steps", total - encode_s[0][0] - decode_s[0][0], before_decode[0])
+    phases.mark("decode", decode_s[0][0], decode_s[0][1])
     phases.last = time.perf_counter()
     image.save(Path(args.out) / "diffusers.png")
     phases.mark("save")
@@ -215,7 +227,10 @@ def run_child(side: str, args, model: Path, out: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--model", str(model), "--out", str(out),
            "--steps", str(args.steps), "--size", str(args.size)]
     t = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # both sides get the passive OpenMP wait policy diffstudio's command line sets (diffstudio/threads.py): with
+    # spinning threads a loaded machine would measure the other jobs, not the libraries
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **WAIT_POLICY}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - t
     if done.returncode != 0:
         raise RuntimeError(f"{side} child failed:\n{done.stderr[-4000:]}")
@@ -254,6 +269,11 @@ def summarise(side: str, runs: list[dict], weights: int) -> None:
     extra = med(r["rows"][1]["load_peak_above_before_mib"] for r in runs)
     print(f"  load peak above the memory before it: {extra:.0f} MiB = {extra * 2**20 / weights:.2f}x the weights "
           f"({weights / 2**20:.0f} MiB)")
+    imported = med(r["rows"][0]["peak_mib"] for r in runs)
+    run_peak = med(max(row["peak_mib"] for row in r["rows"]) for r in runs)
+    print(f"  whole run's peak above the imports: {run_peak - imported:.0f} MiB = "
+          f"{(run_peak - imported) * 2**20 / weights:.2f}x the weights (weights + activations; a second copy "
+          "would be 2x)")
     print(f"  whole process {med(r['process_s'] for r in runs):.2f} s; "
           f"generate (encode + steps + decode) {med(sum(r['rows'][i]['s'] for i in (2, 3, 4)) for r in runs):.2f} s")
 
@@ -280,7 +300,8 @@ def main() -> None:
     for label, statement in (("import diffstudio", "import diffstudio"),
                              ("import diffstudio + its generate loop (torch)",
                               "import diffstudio, diffstudio.loader, diffstudio.pipeline.generate"),
-                             ("import diffusers' StableDiffusionPipeline", "from diffusers import StableDiffusionPipeline")):
+                             ("import diffusers' StableDiffusionPipeline",
+                              "from diffusers import StableDiffusionPipeline")):
         print(f"{label}: {import_time(statement):.3f} s (-X importtime, best of 3; load "
               f"{os.getloadavg()[0]:.1f})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
