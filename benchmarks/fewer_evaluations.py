@@ -25,6 +25,16 @@ VARIANTS = {"plain": {}, "deep_cache=1": {"deep_cache": 1}, "deep_cache=2": {"de
 SCORES = ("color_ok", "kind_ok", "position_ok", "all_ok")
 
 
+def report(seconds: dict, totals: dict, pairs: int, timed_only: bool) -> None:
+    print(f"after {pairs} pairs, load average {os.getloadavg()[0]:.1f}")
+    print("| variant | time / plain | " + " | ".join(SCORES) + " |")
+    print("|---|---|" + "---|" * len(SCORES))
+    for name in VARIANTS:
+        scores = " | ".join("-" for _ in SCORES) if timed_only else \
+            " | ".join(f"{totals[name][k] / pairs:.3f}" for k in SCORES)
+        print(f"| {name} | {seconds[name] / seconds['plain']:.2f} | {scores} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=60)
@@ -54,13 +64,9 @@ def main() -> None:
                 result = score_prompt(image, prompt)
                 for key in SCORES:
                     totals[name][key] += bool(result[key])
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
-    print("| variant | time / plain | " + " | ".join(SCORES) + " |")
-    print("|---|---|" + "---|" * len(SCORES))
-    for name in VARIANTS:
-        scores = " | ".join(f"{totals[name][k] / args.pairs:.3f}" for k in SCORES) if not args.model else \
-            " | ".join("-" for _ in SCORES)
-        print(f"| {name} | {seconds[name] / seconds['plain']:.2f} | {scores} |", flush=True)
+        if (i + 1) % 8 == 0 and i + 1 < args.pairs:  # a partial table, in case the run is cut short
+            report(seconds, totals, i + 1, bool(args.model))
+    report(seconds, totals, i + 1, bool(args.model))
 
 
 if __name__ == "__main__":
