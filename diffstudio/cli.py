@@ -195,7 +195,8 @@ def cmd_generate(args) -> int:
                "init_image": args.init_image, "strength": args.strength, "mask": args.mask,
                "clip_skip": args.clip_skip, "tiled_vae": True if args.tiled_vae else None,
                "guidance": args.guidance, "regions": regions,
-               "region_mode": args.region_mode if regions is not None else None}
+               "region_mode": args.region_mode if regions is not None else None,
+               "deep_cache": args.deep_cache, "cfg_until": args.cfg_until}
     modules = []
     if args.tile_size:
         from diffstudio.pipeline.tiled_diffusion import TiledDiffusion
@@ -441,6 +442,12 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--lora-dir", action="append", metavar="DIR",
                      help=f"a folder where <lora:name:w> prompt tags are looked up (repeatable; also "
                           f"{LORA_DIRS_ENV}, folders separated by '{os.pathsep}', searched after these)")
+    gen.add_argument("--deep-cache", type=_positive_int, metavar="K",
+                     help="DeepCache: reuse a UNet's deep features for K calls after each full one (faster, "
+                          "a quality trade; docs/benchmarks.md)")
+    gen.add_argument("--cfg-until", type=float, metavar="FRACTION",
+                     help="guidance on the first FRACTION of the steps only, then the prompt alone (faster, a "
+                          "quality trade; docs/benchmarks.md)")
     gen.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"],
                      help="weights' precision")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")

@@ -473,6 +473,7 @@ class UNetModel(nn.Module):
     """
 
     region_attention = "cross"  # how text reaches the image tokens (pipeline/region_attention.py)
+    supports_feature_cache = True  # forward's DeepCache hook (pipeline/deep_cache.py)
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -589,11 +590,17 @@ class UNetModel(nn.Module):
                 y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None,
                 context_bias: dict[int, torch.Tensor] | None = None, motion: nn.Module | None = None,
                 num_frames: int | None = None, ip: Sequence | None = None, frame_attention: int | None = None,
+                feature_cache=None,
                 **extra) -> torch.Tensor:
         """x (B, C_in, H, W), timesteps (B,), context (B, T, D), y (B, adm) -> (B, C_out, H, W).
 
         Inputs are cast to the weights' dtype; ``extra`` is accepted (other families' conditioning)
         and unused. ``motion`` (a models.motion.MotionModules), ``num_frames`` and ``ip``: see the class docstring.
+
+        ``feature_cache`` is the DeepCache hook (Ma et al. 2023; pipeline/deep_cache.py): an object with
+        ``branch`` (an input block index b), ``reuse`` (bool) and ``feature``. A full pass stores in ``feature``
+        the input of the output block that pairs with input block b; a ``reuse`` pass computes only input
+        blocks 0..b and the output blocks from that pair on, starting from the stored feature.
         """
         dtype = self.dtype
         emb, context = embed_conditioning(self, x, timesteps, context, y)
@@ -616,15 +623,26 @@ class UNetModel(nn.Module):
         h = x.to(dtype)
         if self._channels_last():
             h = h.contiguous(memory_format=torch.channels_last)
+        reuse = feature_cache is not None and feature_cache.reuse
+        # the output block that pairs with the cache's branch (-1: none)
+        first = -1 if feature_cache is None else len(self.output_blocks) - 1 - feature_cache.branch
         skips = []
-        for block, temporal in zip(self.input_blocks, input_hooks):
+        for block, temporal in zip(self.input_blocks[:feature_cache.branch + 1] if reuse else self.input_blocks,
+                                   input_hooks):
             h = self._run(block, h, emb, context, context_bias=context_bias, temporal=temporal, ip=ip, frames=frames)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context, context_bias=context_bias, temporal=middle_hooks[0],
-                      ip=ip, frames=frames)
-        if control is not None:
-            h = h + control[-1].to(dtype)
-        for block, temporal in zip(self.output_blocks, output_hooks):
+        if reuse:
+            h = feature_cache.feature
+        else:
+            h = self._run(self.middle_block, h, emb, context, context_bias=context_bias, temporal=middle_hooks[0],
+                          ip=ip, frames=frames)
+            if control is not None:
+                h = h + control[-1].to(dtype)
+        for j, (block, temporal) in enumerate(zip(self.output_blocks, output_hooks)):
+            if reuse and j < first:  # computed in the full pass whose output block `first` input is cached
+                continue
+            if j == first and not reuse:
+                feature_cache.feature = h
             skip = skips.pop()
             if control is not None:
                 skip = skip + control[len(skips)].to(dtype)
