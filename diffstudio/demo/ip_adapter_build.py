@@ -13,7 +13,6 @@ checkpoint goes into the work folder, so a killed build resumes. docs/shapes.md 
 
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 

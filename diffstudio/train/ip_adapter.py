@@ -210,8 +210,8 @@ def save_ip_adapter(adapter, family: str, out: str | Path, shapes_encoder: nn.Mo
     """Write ``adapter`` in the released names (``image_proj.*``, ``ip_adapter.*``), with a Shapes image encoder
     bundled under ``image_encoder.``; the configs in the metadata (roles ``ip_adapter``, ``image_encoder``),
     atomically."""
-    from diffstudio.ipadapter_loading import ROLE, SHAPES_ENCODER_PREFIX
     from diffstudio.io.safetensors_file import save_safetensors
+    from diffstudio.ipadapter_loading import ROLE, SHAPES_ENCODER_PREFIX
     from diffstudio.save import metadata_for
 
     def cast(v: torch.Tensor) -> torch.Tensor:
