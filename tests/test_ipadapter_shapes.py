@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 import diffstudio
-from diffstudio.demo.controlnet_build import WEIGHTS as CONTROLNET, outline
+from diffstudio.demo.controlnet_build import WEIGHTS as CONTROLNET
+from diffstudio.demo.controlnet_build import outline
 from diffstudio.demo.ip_adapter_build import WEIGHTS, color_rate, reference
 from diffstudio.demo.score import read_image
 from diffstudio.demo.shapes import Scene, ShapeSpec
