@@ -295,6 +295,9 @@ def _add_train_parser(sub) -> None:
     from diffstudio.video import train_cli
 
     train_cli.add_parser(kinds)
+    from diffstudio.train import ip_adapter_cli
+
+    ip_adapter_cli.add_parser(kinds)
 
 
 def _lora_spec(spec: str, default: float = 1.0) -> tuple[str, float]:

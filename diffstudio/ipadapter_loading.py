@@ -22,6 +22,9 @@ from diffstudio.models.ipadapter import IPAdapter, IPAdapterConfig
 
 ROLE = "ip_adapter"
 ENCODER_PREFIXES = ("vision_model.", "visual_projection.")
+ADAPTER_PREFIXES = ("image_proj.", "ip_adapter.")
+SHAPES_ENCODER_PREFIX = "image_encoder."  # a Shapes image encoder bundled in its adapter's file
+SHAPES_ENCODER_SENTINELS = ("pixel.0.weight", "pixel.2.weight", "proj.weight")
 
 
 @dataclass
@@ -50,6 +53,7 @@ def read_ip_adapter(path: str | Path) -> tuple[dict, IPAdapterConfig]:
 
     path = existing_path(path, "IP-Adapter")
     sd = read_state_dict(path)
+    sd = {k: v for k, v in sd.items() if k.startswith(ADAPTER_PREFIXES)}  # a bundled encoder is read apart
     if not is_ip_adapter(sd):
         heads = sorted({k.split(".")[0] for k in sd})[:6]
         raise UnknownModelError(f"{path} is not an IP-Adapter: no ip_adapter.1.to_k_ip / to_v_ip weights (its "
@@ -89,6 +93,8 @@ def read_image_encoder(path: str | Path, dtype: torch.dtype = torch.float32, dev
     from diffstudio.loader import assign_weights
 
     path = existing_path(path, "image encoder")
+    if path.is_file() and bundled_shapes_encoder(path):
+        return read_shapes_encoder(path, dtype, device)
     if path.is_dir():
         sd, config_json = read_component(path)
     else:
@@ -99,6 +105,36 @@ def read_image_encoder(path: str | Path, dtype: torch.dtype = torch.float32, dev
         encoder = CLIPVisionModelWithProjection(config)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     return assign_weights(encoder, sd, device, f"{path} is not a CLIPVisionModelWithProjection")
+
+
+def bundled_shapes_encoder(path: Path) -> bool:
+    """Whether the file holds a Shapes image encoder (``image_encoder.pixel.*``, ``image_encoder.proj.*``)."""
+    from diffstudio.io.state_dict import read_state_dict
+
+    keys = read_state_dict(path).keys()
+    return all(SHAPES_ENCODER_PREFIX + k in keys for k in SHAPES_ENCODER_SENTINELS)
+
+
+def read_shapes_encoder(path: Path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+    """The Shapes image encoder in ``path`` (models/shapes_image_encoder.py): its config from the file's metadata
+    (role ``image_encoder``), else its widths from shapes and the default input size."""
+    from diffstudio.detect import stored_configs
+    from diffstudio.io.state_dict import read_file_metadata, read_state_dict
+    from diffstudio.loader import assign_weights
+    from diffstudio.models.shapes_image_encoder import ShapesImageEncoder, ShapesImageEncoderConfig
+
+    n = len(SHAPES_ENCODER_PREFIX)
+    sd = {k[n:]: v for k, v in read_state_dict(path).items() if k.startswith(SHAPES_ENCODER_PREFIX)}
+    stored = stored_configs(read_file_metadata(path))
+    if "image_encoder" in stored:
+        config = ShapesImageEncoderConfig.from_dict(stored["image_encoder"])
+    else:
+        width, embed = sd["proj.weight"].shape[1], sd["proj.weight"].shape[0]
+        config = ShapesImageEncoderConfig(hidden_size=width, projection_dim=embed)
+    with torch.device("meta"):
+        encoder = ShapesImageEncoder(config)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    return assign_weights(encoder, sd, device, f"{path} holds no whole Shapes image encoder")
 
 
 def encoder_problem(adapter: IPAdapterConfig, encoder_config) -> str | None:
@@ -145,7 +181,10 @@ def add_ip_adapter(models, path: str | Path, image_encoder: str | Path | nn.Modu
     if isinstance(image_encoder, nn.Module):
         encoder, encoder_source = image_encoder, type(image_encoder).__name__
     else:
-        encoder_path = default_image_encoder(path) if image_encoder is None else Path(image_encoder).expanduser()
+        if image_encoder is not None:
+            encoder_path = Path(image_encoder).expanduser()
+        else:  # the encoder bundled in the adapter's file (the Shapes adapter), else image_encoder/ beside it
+            encoder_path = path if bundled_shapes_encoder(path) else default_image_encoder(path)
         encoder = read_image_encoder(encoder_path, models.dtype, models.device)
         encoder_source = str(encoder_path)
     problem = encoder_problem(config, encoder.config)

@@ -1,4 +1,4 @@
-"""`python -m diffstudio.demo train|dataset|evaluate|motion` — the Shapes world's command line."""
+"""`python -m diffstudio.demo train|dataset|evaluate|motion|ip-adapter` — the Shapes world's command line."""
 
 from __future__ import annotations
 
@@ -56,8 +56,13 @@ def main() -> None:
     from diffstudio.demo.motion_build import add_motion_parser
 
     add_motion_parser(sub)
+    from diffstudio.demo import ip_adapter_build
+
+    ip_adapter_build.add_parser(sub)
     args = parser.parse_args()
-    if args.command == "motion":
+    if args.command == "ip-adapter":
+        ip_adapter_build.run_command(args)
+    elif args.command == "motion":
         from diffstudio.demo.motion_build import run_motion_command
 
         run_motion_command(args)

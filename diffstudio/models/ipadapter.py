@@ -37,6 +37,8 @@ from torch import nn
 from diffstudio.models.layers import attention
 
 PROJECTIONS = ("linear", "resampler", "mlp")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the input normalisation of every IP-Adapter image encoder
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass

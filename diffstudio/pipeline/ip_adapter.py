@@ -26,10 +26,8 @@ import torch
 from PIL import Image
 
 from diffstudio.errors import InvalidInputError, IPAdapterMismatchError
+from diffstudio.models.ipadapter import CLIP_MEAN, CLIP_STD
 from diffstudio.pipeline.modules import NEGATIVE_ROWS, NETWORK, Generation, Wrapper, is_active, mark_negative_rows
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the CLIP image encoders' input normalisation
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -90,9 +88,9 @@ class ImagePrompt:
 
 # -- encoding the references ------------------------------------------------------------------------
 
-def clip_pixels(image, size: int) -> torch.Tensor:
-    """An image -> (3, size, size) CLIP input: the shorter side scaled to ``size`` (bicubic), centre-cropped,
-    normalised with CLIP's mean and std (what CLIPImageProcessor does)."""
+def fit_reference(image, size: int) -> torch.Tensor:
+    """An image -> uint8 (3, size, size): the shorter side scaled to ``size`` (bicubic), centre-cropped (what
+    CLIPImageProcessor does before it normalises)."""
     from diffstudio.io.images import load_image
 
     picture = load_image(image)
@@ -101,8 +99,18 @@ def clip_pixels(image, size: int) -> torch.Tensor:
     picture = picture.resize(scaled if picture.width <= picture.height else scaled[::-1], Image.BICUBIC)
     left, top = (picture.width - size) // 2, (picture.height - size) // 2
     picture = picture.crop((left, top, left + size, top + size))
-    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (pixels - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    return torch.from_numpy(np.array(picture, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalise_reference(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, S, S) -> float CLIP input: scaled to [0, 1], normalised with CLIP's mean and std."""
+    view = (3, 1, 1)
+    return (pixels.float() / 255.0 - torch.tensor(CLIP_MEAN).view(view)) / torch.tensor(CLIP_STD).view(view)
+
+
+def clip_pixels(image, size: int) -> torch.Tensor:
+    """An image -> (3, size, size) CLIP input (`fit_reference`, then `normalise_reference`)."""
+    return normalise_reference(fit_reference(image, size))
 
 
 def image_features(encoder, pixels: torch.Tensor, kind: str) -> torch.Tensor:
