@@ -39,6 +39,7 @@ def _largest(image):
     return max(shapes, key=lambda s: s.area) if shapes else None
 
 
+@pytest.mark.slow  # 95 s; its bar is not met yet (xfail), so it runs with `pytest -m slow`
 @pytest.mark.skipif(not CONTROLNET.exists(), reason="the Shapes ControlNet is not built")
 @pytest.mark.xfail(strict=True, reason="measured: with both, green 8/8 but a star on the left 0/8: the adapter at "
                                        "scale 1 overrides the outline (no LoRA in the chain yet)")

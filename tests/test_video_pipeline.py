@@ -243,3 +243,21 @@ def test_named_errors(models, tmp_path):
         pipe("a red circle", smoother_steps=[1], context_length=8, **RUN)
     with pytest.raises(InvalidInputError, match="outside this run"):
         pipe("a red circle", num_frames=2, smoother="fastblend", smoother_steps=[5], context_length=8, **RUN)
+
+
+def test_video_pipeline_is_the_front_of_the_families_with_their_own():
+    """VideoPipeline(models) of an SVD or CogVideoX model is that family's pipeline; of an SD model, its own."""
+    from types import SimpleNamespace
+
+    from diffstudio.families.cogvideox import COGVIDEOX
+    from diffstudio.families.sd15 import SD15
+    from diffstudio.families.svd import SVD
+    from diffstudio.video.cogvideo import CogVideoPipeline
+    from diffstudio.video.render import VideoPipeline
+    from diffstudio.video.svd import SVDPipeline
+
+    assert type(VideoPipeline(SimpleNamespace(family=SVD))) is SVDPipeline
+    config = SimpleNamespace(in_channels=COGVIDEOX.latent.channels, ofs_embed_dim=None)
+    cog = SimpleNamespace(family=COGVIDEOX, configs={COGVIDEOX.denoiser_role: config})
+    assert type(VideoPipeline(cog)) is CogVideoPipeline
+    assert type(VideoPipeline(SimpleNamespace(family=SD15, components={}))) is VideoPipeline

@@ -77,6 +77,7 @@ SVD = Family(
     check_denoiser=check_unet,
     make_conditioning=conditioning,
     diffusers_pipelines=("StableVideoDiffusionPipeline",),
+    own_pipeline="diffstudio.video.svd:SVDPipeline",
 )
 
 SVD_DEFAULTS = SVDDefaults()

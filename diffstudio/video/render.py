@@ -64,6 +64,17 @@ def frame_noise(seed: int, num_frames: int, latent_shape, same_noise: bool = Fal
 class VideoPipeline:
     """``VideoPipeline(models)(prompt, ...) -> list of PIL frames`` (or the path of ``output``)."""
 
+    def __new__(cls, models, *args, **kwargs):
+        """A family with a video pipeline of its own (``Family.own_pipeline``: SVD, CogVideoX) gets that one, so
+        ``VideoPipeline(models)`` is the front for every video model."""
+        own = getattr(getattr(models, "family", None), "own_pipeline", None)
+        if cls is VideoPipeline and own:
+            import importlib
+
+            module, name = own.split(":")
+            return getattr(importlib.import_module(module), name)(models)
+        return super().__new__(cls)
+
     def __init__(self, models, lora_dirs=()):
         self.models = models
         self.lora_dirs = list(lora_dirs)
