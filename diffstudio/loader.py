@@ -405,6 +405,11 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
         raise UnknownModelError(f"{paths[0]} holds only {', '.join(parts)}: the first path must be a whole "
                                 "model (or a denoiser); add lone components after it")
     family = get_family(base_detection.family).for_variant(base_detection.variant)
+    if family.own_loader:
+        import importlib
+
+        module, name = family.own_loader.split(":")
+        return getattr(importlib.import_module(module), name)(*paths, dtype=dtype, device=device)
     for extra in paths[1:]:
         detection, extra_parts = read_source(extra)
         refuse_as_model(extra, detection)

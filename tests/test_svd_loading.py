@@ -116,3 +116,41 @@ def test_img2vid_command_line(tmp_path, capsys):
     assert code == 2 and "ModelNotFoundError" in capsys.readouterr().err
     code = main(["img2vid", str(tmp_path / "nope.png"), "--model", "x", "-o", str(tmp_path / "out.mp4")])
     assert code == 2 and "input image not found" in capsys.readouterr().err
+
+
+def test_a_release_layout_file_with_our_unet_loads_and_renders_through_video_pipeline(tmp_path):
+    """A whole svd.safetensors-layout file (UNet, temporal VAE, conditioning encoder, OpenCLIP tower) loads with
+    ``load_svd`` and with ``diffstudio.load`` (family svd), and ``VideoPipeline`` renders it; both give the same
+    frames."""
+    import numpy as np
+    from PIL import Image
+
+    import diffstudio
+    from tests import test_svd_unet as tiny_unet
+
+    torch.manual_seed(0)
+    # 64-wide attention heads and a 1280-wide vision tower: the release's conventions, which shapes cannot show
+    unet_ref = tiny_unet.reference(dict(tiny_unet.TINY, block_out_channels=(64, 128), num_attention_heads=(1, 2)))
+    _, unet_sd = tiny_unet.ours_from(unet_ref)
+    encoder = _random(CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16, image_size=32,
+        patch_size=16, projection_dim=24)))
+    vae = _random(AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), layers_per_block=2,
+                                               down_block_types=("DownEncoderBlock2D",) * 2))
+    vae_sd = temporal_vae_from_diffusers(vae.state_dict())
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet_sd.items()}
+    sd.update({f"first_stage_model.{k}": v for k, v in vae_sd.items() if not k.startswith("quant_conv")})
+    sd.update({f"conditioner.embedders.3.encoder.{k}": v for k, v in vae_sd.items() if not k.startswith("decoder.")})
+    sd.update({f"conditioner.embedders.0.open_clip.model.visual.{k}": v
+               for k, v in vision_to_openclip(encoder.state_dict()).items()})
+    path = tmp_path / "svd_tiny.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(path))
+
+    image = Image.new("RGB", (32, 32), "red")
+    run = dict(image=image, num_frames=3, width=32, height=32, steps=2, seed=3)
+    direct = diffstudio.VideoPipeline(load_svd(path))(**run)
+    models = diffstudio.load(path)
+    assert models.family.name == "svd" and type(models.unet).__name__ == "SVDUNet"
+    loaded = diffstudio.VideoPipeline(models)(**run)
+    assert len(direct) == 3 and direct[0].size == (32, 32)
+    assert [np.asarray(f).tolist() for f in direct] == [np.asarray(f).tolist() for f in loaded]

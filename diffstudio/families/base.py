@@ -147,6 +147,9 @@ class Family:
     # The pipeline that runs this family when the image Pipeline cannot (CogVideoX: 5-D video latents), as
     # "module:Class"; the image Pipeline refuses such a model with a message naming it.
     own_pipeline: str | None = None
+    # The loader of a family whose parts the generic loader cannot assemble (SVD: the VAE's encoder is the
+    # conditioner's, add-ons are ExVideo grafts), as "module:function(path, *extra_paths, dtype=, device=)".
+    own_loader: str | None = None
 
     def variant_from(self, denoiser_config) -> str | None:
         """The variant a denoiser of this structure is: "inpaint" when it takes extra input channels,

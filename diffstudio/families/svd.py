@@ -78,6 +78,7 @@ SVD = Family(
     make_conditioning=conditioning,
     diffusers_pipelines=("StableVideoDiffusionPipeline",),
     own_pipeline="diffstudio.video.svd:SVDPipeline",
+    own_loader="diffstudio.video.svd_loading:load_svd",
 )
 
 SVD_DEFAULTS = SVDDefaults()

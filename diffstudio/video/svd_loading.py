@@ -72,8 +72,12 @@ def single_file_parts(sd: dict) -> dict[str, dict]:
     return parts
 
 
-def load_svd(path, *, dtype: torch.dtype = torch.float32, device="cpu", unet: nn.Module | None = None) -> SVDModels:
-    """A single file or diffusers folder -> SVDModels in ``dtype`` on ``device`` (module docstring)."""
+def load_svd(path, *extensions, dtype: torch.dtype = torch.float32, device="cpu",
+             unet: nn.Module | None = None) -> SVDModels:
+    """A single file or diffusers folder -> SVDModels in ``dtype`` on ``device`` (module docstring).
+
+    ``extensions``: ExVideo-SVD files grafted onto the UNet (``exvideo_loading.graft_exvideo``).
+    ``diffstudio.load(path, *extensions)`` lands here for a file of the svd family (``Family.own_loader``)."""
     from diffstudio.components import ARCHS
     from diffstudio.io.folders import existing_path, read_component
     from diffstudio.io.state_dict import read_state_dict
@@ -98,4 +102,11 @@ def load_svd(path, *, dtype: torch.dtype = torch.float32, device="cpu", unet: nn
     missing = [name for name in _ROLES if name not in built]
     if missing:
         raise UnknownModelError(f"{path} lacks the SVD {', '.join(missing)}")
-    return SVDModels(built["unet"], built["vae"], built["image_encoder"], sources={"path": str(Path(path))})
+    if extensions:
+        from diffstudio.exvideo_loading import graft_exvideo
+
+        for extension in extensions:
+            graft_exvideo(built["unet"], read_state_dict(existing_path(extension, "ExVideo extension")))
+        built["unet"].to(device=device, dtype=dtype)
+    return SVDModels(built["unet"], built["vae"], built["image_encoder"],
+                     sources={"path": str(Path(path)), "extensions": [str(e) for e in extensions]})
