@@ -77,14 +77,14 @@ def _lora_summary(path: Path) -> str | None:
             "not a model")
 
 
-def _dtype(name: str):
+def torch_dtype(name: str):
     import torch
 
     return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
             "fp16": torch.float16, "float16": torch.float16}[name]
 
 
-def _check_device(name: str) -> None:
+def check_device(name: str) -> None:
     """A device torch knows and this machine has, or a named error (before any model is loaded)."""
     import torch
 
@@ -126,11 +126,11 @@ def _check_inputs(args) -> None:
 
     named = [(args.model, "model"), (args.vae, "VAE file"), (args.init_image, "init image"),
              (args.mask, "mask image")]
-    named += [(_lora_spec(spec)[0], "LoRA file") for spec in args.lora or ()]
+    named += [(lora_spec(spec)[0], "LoRA file") for spec in args.lora or ()]
     for unit in _control_specs(args):
         named += [(unit["model"], "ControlNet file"), (unit["image"], "control image")]
     named += [(args.ip_adapter, "IP-Adapter file"), (args.ip_encoder, "IP-Adapter image encoder")]
-    named += [(_lora_spec(spec)[0], "reference image") for spec in args.ip_image or ()]
+    named += [(lora_spec(spec)[0], "reference image") for spec in args.ip_image or ()]
     if args.ip_image and not args.ip_adapter:
         raise UsageError("--ip-image needs --ip-adapter FILE (the adapter that reads the reference image)")
     for path, kind in named:
@@ -171,14 +171,14 @@ def cmd_generate(args) -> int:
         regions = load_layout(args.regions)
     _check_inputs(args)
     lora_dirs = _lora_dirs(args)
-    _check_device(args.device)
+    check_device(args.device)
     import diffstudio
 
     paths = [args.model] if args.model else []
     if args.vae:
         paths.append(args.vae)
     try:
-        models = diffstudio.load(*paths, dtype=_dtype(args.dtype), device=args.device)
+        models = diffstudio.load(*paths, dtype=torch_dtype(args.dtype), device=args.device)
     except UnknownModelError:
         for path in paths:
             lora = _lora_summary(Path(path))
@@ -186,7 +186,7 @@ def cmd_generate(args) -> int:
                 raise InvalidInputError(f"{path} is {lora}: pass it with --lora {path}") from None
         raise
     for spec in args.lora or ():
-        file, strength = _lora_spec(spec)
+        file, strength = lora_spec(spec)
         models.apply_lora(file, strength)
     pipe = diffstudio.Pipeline(models)
     pipe.lora_dirs = lora_dirs
@@ -208,7 +208,7 @@ def cmd_generate(args) -> int:
 
         adapter = models.add_ip_adapter(args.ip_adapter, args.ip_encoder)
         options["ip_adapter"] = [ImagePrompt(image, scale=scale, model=adapter, style_only=args.ip_style_only)
-                                 for image, scale in (_lora_spec(spec, 0.7) for spec in args.ip_image)]
+                                 for image, scale in (lora_spec(spec, 0.7) for spec in args.ip_image)]
     if args.control:
         from diffstudio.pipeline.control import ControlNetUnit
 
@@ -230,9 +230,9 @@ def cmd_generate(args) -> int:
 def cmd_batch(args) -> int:
     from diffstudio.batch import run_batch
 
-    _check_device(args.device)
+    check_device(args.device)
     written = run_batch(args.recipes, args.output, model=args.model, restart=args.restart,
-                        dtype=_dtype(args.dtype) if args.dtype else None, device=args.device)
+                        dtype=torch_dtype(args.dtype) if args.dtype else None, device=args.device)
     print(f"wrote {len(written)} image(s) to {args.output}")
     return 0
 
@@ -300,7 +300,7 @@ def _add_train_parser(sub) -> None:
     ip_adapter_cli.add_parser(kinds)
 
 
-def _lora_spec(spec: str, default: float = 1.0) -> tuple[str, float]:
+def lora_spec(spec: str, default: float = 1.0) -> tuple[str, float]:
     """``FILE`` or ``FILE:STRENGTH`` (the last ``:`` splits only when a number follows it)."""
     file, sep, tail = spec.rpartition(":")
     if sep:

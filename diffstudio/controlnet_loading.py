@@ -42,10 +42,10 @@ def read_controlnet(path: str | Path, hints: dict | None = None):
     ``hints``: conventions shapes cannot reveal (heads, norm groups), e.g. the base UNet's. A stored config
     (the folder's config.json, or diffstudio's safetensors metadata) wins over them."""
     from diffstudio.components import ARCHS
-    from diffstudio.detect import Component, Detection, _dtype, _numel, stored_configs
+    from diffstudio.detect import Component, Detection, parameter_count, storage_dtype, stored_configs
     from diffstudio.io.folders import existing_path, read_component
     from diffstudio.io.state_dict import read_file_metadata, read_state_dict
-    from diffstudio.loader import _canonical, _Part
+    from diffstudio.loader import Part, canonical_state_dict
 
     path = existing_path(path, "ControlNet")
     arch = ARCHS[ROLE]
@@ -56,7 +56,7 @@ def read_controlnet(path: str | Path, hints: dict | None = None):
         canonical = arch.to_canonical(sd)
         stored = {ROLE: arch.config_to_dict(arch.config_from_diffusers(config_json))} if config_json else {}
         component = Component(ROLE, ROLE, "", "original" if arch.is_canonical(sd) else "diffusers", None,
-                              _numel(canonical), _dtype(canonical))
+                              parameter_count(canonical), storage_dtype(canonical))
         family, config = controlnet_family(canonical, stored)
     else:
         sd = read_state_dict(path)
@@ -67,12 +67,12 @@ def read_controlnet(path: str | Path, hints: dict | None = None):
                                     "under 'control_model.') and no diffusers controlnet_cond_embedding keys. Its "
                                     f"top-level keys: {_top_keys(sd)}. `diffstudio info {path}` says what it is.")
         component, family = found
-        canonical = _canonical(sd, component)
+        canonical = canonical_state_dict(sd, component)
         config = component.config
     if hints and ROLE not in stored:
         config = derive_controlnet_config(canonical, hints)
     component.config = config
-    return Detection(family.name, {ROLE: component}), _Part(canonical, config, str(path))
+    return Detection(family.name, {ROLE: component}), Part(canonical, config, str(path))
 
 
 def fit_problems(controlnet: ControlNetConfig, unet: UNetConfig, latent_channels: int) -> list[str]:

@@ -163,7 +163,7 @@ def default_image_encoder(path: Path) -> Path:
 def add_ip_adapter(models, path: str | Path, image_encoder: str | Path | nn.Module | None = None) -> LoadedIPAdapter:
     """Load the IP-Adapter at ``path`` and its image encoder for ``models`` (in its dtype, on its device), checked to
     fit its UNet and each other (`IPAdapterMismatchError` otherwise). The model itself is not changed."""
-    from diffstudio.loader import _Part, build_component
+    from diffstudio.loader import Part, build_component
     from diffstudio.models.unet import UNetModel
 
     unet = models.denoiser
@@ -190,7 +190,7 @@ def add_ip_adapter(models, path: str | Path, image_encoder: str | Path | nn.Modu
     problem = encoder_problem(config, encoder.config)
     if problem:
         raise IPAdapterMismatchError(f"{path} with the image encoder {encoder_source}: {problem}")
-    adapter = build_component(ROLE, ROLE, _Part(sd, config, str(path)), models.dtype, models.device, consume=True)
+    adapter = build_component(ROLE, ROLE, Part(sd, config, str(path)), models.dtype, models.device, consume=True)
     return LoadedIPAdapter(adapter, encoder, str(path), encoder_source)
 
 

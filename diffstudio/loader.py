@@ -156,7 +156,7 @@ class Models:
 # Reading sources: every source becomes {role: (canonical state dict, config, layout)}.
 
 @dataclass
-class _Part:
+class Part:
     state_dict: dict
     config: Any
     source: str
@@ -169,18 +169,18 @@ def _cast(sd: dict, dtype: torch.dtype, device) -> dict:
     return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
 
 
-def _read_file(path: Path) -> tuple[Detection, dict[str, _Part]]:
+def _read_file(path: Path) -> tuple[Detection, dict[str, Part]]:
     from diffstudio.io.state_dict import read_file_metadata, read_state_dict
 
     sd = read_state_dict(path)
     detection = detect(sd, read_file_metadata(path))
     parts = {}
     for role, comp in detection.components.items():
-        parts[role] = _Part(_canonical(sd, comp), comp.config, str(path))
+        parts[role] = Part(canonical_state_dict(sd, comp), comp.config, str(path))
     return detection, parts
 
 
-def _canonical(sd: dict, comp: Component) -> dict:
+def canonical_state_dict(sd: dict, comp: Component) -> dict:
     n = len(comp.prefix)
     sub = {k[n:]: v for k, v in sd.items() if k.startswith(comp.prefix)} if comp.prefix else dict(sd)
     arch = ARCHS[comp.arch]
@@ -189,7 +189,7 @@ def _canonical(sd: dict, comp: Component) -> dict:
     return sub
 
 
-def _read_role(role, path: Path, where: str, layout: str) -> tuple[_Part, Component]:
+def _read_role(role, path: Path, where: str, layout: str) -> tuple[Part, Component]:
     """One role's weights, from a component folder (with its config.json when there is one) or a weights
     file, in canonical names with their config; ``where`` and ``layout`` are what `diffstudio info` shows."""
     from diffstudio.io.folders import read_component
@@ -200,19 +200,19 @@ def _read_role(role, path: Path, where: str, layout: str) -> tuple[_Part, Compon
     canonical = arch.to_canonical(sd)
     config = arch.config_from_diffusers(config_json) if config_json else arch.derive_config(canonical, role.hints)
     dtype = str(next(iter(canonical.values())).dtype).removeprefix("torch.")
-    return (_Part(canonical, config, str(path)),
+    return (Part(canonical, config, str(path)),
             Component(role.name, role.arch, where, layout, config, sum(int(v.numel()) for v in canonical.values()),
                       dtype))
 
 
-def _read_folder(folder: Path) -> tuple[Detection, dict[str, _Part]]:
+def _read_folder(folder: Path) -> tuple[Detection, dict[str, Part]]:
     """A diffusers/HF folder: model_index.json and one subfolder per component."""
     from diffstudio.families import FAMILIES
     from diffstudio.io.folders import read_model_index
 
     index = read_model_index(folder)
     family = _family_of_folder(folder, index)
-    parts: dict[str, _Part] = {}
+    parts: dict[str, Part] = {}
     components: dict[str, Component] = {}
     for role in family.roles:
         if (folder / role.subfolder).is_dir():
@@ -265,7 +265,7 @@ def _family_of_folder(folder: Path, index: dict) -> Family:
                             "not know, and no subfolder holds a denoiser of a known family")
 
 
-def read_source(path: str | Path) -> tuple[Detection, dict[str, _Part]]:
+def read_source(path: str | Path) -> tuple[Detection, dict[str, Part]]:
     """One path (file or folder) -> its detection and canonical parts by role."""
     path = Path(path).expanduser()
     if not path.exists():
@@ -296,7 +296,7 @@ def _released_path(folder: Path, candidates: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _read_released_folder(folder: Path) -> tuple[Detection, dict[str, _Part]] | None:
+def _read_released_folder(folder: Path) -> tuple[Detection, dict[str, Part]] | None:
     """A model folder as its authors release it (not diffusers): each role is read from the first of its
     ``Role.released`` paths that exists (a weights file, or a component folder with config.json)."""
     from diffstudio.families import FAMILIES
@@ -306,7 +306,7 @@ def _read_released_folder(folder: Path) -> tuple[Detection, dict[str, _Part]] | 
         den = family.role(family.denoiser_role)
         if _released_path(folder, den.released) is None:
             continue
-        parts: dict[str, _Part] = {}
+        parts: dict[str, Part] = {}
         components: dict[str, Component] = {}
         for role in (den, *(r for r in family.roles if r is not den)):
             path = _released_path(folder, role.released)
@@ -327,7 +327,7 @@ def _read_released_folder(folder: Path) -> tuple[Detection, dict[str, _Part]] | 
 # ---------------------------------------------------------------------------------------------
 # Building modules.
 
-def build_component(role: str, arch_name: str, part: _Part, dtype: torch.dtype, device,
+def build_component(role: str, arch_name: str, part: Part, dtype: torch.dtype, device,
                     consume: bool = False) -> torch.nn.Module:
     """``consume``: empty ``part.state_dict`` while casting (lower peak memory; the loader's own parts)."""
     arch = ARCHS[arch_name]

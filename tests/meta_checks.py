@@ -9,12 +9,12 @@ def assert_every_key_maps(sd: dict, det) -> None:
     """Each detected component's canonical keys are exactly our module's, with the same shapes."""
     from diffstudio.components import ARCHS
     from diffstudio.convert.clip import to_installed_transformers_layout
-    from diffstudio.loader import _canonical
+    from diffstudio.loader import canonical_state_dict
 
     for role, comp in det.components.items():
         with torch.device("meta"):
             ours = ARCHS[comp.arch].build(comp.config)
-        theirs = _canonical(sd, comp)
+        theirs = canonical_state_dict(sd, comp)
         if comp.arch == "clip_text":
             theirs = to_installed_transformers_layout(theirs, ours)
         ours_sd = {k: v for k, v in ours.state_dict().items() if not k.endswith("position_ids")}

@@ -114,7 +114,7 @@ def test_packing_matches_the_reference_layout():
 
 
 def test_float8_weights_stay_float8_and_upcast_per_layer():
-    from diffstudio.loader import Models, _Part, build_component
+    from diffstudio.loader import Models, Part, build_component
     from diffstudio.models.lowbit import UpcastLinear
     from tests.tiny_flux import to_float8
 
@@ -130,7 +130,7 @@ def test_float8_weights_stay_float8_and_upcast_per_layer():
     with torch.no_grad():
         expected = rounded(**x, guidance=g)
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 3e-2)):
-        model = build_component("dit", "flux_dit", _Part(stored, config, "fp8 file"), dtype, "cpu")
+        model = build_component("dit", "flux_dit", Part(stored, config, "fp8 file"), dtype, "cpu")
         assert model.img_in.weight.dtype == torch.float8_e4m3fn
         assert model.single_blocks[1].linear1.weight.dtype == torch.float8_e4m3fn
         assert isinstance(model.double_blocks[0].img_attn.qkv, UpcastLinear)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from diffstudio.convert.rules import Rule, from_canonical, rule, to_canonical
-from diffstudio.convert.unet import _module_pairs, _Structure
+from diffstudio.convert.unet import Structure, module_pairs
 from diffstudio.errors import ConversionError
 from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
 
@@ -29,9 +29,9 @@ from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
 _ENCODER_PREFIXES = ("time_embed.", "label_emb.", "encoder_hid_proj", "input_blocks.", "middle_block.")
 
 
-def _rules(structure: _Structure, hint_widths: int) -> list[Rule]:
+def _rules(structure: Structure, hint_widths: int) -> list[Rule]:
     """The rules of a ControlNet: each (cldm module, diffusers module) pair, and renamed sub-layers."""
-    pairs = [p for p in _module_pairs(structure) if p[0].startswith(_ENCODER_PREFIXES)]
+    pairs = [p for p in module_pairs(structure) if p[0].startswith(_ENCODER_PREFIXES)]
     convs = 2 * hint_widths  # conv_in, two per widening stage, conv_out
     pairs.append(("input_hint_block.0", "controlnet_cond_embedding.conv_in", {}))
     pairs += [(f"input_hint_block.{2 * (j + 1)}", f"controlnet_cond_embedding.blocks.{j}", {})
@@ -67,7 +67,7 @@ def controlnet_from_diffusers(sd: Mapping) -> dict:
     # Imported here: the detect package's __init__ imports the family records (import cycle otherwise).
     from diffstudio.detect.controlnet import derive_controlnet_config
 
-    rules = _rules(_Structure.of_diffusers_keys(sd.keys()), _hint_widths_of_diffusers_keys(sd.keys()))
+    rules = _rules(Structure.of_diffusers_keys(sd.keys()), _hint_widths_of_diffusers_keys(sd.keys()))
     # Heads and GroupNorm groups do not change any shape; 1 and 1 fit every width.
     return to_canonical("diffusers ControlNet -> cldm", sd, rules, lambda out: _meta_state_dict(
         derive_controlnet_config(out, {"num_heads": 1, "norm_groups": 1})))
@@ -75,5 +75,5 @@ def controlnet_from_diffusers(sd: Mapping) -> dict:
 
 def controlnet_to_diffusers(sd: Mapping, config: ControlNetConfig) -> dict:
     """cldm ControlNet state dict (no ``control_model.`` prefix) -> diffusers ControlNetModel layout."""
-    rules = _rules(_Structure.of_config(config), len(config.hint_block_channels))
+    rules = _rules(Structure.of_config(config), len(config.hint_block_channels))
     return from_canonical("cldm ControlNet -> diffusers", sd, rules, _meta_state_dict(config))

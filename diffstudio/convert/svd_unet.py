@@ -21,17 +21,17 @@ from collections.abc import Mapping
 import torch
 
 from diffstudio.convert.rules import Rule, from_canonical, rule, to_canonical
-from diffstudio.convert.unet import _RESBLOCK, _module_pairs, _Structure
+from diffstudio.convert.unet import RESBLOCK, Structure, module_pairs
 from diffstudio.detect.svd_unet import derive_svd_unet_config
 from diffstudio.models.svd_unet import SVDUNet, SVDUNetConfig
 
 
-def rules(structure: _Structure) -> list[Rule]:
+def rules(structure: Structure) -> list[Rule]:
     """The LDM UNet's module pairs, each ResBlock and transformer pair widened by its temporal layers."""
     out: list[Rule] = []
-    for ours, theirs, sub in _module_pairs(structure):
+    for ours, theirs, sub in module_pairs(structure):
         out.append(rule(ours, theirs))
-        if sub is _RESBLOCK:
+        if sub is RESBLOCK:
             for old, new in sub.items():
                 out.append(rule(f"{ours}.{old}", f"{theirs}.spatial_res_block.{new}"))
                 if old != "skip_connection":  # the temporal ResBlock keeps its width: no shortcut
@@ -50,7 +50,7 @@ def _meta_state_dict(config: SVDUNetConfig) -> dict[str, torch.Tensor]:
 
 def svd_unet_from_diffusers(sd: Mapping) -> dict:
     """diffusers UNetSpatioTemporalConditionModel state dict (no 'unet.' prefix) -> release names."""
-    structure = _Structure.of_diffusers_keys(sd.keys())
+    structure = Structure.of_diffusers_keys(sd.keys())
     # Head width and groups change no shape; 1 fits every width.
     return to_canonical("diffusers SVD UNet -> release layout", sd, rules(structure),
                         lambda out: _meta_state_dict(derive_svd_unet_config(out, {"num_head_channels": 1,
@@ -59,4 +59,4 @@ def svd_unet_from_diffusers(sd: Mapping) -> dict:
 
 def svd_unet_to_diffusers(sd: Mapping, config: SVDUNetConfig) -> dict:
     """Release-layout SVD UNet state dict (no 'model.diffusion_model.' prefix) -> diffusers layout."""
-    return from_canonical("SVD UNet -> diffusers", sd, rules(_Structure.of_config(config)), _meta_state_dict(config))
+    return from_canonical("SVD UNet -> diffusers", sd, rules(Structure.of_config(config)), _meta_state_dict(config))

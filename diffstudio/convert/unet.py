@@ -20,7 +20,7 @@ from diffstudio.errors import ConversionError
 from diffstudio.models.unet import UNetConfig, UNetModel
 
 # ResBlock sub-layers: LDM name -> diffusers name.
-_RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
 # Modules outside the levels: LDM prefix -> diffusers prefix.
@@ -31,18 +31,18 @@ _TOP_LEVEL = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_e
 
 
 @dataclass(frozen=True)
-class _Structure:
+class Structure:
     """What the key map depends on: ResBlocks per level and which levels have attention."""
 
     num_res_blocks: tuple[int, ...]
     attention: tuple[bool, ...]
 
     @classmethod
-    def of_config(cls, config: UNetConfig) -> _Structure:
+    def of_config(cls, config: UNetConfig) -> Structure:
         return cls(tuple(config.num_res_blocks), tuple(d > 0 for d in config.transformer_depth))
 
     @classmethod
-    def of_diffusers_keys(cls, keys) -> _Structure:
+    def of_diffusers_keys(cls, keys) -> Structure:
         """Count down_blocks.I.resnets.J / .attentions.J in a diffusers state dict."""
         resnets: dict[int, set[int]] = {}
         attentions: set[int] = set()
@@ -63,27 +63,27 @@ class _Structure:
                    tuple(i in attentions for i in range(levels)))
 
 
-def _module_pairs(s: _Structure) -> list[tuple[str, str, dict[str, str]]]:
+def module_pairs(s: Structure) -> list[tuple[str, str, dict[str, str]]]:
     """(LDM module prefix, diffusers module prefix, sub-layer renames LDM -> diffusers), in model order."""
     pairs = [(ldm, dif, {}) for ldm, dif in _TOP_LEVEL.items()]
     levels = len(s.num_res_blocks)
     n = 1
     for level in range(levels):
         for j in range(s.num_res_blocks[level]):
-            pairs.append((f"input_blocks.{n}.0", f"down_blocks.{level}.resnets.{j}", _RESBLOCK))
+            pairs.append((f"input_blocks.{n}.0", f"down_blocks.{level}.resnets.{j}", RESBLOCK))
             if s.attention[level]:
                 pairs.append((f"input_blocks.{n}.1", f"down_blocks.{level}.attentions.{j}", {}))
             n += 1
         if level != levels - 1:
             pairs.append((f"input_blocks.{n}.0.op", f"down_blocks.{level}.downsamplers.0.conv", {}))
             n += 1
-    pairs += [("middle_block.0", "mid_block.resnets.0", _RESBLOCK),
+    pairs += [("middle_block.0", "mid_block.resnets.0", RESBLOCK),
               ("middle_block.1", "mid_block.attentions.0", {}),
-              ("middle_block.2", "mid_block.resnets.1", _RESBLOCK)]
+              ("middle_block.2", "mid_block.resnets.1", RESBLOCK)]
     n = 0
     for up, level in enumerate(reversed(range(levels))):
         for j in range(s.num_res_blocks[level] + 1):
-            pairs.append((f"output_blocks.{n}.0", f"up_blocks.{up}.resnets.{j}", _RESBLOCK))
+            pairs.append((f"output_blocks.{n}.0", f"up_blocks.{up}.resnets.{j}", RESBLOCK))
             if s.attention[level]:
                 pairs.append((f"output_blocks.{n}.1", f"up_blocks.{up}.attentions.{j}", {}))
             if level != 0 and j == s.num_res_blocks[level]:
@@ -93,9 +93,9 @@ def _module_pairs(s: _Structure) -> list[tuple[str, str, dict[str, str]]]:
     return pairs
 
 
-def rules(s: _Structure) -> list[Rule]:
+def rules(s: Structure) -> list[Rule]:
     """Each module pair as a rule, and each renamed ResBlock sub-layer as a longer (so preferred) one."""
-    return [r for ldm, dif, sub in _module_pairs(s)
+    return [r for ldm, dif, sub in module_pairs(s)
             for r in (rule(ldm, dif), *(rule(f"{ldm}.{old}", f"{dif}.{new}") for old, new in sub.items()))]
 
 
@@ -111,7 +111,7 @@ def unet_from_diffusers(sd: Mapping) -> dict:
     The structure is counted from the diffusers keys; the result is checked against an LDM UNet
     built on the meta device at the config derived from the result.
     """
-    structure = _Structure.of_diffusers_keys(sd.keys())
+    structure = Structure.of_diffusers_keys(sd.keys())
     # Heads and GroupNorm groups do not change any shape; 1 and 1 fit every width.
     return to_canonical("diffusers UNet -> LDM", sd, rules(structure),
                         lambda out: _meta_state_dict(derive_unet_config(out, {"num_heads": 1, "norm_groups": 1})))
@@ -119,4 +119,4 @@ def unet_from_diffusers(sd: Mapping) -> dict:
 
 def unet_to_diffusers(sd: Mapping, config: UNetConfig) -> dict:
     """LDM UNet state dict (no 'model.diffusion_model.' prefix) -> diffusers UNet2DConditionModel layout."""
-    return from_canonical("LDM UNet -> diffusers", sd, rules(_Structure.of_config(config)), _meta_state_dict(config))
+    return from_canonical("LDM UNet -> diffusers", sd, rules(Structure.of_config(config)), _meta_state_dict(config))

@@ -99,11 +99,11 @@ def _sub(sd: Mapping, prefix: str) -> dict:
     return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _numel(sd: Mapping) -> int:
+def parameter_count(sd: Mapping) -> int:
     return sum(int(v.numel()) for v in sd.values())
 
 
-def _dtype(sd: Mapping) -> str:
+def storage_dtype(sd: Mapping) -> str:
     counts: dict[str, int] = {}
     for v in sd.values():
         name = str(v.dtype).replace("torch.", "")
@@ -142,7 +142,7 @@ def _component(sd, role: Role | tuple, prefixes, stored: dict) -> Component | No
         return None
     prefix, layout, sub = found
     config = (arch.config_from_dict(stored[name]) if name in stored else arch.derive_config(sub, hints))
-    return Component(name, arch_name, prefix, layout, config, _numel(sub), _dtype(sub))
+    return Component(name, arch_name, prefix, layout, config, parameter_count(sub), storage_dtype(sub))
 
 
 def _consumed(key: str, components: dict[str, Component]) -> bool:

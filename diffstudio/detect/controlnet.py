@@ -22,11 +22,11 @@ import re
 from collections.abc import Mapping
 
 from diffstudio.detect.unet import (
-    _block_count,
-    _transformer_depths,
+    block_count,
     config_from_diffusers,
     encoder_levels,
     shared_fields,
+    transformer_depths,
 )
 from diffstudio.errors import ConversionError, UnknownModelError
 from diffstudio.models.controlnet import ControlNetConfig
@@ -84,14 +84,14 @@ def derive_controlnet_config(sd: Mapping, hints: Mapping | None = None) -> Contr
             raise UnknownModelError(f"ControlNet state dict lacks '{key}' (truncated or pruned file?)")
         return tuple(sd[key].shape)
 
-    depths = _transformer_depths(keys)
+    depths = transformer_depths(keys)
     model_channels, in_channels = shape("input_blocks.0.0.weight")[:2]
 
     channel_mult, num_res_blocks, transformer_depth = encoder_levels(sd, shape, depths, model_channels,
                                                                      "ControlNet")
-    n_inputs = _block_count(keys, "input_blocks")
-    if _block_count(keys, "zero_convs") != n_inputs:
-        raise UnknownModelError(f"ControlNet has {_block_count(keys, 'zero_convs')} zero_convs for {n_inputs} input "
+    n_inputs = block_count(keys, "input_blocks")
+    if block_count(keys, "zero_convs") != n_inputs:
+        raise UnknownModelError(f"ControlNet has {block_count(keys, 'zero_convs')} zero_convs for {n_inputs} input "
                                 "blocks; it needs one per input block (truncated file?)")
     hint_channels, hint_widths = _hint_structure(sd, model_channels)
     return ControlNetConfig(
@@ -156,14 +156,14 @@ def find_controlnet(sd: Mapping, stored: Mapping | None = None):
 
     Looks under ``control_model.`` then at bare keys, cldm or diffusers names."""
     from diffstudio.components import ARCHS
-    from diffstudio.detect import Component, _dtype, _numel, find_component
+    from diffstudio.detect import Component, find_component, parameter_count, storage_dtype
 
     found = find_component(sd, ARCHS[ROLE], CONTROLNET_PREFIXES)
     if found is None:
         return None
     prefix, layout, sub = found
     family, config = controlnet_family(sub, stored)
-    return Component(ROLE, ROLE, prefix, layout, config, _numel(sub), _dtype(sub)), family
+    return Component(ROLE, ROLE, prefix, layout, config, parameter_count(sub), storage_dtype(sub)), family
 
 
 def detect_controlnet(sd: Mapping, stored: Mapping | None = None):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from diffstudio.detect.unet import _block_count, _transformer_depths, encoder_levels
+from diffstudio.detect.unet import block_count, encoder_levels, transformer_depths
 from diffstudio.errors import ConversionError, UnknownModelError
 from diffstudio.models.svd_unet import SVDUNetConfig
 
@@ -54,12 +54,12 @@ def derive_svd_unet_config(sd: Mapping, hints: Mapping | None = None) -> SVDUNet
         return tuple(sd[key].shape)
 
     keys = list(sd)
-    depths = _transformer_depths(keys)
+    depths = transformer_depths(keys)
     model_channels, in_channels = shape("input_blocks.0.0.weight")[:2]
     channel_mult, num_res_blocks, transformer_depth = encoder_levels(sd, shape, depths, model_channels, "SVD UNet")
     expected_out = [d for level in reversed(range(len(channel_mult)))
                     for d in [transformer_depth[level]] * (num_res_blocks[level] + 1)]
-    found_out = [depths.get(f"output_blocks.{n}.1", 0) for n in range(_block_count(keys, "output_blocks"))]
+    found_out = [depths.get(f"output_blocks.{n}.1", 0) for n in range(block_count(keys, "output_blocks"))]
     if found_out != expected_out:
         raise UnknownModelError(f"SVD UNet output blocks have transformer depths {found_out}, expected {expected_out} "
                                 "from the input side; asymmetric UNets are not supported.")

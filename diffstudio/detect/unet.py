@@ -42,7 +42,7 @@ UNET_DIFFUSERS_SENTINELS = (
 _TRANSFORMER_BLOCK = re.compile(r"^(.*)\.transformer_blocks\.(\d+)\.")
 
 
-def _transformer_depths(keys) -> dict[str, int]:
+def transformer_depths(keys) -> dict[str, int]:
     """Module prefix of each SpatialTransformer -> number of transformer blocks in it."""
     depths: dict[str, int] = {}
     for k in keys:
@@ -52,7 +52,7 @@ def _transformer_depths(keys) -> dict[str, int]:
     return depths
 
 
-def _block_count(keys, prefix: str) -> int:
+def block_count(keys, prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     found = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
     if found != set(range(len(found))):
@@ -87,7 +87,7 @@ def derive_unet_config(sd: Mapping, hints: Mapping | None = None) -> UNetConfig:
             raise UnknownModelError(f"LDM UNet state dict lacks '{key}' (truncated or pruned file?)")
         return tuple(sd[key].shape)
 
-    depths = _transformer_depths(keys)
+    depths = transformer_depths(keys)
     model_channels, in_channels = shape("input_blocks.0.0.weight")[:2]
     out_channels = shape("out.2.weight")[0]
 
@@ -96,7 +96,7 @@ def derive_unet_config(sd: Mapping, hints: Mapping | None = None) -> UNetConfig:
     # Output side must mirror it (num_res_blocks + 1 blocks per level, same depths).
     expected_out = [d for lvl in reversed(range(len(channel_mult))) for d in [transformer_depth[lvl]] *
                     (num_res_blocks[lvl] + 1)]
-    n_outputs = _block_count(keys, "output_blocks")
+    n_outputs = block_count(keys, "output_blocks")
     found_out = [depths.get(f"output_blocks.{n}.1", 0) for n in range(n_outputs)]
     if found_out != expected_out:
         raise UnknownModelError(f"UNet output blocks have transformer depths {found_out}, expected "
@@ -112,7 +112,7 @@ def encoder_levels(sd: Mapping, shape, depths: dict, model_channels: int, what: 
     Shared by the UNet and its ControlNet (a copy of the UNet's encoder)."""
     widths: list[list[int]] = [[]]
     level_depths: list[list[int]] = [[]]
-    for n in range(1, _block_count(list(sd), "input_blocks")):
+    for n in range(1, block_count(list(sd), "input_blocks")):
         if f"input_blocks.{n}.0.op.weight" in sd:
             widths.append([])
             level_depths.append([])

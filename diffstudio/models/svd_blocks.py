@@ -32,8 +32,8 @@ from diffstudio.models.unet import (
     FeedForward,
     ResBlock,
     SpatialTransformer,
-    _group_norm,
-    _silu_,
+    group_norm,
+    silu_,
 )
 
 # generative-models' max_ddpm_temb_period: the sinusoid period of the frame-position embedding.
@@ -97,9 +97,9 @@ class TemporalResBlock(nn.Module):
                                         nn.Conv3d(channels, channels, **conv))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers[2](_silu_(_group_norm(self.in_layers[0], x)))            # (B, C, T, H, W)
+        h = self.in_layers[2](silu_(group_norm(self.in_layers[0], x)))            # (B, C, T, H, W)
         h = h + self.emb_layers[1](F.silu(emb)).permute(0, 2, 1)[..., None, None].to(h.dtype)
-        h = self.out_layers[3](_silu_(_group_norm(self.out_layers[0], h)))
+        h = self.out_layers[3](silu_(group_norm(self.out_layers[0], h)))
         return h + x
 
 
@@ -186,7 +186,7 @@ class SpatialVideoTransformer(SpatialTransformer):
         n = hgt * wid
         # The temporal cross-attention sees the first frame's tokens at every spatial position: (B*N, L, D).
         time_context = context[::t].repeat_interleave(n, dim=0)
-        h = _group_norm(self.norm, x).permute(0, 2, 3, 1).reshape(bt, n, c)
+        h = group_norm(self.norm, x).permute(0, 2, 3, 1).reshape(bt, n, c)
         h = self.proj_in(h)                                                 # (B*T, N, inner)
         emb = self.frame_embedding(frames, h.dtype).repeat(bt // t, 1)[:, None, :]   # (B*T, 1, inner)
         for block, temporal in zip(self.transformer_blocks, self.time_stack):

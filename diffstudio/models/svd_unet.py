@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from diffstudio.errors import InvalidInputError
 from diffstudio.models.layers import timestep_embedding
 from diffstudio.models.svd_blocks import Frames, SpatialVideoTransformer, VideoResBlock
-from diffstudio.models.unet import Downsample, Upsample, _group_norm, _silu_, add_embedding_layers, embed_conditioning
+from diffstudio.models.unet import Downsample, Upsample, add_embedding_layers, embed_conditioning, group_norm, silu_
 
 
 @dataclass
@@ -230,5 +230,5 @@ class SVDUNet(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(block, h, emb, context, frames, skips[-1].shape[-2:] if skips else None)
-        h = self.out[2](_silu_(_group_norm(self.out[0], h)))
+        h = self.out[2](silu_(group_norm(self.out[0], h)))
         return h.reshape(b, t, c.out_channels, hgt, wid)

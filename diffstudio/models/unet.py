@@ -152,12 +152,12 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _silu_(x: torch.Tensor) -> torch.Tensor:
+def silu_(x: torch.Tensor) -> torch.Tensor:
     """SiLU in place when no gradient is recorded (saves a full-size allocation per call)."""
     return F.silu(x, inplace=not x.requires_grad)
 
 
-def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+def group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """GroupNorm whose statistics are taken in float32 (LDM's GroupNorm32).
 
     PyTorch's CPU and CUDA kernels already accumulate half/bfloat16 inputs in float32, so the
@@ -181,10 +181,10 @@ class ResBlock(nn.Module):
                                 else nn.Conv2d(channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = _silu_(_group_norm(self.in_layers[0], x))
+        h = silu_(group_norm(self.in_layers[0], x))
         h = self.in_layers[2](h)                                         # (B, C_out, H, W)
         h += self.emb_layers[1](F.silu(emb))[:, :, None, None].to(h.dtype)  # conv outputs: safe in place
-        h = _silu_(_group_norm(self.out_layers[0], h))
+        h = silu_(group_norm(self.out_layers[0], h))
         h = self.out_layers[3](h)
         return h.add_(self.skip_connection(x))
 
@@ -333,7 +333,7 @@ class SpatialTransformer(nn.Module):
             if bias is None:
                 raise ValueError(f"context_bias has no entry for a {hgt}x{wid} token grid ({hgt * wid} tokens); "
                                  f"it has {sorted(context_bias)}: build it with region_token_grids()")
-        h = _group_norm(self.norm, x)
+        h = group_norm(self.norm, x)
         if not self.use_linear:
             h = self.proj_in(h)
         # (B, C, H, W) -> (B, H*W, C); a free view when h is channels_last.
@@ -649,5 +649,5 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skip], dim=1)
             h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None, context_bias, temporal,
                           ip, frames)
-        h = _silu_(_group_norm(self.out[0], h))
+        h = silu_(group_norm(self.out[0], h))
         return self.out[2](h).contiguous()

@@ -73,7 +73,7 @@ def add_video_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     import diffstudio
-    from diffstudio.cli import _check_device, _dtype, _lora_spec
+    from diffstudio.cli import check_device, lora_spec, torch_dtype
     from diffstudio.video import video_io
     from diffstudio.video.render import VideoPipeline
     from diffstudio.video.workdir import check_sampler
@@ -83,15 +83,15 @@ def run(args: argparse.Namespace) -> int:
         video_io.check_source(args.input, "input video")
     if args.work_dir is not None and args.sampler is not None:
         check_sampler(args.sampler)
-    _check_device(args.device)
+    check_device(args.device)
     paths = [args.model] if args.model else []
     if args.vae:
         paths.append(args.vae)
-    models = diffstudio.load(*paths, dtype=_dtype(args.dtype), device=args.device)
+    models = diffstudio.load(*paths, dtype=torch_dtype(args.dtype), device=args.device)
     if args.motion:
         models.add_motion_module(args.motion)
     for spec in args.lora or ():
-        file, strength = _lora_spec(spec)
+        file, strength = lora_spec(spec)
         models.apply_lora(file, strength)
     out = VideoPipeline(models)(
         args.prompt, args.negative, num_frames=args.frames, width=args.width, height=args.height,

@@ -35,12 +35,12 @@ def run(args: argparse.Namespace) -> int:
 
         video_io.check_output(output["path"])
     import diffstudio
-    from diffstudio.cli import _check_device, _dtype
+    from diffstudio.cli import check_device, torch_dtype
     from diffstudio.video.diffutoon import toon_shade
 
-    _check_device(spec.get("device") or "cpu")
+    check_device(spec.get("device") or "cpu")
     paths = [p for p in (spec.get("model"), spec.get("vae")) if p]
-    models = diffstudio.load(*paths, dtype=_dtype(spec.get("dtype") or "fp32"), device=spec.get("device") or "cpu")
+    models = diffstudio.load(*paths, dtype=torch_dtype(spec.get("dtype") or "fp32"), device=spec.get("device") or "cpu")
     models.add_motion_module(spec["motion"])
     for lora in spec["loras"]:
         models.apply_lora(lora["file"], float(lora.get("strength", 1.0)))

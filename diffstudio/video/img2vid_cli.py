@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffstudio.cli import _check_device, _dtype
+    from diffstudio.cli import check_device, torch_dtype
     from diffstudio.io.folders import existing_path
     from diffstudio.video import video_io
     from diffstudio.video.svd import SVDPipeline
@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     video_io.check_output(args.output)  # mistakes that need no model fail before it loads
     existing_path(args.image, "input image")
-    _check_device(args.device)
-    models = load_svd(args.model, dtype=_dtype(args.dtype), device=args.device)
+    check_device(args.device)
+    models = load_svd(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     out = SVDPipeline(models)(
         args.image, num_frames=args.frames, width=args.width, height=args.height, fps=args.fps,
         motion_bucket_id=args.motion_bucket, noise_aug_strength=args.noise_aug, min_cfg=args.min_cfg,
