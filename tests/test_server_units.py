@@ -14,7 +14,7 @@ import diffstudio  # noqa: E402
 from diffstudio.errors import InvalidInputError, InvalidSizeError, ModelNotFoundError  # noqa: E402
 from diffstudio.server.catalog import DEMO_NAME, Catalog  # noqa: E402
 from diffstudio.server.checks import sampler_and_scheduler  # noqa: E402
-from diffstudio.server.jobs import Job, JobQueue, QueueFullError  # noqa: E402
+from diffstudio.server.jobs import Job, JobQueue, QueueClosedError, QueueFullError  # noqa: E402
 from tests.server_fixtures import controlnet_state_dict, lora_state_dict  # noqa: E402
 
 # -- catalog ---------------------------------------------------------------------------------------
@@ -158,6 +158,16 @@ def test_interrupting_a_running_and_a_queued_job(tmp_path):
         assert gate.ran == [running.id]  # the queued one never ran
     finally:
         queue.close()
+
+
+def test_a_closed_queue_refuses_new_jobs_instead_of_holding_them_forever(tmp_path):
+    gate = Gate()
+    gate.release.set()
+    queue = JobQueue(gate, tmp_path, size=2)
+    queue.close()
+    with pytest.raises(QueueClosedError, match="closed"):
+        queue.submit(Job.new("t", {}, None))
+    assert gate.ran == []
 
 
 def test_a_restarted_queue_reports_old_jobs_and_fails_the_unfinished(tmp_path):

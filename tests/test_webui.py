@@ -78,11 +78,11 @@ def test_a_ui_job_equals_the_same_request_sent_to_the_api(app):
     form = ImageForm("a green triangle", steps=2, width=64, height=64, seed=3, mode="img2img",
                      init_image=picture(2), strength=0.5)
     job = queue_form(state, form)
-    with TestClient(app) as client:
-        answer = client.post("/v1/generate", json=to_payload(form))
-        assert answer.status_code == 202
-        api_job = state.jobs.get(answer.json()["id"])
-        assert api_job.done.wait(120) and job.done.wait(120)
+    client = TestClient(app)  # not as a context manager: its exit runs the app's shutdown, which closes the queue
+    answer = client.post("/v1/generate", json=to_payload(form))
+    assert answer.status_code == 202
+    api_job = state.jobs.get(answer.json()["id"])
+    assert api_job.done.wait(120) and job.done.wait(120)
     np.testing.assert_array_equal(_pixels(state.outputs / job.outputs[0]),
                                   _pixels(state.outputs / api_job.outputs[0]))
 

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from diffstudio.errors import DiffstudioError
 from diffstudio.server.catalog import Catalog, Entry
 from diffstudio.server.checks import Limits
-from diffstudio.server.jobs import Job, JobQueue, QueueFullError
+from diffstudio.server.jobs import Job, JobQueue, QueueClosedError, QueueFullError
 from diffstudio.server.model_cache import ModelCache
 from diffstudio.server.runner import GenerationSpec, run_job
 
@@ -143,6 +143,10 @@ def _add_error_answers(app: FastAPI) -> None:
     async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
         return JSONResponse(error_body("QueueFull", str(exc)), status_code=429,
                             headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(QueueClosedError)
+    async def queue_closed(request: Request, exc: QueueClosedError) -> JSONResponse:
+        return JSONResponse(error_body("QueueClosed", str(exc)), status_code=503)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

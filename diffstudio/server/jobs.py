@@ -42,12 +42,23 @@ def _jsonable(value: Any) -> Any:
     return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
-class QueueFullError(Exception):
+class QueueRefusedError(Exception):
+    """The queue takes no new job: it is full or closed."""
+
+
+class QueueFullError(QueueRefusedError):
     """The queue holds ``size`` waiting jobs already; ``retry_after`` is a guess in seconds."""
 
     def __init__(self, size: int, retry_after: int):
         super().__init__(f"the job queue is full ({size} waiting); retry in about {retry_after} s")
         self.retry_after = retry_after
+
+
+class QueueClosedError(QueueRefusedError):
+    """The queue was closed (the server is shutting down): no worker would ever run the job."""
+
+    def __init__(self):
+        super().__init__("the job queue is closed: the server is shutting down")
 
 
 class Interrupted(Exception):
@@ -108,6 +119,7 @@ class JobQueue:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
         self._durations: list[float] = []
+        self._closed = False
         self.current: Job | None = None
         self.last: Job | None = None
         self._mark_lost_jobs()
@@ -117,6 +129,8 @@ class JobQueue:
     # -- the client side -----------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
         with self._lock:  # only submit puts, so a queue not full here stays not full until the put
+            if self._closed:
+                raise QueueClosedError()
             if self._waiting.full():
                 raise QueueFullError(self.size, self.retry_after())
             self._save(job)  # before the worker can see the job: its own saves come after this one
@@ -151,7 +165,9 @@ class JobQueue:
         return max(1, round(per_job * (self._waiting.qsize() + 1)))
 
     def close(self, timeout: float = 10.0) -> None:
-        """Interrupt the running job and the waiting ones, then stop the worker."""
+        """Interrupt the running job and the waiting ones, then stop the worker; later submits are refused."""
+        with self._lock:
+            self._closed = True
         if self.current is not None:
             self.current.stop.set()
         while True:

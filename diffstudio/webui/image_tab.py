@@ -109,7 +109,7 @@ def cancel_job(state, job_id: str | None) -> None:
 
 def build_image_tab(state) -> None:
     from diffstudio.errors import DiffstudioError
-    from diffstudio.server.jobs import QueueFullError
+    from diffstudio.server.jobs import QueueRefusedError
 
     with gr.Row():
         with gr.Column(scale=3):
@@ -139,7 +139,7 @@ def build_image_tab(state) -> None:
     def run(data, progress=gr.Progress()):
         try:
             job = queue_form(state, read_form(data, f, regions, networks))
-        except (DiffstudioError, QueueFullError, ValueError) as err:  # ValueError: the form's and pydantic's
+        except (DiffstudioError, QueueRefusedError, ValueError) as err:  # ValueError: the form's and pydantic's
             raise gr.Error(str(err)) from None
         yield {job_id: job.id, status: "queued"}
         for line in follow(job):

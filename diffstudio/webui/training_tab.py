@@ -44,7 +44,7 @@ def queue_training(state, task: LoRATrainingTask):
 
 def build_training_tab(state) -> None:
     from diffstudio.errors import DiffstudioError, InvalidInputError
-    from diffstudio.server.jobs import QueueFullError
+    from diffstudio.server.jobs import QueueRefusedError
     from diffstudio.webui.image_tab import cancel_job, model_choices
 
     gr.Markdown("**LoRA training** (docs/training.md): upload images with their captions (a `.txt` of the same "
@@ -87,7 +87,7 @@ def build_training_tab(state) -> None:
                                     seed=int(seed_value or 0), restart=bool(restart_value),
                                     finished=lambda _: state.rescan())
             job = queue_training(state, task)
-        except (DiffstudioError, QueueFullError) as err:
+        except (DiffstudioError, QueueRefusedError) as err:
             raise gr.Error(str(err)) from None
         yield job.id, "queued", None, ""
         for line in follow(job, poll=0.5):

@@ -19,7 +19,7 @@ def queue_fastblend(state, task: FastBlendTask):
 
 def build_video_tab(state) -> None:
     from diffstudio.errors import DiffstudioError
-    from diffstudio.server.jobs import QueueFullError
+    from diffstudio.server.jobs import QueueRefusedError
     from diffstudio.video.fastblend import MODES
     from diffstudio.webui.image_tab import cancel_job
 
@@ -54,7 +54,7 @@ def build_video_tab(state) -> None:
                              int(seed_value or 0), bool(single_value))
         try:
             job = queue_fastblend(state, task)
-        except (DiffstudioError, QueueFullError) as err:
+        except (DiffstudioError, QueueRefusedError) as err:
             raise gr.Error(str(err)) from None
         yield job.id, "queued", None
         for line in follow(job):
