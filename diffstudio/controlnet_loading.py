@@ -100,8 +100,13 @@ def add_controlnet(models, path: str | Path) -> ControlNetModel:
 
     unet = getattr(models.denoiser, "config", None)
     if not isinstance(unet, UNetConfig):
-        raise ControlNetMismatchError(f"this {models.family.name} model's denoiser is not an LDM UNet: diffstudio's "
-                                      "ControlNets are for SD 1.x and SDXL models")
+        if models.family.controlnet_loader:  # a DiT family's own ControlNets
+            import importlib
+
+            module, name = models.family.controlnet_loader.split(":")
+            return getattr(importlib.import_module(module), name)(models, path)
+        raise ControlNetMismatchError(f"diffstudio has no ControlNets for {models.family.name} models (their "
+                                      "denoiser is not an LDM UNet and the family names no ControlNet loader)")
     hints = {"num_heads": unet.num_heads, "num_head_channels": unet.num_head_channels, "norm_groups": unet.norm_groups}
     detection, part = read_controlnet(path, hints)
     if detection.family != models.family.name:

@@ -150,6 +150,9 @@ class Family:
     # The loader of a family whose parts the generic loader cannot assemble (SVD: the VAE's encoder is the
     # conditioner's, add-ons are ExVideo grafts), as "module:function(path, *extra_paths, dtype=, device=)".
     own_loader: str | None = None
+    # How a ControlNet is added to a model whose denoiser is not an LDM UNet (DiT ControlNets), as
+    # "module:function(models, path) -> module"; None: only UNet ControlNets (controlnet_loading.py).
+    controlnet_loader: str | None = None
 
     def variant_from(self, denoiser_config) -> str | None:
         """The variant a denoiser of this structure is: "inpaint" when it takes extra input channels,

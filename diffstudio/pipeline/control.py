@@ -123,17 +123,38 @@ class ControlNets:
                 continue
             model = gen.models.add_controlnet(unit.model) if isinstance(unit.model, (str,)) or hasattr(
                 unit.model, "__fspath__") else unit.model
+            in_latent = getattr(model, "hint_space", "pixels") == "latent"
             if isinstance(unit.image, (list, tuple)):
+                if in_latent:
+                    raise InvalidInputError("a ControlNet that reads its control image as a latent takes one "
+                                            "image per run, not one per frame")
                 hint = FrameHints(unit.image, unit.preprocess, r.width, r.height)
             else:
-                hint = control_image(unit.image, unit.preprocess, r.width, r.height).to(gen.models.device,
-                                                                                        gen.models.dtype)
+                hint = control_image(unit.image, unit.preprocess, r.width, r.height)
+                if in_latent:  # DiT ControlNets (SD3, FLUX) read the VAE's latent of the control image
+                    from diffstudio.pipeline.generate import encode_to_latent
+
+                    hint = encode_to_latent(gen.models, hint * 2 - 1, r.tiled_vae)
+                hint = hint.to(gen.models.device, gen.models.dtype)
             hi, lo = gen.sigma_at(unit.start), gen.sigma_at(unit.end)
-            loaded.append((unit, model, hint, hi, lo))
+            loaded.append(Active(unit, model, hint, hi, lo, 1 if in_latent else gen.family.latent.downscale))
         if not loaded:
             return denoiser
         mark_negative_rows(gen)
-        return ControlledDenoiser(denoiser, loaded, gen.models, gen.family.latent.downscale)
+        return ControlledDenoiser(denoiser, loaded, gen.models)
+
+
+@dataclass
+class Active:
+    """A unit as a run holds it: its loaded model, its hint (pixels, or the VAE latent for ``hint_space =
+    "latent"`` models), the sigmas it acts between and the hint's pixels per latent pixel (for tiles)."""
+
+    unit: ControlNetUnit
+    model: Any
+    hint: Any
+    sigma_hi: float
+    sigma_lo: float
+    per_latent: int
 
 
 class FrameHints:
@@ -164,49 +185,74 @@ class FrameHints:
 
 class ControlledDenoiser(Wrapper):
     """``D(x, sigma, **cond)`` whose network call receives the active units' summed residuals as ``control``.
-    Under tiled diffusion (``tile=(top, left, h, w)`` in latent pixels) each hint is cropped to the tile."""
+    Under tiled diffusion (``tile=(top, left, h, w)`` in latent pixels) each hint is cropped to the tile.
+
+    A UNet ControlNet is called ``model(x, hint, t, context, y)`` and returns one residual per encoder skip
+    plus the middle's (a list). A DiT ControlNet (``hint_space = "latent"``) is called ``model(x, hint_latent,
+    t, context, y, **network_kwargs)`` (the rest of what the denoiser network receives, e.g. FLUX's guidance)
+    and returns a list, or a dict of lists (FLUX: double and single blocks); the network takes the same
+    structure as ``control=``."""
 
     takes_frames = True  # reads the ``frames`` entry of a video run (per-frame control images)
 
-    def __init__(self, inner, units, models, downscale: int):
+    def __init__(self, inner, units: list[Active], models):
         super().__init__(inner)
-        self.units, self.models, self.downscale = units, models, downscale
+        self.units, self.models = units, models
 
     def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         negative = cond.get(NEGATIVE_ROWS)
         frames = cond.get(FRAMES)
-        active = [u for u in self.units if is_active(sigma, u[3:5])]
+        active = [u for u in self.units if is_active(sigma, (u.sigma_hi, u.sigma_lo))]
         if not active:
             return self.inner(x, sigma, **cond)
         sigma_rows = torch.as_tensor(sigma).reshape(-1).expand(x.shape[0])
         x_in, t = self.inner.prediction.network_input(x, sigma_rows)
         dtype, device = self.models.dtype, self.models.device
-        tile, d = cond.get("tile"), self.downscale
-        context = cond.get("context")
-        y = cond.get("y")
-        total: list[torch.Tensor] | None = None
-        for unit, model, hint, _, _ in active:
-            rows = hint.rows(frames, x.shape[0]) if isinstance(hint, FrameHints) else \
-                hint.expand(x.shape[0], -1, -1, -1)
+        tile = cond.get("tile")
+        context, y = cond.get("context"), cond.get("y")
+        total = None
+        for a in active:
+            rows = a.hint.rows(frames, x.shape[0]) if isinstance(a.hint, FrameHints) else \
+                a.hint.expand(x.shape[0], -1, -1, -1)
             if tile is not None:
-                top, left, th, tw = tile
-                rows = rows[..., top * d:(top + th) * d, left * d:(left + tw) * d]
+                top, left, th, tw = (v * a.per_latent for v in tile)
+                rows = rows[..., top:top + th, left:left + tw]
+            extra = _network_kwargs(cond, device, dtype) if a.per_latent == 1 else {}  # DiT ControlNets only
             with torch.inference_mode():
-                res = model(x_in.to(device, dtype), rows.to(device, dtype),
-                            t.to(device), None if context is None else context.to(device, dtype),
-                            None if y is None else y.to(device, dtype))
-            weights = _layer_weights(unit, len(res), negative, x.shape[0], device, dtype)
-            res = [r * w for r, w in zip(res, weights)]
-            total = res if total is None else [a + b for a, b in zip(total, res)]
+                res = a.model(x_in.to(device, dtype), rows.to(device, dtype), t.to(device),
+                              None if context is None else context.to(device, dtype),
+                              None if y is None else y.to(device, dtype), **extra)
+            res = _weighted(res, a.unit, negative, x.shape[0], device, dtype)
+            total = res if total is None else _summed(total, res)
         return self.inner(x, sigma, control=total, **cond)
 
 
-def _layer_weights(unit: ControlNetUnit, layers: int, negative, rows: int, device, dtype) -> list[torch.Tensor]:
-    """Per residual: the unit's scale, A1111's soft weights in "prompt" mode, zero on unconditional rows in
-    "control" mode. Each weight broadcasts over (rows, C, h, w)."""
-    scale = torch.full((rows, 1, 1, 1), float(unit.scale), device=device, dtype=dtype)
+def _network_kwargs(cond: dict, device, dtype) -> dict:
+    """What the denoiser network receives besides x, t, context and y, for DiT ControlNets (e.g. guidance)."""
+    from diffstudio.pipeline.denoiser import LOCATION_KEYS
+
+    skip = {"context", "y", "control", *LOCATION_KEYS}
+    return {k: (v.to(device, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in cond.items() if k not in skip}
+
+
+def _weighted(res, unit: ControlNetUnit, negative, rows: int, device, dtype):
+    """A unit's residuals times its scale; A1111's soft weights in "prompt" mode (over a UNet's list of layers),
+    zero on unconditional rows in "control" mode. Lists and dicts of lists keep their structure."""
+    if isinstance(res, dict):
+        return {k: _weighted(v, unit, negative, rows, device, dtype) for k, v in res.items()}
+    scale = torch.full((rows,), float(unit.scale), device=device, dtype=dtype)
     if unit.control_mode == "control" and negative is not None:
-        scale = scale * (~negative.to(device)).to(dtype).view(rows, 1, 1, 1)
-    if unit.control_mode == "prompt":
-        return [scale * SOFT_DECAY ** float(layers - 1 - i) for i in range(layers)]
-    return [scale] * layers
+        scale = scale * (~negative.to(device)).to(dtype)
+    layers = len(res)
+    out = []
+    for i, r in enumerate(res):
+        w = scale * SOFT_DECAY ** float(layers - 1 - i) if unit.control_mode == "prompt" else scale
+        out.append(r * w.view(rows, *([1] * (r.ndim - 1))))
+    return out
+
+
+def _summed(a, b):
+    if isinstance(a, dict):
+        return {k: _summed(a[k], b[k]) for k in a}
+    return [x + y for x, y in zip(a, b)]

@@ -55,6 +55,18 @@ class Recipe:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+
+def encode_to_latent(models, images: torch.Tensor, tiled: bool | None) -> torch.Tensor:
+    """Pixels (B, 3, H, W) in [-1, 1] -> the denoiser's latents (the family's scale and shift applied), on the
+    host (latents live there; modules move what they need to the device)."""
+    from diffstudio.pipeline.tiled_vae import encode
+
+    vae = models.vae
+    dtype = next(vae.parameters()).dtype
+    with torch.inference_mode():
+        latent = encode(vae, images.to(dtype=dtype), tiled=tiled).float().cpu()
+    return models.family.latent.to_model(latent)
+
 class Pipeline:
     """``Pipeline(models)(prompt, ...) -> list[PIL.Image]`` for any family.
 
@@ -87,13 +99,7 @@ class Pipeline:
         return {k: a for k, (a, _) in split.items()}, {k: b for k, (_, b) in split.items()}
 
     def encode_images(self, images: torch.Tensor, tiled: bool | None) -> torch.Tensor:
-        from diffstudio.pipeline.tiled_vae import encode
-
-        vae = self.models.vae
-        dtype = next(vae.parameters()).dtype
-        with torch.inference_mode():
-            latent = encode(vae, images.to(dtype=dtype), tiled=tiled).float().cpu()  # latents live on the host
-        return self.family.latent.to_model(latent)
+        return encode_to_latent(self.models, images, tiled)
 
     def decode_latents(self, z: torch.Tensor, tiled: bool | None) -> torch.Tensor:
         from diffstudio.pipeline.tiled_vae import decode
