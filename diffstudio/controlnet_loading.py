@@ -89,7 +89,8 @@ def read_controlnet(path: str | Path, hints: dict | None = None, dit_hints: dict
             return dit, Part(canonical, component.config, str(path))
         if found is None:
             raise UnknownModelError(f"{path} holds no ControlNet: no cldm input_hint_block / zero_convs keys (bare or "
-                                    "under 'control_model.') and no diffusers controlnet_cond_embedding keys. Its "
+                                    "under 'control_model.'), no diffusers controlnet_cond_embedding keys, and no SD3 "
+                                    "ControlNet's pos_embed_input / controlnet_blocks. Its "
                                     f"top-level keys: {_top_keys(sd)}. `diffstudio info {path}` says what it is.")
         component, family = found
         canonical = canonical_state_dict(sd, component)

@@ -202,6 +202,10 @@ def test_in_the_pipeline(models, controlnets):
             base.tobytes()
         changed = generate(models, [diffstudio.ControlNetUnit(controlnet, control, scale=0.7)])
         assert changed.tobytes() != base.tobytes()
+    # Latent sides that are not multiples of the patch (40 x 72 pixels: 5 x 9 latents) are padded as the MMDiT's.
+    odd = diffstudio.Pipeline(models)("a red circle", width=40, height=72, steps=1, seed=0, progress=False,
+                                      controlnets=[diffstudio.ControlNetUnit(controlnet, control)])[0]
+    assert odd.size == (40, 72)
     # A single file (diffusers names, no config.json) gives the folder's ControlNet.
     from_file = models.add_controlnet(controlnets["file"])
     folder = models.add_controlnet(controlnets["instantx"])
@@ -239,6 +243,11 @@ def test_an_sd3_controlnet_on_another_family_and_a_file_that_is_none(models, con
     for path in (controlnets["file"], controlnets["instantx"]):
         with pytest.raises(ControlNetMismatchError, match="for sd3 models"):
             sd15.add_controlnet(path)
+    from tests.tiny_controlnet import reference_controlnet
+
+    reference_controlnet("sd15").save_pretrained(tmp_path / "sd15-controlnet")
+    with pytest.raises(ControlNetMismatchError, match="for sd15 models, the loaded model is sd3"):
+        models.add_controlnet(tmp_path / "sd15-controlnet")
     with pytest.raises(UnknownModelError, match="holds no ControlNet"):
         models.add_controlnet(models.sources["dit"])
     with pytest.raises(UnknownModelError, match="ControlNet for sd3 models"):
