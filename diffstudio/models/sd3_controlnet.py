@@ -109,7 +109,6 @@ class SD3ControlNetConfig:
 class SD3ControlNet(nn.Module):
     # The pipeline hands it the control image as a VAE latent in the model's space (pipeline/control.py).
     hint_space = "latent"
-    lowbit_storage = True  # like the MMDiT: computes in its input's dtype
 
     def __init__(self, config: SD3ControlNetConfig):
         super().__init__()
