@@ -320,7 +320,7 @@ class MMDiT(nn.Module):
             else:
                 context, tokens = block(context, tokens, c, joint_bias)
             if interval is not None and not block.context_block.pre_only:
-                tokens = tokens + control[int(i / interval)]
+                tokens = tokens + control[int(i / interval)].to(tokens.dtype)
         tokens = self.final_layer(tokens, c)  # (B, h*w, p*p*C_out)
         # Unpatchify: token (i, j) holds the p x p patch in (row, column, channel) order.
         out = tokens.view(b, h, w, p, p, cfg.out_channels).permute(0, 5, 1, 3, 2, 4)
