@@ -12,7 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffstudio.detect.controlnet import ROLE, controlnet_family, derive_controlnet_config, find_controlnet
+from diffstudio.detect.controlnet import (
+    ROLE,
+    controlnet_family,
+    derive_controlnet_config,
+    detect_dit_controlnet,
+    dit_controlnet_arch,
+    find_controlnet,
+)
 from diffstudio.errors import ControlNetMismatchError, UnknownModelError
 from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
 from diffstudio.models.unet import UNetConfig
@@ -31,16 +38,19 @@ def is_controlnet_folder(folder: Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("_class_name") == "ControlNetModel"
+        name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
+    return name == "ControlNetModel" or dit_controlnet_arch(name) is not None
 
 
-def read_controlnet(path: str | Path, hints: dict | None = None):
-    """A ControlNet file or diffusers folder -> (Detection naming its family, the loader's part in cldm names).
+def read_controlnet(path: str | Path, hints: dict | None = None, dit_hints: dict | None = None):
+    """A ControlNet file or diffusers folder -> (Detection naming its family, the loader's part in cldm names,
+    or, for a DiT family's ControlNet (SD3), in its architecture's canonical names).
 
-    ``hints``: conventions shapes cannot reveal (heads, norm groups), e.g. the base UNet's. A stored config
-    (the folder's config.json, or diffstudio's safetensors metadata) wins over them."""
+    ``hints``: conventions shapes cannot reveal (heads, norm groups), e.g. the base UNet's; ``dit_hints`` the same
+    for a DiT ControlNet (e.g. the base MMDiT's heads). A stored config (the folder's config.json, or diffstudio's
+    safetensors metadata) wins over them."""
     from diffstudio.components import ARCHS
     from diffstudio.detect import Component, Detection, parameter_count, storage_dtype, stored_configs
     from diffstudio.io.folders import existing_path, read_component
@@ -51,6 +61,14 @@ def read_controlnet(path: str | Path, hints: dict | None = None):
     arch = ARCHS[ROLE]
     if path.is_dir():
         sd, config_json = read_component(path)
+        dit = dit_controlnet_arch((config_json or {}).get("_class_name"))
+        if dit is not None:  # a DiT family's ControlNet: its own architecture
+            arch = ARCHS[dit[1]]
+            canonical = arch.to_canonical(sd)
+            component = Component(ROLE, dit[1], "", "original" if arch.is_canonical(sd) else arch.other_layout,
+                                  arch.config_from_diffusers(config_json), parameter_count(canonical),
+                                  storage_dtype(canonical))
+            return Detection(dit[0], {ROLE: component}), Part(canonical, component.config, str(path))
         if not (arch.is_canonical(sd) or arch.is_diffusers(sd)):
             raise UnknownModelError(f"{path} holds no ControlNet weights; its top-level keys: {_top_keys(sd)}")
         canonical = arch.to_canonical(sd)
@@ -62,9 +80,17 @@ def read_controlnet(path: str | Path, hints: dict | None = None):
         sd = read_state_dict(path)
         stored = stored_configs(read_file_metadata(path))
         found = find_controlnet(sd, stored)
+        dit = detect_dit_controlnet(sd, stored) if found is None else None
+        if dit is not None:  # a DiT family's ControlNet: its own architecture
+            component = dit.components[ROLE]
+            canonical = canonical_state_dict({k: v for k, v in sd.items() if k not in dit.ignored}, component)
+            if dit_hints and ROLE not in stored:
+                component.config = ARCHS[component.arch].derive_config(canonical, dit_hints)
+            return dit, Part(canonical, component.config, str(path))
         if found is None:
             raise UnknownModelError(f"{path} holds no ControlNet: no cldm input_hint_block / zero_convs keys (bare or "
-                                    "under 'control_model.') and no diffusers controlnet_cond_embedding keys. Its "
+                                    "under 'control_model.'), no diffusers controlnet_cond_embedding keys, and no SD3 "
+                                    "ControlNet's pos_embed_input / controlnet_blocks. Its "
                                     f"top-level keys: {_top_keys(sd)}. `diffstudio info {path}` says what it is.")
         component, family = found
         canonical = canonical_state_dict(sd, component)

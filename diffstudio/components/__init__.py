@@ -24,6 +24,7 @@ from diffstudio.components import (
     ldm_vae,
     mmdit,
     motion_module,
+    sd3_controlnet,
     svd_unet,
     svd_vae,
     t5_encoder,
@@ -32,6 +33,7 @@ from diffstudio.components.base import ComponentArch
 
 ARCHS: dict[str, ComponentArch] = {module.ARCH.name: module.ARCH for module in (
     ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module,
-    ip_adapter, svd_unet, exvideo_svd, svd_vae, clip_vision, cogvideo_dit, cogvideox_vae)}
+    ip_adapter, svd_unet, exvideo_svd, svd_vae, clip_vision, cogvideo_dit, cogvideox_vae,
+    sd3_controlnet)}
 
 __all__ = ["ARCHS", "ComponentArch"]

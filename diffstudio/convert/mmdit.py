@@ -25,7 +25,7 @@ from diffstudio.errors import ConversionError
 from diffstudio.models.mmdit import MMDiT, MMDiTConfig
 
 
-def _attention(ours: str, theirs: str, qkv: tuple[str, str, str], out: str | None,
+def attention_rules(ours: str, theirs: str, qkv: tuple[str, str, str], out: str | None,
                norms: tuple[str, str] | None) -> list[Rule]:
     """One stream's attention: fused qkv, optional output projection, optional per-head q/k RMSNorm."""
     found = [rule(f"{ours}.qkv", tuple(f"{theirs}.{name}" for name in qkv), Fuse())]
@@ -36,36 +36,46 @@ def _attention(ours: str, theirs: str, qkv: tuple[str, str, str], out: str | Non
     return found
 
 
-def rules(depth: int, dual_layers, qk_norm: bool, has_y: bool) -> list[Rule]:
-    """The rules of an MMDiT of this structure (canonical module <-> diffusers module(s))."""
+def embedder_rules(has_y: bool, patch_embed: bool = True, context: bool = True) -> list[Rule]:
+    """Patch embedding and position table, timestep / pooled-text / text-token embedders."""
     te = "time_text_embed."
-    out = [rule("x_embedder.proj", "pos_embed.proj"), rule("pos_embed", "pos_embed.pos_embed"),
-           rule("t_embedder.mlp.0", te + "timestep_embedder.linear_1"),
-           rule("t_embedder.mlp.2", te + "timestep_embedder.linear_2")]
+    out = [rule("x_embedder.proj", "pos_embed.proj"), rule("pos_embed", "pos_embed.pos_embed")] if patch_embed else []
+    out += [rule("t_embedder.mlp.0", te + "timestep_embedder.linear_1"),
+            rule("t_embedder.mlp.2", te + "timestep_embedder.linear_2")]
     if has_y:
         out += [rule("y_embedder.mlp.0", te + "text_embedder.linear_1"),
                 rule("y_embedder.mlp.2", te + "text_embedder.linear_2")]
-    out.append(rule("context_embedder", "context_embedder"))
+    if context:
+        out.append(rule("context_embedder", "context_embedder"))
+    return out
+
+
+def joint_block_rules(o: str, d: str, pre_only: bool, dual: bool, qk_norm: bool) -> list[Rule]:
+    """One joint block, ours at ``o`` (joint_blocks.i), diffusers' at ``d`` (transformer_blocks.i)."""
     image_norms = ("norm_q", "norm_k") if qk_norm else None
-    for i in range(depth):
-        o, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
-        pre_only = i == depth - 1
-        # image stream
-        out.append(rule(f"{o}.x_block.adaLN_modulation.1", f"{d}.norm1.linear"))
-        out += _attention(f"{o}.x_block.attn", f"{d}.attn", ("to_q", "to_k", "to_v"), "to_out.0", image_norms)
-        if i in dual_layers:
-            out += _attention(f"{o}.x_block.attn2", f"{d}.attn2", ("to_q", "to_k", "to_v"), "to_out.0",
-                              image_norms)
-        out += [rule(f"{o}.x_block.mlp.fc1", f"{d}.ff.net.0.proj"), rule(f"{o}.x_block.mlp.fc2", f"{d}.ff.net.2")]
-        # text stream; the last block's is pre-only (AdaLayerNormContinuous in diffusers: swapped halves)
-        out.append(rule(f"{o}.context_block.adaLN_modulation.1", f"{d}.norm1_context.linear",
-                        SWAP_HALVES if pre_only else COPY))
-        out += _attention(f"{o}.context_block.attn", f"{d}.attn", ("add_q_proj", "add_k_proj", "add_v_proj"),
-                          None if pre_only else "to_add_out",
-                          ("norm_added_q", "norm_added_k") if qk_norm else None)
-        if not pre_only:
-            out += [rule(f"{o}.context_block.mlp.fc1", f"{d}.ff_context.net.0.proj"),
-                    rule(f"{o}.context_block.mlp.fc2", f"{d}.ff_context.net.2")]
+    # image stream
+    out = [rule(f"{o}.x_block.adaLN_modulation.1", f"{d}.norm1.linear")]
+    out += attention_rules(f"{o}.x_block.attn", f"{d}.attn", ("to_q", "to_k", "to_v"), "to_out.0", image_norms)
+    if dual:
+        out += attention_rules(f"{o}.x_block.attn2", f"{d}.attn2", ("to_q", "to_k", "to_v"), "to_out.0", image_norms)
+    out += [rule(f"{o}.x_block.mlp.fc1", f"{d}.ff.net.0.proj"), rule(f"{o}.x_block.mlp.fc2", f"{d}.ff.net.2")]
+    # text stream; a pre-only one is AdaLayerNormContinuous in diffusers: swapped halves
+    out.append(rule(f"{o}.context_block.adaLN_modulation.1", f"{d}.norm1_context.linear",
+                    SWAP_HALVES if pre_only else COPY))
+    out += attention_rules(f"{o}.context_block.attn", f"{d}.attn", ("add_q_proj", "add_k_proj", "add_v_proj"),
+                      None if pre_only else "to_add_out", ("norm_added_q", "norm_added_k") if qk_norm else None)
+    if not pre_only:
+        out += [rule(f"{o}.context_block.mlp.fc1", f"{d}.ff_context.net.0.proj"),
+                rule(f"{o}.context_block.mlp.fc2", f"{d}.ff_context.net.2")]
+    return out
+
+
+def rules(depth: int, dual_layers, qk_norm: bool, has_y: bool) -> list[Rule]:
+    """The rules of an MMDiT of this structure (canonical module <-> diffusers module(s))."""
+    out = embedder_rules(has_y)
+    for i in range(depth):  # the last block's text stream is pre-only
+        out += joint_block_rules(f"joint_blocks.{i}", f"transformer_blocks.{i}", i == depth - 1, i in dual_layers,
+                                 qk_norm)
     return out + [rule("final_layer.linear", "proj_out"),
                   rule("final_layer.adaLN_modulation.1", "norm_out.linear", SWAP_HALVES)]
 

@@ -173,7 +173,7 @@ def detect_controlnet(sd: Mapping, stored: Mapping | None = None):
 
     found = find_controlnet(sd, stored)
     if found is None:
-        return None
+        return detect_dit_controlnet(sd, stored)
     component, family = found
     others = sorted(k for k in sd if component.prefix and not k.startswith(component.prefix))
     if not all(k in NON_WEIGHT_KEYS for k in others):
@@ -193,3 +193,39 @@ def attach_bundled_controlnet(detection, sd: Mapping, stored: Mapping | None = N
     detection.components[ROLE] = found[0]
     detection.ignored = [k for k in detection.ignored if not k.startswith(prefix)]
     return detection
+
+
+# --------------------------------------------------------------------------------------------
+# DiT ControlNets: each family's own architecture (not a copy of a UNet encoder)
+# --------------------------------------------------------------------------------------------
+
+# (diffusers class name in a folder's config.json, family, component architecture in diffstudio.components)
+DIT_CONTROLNETS = (
+    ("SD3ControlNetModel", "sd3", "sd3_controlnet"),
+)
+
+
+def detect_dit_controlnet(sd: Mapping, stored: Mapping | None = None):
+    """A DiT family's ControlNet (bare keys, its architecture's own or diffusers names) -> a `Detection` with its
+    one component "controlnet", the config from ``stored`` or derived from shapes; None when `sd` is none."""
+    from diffstudio.components import ARCHS
+    from diffstudio.detect import NON_WEIGHT_KEYS, Component, Detection, parameter_count, storage_dtype
+
+    for _, family, arch_name in DIT_CONTROLNETS:
+        arch = ARCHS[arch_name]
+        if not (arch.is_canonical(sd) or arch.is_diffusers(sd)):
+            continue
+        weights = {k: v for k, v in sd.items() if k not in NON_WEIGHT_KEYS}
+        canonical = arch.to_canonical(weights)
+        config = (arch.config_from_dict(stored[ROLE]) if stored and ROLE in stored
+                  else arch.derive_config(canonical, {}))
+        layout = "original" if arch.is_canonical(sd) else arch.other_layout
+        component = Component(ROLE, arch_name, "", layout, config, parameter_count(canonical),
+                              storage_dtype(canonical))
+        return Detection(family, {ROLE: component}, None, sorted(k for k in sd if k in NON_WEIGHT_KEYS))
+    return None
+
+
+def dit_controlnet_arch(class_name: str | None) -> tuple[str, str] | None:
+    """(family, architecture) of a diffusers ControlNet class of a DiT family; None for any other class."""
+    return next(((family, arch) for name, family, arch in DIT_CONTROLNETS if name == class_name), None)

@@ -82,13 +82,14 @@ def conditioning(models, prompts: list[str], *, clip_skip: int, **_) -> dict:
 def call_dit(net, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     """The MMDiT's original forward. A latent side that is not a multiple of the 2x2 patch (an image
     side that is a multiple of 8 but not of 16) is padded circularly, as ComfyUI's MMDiT does, and the
-    output cropped back."""
+    output cropped back. ``control``: an SD3 ControlNet's residuals over the (padded) image tokens."""
     height, width = x.shape[-2:]
     p = net.config.patch_size
     pad_h, pad_w = -height % p, -width % p
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="circular")
-    return net(x, t, cond["y"], cond["context"], joint_bias=cond.get("joint_bias"))[..., :height, :width]
+    return net(x, t, cond["y"], cond["context"], joint_bias=cond.get("joint_bias"),
+               control=cond.get("control"))[..., :height, :width]
 
 
 SCHEDULE = FlowSchedule(shift=3.0, multiplier=1000.0)
@@ -134,4 +135,6 @@ SD3 = Family(
     lora_targets=r"joint_blocks\.\d+\.(context|x)_block\.(attn2?\.(qkv|proj)|mlp\.fc[12])",
     variant_of=variant_of,
     variants={name: {"defaults": d} for name, d in VARIANT_DEFAULTS.items()},
+    # InstantX's SD3 ControlNets and Stability's SD3.5 ones (models/sd3_controlnet.py, docs/controlnet.md).
+    controlnet_loader="diffstudio.sd3_controlnet_loading:add_sd3_controlnet",
 )

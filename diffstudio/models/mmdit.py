@@ -25,6 +25,7 @@ y (B, adm_in_channels) pooled text; context (B, T, context_in_dim) text tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -82,6 +83,39 @@ class MMDiTConfig:
         if unknown:
             raise ValueError(f"MMDiTConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+def patch_grid(height: int, width: int, patch: int, max_size: int | None) -> tuple[int, int]:
+    """A latent's token grid (h, w) = its sides in patches; InvalidSizeError when a side is not a multiple of
+    the patch or the grid exceeds the position table (``max_size`` patches a side; None: no table)."""
+    if height % patch or width % patch:
+        raise InvalidSizeError(f"MMDiT latents must have height and width divisible by the patch size {patch} "
+                               f"(images: multiples of {8 * patch} pixels), got {height}x{width} latents")
+    h, w = height // patch, width // patch
+    if max_size is not None and max(h, w) > max_size:
+        most = max_size * patch * 8
+        raise InvalidSizeError(f"this MMDiT's position table covers at most {most}x{most} pixels "
+                               f"({max_size} patches a side), got {height * 8}x{width * 8}")
+    return h, w
+
+
+def cropped_positions(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The centre h x w crop of a learned (1, S*S, C) position table, (1, h * w, C); h, w in patches."""
+    size = math.isqrt(table.shape[1])
+    top, left = (size - h) // 2, (size - w) // 2
+    return table.view(1, size, size, -1)[:, top:top + h, left:left + w].reshape(1, h * w, -1)
+
+
+def adaln_condition(t_embedder: nn.Module, y_embedder: nn.Module | None, t: torch.Tensor, y: torch.Tensor | None,
+                    batch: int, frequency_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """c = t_embedder(sinusoid(t)) + y_embedder(y), (B, C): the vector every adaLN modulation reads."""
+    t_freq = timestep_embedding(t.reshape(-1).expand(batch), frequency_size)
+    c = t_embedder(t_freq.to(dtype))
+    if y_embedder is not None:
+        if y is None:
+            raise ValueError("this MMDiT conditions on a pooled text vector: pass y (B, adm_in_channels)")
+        c = c + y_embedder(y)
+    return c
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -180,12 +214,22 @@ class DismantledBlock(nn.Module):
             x = x + mods[8][:, None] * attn2_out
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
+    def alone(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The stream as a block of its own, attending over its own tokens only (no second stream):
+        x (B, L, C), c (B, C) -> (B, L, C). The blocks of the SD3.5 ControlNets are these."""
+        (q, k, v), mods, _ = self.pre_attention(x, c)
+        return self.post_attention(x, attention(q, k, v, self.attn.heads), mods)
+
 
 class JointBlock(nn.Module):
-    def __init__(self, config: MMDiTConfig, index: int):
+    def __init__(self, config: MMDiTConfig, index: int, context_pre_only: bool | None = None):
+        """context_pre_only: whether the text stream is "pre_only"; None = only in the last block, as in the
+        MMDiT (a ControlNet's blocks all keep their text stream: ``False``)."""
         super().__init__()
         self.heads = config.num_heads
-        self.context_block = DismantledBlock(config, pre_only=index == config.depth - 1)
+        if context_pre_only is None:
+            context_pre_only = index == config.depth - 1
+        self.context_block = DismantledBlock(config, pre_only=context_pre_only)
         self.x_block = DismantledBlock(config, dual=index in config.dual_attention_layers)
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None):
@@ -247,45 +291,37 @@ class MMDiT(nn.Module):
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """The centre h x w crop of the position table, (1, h * w, C), h and w in patches."""
-        size = self.config.pos_embed_max_size
-        top, left = (size - h) // 2, (size - w) // 2
-        grid = self.pos_embed.view(1, size, size, -1)
-        return grid[:, top:top + h, left:left + w].reshape(1, h * w, -1)
+        return cropped_positions(self.pos_embed, h, w)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, joint_bias: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, joint_bias: torch.Tensor | None = None,
+                control: list[torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) = 1000 sigma, y (B, adm), context (B, T, D) -> velocity (B, C_out, H, W).
 
         joint_bias: additive attention bias (B|1, 1, T + N, T + N) over [text; image] tokens, used by
-        every joint block (region prompts, pipeline/region_attention.py)."""
+        every joint block (region prompts, pipeline/region_attention.py).
+        control: a ControlNet's residuals, M tensors (B, N, C) over the image tokens (models/sd3_controlnet.py).
+        Block i's image tokens get residual int(i / (depth / M)) added after it (diffusers' SD3Transformer2DModel
+        spaces them so: float division, then truncation), except the last block's (the one whose text stream
+        is pre-only), as there."""
         cfg = self.config
         b, _, height, width = x.shape
         p = cfg.patch_size
-        if height % p or width % p:
-            raise InvalidSizeError(f"MMDiT latents must have height and width divisible by the patch size {p} "
-                                   f"(images: multiples of {8 * p} pixels), got {height}x{width} latents")
-        h, w = height // p, width // p
-        if max(h, w) > cfg.pos_embed_max_size:
-            most = cfg.pos_embed_max_size * p * 8
-            raise InvalidSizeError(f"this MMDiT's position table covers at most {most}x{most} pixels "
-                                   f"({cfg.pos_embed_max_size} patches a side), got {height * 8}x{width * 8}")
+        h, w = patch_grid(height, width, p, cfg.pos_embed_max_size)
         tokens = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)  # (B, h*w, C)
-        t_freq = timestep_embedding(t.reshape(-1).expand(b), cfg.frequency_embedding_size)
-        c = self.t_embedder(t_freq.to(x.dtype))  # (B, C)
-        if self.y_embedder is not None:
-            if y is None:
-                raise ValueError("this MMDiT conditions on a pooled text vector: pass y (B, adm_in_channels)")
-            c = c + self.y_embedder(y)
+        c = adaln_condition(self.t_embedder, self.y_embedder, t, y, b, cfg.frequency_embedding_size, x.dtype)
         context = self.context_embedder(context)  # (B, T, C)
         if joint_bias is not None:
             joint_bias = joint_bias.to(tokens)  # the model's device and compute dtype
-        for block in self.joint_blocks:
+        interval = len(self.joint_blocks) / len(control) if control else None
+        for i, block in enumerate(self.joint_blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 context, tokens = checkpoint(block, context, tokens, c, joint_bias, use_reentrant=False)
             else:
                 context, tokens = block(context, tokens, c, joint_bias)
+            if interval is not None and not block.context_block.pre_only:
+                tokens = tokens + control[int(i / interval)].to(tokens.dtype)
         tokens = self.final_layer(tokens, c)  # (B, h*w, p*p*C_out)
         # Unpatchify: token (i, j) holds the p x p patch in (row, column, channel) order.
         out = tokens.view(b, h, w, p, p, cfg.out_channels).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(b, cfg.out_channels, height, width)
-
