@@ -1,5 +1,9 @@
 """Adding a ControlNet to a loaded model: `add_controlnet(models, path) -> ControlNetModel`.
 
+``read_controlnet`` reads every ControlNet architecture (``detect.controlnet.CONTROLNET_ARCHS``); a family
+whose denoiser is no LDM UNet adds its own through ``Family.controlnet_loader`` (FLUX:
+``flux_controlnet_loading.py``).
+
 A ControlNet comes as a single file (cldm names, bare or under ``control_model.``, or diffusers names;
 ``.safetensors``, or ``.pth`` / ``.ckpt`` read with torch's weights-only loader) or as a diffusers
 ``ControlNetModel`` folder (config.json + weights). It is built in the base model's dtype and on its
@@ -12,7 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffstudio.detect.controlnet import ROLE, controlnet_family, derive_controlnet_config, find_controlnet
+from diffstudio.detect.controlnet import (
+    CONTROLNET_ARCHS,
+    ROLE,
+    derive_controlnet_config,
+    find_controlnet,
+    place_controlnet,
+)
 from diffstudio.errors import ControlNetMismatchError, UnknownModelError
 from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
 from diffstudio.models.unet import UNetConfig
@@ -25,19 +35,24 @@ def _top_keys(sd) -> str:
     return ", ".join(f"{h}.* ({n})" for h, n in sorted(heads.items(), key=lambda kv: -kv[1])[:6])
 
 
+CONTROLNET_CLASSES = ("ControlNetModel", "FluxControlNetModel")  # diffusers' classes of the ControlNets we load
+
+
 def is_controlnet_folder(folder: Path) -> bool:
-    """A diffusers ControlNetModel folder (its config.json names the class); no weights are read."""
+    """A diffusers ControlNetModel or FluxControlNetModel folder (its config.json names the class); no weights
+    are read."""
     config = folder / "config.json"
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("_class_name") == "ControlNetModel"
+        return json.loads(config.read_text(encoding="utf-8")).get("_class_name") in CONTROLNET_CLASSES
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
 
 
 def read_controlnet(path: str | Path, hints: dict | None = None):
-    """A ControlNet file or diffusers folder -> (Detection naming its family, the loader's part in cldm names).
+    """A ControlNet file or diffusers folder -> (Detection naming its family, the loader's part in canonical
+    names: cldm's for a UNet ControlNet, ``convert.flux_controlnet``'s for a FLUX one).
 
     ``hints``: conventions shapes cannot reveal (heads, norm groups), e.g. the base UNet's. A stored config
     (the folder's config.json, or diffstudio's safetensors metadata) wins over them."""
@@ -48,28 +63,30 @@ def read_controlnet(path: str | Path, hints: dict | None = None):
     from diffstudio.loader import Part, canonical_state_dict
 
     path = existing_path(path, "ControlNet")
-    arch = ARCHS[ROLE]
     if path.is_dir():
         sd, config_json = read_component(path)
-        if not (arch.is_canonical(sd) or arch.is_diffusers(sd)):
+        arch = next((ARCHS[a] for a in CONTROLNET_ARCHS if ARCHS[a].is_canonical(sd) or ARCHS[a].is_diffusers(sd)),
+                    None)
+        if arch is None:
             raise UnknownModelError(f"{path} holds no ControlNet weights; its top-level keys: {_top_keys(sd)}")
         canonical = arch.to_canonical(sd)
         stored = {ROLE: arch.config_to_dict(arch.config_from_diffusers(config_json))} if config_json else {}
-        component = Component(ROLE, ROLE, "", "original" if arch.is_canonical(sd) else "diffusers", None,
+        component = Component(ROLE, arch.name, "", "original" if arch.is_canonical(sd) else "diffusers", None,
                               parameter_count(canonical), storage_dtype(canonical))
-        family, config = controlnet_family(canonical, stored)
+        family, config = place_controlnet(arch.name, canonical, stored, hints)
     else:
         sd = read_state_dict(path)
         stored = stored_configs(read_file_metadata(path))
-        found = find_controlnet(sd, stored)
+        found = find_controlnet(sd, stored, hints)
         if found is None:
             raise UnknownModelError(f"{path} holds no ControlNet: no cldm input_hint_block / zero_convs keys (bare or "
-                                    "under 'control_model.') and no diffusers controlnet_cond_embedding keys. Its "
-                                    f"top-level keys: {_top_keys(sd)}. `diffstudio info {path}` says what it is.")
+                                    "under 'control_model.'), no diffusers controlnet_cond_embedding keys and no FLUX "
+                                    f"ControlNet keys (controlnet_x_embedder). Its top-level keys: {_top_keys(sd)}. "
+                                    f"`diffstudio info {path}` says what it is.")
         component, family = found
         canonical = canonical_state_dict(sd, component)
         config = component.config
-    if hints and ROLE not in stored:
+    if hints and ROLE not in stored and component.arch == ROLE:  # a UNet ControlNet: the base UNet's conventions
         config = derive_controlnet_config(canonical, hints)
     component.config = config
     return Detection(family.name, {ROLE: component}), Part(canonical, config, str(path))

@@ -1,0 +1,65 @@
+"""FLUX ControlNet state dicts: diffusers ``FluxControlNetModel`` (InstantX's release layout) <-> ours.
+
+Ours keeps BFL's names for everything the ControlNet shares with the transformer (``img_in``,
+``double_blocks.N.img_attn.qkv``, ``single_blocks.N.linear1`` ...), converted by the transformer's rules
+(``convert.flux.trunk_rules``: fused qkv, the QK-norm ``scale``), and the release's own names for the parts
+only a ControlNet has: ``controlnet_x_embedder``, ``controlnet_blocks.N``, ``controlnet_single_blocks.N``,
+``controlnet_mode_embedder`` (union). Both directions end in ``check_conversion`` against our model built
+on the meta device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from diffstudio.convert.flux import trunk_layout, trunk_rules
+from diffstudio.convert.rules import Rule, from_canonical, same, to_canonical
+from diffstudio.errors import UnknownModelError
+from diffstudio.models.flux_controlnet import FluxControlNet, FluxControlNetConfig
+
+# A pixel-space hint encoder (diffusers' conditioning_embedding_channels option), which the InstantX releases
+# do not have: their control image enters as its VAE latent.
+PIXEL_HINT_PREFIX = "input_hint_block."
+
+
+def rules(config: FluxControlNetConfig) -> list[Rule]:
+    own = ["controlnet_x_embedder", *(f"controlnet_blocks.{i}" for i in range(config.depth)),
+           *(f"controlnet_single_blocks.{i}" for i in range(config.depth_single_blocks))]
+    if config.num_modes:
+        own.append("controlnet_mode_embedder")
+    return trunk_rules(config) + same(*own)
+
+
+def refuse_pixel_hints(sd: Mapping) -> None:
+    if any(k.startswith(PIXEL_HINT_PREFIX) for k in sd):
+        raise UnknownModelError("this FLUX ControlNet encodes its control image in pixel space (input_hint_block, "
+                                "diffusers' conditioning_embedding_channels); diffstudio's FLUX ControlNets read the "
+                                "control image's VAE latent, as InstantX's do")
+
+
+def layout_config(sd: Mapping) -> FluxControlNetConfig:
+    """The structure a diffusers-layout FluxControlNetModel state dict implies (names and shapes; the RoPE
+    split is a placeholder, as in ``convert.flux.layout_config``): enough to generate the rules."""
+    refuse_pixel_hints(sd)
+    modes = sd.get("controlnet_mode_embedder.weight")
+    return FluxControlNetConfig(**trunk_layout(sd, "FluxControlNetModel"),
+                                num_modes=None if modes is None else int(modes.shape[0]))
+
+
+def _meta_state_dict(config: FluxControlNetConfig) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return FluxControlNet(config).state_dict()
+
+
+def flux_controlnet_from_diffusers(sd: Mapping, config: FluxControlNetConfig | None = None) -> dict[str, torch.Tensor]:
+    """diffusers FluxControlNetModel state dict -> our layout (checked)."""
+    config = config or layout_config(sd)
+    return to_canonical("FLUX ControlNet diffusers -> ours", sd, rules(config), _meta_state_dict(config))
+
+
+def flux_controlnet_to_diffusers(sd: Mapping, config: FluxControlNetConfig) -> dict[str, torch.Tensor]:
+    """Our layout -> diffusers FluxControlNetModel (checked)."""
+    return from_canonical("FLUX ControlNet ours -> diffusers", sd, rules(config), _meta_state_dict(config))
+
