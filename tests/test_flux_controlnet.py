@@ -243,11 +243,19 @@ def test_info_names_a_flux_controlnet(flux, name, capsys):
 
 
 def test_named_errors(flux):
+    from safetensors.torch import save_file
+
     from diffstudio.demo.untrained import untrained_demo_models
+    from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
 
     models, paths = flux
+    sd15 = untrained_demo_models()
     with pytest.raises(ControlNetMismatchError, match="for flux models"):
-        untrained_demo_models().add_controlnet(paths["random"])
+        sd15.add_controlnet(paths["random"])
+    unet_controlnet = ControlNetModel(ControlNetConfig.from_unet(sd15.configs["unet"], hint_block_channels=[16] * 4))
+    save_file(unet_controlnet.state_dict(), str(paths["random"].parent / "sd15_cn.safetensors"))
+    with pytest.raises(ControlNetMismatchError, match="for sd15 models"):
+        models.add_controlnet(paths["random"].parent / "sd15_cn.safetensors")
     with pytest.raises(UnknownModelError, match="holds no ControlNet"):
         models.add_controlnet(models.sources["dit"])
     with pytest.raises(UnknownModelError, match="is a ControlNet for flux"):
