@@ -47,4 +47,6 @@ def add_flux_controlnet(models, path: str | Path) -> FluxControlNet:
     if problems:
         raise ControlNetMismatchError(f"{path} is a FLUX ControlNet that does not fit this model's transformer: "
                                       + "; ".join(problems) + ". It was made for another base architecture.")
-    return build_component(ROLE, ARCH, part, models.dtype, models.device, consume=True)
+    controlnet = build_component(ROLE, ARCH, part, models.dtype, models.device, consume=True)
+    controlnet.transformer_blocks = (base.depth, base.depth_single_blocks)  # one residual per transformer block
+    return controlnet

@@ -159,16 +159,17 @@ def test_pixel_space_hint_encoder_is_refused_by_name():
 RUN = dict(width=64, height=64, steps=2, seed=3, progress=False)
 
 
-def tiny_reference_controlnet(zero: bool, union: bool = False) -> FluxControlNetModel:
-    """At tests/tiny_flux.py's widths (one 128-wide head): 1 double, 1 single block, a guidance input. ``zero``:
-    as diffusers initialises it (the output Linears at zero); else every weight random."""
+def tiny_reference_controlnet(zero: bool, union: bool = False, single: int = 1, seed: int = 7) -> FluxControlNetModel:
+    """At tests/tiny_flux.py's widths (one 128-wide head; the transformer has 1 double and 2 single blocks): 1
+    double, ``single`` single blocks, a guidance input. ``zero``: as diffusers initialises it (the output Linears
+    at zero); else every weight random."""
     from tests.tiny_flux import DIT
 
-    config = {**DIT, "num_layers": 1, "num_single_layers": 1}
+    config = {**DIT, "num_layers": 1, "num_single_layers": single}
     ref = FluxControlNetModel(**config, guidance_embeds=True, num_mode=10 if union else None).eval()
     torch.manual_seed(0)
     if not zero:
-        randomise(ref, 7)
+        randomise(ref, seed)
     return ref
 
 
@@ -190,6 +191,10 @@ def flux(tmp_path_factory):
     paths["random"] = root / "random.safetensors"
     save_file(tiny_reference_controlnet(zero=True).state_dict(), str(root / "zero.safetensors"))
     paths["zero"] = root / "zero.safetensors"
+    for single in (0, 2):
+        sd = tiny_reference_controlnet(zero=False, single=single, seed=8 + single).state_dict()
+        save_file(sd, str(root / f"single{single}.safetensors"))
+        paths[f"single{single}"] = root / f"single{single}.safetensors"
     return models, paths
 
 
@@ -216,6 +221,25 @@ def test_pipeline_units_that_add_nothing_give_the_base_image_bit_for_bit(flux):
     # an odd latent side (72 px = 9 latent rows) is padded for the control as for the transformer
     (wide,) = pipe("a red circle", **{**RUN, "width": 72}, controlnets=[ControlNetUnit(random, hint_picture())])
     assert wide.size == (72, 64)
+
+
+def test_units_with_different_block_counts_add_up_block_by_block(flux):
+    """The loaded ControlNets give one residual per transformer block (2 single blocks here), so a 1-single-block
+    ControlNet and a 2-single-block one add up place by place; a scale-0 unit then changes nothing."""
+    models, paths = flux
+    pipe = diffstudio.Pipeline(models)
+    one, two, none = (models.add_controlnet(paths[k]) for k in ("random", "single2", "single0"))
+    assert one.transformer_blocks == (1, 2)
+    x = torch.randn(1, 16, 8, 8)
+    res = one(x, x, torch.tensor([0.5]), torch.randn(1, 4, 32), torch.randn(1, 64), guidance=torch.tensor([3.5]))
+    assert len(res["single"]) == 2 and res["single"][0] is res["single"][1]  # repeated, not copied
+    for base, other in ((two, one), (one, none)):
+        alone = image(pipe, controlnets=[ControlNetUnit(base, hint_picture())])
+        both = image(pipe, controlnets=[ControlNetUnit(base, hint_picture()), ControlNetUnit(other, hint_picture(),
+                                                                                             scale=0.0)])
+        assert np.array_equal(both, alone)
+    assert not np.array_equal(image(pipe, controlnets=[ControlNetUnit(none, hint_picture())]),
+                              image(pipe, controlnets=[ControlNetUnit(one, hint_picture())]))
 
 
 def test_union_controlnet_loads_from_a_folder_and_a_file(flux):

@@ -36,7 +36,7 @@ from torch import nn
 
 from diffstudio.errors import InvalidInputError
 from diffstudio.models.cpu_linear import Linear
-from diffstudio.models.flux import FluxConfig, FluxTrunk, image_ids, pack_latents, pad_even
+from diffstudio.models.flux import FluxConfig, FluxTrunk, control_residual, image_ids, pack_latents, pad_even
 
 # InstantX FLUX.1-dev-Controlnet-Union's modes, by index (its model card; Shakker-Labs' Union-Pro keeps them).
 UNION_MODES = ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
@@ -76,6 +76,10 @@ class FluxControlNet(FluxTrunk):
         self.controlnet_single_blocks = nn.ModuleList(_zero_linear(h, h) for _ in range(c.depth_single_blocks))
         self.controlnet_mode_embedder = nn.Embedding(c.num_modes, h) if c.num_modes else None
         self.mode: int | str | None = None
+        # The (double, single) block counts of the transformer it is added to (the loader sets them): the
+        # pipeline's call then gives one residual per transformer block, so that units with different block
+        # counts add up place by place. None: one residual per ControlNet block.
+        self.transformer_blocks: tuple[int, int] | None = None
 
     @property
     def is_union(self) -> bool:
@@ -116,12 +120,17 @@ class FluxControlNet(FluxTrunk):
         """The pipeline's call (pipeline/control.py): x, the network's input latent (B, 16, h, w), hint the
         control image's latent (B, 16, h, w), t the flow time, context the T5 tokens, y the pooled CLIP vector,
         guidance the distilled guidance scale. Odd sides are padded as ``families.flux.call_dit`` pads them,
-        so the residuals fit its token grid. Other network inputs are not read."""
+        so the residuals fit its token grid. Other network inputs are not read. With ``transformer_blocks``
+        set, each list has one entry per transformer block (the same tensor repeated, no copies)."""
         x, hint = pad_even(x), pad_even(hint.to(x.dtype))
         h, w = x.shape[-2:]
         txt_ids = torch.zeros(context.shape[1], 3, device=x.device)
-        return self.residuals(pack_latents(x), pack_latents(hint), image_ids(h, w, x.device), context, txt_ids, t,
-                              y, guidance, joint_bias, self.mode if mode is None else mode)
+        res = self.residuals(pack_latents(x), pack_latents(hint), image_ids(h, w, x.device), context, txt_ids, t,
+                             y, guidance, joint_bias, self.mode if mode is None else mode)
+        if self.transformer_blocks is None:
+            return res
+        return {kind: [control_residual(res[kind], i, blocks) for i in range(blocks)] if res[kind] else []
+                for kind, blocks in zip(("double", "single"), self.transformer_blocks)}
 
     def residuals(self, img: torch.Tensor, hint: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor,
                   txt_ids: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor,
