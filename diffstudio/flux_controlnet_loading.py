@@ -14,7 +14,7 @@ from diffstudio.errors import ControlNetMismatchError
 from diffstudio.models.flux import FluxConfig
 from diffstudio.models.flux_controlnet import FluxControlNet, FluxControlNetConfig
 
-ARCH = "flux_controlnet"
+ARCHS = ("flux_controlnet", "xlabs_flux_controlnet")  # InstantX's layout, XLabs'
 
 
 def fit_problems(controlnet: FluxControlNetConfig, base: FluxConfig) -> list[str]:
@@ -30,7 +30,7 @@ def fit_problems(controlnet: FluxControlNetConfig, base: FluxConfig) -> list[str
     return problems
 
 
-def add_flux_controlnet(models, path: str | Path) -> FluxControlNet:
+def add_flux_controlnet(models, path: str | Path) -> FluxControlNet:  # or its XLabsFluxControlNet subclass
     """Load the FLUX ControlNet at ``path`` for ``models`` (a loaded FLUX `Models`), in its dtype, on its
     device; `ControlNetMismatchError` when it is another model's ControlNet or does not fit."""
     from diffstudio.controlnet_loading import read_controlnet
@@ -39,14 +39,15 @@ def add_flux_controlnet(models, path: str | Path) -> FluxControlNet:
 
     base = models.denoiser.config
     detection, part = read_controlnet(path, {"axes_dim": list(base.axes_dim), "theta": base.theta})
-    if detection.components[ROLE].arch != ARCH:
+    arch = detection.components[ROLE].arch
+    if arch not in ARCHS:
         raise ControlNetMismatchError(f"{path} is a ControlNet for {detection.family} models, the loaded model is "
-                                      f"{models.family.name}: use a FLUX ControlNet (InstantX / diffusers "
+                                      f"{models.family.name}: use a FLUX ControlNet (InstantX, XLabs, diffusers "
                                       "FluxControlNetModel)")
     problems = fit_problems(part.config, base)
     if problems:
         raise ControlNetMismatchError(f"{path} is a FLUX ControlNet that does not fit this model's transformer: "
                                       + "; ".join(problems) + ". It was made for another base architecture.")
-    controlnet = build_component(ROLE, ARCH, part, models.dtype, models.device, consume=True)
+    controlnet = build_component(ROLE, arch, part, models.dtype, models.device, consume=True)
     controlnet.transformer_blocks = (base.depth, base.depth_single_blocks)  # one residual per transformer block
     return controlnet

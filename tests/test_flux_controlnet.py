@@ -1,4 +1,4 @@
-"""FLUX ControlNets (InstantX / diffusers FluxControlNetModel, union included): the residuals against diffusers,
+"""FLUX ControlNets (InstantX / diffusers FluxControlNetModel, union included; XLabs): the residuals against diffusers,
 the transformer taking them against diffusers' FluxTransformer2DModel, the pipeline (a ControlNet that adds
 nothing gives the base image bit for bit), the full-size InstantX Union layout on the meta device, detection,
 and the named errors."""
@@ -12,12 +12,17 @@ from diffusers import FluxControlNetModel, FluxTransformer2DModel
 
 import diffstudio
 from diffstudio.convert.flux import flux_from_diffusers
-from diffstudio.convert.flux_controlnet import flux_controlnet_from_diffusers, flux_controlnet_to_diffusers
+from diffstudio.convert.flux_controlnet import (
+    flux_controlnet_from_diffusers,
+    flux_controlnet_to_diffusers,
+    xlabs_controlnet_from_diffusers,
+    xlabs_controlnet_to_diffusers,
+)
 from diffstudio.detect.flux import config_from_diffusers
-from diffstudio.detect.flux_controlnet import flux_controlnet_config_from_diffusers
+from diffstudio.detect.flux_controlnet import flux_controlnet_config_from_diffusers, xlabs_config_from_diffusers
 from diffstudio.errors import ControlNetMismatchError, InvalidInputError, UnknownModelError
 from diffstudio.models.flux import FluxTransformer, image_ids, pack_latents
-from diffstudio.models.flux_controlnet import FluxControlNet, FluxControlNetConfig
+from diffstudio.models.flux_controlnet import FluxControlNet, FluxControlNetConfig, XLabsFluxControlNet
 from diffstudio.pipeline.control import ControlNetUnit
 from tests.tiny_sd15 import randomise
 
@@ -146,10 +151,13 @@ def test_full_size_instantx_union_keys_shapes_and_detection():
         assert comp.config == config
 
 
-def test_pixel_space_hint_encoder_is_refused_by_name():
-    ref = FluxControlNetModel(**SMALL, num_layers=1, num_single_layers=1, conditioning_embedding_channels=16)
-    with pytest.raises(UnknownModelError, match="pixel space"):
-        diffstudio.detect(ref.state_dict())
+def test_hint_encoders_other_than_xlabs_are_refused_by_name():
+    """A pixel-space hint encoder is XLabs' layout (tested below); one that does not make in_channels / 4 channels
+    is no release diffstudio knows, and an InstantX config cannot name one."""
+    ref = FluxControlNetModel(**{**SMALL, "patch_size": 2}, num_layers=1, num_single_layers=0,
+                              conditioning_embedding_channels=8)
+    with pytest.raises(UnknownModelError, match="in_channels / 4"):
+        xlabs_config_from_diffusers(ref.config)
     with pytest.raises(UnknownModelError, match="pixel space"):
         flux_controlnet_config_from_diffusers(ref.config)
 
@@ -288,3 +296,114 @@ def test_named_errors(flux):
     narrow.save_pretrained(paths["random"].parent / "narrow")
     with pytest.raises(ControlNetMismatchError, match="hidden width is 32, the transformer's 128"):
         models.add_controlnet(paths["random"].parent / "narrow")
+
+
+# -- XLabs -------------------------------------------------------------------------------------------------------
+
+
+def xlabs_reference(seed: int = 4, **config) -> FluxControlNetModel:
+    """diffusers' port of an XLabs ControlNet: a pixel-space hint encoder (16 channels, packed 2x2: patch_size 2),
+    2 double blocks, no single blocks."""
+    ref = FluxControlNetModel(**{**SMALL, "patch_size": 2, "num_layers": 2, "num_single_layers": 0,
+                                 "guidance_embeds": True, "conditioning_embedding_channels": 16, **config}).eval()
+    randomise(ref, seed)
+    return ref
+
+
+def xlabs_from(ref: FluxControlNetModel) -> XLabsFluxControlNet:
+    model = XLabsFluxControlNet(xlabs_config_from_diffusers(ref.config))
+    model.load_state_dict(xlabs_controlnet_from_diffusers(ref.state_dict()))
+    return model.eval()
+
+
+def test_xlabs_residuals_and_their_spread_match_diffusers():
+    """The residuals of diffusers' port from a control image in [-1, 1], and the transformer taking them with
+    diffusers' ``controlnet_blocks_repeat`` (block j gets residual j % 2) against ours spread over its 4 blocks."""
+    ref = xlabs_reference()
+    ours = xlabs_from(ref)
+    assert ours.hint_space == "pixels" and ours.config.hint_channels == 3
+    x = inputs()
+    picture = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(5))  # 8x the 6 x 8 latent
+    with torch.no_grad():
+        expected = ref(hidden_states=pack_latents(x["latent"]), controlnet_cond=picture * 2 - 1,
+                       encoder_hidden_states=x["txt"], pooled_projections=x["y"], timestep=x["t"],
+                       img_ids=image_ids(6, 8), txt_ids=torch.zeros(5, 3), guidance=x["guidance"])
+        ours.transformer_blocks = (4, 3)
+        got = ours(x["latent"], picture, x["t"], x["txt"], x["y"], guidance=x["guidance"])  # the pipeline's call
+    samples = list(expected.controlnet_block_samples)
+    assert expected.controlnet_single_block_samples is None and got["single"] == []
+    assert [id(r) for r in got["double"]] == [id(got["double"][i % 2]) for i in range(4)]  # x-flux's j % n
+    for a, b in zip(got["double"][:2], samples, strict=True):
+        assert rel_err(a, b) < TOL
+
+    transformer_ref = FluxTransformer2DModel(**SMALL, num_layers=4, num_single_layers=1, guidance_embeds=True).eval()
+    randomise(transformer_ref, 6)
+    transformer = FluxTransformer(config_from_diffusers(transformer_ref.config))
+    transformer.load_state_dict(flux_from_diffusers(transformer_ref.state_dict()))
+    img, ids, txt_ids = pack_latents(x["latent"]), image_ids(6, 8), torch.zeros(5, 3)
+    with torch.no_grad():
+        expected = transformer_ref(hidden_states=img, encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                                   timestep=x["t"], img_ids=ids, txt_ids=txt_ids, guidance=x["guidance"],
+                                   controlnet_block_samples=samples, controlnet_blocks_repeat=True).sample
+        out = transformer.eval()(img, ids, x["txt"], txt_ids, x["t"], x["y"], x["guidance"], control=got)
+    assert rel_err(out, expected) < TOL
+
+
+def test_xlabs_layouts_and_detection():
+    """x-flux's names (the release files) and diffusers' port convert both ways; each is detected as an XLabs
+    ControlNet for FLUX; an InstantX one is not mistaken for it."""
+    ref = xlabs_reference(joint_attention_dim=24)
+    canonical = xlabs_controlnet_from_diffusers(ref.state_dict())
+    hint_convs = sorted(int(k.split(".")[1]) for k in canonical if k.startswith("input_hint_block.") and
+                        k.endswith("weight"))
+    assert hint_convs == list(range(0, 16, 2)) and "pos_embed_input.weight" in canonical
+    assert "double_blocks.1.img_attn.qkv.weight" in canonical and not any("single" in k for k in canonical)
+    config = xlabs_config_from_diffusers(ref.config)
+    back = xlabs_controlnet_to_diffusers(canonical, config)
+    assert back.keys() == ref.state_dict().keys()
+    hints = {"axes_dim": (4, 6, 6)}  # 16-wide heads: the RoPE split comes from the base
+    from diffstudio.detect.controlnet import find_controlnet
+
+    for sd, layout in ((ref.state_dict(), "diffusers"), (canonical, "original")):
+        component, family = find_controlnet(sd, None, hints)
+        assert (family.name, component.arch, component.layout) == ("flux", "xlabs_flux_controlnet", layout)
+        assert component.config == config
+    instantx = FluxControlNetModel(**SMALL, num_layers=1, num_single_layers=1).state_dict()
+    assert find_controlnet(instantx, None, hints)[0].arch == "flux_controlnet"
+
+
+def test_xlabs_full_size_on_meta():
+    """XLabs' FLUX.1-dev ControlNets (x-flux ControlNetFlux at FLUX.1-dev's params, controlnet_depth 2)."""
+    with torch.device("meta"):
+        ref = FluxControlNetModel(**{**INSTANTX_UNION, "num_layers": 2, "num_single_layers": 0, "num_mode": None,
+                                     "patch_size": 2, "conditioning_embedding_channels": 16})
+        ours = XLabsFluxControlNet()
+    canonical = xlabs_controlnet_from_diffusers(ref.state_dict())
+    expected = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in canonical.items()} == expected
+    det = diffstudio.detect(canonical)
+    assert (det.family, det.components["controlnet"].arch) == ("flux", "xlabs_flux_controlnet")
+    assert det.components["controlnet"].config == ours.config == xlabs_config_from_diffusers(ref.config)
+
+
+def test_xlabs_controlnet_in_the_pipeline(flux, tmp_path):
+    """Loaded from x-flux's names, spread over the base's blocks, the control image fed in pixels."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_flux import DIT
+
+    models, paths = flux
+    ref = xlabs_reference(**{k: DIT[k] for k in ("attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                                                  "pooled_projection_dim", "axes_dims_rope")})
+    save_file({k: v.contiguous() for k, v in xlabs_controlnet_from_diffusers(ref.state_dict()).items()},
+              str(tmp_path / "flux-canny-controlnet.safetensors"))
+    xlabs = models.add_controlnet(tmp_path / "flux-canny-controlnet.safetensors")
+    assert isinstance(xlabs, XLabsFluxControlNet) and xlabs.transformer_blocks == (1, 2)
+    pipe = diffstudio.Pipeline(models)
+    base = image(pipe)
+    assert np.array_equal(image(pipe, controlnets=[ControlNetUnit(xlabs, hint_picture(), scale=0.0)]), base)
+    assert np.abs(image(pipe, controlnets=[ControlNetUnit(xlabs, hint_picture())]) - base).max() > 0
+    random = models.add_controlnet(paths["random"])
+    both = [ControlNetUnit(xlabs, hint_picture(), scale=0.5), ControlNetUnit(random, hint_picture(), scale=0.5)]
+    (wide,) = pipe("a red circle", **{**RUN, "width": 72}, controlnets=both)  # odd latent side, mixed layouts
+    assert wide.size == (72, 64)

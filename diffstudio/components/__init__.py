@@ -28,11 +28,13 @@ from diffstudio.components import (
     svd_unet,
     svd_vae,
     t5_encoder,
+    xlabs_flux_controlnet,
 )
 from diffstudio.components.base import ComponentArch
 
 ARCHS: dict[str, ComponentArch] = {module.ARCH.name: module.ARCH for module in (
     ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module,
-    ip_adapter, svd_unet, exvideo_svd, svd_vae, clip_vision, cogvideo_dit, cogvideox_vae, flux_controlnet)}
+    ip_adapter, svd_unet, exvideo_svd, svd_vae, clip_vision, cogvideo_dit, cogvideox_vae, flux_controlnet,
+    xlabs_flux_controlnet)}
 
 __all__ = ["ARCHS", "ComponentArch"]

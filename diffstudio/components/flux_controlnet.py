@@ -1,6 +1,6 @@
-"""The FLUX.1 ControlNet (InstantX, union included). Canonical = BFL's names for the shared trunk and the
+"""The FLUX.1 ControlNet of InstantX (union included). Canonical = BFL's names for the shared trunk and the
 release's names for the ControlNet's own layers; diffusers' FluxControlNetModel is converted. Not a family
-role: it is added to a loaded FLUX model (``models.add_controlnet``)."""
+role: it is added to a loaded FLUX model (``models.add_controlnet``). XLabs': xlabs_flux_controlnet.py."""
 
 from __future__ import annotations
 

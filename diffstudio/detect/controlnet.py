@@ -154,9 +154,9 @@ def controlnet_family(sub: Mapping, stored: Mapping | None = None):
                             f"base UNet's encoder, and no family's UNet test accepts it): {'; '.join(reasons)}")
 
 
-# The ControlNet architectures, tried in this order: the UNet ControlNets, then the DiT ones, each with the
-# function that says which family's model it is for and its config: (sub state dict, stored, hints) -> both.
-CONTROLNET_ARCHS = ("controlnet", "flux_controlnet")
+# The ControlNet architectures, tried in this order: the UNet ControlNets, then the DiT ones
+# (`place_controlnet` says which family's model each is for).
+CONTROLNET_ARCHS = ("controlnet", "xlabs_flux_controlnet", "flux_controlnet")  # XLabs' match InstantX's sentinels
 
 
 def place_controlnet(arch: str, sub: Mapping, stored: Mapping | None = None, hints: Mapping | None = None):

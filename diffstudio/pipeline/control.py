@@ -191,7 +191,8 @@ class ControlledDenoiser(Wrapper):
     plus the middle's (a list). A DiT ControlNet (``hint_space = "latent"``) is called ``model(x, hint_latent,
     t, context, y, **network_kwargs)`` (the rest of what the denoiser network receives, e.g. FLUX's guidance)
     and returns a list, or a dict of lists (FLUX: double and single blocks); the network takes the same
-    structure as ``control=``."""
+    structure as ``control=``. A DiT ControlNet that reads the control image in pixels (XLabs' FLUX ones) says
+    ``takes_network_kwargs = True`` to be called so with the pixel hint."""
 
     takes_frames = True  # reads the ``frames`` entry of a video run (per-frame control images)
 
@@ -217,7 +218,8 @@ class ControlledDenoiser(Wrapper):
             if tile is not None:
                 top, left, th, tw = (v * a.per_latent for v in tile)
                 rows = rows[..., top:top + th, left:left + tw]
-            extra = _network_kwargs(cond, device, dtype) if a.per_latent == 1 else {}  # DiT ControlNets only
+            dit = getattr(a.model, "takes_network_kwargs", a.per_latent == 1)  # DiT ControlNets only
+            extra = _network_kwargs(cond, device, dtype) if dit else {}
             with torch.inference_mode():
                 res = a.model(x_in.to(device, dtype), rows.to(device, dtype), t.to(device),
                               None if context is None else context.to(device, dtype),
