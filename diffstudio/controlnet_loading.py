@@ -1,5 +1,9 @@
 """Adding a ControlNet to a loaded model: `add_controlnet(models, path) -> ControlNetModel`.
 
+``read_controlnet`` reads every ControlNet architecture (``detect.controlnet.CONTROLNET_ARCHS``); a family
+whose denoiser is no LDM UNet adds its own through ``Family.controlnet_loader`` (FLUX:
+``flux_controlnet_loading.py``, SD3: ``sd3_controlnet_loading.py``).
+
 A ControlNet comes as a single file (cldm names, bare or under ``control_model.``, or diffusers names;
 ``.safetensors``, or ``.pth`` / ``.ckpt`` read with torch's weights-only loader) or as a diffusers
 ``ControlNetModel`` folder (config.json + weights). It is built in the base model's dtype and on its
@@ -13,12 +17,13 @@ import json
 from pathlib import Path
 
 from diffstudio.detect.controlnet import (
+    CONTROLNET_ARCHS,
     ROLE,
-    controlnet_family,
     derive_controlnet_config,
     detect_dit_controlnet,
     dit_controlnet_arch,
     find_controlnet,
+    place_controlnet,
 )
 from diffstudio.errors import ControlNetMismatchError, UnknownModelError
 from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
@@ -32,8 +37,11 @@ def _top_keys(sd) -> str:
     return ", ".join(f"{h}.* ({n})" for h, n in sorted(heads.items(), key=lambda kv: -kv[1])[:6])
 
 
+CONTROLNET_CLASSES = ("ControlNetModel", "FluxControlNetModel")  # read through CONTROLNET_ARCHS; SD3's: DIT_CONTROLNETS
+
+
 def is_controlnet_folder(folder: Path) -> bool:
-    """A diffusers ControlNetModel folder (its config.json names the class); no weights are read."""
+    """A diffusers ControlNet folder of a class we load (its config.json names the class); no weights are read."""
     config = folder / "config.json"
     if not config.is_file():
         return False
@@ -41,16 +49,17 @@ def is_controlnet_folder(folder: Path) -> bool:
         name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
-    return name == "ControlNetModel" or dit_controlnet_arch(name) is not None
+    return name in CONTROLNET_CLASSES or dit_controlnet_arch(name) is not None
 
 
 def read_controlnet(path: str | Path, hints: dict | None = None, dit_hints: dict | None = None):
-    """A ControlNet file or diffusers folder -> (Detection naming its family, the loader's part in cldm names,
-    or, for a DiT family's ControlNet (SD3), in its architecture's canonical names).
+    """A ControlNet file or diffusers folder -> (Detection naming its family, the loader's part in canonical
+    names: cldm's for a UNet ControlNet, ``convert.flux_controlnet``'s for a FLUX one, ``convert.sd3_controlnet``'s
+    for an SD3 one).
 
-    ``hints``: conventions shapes cannot reveal (heads, norm groups), e.g. the base UNet's; ``dit_hints`` the same
-    for a DiT ControlNet (e.g. the base MMDiT's heads). A stored config (the folder's config.json, or diffstudio's
-    safetensors metadata) wins over them."""
+    ``hints``: conventions shapes cannot reveal (heads, norm groups), e.g. the base UNet's (FLUX: the base's RoPE
+    split); ``dit_hints`` the same for an SD3 ControlNet (the base MMDiT's heads). A stored config (the folder's
+    config.json, or diffstudio's safetensors metadata) wins over them."""
     from diffstudio.components import ARCHS
     from diffstudio.detect import Component, Detection, parameter_count, storage_dtype, stored_configs
     from diffstudio.io.folders import existing_path, read_component
@@ -58,30 +67,31 @@ def read_controlnet(path: str | Path, hints: dict | None = None, dit_hints: dict
     from diffstudio.loader import Part, canonical_state_dict
 
     path = existing_path(path, "ControlNet")
-    arch = ARCHS[ROLE]
     if path.is_dir():
         sd, config_json = read_component(path)
         dit = dit_controlnet_arch((config_json or {}).get("_class_name"))
-        if dit is not None:  # a DiT family's ControlNet: its own architecture
+        if dit is not None:  # an SD3 ControlNet: its own architecture, its family from the class name
             arch = ARCHS[dit[1]]
             canonical = arch.to_canonical(sd)
             component = Component(ROLE, dit[1], "", "original" if arch.is_canonical(sd) else arch.other_layout,
                                   arch.config_from_diffusers(config_json), parameter_count(canonical),
                                   storage_dtype(canonical))
             return Detection(dit[0], {ROLE: component}), Part(canonical, component.config, str(path))
-        if not (arch.is_canonical(sd) or arch.is_diffusers(sd)):
+        arch = next((ARCHS[a] for a in CONTROLNET_ARCHS if ARCHS[a].is_canonical(sd) or ARCHS[a].is_diffusers(sd)),
+                    None)
+        if arch is None:
             raise UnknownModelError(f"{path} holds no ControlNet weights; its top-level keys: {_top_keys(sd)}")
         canonical = arch.to_canonical(sd)
         stored = {ROLE: arch.config_to_dict(arch.config_from_diffusers(config_json))} if config_json else {}
-        component = Component(ROLE, ROLE, "", "original" if arch.is_canonical(sd) else "diffusers", None,
+        component = Component(ROLE, arch.name, "", "original" if arch.is_canonical(sd) else "diffusers", None,
                               parameter_count(canonical), storage_dtype(canonical))
-        family, config = controlnet_family(canonical, stored)
+        family, config = place_controlnet(arch.name, canonical, stored, hints)
     else:
         sd = read_state_dict(path)
         stored = stored_configs(read_file_metadata(path))
-        found = find_controlnet(sd, stored)
+        found = find_controlnet(sd, stored, hints)
         dit = detect_dit_controlnet(sd, stored) if found is None else None
-        if dit is not None:  # a DiT family's ControlNet: its own architecture
+        if dit is not None:  # an SD3 ControlNet
             component = dit.components[ROLE]
             canonical = canonical_state_dict({k: v for k, v in sd.items() if k not in dit.ignored}, component)
             if dit_hints and ROLE not in stored:
@@ -89,13 +99,14 @@ def read_controlnet(path: str | Path, hints: dict | None = None, dit_hints: dict
             return dit, Part(canonical, component.config, str(path))
         if found is None:
             raise UnknownModelError(f"{path} holds no ControlNet: no cldm input_hint_block / zero_convs keys (bare or "
-                                    "under 'control_model.'), no diffusers controlnet_cond_embedding keys, and no SD3 "
-                                    "ControlNet's pos_embed_input / controlnet_blocks. Its "
-                                    f"top-level keys: {_top_keys(sd)}. `diffstudio info {path}` says what it is.")
+                                    "under 'control_model.'), no diffusers controlnet_cond_embedding keys, no FLUX "
+                                    "ControlNet keys (controlnet_x_embedder) and no SD3 ControlNet keys "
+                                    f"(pos_embed_input, controlnet_blocks). Its top-level keys: {_top_keys(sd)}. "
+                                    f"`diffstudio info {path}` says what it is.")
         component, family = found
         canonical = canonical_state_dict(sd, component)
         config = component.config
-    if hints and ROLE not in stored:
+    if hints and ROLE not in stored and component.arch == ROLE:  # a UNet ControlNet: the base UNet's conventions
         config = derive_controlnet_config(canonical, hints)
     component.config = config
     return Detection(family.name, {ROLE: component}), Part(canonical, config, str(path))

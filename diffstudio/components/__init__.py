@@ -17,6 +17,7 @@ from diffstudio.components import (
     cogvideox_vae,
     controlnet,
     exvideo_svd,
+    flux_controlnet,
     flux_dit,
     hunyuan_dit,
     ip_adapter,
@@ -28,12 +29,13 @@ from diffstudio.components import (
     svd_unet,
     svd_vae,
     t5_encoder,
+    xlabs_flux_controlnet,
 )
 from diffstudio.components.base import ComponentArch
 
 ARCHS: dict[str, ComponentArch] = {module.ARCH.name: module.ARCH for module in (
     ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module,
-    ip_adapter, svd_unet, exvideo_svd, svd_vae, clip_vision, cogvideo_dit, cogvideox_vae,
-    sd3_controlnet)}
+    ip_adapter, svd_unet, exvideo_svd, svd_vae, clip_vision, cogvideo_dit, cogvideox_vae, flux_controlnet,
+    xlabs_flux_controlnet, sd3_controlnet)}
 
 __all__ = ["ARCHS", "ComponentArch"]

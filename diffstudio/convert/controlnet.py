@@ -29,14 +29,20 @@ from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
 _ENCODER_PREFIXES = ("time_embed.", "label_emb.", "encoder_hid_proj", "input_blocks.", "middle_block.")
 
 
+def hint_block_pairs(theirs: str, hint_widths: int) -> list[tuple[str, str]]:
+    """cldm's ``input_hint_block`` convs (at 0, 2, 4, ...) and diffusers' ``ControlNetConditioningEmbedding``
+    under ``theirs`` (conv_in, blocks.j, conv_out), for a hint encoder of ``hint_widths`` stages. XLabs' FLUX
+    ControlNets have the same encoder (diffstudio.convert.flux_controlnet)."""
+    convs = 2 * hint_widths  # conv_in, two per widening stage, conv_out
+    return [("input_hint_block.0", f"{theirs}.conv_in"),
+            *((f"input_hint_block.{2 * (j + 1)}", f"{theirs}.blocks.{j}") for j in range(convs - 2)),
+            (f"input_hint_block.{2 * (convs - 1)}", f"{theirs}.conv_out")]
+
+
 def _rules(structure: Structure, hint_widths: int) -> list[Rule]:
     """The rules of a ControlNet: each (cldm module, diffusers module) pair, and renamed sub-layers."""
     pairs = [p for p in module_pairs(structure) if p[0].startswith(_ENCODER_PREFIXES)]
-    convs = 2 * hint_widths  # conv_in, two per widening stage, conv_out
-    pairs.append(("input_hint_block.0", "controlnet_cond_embedding.conv_in", {}))
-    pairs += [(f"input_hint_block.{2 * (j + 1)}", f"controlnet_cond_embedding.blocks.{j}", {})
-              for j in range(convs - 2)]
-    pairs.append((f"input_hint_block.{2 * (convs - 1)}", "controlnet_cond_embedding.conv_out", {}))
+    pairs += [(ours, theirs, {}) for ours, theirs in hint_block_pairs("controlnet_cond_embedding", hint_widths)]
     inputs = 1 + sum(structure.num_res_blocks) + len(structure.num_res_blocks) - 1  # conv_in, ResBlocks, Downsamples
     pairs += [(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}", {}) for i in range(inputs)]
     pairs.append(("middle_block_out.0", "controlnet_mid_block", {}))

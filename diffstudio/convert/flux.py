@@ -28,6 +28,12 @@ from diffstudio.models.flux import FluxConfig, FluxTransformer
 
 def rules(config: FluxConfig) -> list[Rule]:
     """Every module of the model, as a rule between the two layouts."""
+    return trunk_rules(config) + [rule("final_layer.linear", "proj_out"),
+                                  rule("final_layer.adaLN_modulation.1", "norm_out.linear", SWAP_HALVES)]
+
+
+def trunk_rules(config: FluxConfig) -> list[Rule]:
+    """The input embedders and the blocks (``FluxTrunk``: what the transformer and its ControlNets share)."""
     out = [rule("img_in", "x_embedder"), rule("txt_in", "context_embedder")]
     embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
     if config.guidance_embed:
@@ -58,8 +64,7 @@ def rules(config: FluxConfig) -> list[Rule]:
                 rule(f"{b}.norm.query_norm.scale", f"{d}.attn.norm_q.weight"),
                 rule(f"{b}.norm.key_norm.scale", f"{d}.attn.norm_k.weight"),
                 rule(f"{b}.modulation.lin", f"{d}.norm.linear")]
-    return out + [rule("final_layer.linear", "proj_out"),
-                  rule("final_layer.adaLN_modulation.1", "norm_out.linear", SWAP_HALVES)]
+    return out
 
 
 def _meta_state_dict(config: FluxConfig) -> dict[str, torch.Tensor]:
@@ -80,6 +85,14 @@ def layout_config(sd: Mapping) -> FluxConfig:
     """The block structure a diffusers-layout state dict implies (names and shapes only): enough to
     generate the rules. RoPE has no weights, so ``axes_dim`` is only a valid placeholder here; the
     model's real config comes from config.json or detection (diffstudio.detect.flux)."""
+    if "proj_out.weight" not in sd:
+        raise ConversionError("not a diffusers FluxTransformer2DModel state dict: no 'proj_out.weight'")
+    return FluxConfig(**trunk_layout(sd, "FluxTransformer2DModel"), out_channels=int(sd["proj_out.weight"].shape[0]))
+
+
+def trunk_layout(sd: Mapping, what: str) -> dict:
+    """The `FluxConfig` fields of the embedders and blocks a diffusers-layout state dict implies (see
+    ``layout_config``); ``what`` names the expected class in the error."""
     try:
         hidden, in_channels = sd["x_embedder.weight"].shape
         head_dim = _first_shape(sd, ("transformer_blocks.0.attn.norm_q.weight",
@@ -87,7 +100,7 @@ def layout_config(sd: Mapping) -> FluxConfig:
         mlp_hidden = _first_shape(sd, ("transformer_blocks.0.ff.net.0.proj.weight",
                                        "single_transformer_blocks.0.proj_mlp.weight"))[0]
         config = dict(
-            in_channels=int(in_channels), out_channels=int(sd["proj_out.weight"].shape[0]),
+            in_channels=int(in_channels),
             vec_in_dim=int(sd["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
             context_in_dim=int(sd["context_embedder.weight"].shape[1]),
             hidden_size=int(hidden), mlp_ratio=mlp_hidden / hidden, num_heads=int(hidden) // int(head_dim),
@@ -96,10 +109,10 @@ def layout_config(sd: Mapping) -> FluxConfig:
             guidance_embed="time_text_embed.guidance_embedder.linear_1.weight" in sd,
         )
     except KeyError as err:
-        raise ConversionError(f"not a diffusers FluxTransformer2DModel state dict: no {err}") from err
+        raise ConversionError(f"not a diffusers {what} state dict: no {err}") from err
     head_dim = int(head_dim)
     first = max(2, head_dim // 16 * 2)
-    return FluxConfig(**config, axes_dim=(first, head_dim - first))
+    return dict(config, axes_dim=(first, head_dim - first))
 
 
 def _first_shape(sd: Mapping, keys: tuple[str, ...]) -> tuple[int, ...]:

@@ -14,6 +14,9 @@ norm groups come from hints (the family's UNet convention, or the base UNet's co
 The family is decided like a UNet's: the first family record (in detection order) whose UNet test
 accepts the ControlNet's config; a ControlNet is a copy of its base UNet's encoder, so the UNet's
 structural signature (conv vs linear projections, ``label_emb``, transformer depths) carries over.
+
+DiT ControlNets have their own architectures (FLUX: ``detect/flux_controlnet.py``); ``find_controlnet``
+tries each in ``CONTROLNET_ARCHS`` and ``place_controlnet`` says which family each is for.
 """
 
 from __future__ import annotations
@@ -151,19 +154,41 @@ def controlnet_family(sub: Mapping, stored: Mapping | None = None):
                             f"base UNet's encoder, and no family's UNet test accepts it): {'; '.join(reasons)}")
 
 
-def find_controlnet(sd: Mapping, stored: Mapping | None = None):
+# The ControlNet architectures, tried in this order: the UNet ControlNets, then the DiT ones
+# (`place_controlnet` says which family's model each is for).
+CONTROLNET_ARCHS = ("controlnet", "xlabs_flux_controlnet", "flux_controlnet")  # XLabs' match InstantX's sentinels
+
+
+def place_controlnet(arch: str, sub: Mapping, stored: Mapping | None = None, hints: Mapping | None = None):
+    """(family, config) of a canonical ControlNet state dict of architecture ``arch``."""
+    if arch == ROLE:
+        return controlnet_family(sub, stored)
+    from diffstudio.components import ARCHS
+    from diffstudio.detect.flux_controlnet import FAMILY
+    from diffstudio.families import get_family
+
+    record = ARCHS[arch]
+    config = (record.config_from_dict(stored[ROLE]) if stored and ROLE in stored
+              else record.derive_config(sub, hints))
+    return get_family(FAMILY), config
+
+
+def find_controlnet(sd: Mapping, stored: Mapping | None = None, hints: Mapping | None = None):
     """A ControlNet's `Component` (role "controlnet") and its family record, or None when `sd` holds none.
 
-    Looks under ``control_model.`` then at bare keys, cldm or diffusers names."""
+    Looks under ``control_model.`` then at bare keys, for each architecture of ``CONTROLNET_ARCHS`` in its
+    canonical then its diffusers names. ``hints``: what a DiT ControlNet's shapes cannot tell (the base's
+    RoPE split)."""
     from diffstudio.components import ARCHS
     from diffstudio.detect import Component, find_component, parameter_count, storage_dtype
 
-    found = find_component(sd, ARCHS[ROLE], CONTROLNET_PREFIXES)
-    if found is None:
-        return None
-    prefix, layout, sub = found
-    family, config = controlnet_family(sub, stored)
-    return Component(ROLE, ROLE, prefix, layout, config, parameter_count(sub), storage_dtype(sub)), family
+    for arch in CONTROLNET_ARCHS:
+        found = find_component(sd, ARCHS[arch], CONTROLNET_PREFIXES)
+        if found is not None:
+            prefix, layout, sub = found
+            family, config = place_controlnet(arch, sub, stored, hints)
+            return Component(ROLE, arch, prefix, layout, config, parameter_count(sub), storage_dtype(sub)), family
+    return None
 
 
 def detect_controlnet(sd: Mapping, stored: Mapping | None = None):

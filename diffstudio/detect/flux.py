@@ -66,6 +66,12 @@ def derive_flux_config(sd: Mapping, hints: Mapping | None = None) -> FluxConfig:
     missing = [k for k in FLUX_SENTINELS if k not in sd]
     if missing:
         raise UnknownModelError(f"not a FLUX transformer state dict in BFL layout: missing {missing}")
+    return FluxConfig(out_channels=int(sd["final_layer.linear.weight"].shape[0]), **trunk_fields(sd, hints))
+
+
+def trunk_fields(sd: Mapping, hints: Mapping | None = None) -> dict:
+    """The `FluxConfig` fields the embedders and blocks reveal (all but ``out_channels``), BFL names: shared by
+    the transformer and its ControlNets (diffstudio.detect.flux_controlnet)."""
     keys = list(sd)
     hidden, in_channels = (int(d) for d in sd["img_in.weight"].shape)
     depth, single = _count(keys, "double_blocks"), _count(keys, "single_blocks")
@@ -79,9 +85,8 @@ def derive_flux_config(sd: Mapping, hints: Mapping | None = None) -> FluxConfig:
         raise UnknownModelError("FLUX transformer without double or single blocks")
     if hidden % head_dim:
         raise UnknownModelError(f"FLUX QK-norm width {head_dim} does not divide the hidden size {hidden}")
-    return FluxConfig(
+    return dict(
         in_channels=in_channels,
-        out_channels=int(sd["final_layer.linear.weight"].shape[0]),
         vec_in_dim=int(sd["vector_in.in_layer.weight"].shape[1]),
         context_in_dim=int(sd["txt_in.weight"].shape[1]),
         hidden_size=hidden,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from diffstudio.families.base import Defaults, Family, FlowSchedule, LatentFormat, Role, TextEncoderSpec
 
@@ -82,18 +81,18 @@ def call_dit(net, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
 
     An odd latent side (an image side that is a multiple of 8 but not of 16) is padded circularly by
     one row/column for the 2x2 packing (as ComfyUI does, and our SD3) and cropped again after.
+    ``control`` (ControlNet residuals, which ``FluxControlNet`` computes on the same padded token grid)
+    passes through to the transformer.
     """
-    from diffstudio.models.flux import image_ids, pack_latents, unpack_latents
+    from diffstudio.models.flux import image_ids, pack_latents, pad_even, unpack_latents
 
     height, width = x.shape[-2:]
-    pad_h, pad_w = height % 2, width % 2
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="circular")
+    x = pad_even(x)
     h, w = x.shape[-2:]
     txt = cond["context"]
     txt_ids = torch.zeros(txt.shape[1], 3, device=x.device)
     out = net(pack_latents(x), image_ids(h, w, x.device), txt, txt_ids, t, cond["y"], cond.get("guidance"),
-              joint_bias=cond.get("joint_bias"))
+              joint_bias=cond.get("joint_bias"), control=cond.get("control"))
     return unpack_latents(out, h, w)[..., :height, :width]
 
 
@@ -137,6 +136,7 @@ FLUX = Family(
     # adaLN modulation layers (img_mod.lin, txt_mod.lin, modulation.lin); pass targets= to include them.
     lora_targets=r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12]",
     variant_of=variant_of,
+    controlnet_loader="diffstudio.flux_controlnet_loading:add_flux_controlnet",  # InstantX / diffusers layout
     variants={"schnell": {"schedule": SCHNELL_SCHEDULE, "defaults": SCHNELL_DEFAULTS,
                           "text_encoders": (CLIP_SPEC, SCHNELL_T5)}},
 )

@@ -281,15 +281,15 @@ class LastLayer(nn.Module):
 # -- the model ------------------------------------------------------------------------------------
 
 
-class FluxTransformer(nn.Module):
-    """FLUX.1 dev / schnell (``config.guidance_embed`` tells them apart). See the module docstring."""
+class FluxTrunk(nn.Module):
+    """What the transformer and its ControlNets share (models/flux_controlnet.py): the input embedders, the
+    double-stream and single-stream block stacks, the conditioning vector and the rotary frequencies."""
 
-    lowbit_storage = True  # computes in its input's dtype: float8 weights may stay float8 (models/lowbit.py)
-    region_attention = "joint"  # region prompts (docs/regions.md): forward(joint_bias=...) masks [txt; img]
+    kind = "model"  # how errors name this network
 
-    def __init__(self, config: FluxConfig | None = None):
+    def __init__(self, config: FluxConfig):
         super().__init__()
-        self.config = c = config or FluxConfig()
+        self.config = c = config
         h = c.hidden_size
         self.img_in = Linear(c.in_channels, h)
         self.time_in = MLPEmbedder(TIME_EMBED_DIM, h)
@@ -300,48 +300,79 @@ class FluxTransformer(nn.Module):
             DoubleStreamBlock(h, c.num_heads, c.mlp_hidden, c.qkv_bias) for _ in range(c.depth))
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(h, c.num_heads, c.mlp_hidden) for _ in range(c.depth_single_blocks))
-        self.final_layer = LastLayer(h, c.out_channels)
         self.gradient_checkpointing = False  # recompute each block in the backward pass (training)
-
-    def region_token_grids(self, height: int, width: int) -> list[tuple[int, int]]:
-        """The packed token grid of a height x width latent (2x2 patches; an odd side is padded)."""
-        return [((height + 1) // 2, (width + 1) // 2)]
 
     def _run(self, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
-                timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None = None,
-                joint_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """joint_bias: additive attention bias (B|1, 1, N_txt + N_img, N_txt + N_img) over [txt; img], used by
-        every block (region prompts, pipeline/region_attention.py)."""
+    def conditioning_vector(self, timesteps: torch.Tensor, y: torch.Tensor, guidance, img: torch.Tensor):
+        """embed(t) [+ embed(guidance)] + MLP(pooled text): (B, hidden), in img's dtype and on its device."""
         dtype = img.dtype
-        # Conditioning vector: embed(t) [+ embed(guidance)] + MLP(pooled text), (B, hidden).
         vec = self.time_in(timestep_embedding(timesteps * TIME_FACTOR, TIME_EMBED_DIM).to(dtype))
         if self.guidance_in is not None:
             if guidance is None:
-                raise InvalidInputError("this FLUX model is guidance-distilled (dev): pass guidance= "
-                                        "(e.g. 3.5), the distilled guidance scale it embeds")
+                raise InvalidInputError(f"this FLUX {self.kind} is guidance-distilled (made for dev): pass "
+                                        "guidance= (e.g. 3.5), the distilled guidance scale it embeds")
             guidance = torch.as_tensor(guidance, device=img.device).reshape(-1).expand(img.shape[0])
             vec = vec + self.guidance_in(timestep_embedding(guidance * TIME_FACTOR, TIME_EMBED_DIM).to(dtype))
-        vec = vec + self.vector_in(y.to(dtype))
+        return vec + self.vector_in(y.to(dtype))
 
+    def rope(self, txt_ids: torch.Tensor, img_ids: torch.Tensor, device) -> torch.Tensor:
+        """The rotations of the joint sequence [txt; img] (text first)."""
+        return rope_frequencies(_joint_ids(txt_ids, img_ids, device), self.config.axes_dim, self.config.theta)
+
+
+class FluxTransformer(FluxTrunk):
+    """FLUX.1 dev / schnell (``config.guidance_embed`` tells them apart). See the module docstring."""
+
+    lowbit_storage = True  # computes in its input's dtype: float8 weights may stay float8 (models/lowbit.py)
+    region_attention = "joint"  # region prompts (docs/regions.md): forward(joint_bias=...) masks [txt; img]
+
+    def __init__(self, config: FluxConfig | None = None):
+        super().__init__(config or FluxConfig())
+        self.final_layer = LastLayer(self.config.hidden_size, self.config.out_channels)
+
+    def region_token_grids(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The packed token grid of a height x width latent (2x2 patches; an odd side is padded)."""
+        return [((height + 1) // 2, (width + 1) // 2)]
+
+    def forward(self, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
+                timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None = None,
+                joint_bias: torch.Tensor | None = None, control: dict | None = None) -> torch.Tensor:
+        """joint_bias: additive attention bias (B|1, 1, N_txt + N_img, N_txt + N_img) over [txt; img], used by
+        every block (region prompts, pipeline/region_attention.py).
+        control: ControlNet residuals {"double": [...], "single": [...]}, each (B, N_img, hidden), added to the
+        image tokens after the blocks (``control_residual``: a shorter list spreads over the blocks)."""
+        dtype = img.dtype
+        vec = self.conditioning_vector(timesteps, y, guidance, img)  # (B, hidden)
         img = self.img_in(img)
         txt = self.txt_in(txt.to(dtype))
         if joint_bias is not None:
             joint_bias = joint_bias.to(device=img.device, dtype=dtype)
-        ids = _joint_ids(txt_ids, img_ids, img.device)  # text first, as the sequence [txt; img]
-        freqs = rope_frequencies(ids, self.config.axes_dim, self.config.theta)
+        freqs = self.rope(txt_ids, img_ids, img.device)
+        double, single = (control or {}).get("double"), (control or {}).get("single")
 
-        for block in self.double_blocks:
+        for i, block in enumerate(self.double_blocks):
             img, txt = self._run(block, img, txt, vec, freqs, joint_bias)
+            if double:
+                img = img + control_residual(double, i, len(self.double_blocks))
         n_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
+        for i, block in enumerate(self.single_blocks):
             x = self._run(block, x, vec, freqs, joint_bias)
+            if single:  # the image part of the joint sequence only
+                x = torch.cat((x[:, :n_txt], x[:, n_txt:] + control_residual(single, i, len(self.single_blocks))), 1)
         return self.final_layer(x[:, n_txt:], vec)
+
+
+def control_residual(samples: list[torch.Tensor], index: int, blocks: int) -> torch.Tensor:
+    """The ControlNet residual for block ``index`` of ``blocks``: a ControlNet with fewer blocks than the
+    transformer has (InstantX: 5 of 19 double, 10 of 38 single) gives each of its residuals to
+    ceil(blocks / len(samples)) consecutive blocks (InstantX's and diffusers' rule)."""
+    interval = -(-blocks // len(samples))
+    return samples[index // interval]
 
 
 def _joint_ids(txt_ids: torch.Tensor, img_ids: torch.Tensor, device) -> torch.Tensor:
@@ -360,6 +391,13 @@ def pack_latents(x: torch.Tensor) -> torch.Tensor:
     ``rearrange "b c (h ph) (w pw) -> b (h w) (c ph pw)"``); tokens run row by row. H, W even."""
     b, c, h, w = x.shape
     return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def pad_even(x: torch.Tensor) -> torch.Tensor:
+    """A latent (B, C, H, W) with an odd side padded circularly by one row / column, so that it packs into
+    2x2 patches (as ComfyUI does); even sides pass unchanged."""
+    pad_h, pad_w = x.shape[-2] % 2, x.shape[-1] % 2
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else x
 
 
 def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -191,7 +191,8 @@ class ControlledDenoiser(Wrapper):
     plus the middle's (a list). A DiT ControlNet (``hint_space = "latent"``) is called ``model(x, hint_latent,
     t, context, y, **network_kwargs)`` (the rest of what the denoiser network receives, e.g. FLUX's guidance)
     and returns a list, or a dict of lists (FLUX: double and single blocks); the network takes the same
-    structure as ``control=``."""
+    structure as ``control=``. A DiT ControlNet that reads the control image in pixels (XLabs' FLUX ones) says
+    ``takes_network_kwargs = True`` to be called so with the pixel hint."""
 
     takes_frames = True  # reads the ``frames`` entry of a video run (per-frame control images)
 
@@ -217,7 +218,8 @@ class ControlledDenoiser(Wrapper):
             if tile is not None:
                 top, left, th, tw = (v * a.per_latent for v in tile)
                 rows = rows[..., top:top + th, left:left + tw]
-            extra = _network_kwargs(cond, device, dtype) if a.per_latent == 1 else {}  # DiT ControlNets only
+            dit = getattr(a.model, "takes_network_kwargs", a.per_latent == 1)  # DiT ControlNets only
+            extra = _network_kwargs(cond, device, dtype) if dit else {}
             with torch.inference_mode():
                 res = a.model(x_in.to(device, dtype), rows.to(device, dtype), t.to(device),
                               None if context is None else context.to(device, dtype),
@@ -238,21 +240,41 @@ def _network_kwargs(cond: dict, device, dtype) -> dict:
 
 def _weighted(res, unit: ControlNetUnit, negative, rows: int, device, dtype):
     """A unit's residuals times its scale; A1111's soft weights in "prompt" mode (over a UNet's list of layers),
-    zero on unconditional rows in "control" mode. Lists and dicts of lists keep their structure."""
+    zero on unconditional rows in "control" mode. Lists and dicts of lists keep their structure; a tensor that
+    fills several places of a list (a FLUX ControlNet's residual serves several blocks) is scaled once."""
     if isinstance(res, dict):
         return {k: _weighted(v, unit, negative, rows, device, dtype) for k, v in res.items()}
     scale = torch.full((rows,), float(unit.scale), device=device, dtype=dtype)
     if unit.control_mode == "control" and negative is not None:
         scale = scale * (~negative.to(device)).to(dtype)
     layers = len(res)
-    out = []
+    out, done = [], {}
     for i, r in enumerate(res):
-        w = scale * SOFT_DECAY ** float(layers - 1 - i) if unit.control_mode == "prompt" else scale
-        out.append(r * w.view(rows, *([1] * (r.ndim - 1))))
+        factor = SOFT_DECAY ** float(layers - 1 - i) if unit.control_mode == "prompt" else None
+        key = (id(r), factor)  # the residuals stay alive in res, so their ids are theirs
+        if key not in done:
+            w = scale if factor is None else scale * factor
+            done[key] = r * w.view(rows, *([1] * (r.ndim - 1)))
+        out.append(done[key])
     return out
 
 
 def _summed(a, b):
+    """Two units' residuals added place by place (a repeated pair of tensors once). Both must have the same
+    structure: FLUX ControlNets with different block counts give one residual per block of the transformer (an
+    empty list, a ControlNet without blocks of that kind, adds nothing)."""
     if isinstance(a, dict):
+        if a.keys() != b.keys():
+            raise InvalidInputError(f"these ControlNets give residuals for different layers ({sorted(a)} and "
+                                    f"{sorted(b)}): they cannot be combined in one run")
         return {k: _summed(a[k], b[k]) for k in a}
-    return [x + y for x, y in zip(a, b)]
+    if not a or not b:
+        return a or b
+    if len(a) != len(b):
+        raise InvalidInputError(f"these ControlNets give {len(a)} and {len(b)} residuals for the same layers: they "
+                                "were made for different base models and cannot be combined in one run")
+    done = {}
+    for x, y in zip(a, b):
+        if (id(x), id(y)) not in done:
+            done[id(x), id(y)] = x + y
+    return [done[id(x), id(y)] for x, y in zip(a, b)]
