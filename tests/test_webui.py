@@ -17,6 +17,7 @@ import diffstudio  # noqa: E402
 from diffstudio.server.app import create_app  # noqa: E402
 from diffstudio.webui import editor  # noqa: E402
 from diffstudio.webui.form import ImageForm, RegionRow, queue_form, to_payload  # noqa: E402
+from diffstudio.webui.image_tab import preview_picture  # noqa: E402
 from diffstudio.webui.layout_files import load_layout_files, save_layout_zip  # noqa: E402
 from tests.server_fixtures import half_mask, picture  # noqa: E402
 
@@ -61,9 +62,10 @@ def test_img2img_without_an_image_is_refused_with_a_message():
 def test_a_ui_job_gives_the_python_api_image(app, models):
     state = app.state.server
     form = ImageForm("a red circle", steps=2, width=64, height=64, seed=7, sampler="euler",
-                     regions=[RegionRow("a blue square", 1.0, half_mask())])
+                     regions=[RegionRow("a blue square", 1.0, half_mask())], preview_every=1)
     job = queue_form(state, form)
     assert job.done.wait(120) and job.state == "done", job.error
+    assert job.preview.step == 2 and preview_picture(job.preview).size == (64, 64)  # what the preview pane shows
     ours = _pixels(state.outputs / job.outputs[0])
     expected = diffstudio.Pipeline(models)("a red circle", steps=2, width=64, height=64, seed=7, sampler="euler",
                                            regions=[diffstudio.Region("a blue square", mask=half_mask())],

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from diffstudio.server.a1111 import SEED_END
 from diffstudio.server.checks import check_counts, check_lora_tags, sampler_and_scheduler
 from diffstudio.server.jobs import Job
-from diffstudio.server.payloads import decode_image
+from diffstudio.server.payloads import decode_image, encode_bytes
 from diffstudio.server.runner import GenerationSpec
 
 router = APIRouter(prefix="/v1", tags=["diffstudio"])
@@ -83,6 +83,8 @@ class GenerateRequest(Strict):
     global_weight: float | None = None
     controlnets: list[ControlNetSpec] = Field(default_factory=list)
     loras: list[LoRASpec] = Field(default_factory=list)
+    preview_every: int = Field(0, ge=0, description="a preview of the image every that many steps (0 = none): "
+                                                      "GET /v1/jobs/{id} and /sdapi/v1/progress send the latest")
 
 
 def _spec(req: GenerateRequest, state) -> GenerationSpec:
@@ -114,7 +116,7 @@ def _spec(req: GenerateRequest, state) -> GenerationSpec:
         "seed": random.randrange(2**32) if req.seed == -1 else req.seed, "sampler": sampler,
         "scheduler": scheduler, "batch_size": req.batch_size, "clip_skip": req.clip_skip, "tiled_vae": req.tiled_vae,
         "strength": req.strength, "regions": regions, "region_mode": req.region_mode, **images},
-        batches=req.batches, controlnets=units)
+        batches=req.batches, controlnets=units, preview_every=req.preview_every)
 
 
 @router.post("/generate", status_code=202)
@@ -136,12 +138,17 @@ def queue_generation(req: GenerateRequest, state) -> Job:
 
 
 @router.get("/jobs/{job_id}")
-def job_status(job_id: str, request: Request) -> dict:
-    """State (queued, running, done, failed, interrupted), progress 0..1, outputs and their URLs, the error."""
+def job_status(job_id: str, request: Request, preview: bool = True) -> dict:
+    """State (queued, running, done, failed, interrupted), progress 0..1, outputs and their URLs, the error, and
+    the latest preview (base64 PNG, with the step it shows) of a job that asked for previews (``preview=false``:
+    left out)."""
     job = request.app.state.server.jobs.get(job_id)
     if job is None:
         raise HTTPException(404, f"no job {job_id!r} on this server")
-    return {**job.public(), "urls": [f"/v1/outputs/{name}" for name in job.outputs]}
+    latest = job.preview if preview else None
+    return {**job.public(), "urls": [f"/v1/outputs/{name}" for name in job.outputs],
+            "preview": None if latest is None else encode_bytes(latest.png),
+            "preview_step": None if latest is None else latest.step}
 
 
 @router.delete("/jobs/{job_id}")

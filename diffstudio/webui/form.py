@@ -66,6 +66,7 @@ class ImageForm:
     global_weight: float | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
     controlnets: list[ControlRow] = field(default_factory=list)
+    preview_every: int = 0  # a preview of the image every that many steps (0 = none)
 
 
 class FormError(ValueError):
@@ -91,7 +92,7 @@ def to_payload(form: ImageForm) -> dict:
         "width": _default(int(form.width)), "height": _default(int(form.height)),
         "steps": _default(int(form.steps)), "cfg_scale": _default(float(form.cfg_scale), 0.0),
         "seed": int(form.seed), "sampler": form.sampler or None, "scheduler": form.scheduler or None,
-        "batch_size": int(form.batch_size), "batches": int(form.batches),
+        "batch_size": int(form.batch_size), "batches": int(form.batches), "preview_every": int(form.preview_every),
     }
     if form.mode != "txt2img":
         if form.init_image is None:
