@@ -16,7 +16,7 @@ pytest.importorskip("gradio")
 import diffstudio  # noqa: E402
 from diffstudio.server.app import create_app  # noqa: E402
 from diffstudio.webui import editor  # noqa: E402
-from diffstudio.webui.form import ImageForm, RegionRow, queue_form, to_payload  # noqa: E402
+from diffstudio.webui.form import ImageForm, ImagePromptRow, RegionRow, queue_form, to_payload  # noqa: E402
 from diffstudio.webui.image_tab import preview_picture  # noqa: E402
 from diffstudio.webui.layout_files import load_layout_files, save_layout_zip  # noqa: E402
 from tests.server_fixtures import half_mask, picture  # noqa: E402
@@ -49,6 +49,12 @@ def test_form_values_become_the_v1_request():
     assert [r["prompt"] for r in payload["regions"]] == ["a blue square"]  # a region without a prompt is left out
     assert payload["regions"][0]["weight"] == 0.5 and payload["global_weight"] == 0.3
     assert payload["loras"] == [{"name": "flat", "strength": 0.8}]
+    assert "ip_adapter" not in payload
+    form.ip_adapter = ImagePromptRow("shapes-ip-adapter", [picture(3)], scale=0.9, end=0.5)
+    payload = to_payload(form)
+    assert {k: v for k, v in payload["ip_adapter"].items() if k != "images"} == {
+        "name": "shapes-ip-adapter", "scale": 0.9, "start": 0.0, "end": 0.5}
+    assert len(payload["ip_adapter"]["images"]) == 1
     from diffstudio.server.v1 import GenerateRequest
 
     GenerateRequest(**payload)  # the API's own model accepts it
@@ -57,6 +63,22 @@ def test_form_values_become_the_v1_request():
 def test_img2img_without_an_image_is_refused_with_a_message():
     with pytest.raises(ValueError, match="needs an image"):
         to_payload(ImageForm("x", mode="img2img"))
+    with pytest.raises(ValueError, match="needs reference images"):
+        to_payload(ImageForm("x", ip_adapter=ImagePromptRow("shapes-ip-adapter")))
+
+
+def test_the_ip_adapter_panel_reads_gallery_items():
+    from types import SimpleNamespace
+
+    from diffstudio.webui.network_panel import image_prompt_row
+
+    panel = SimpleNamespace(ip_model="m", ip_images="g", ip_scale="s", ip_start="a", ip_end="b")
+    data = {"m": "shapes-ip-adapter", "g": [(picture(1), None), picture(2).convert("RGBA")], "s": 0.5, "a": 0.1,
+            "b": 0.9}
+    row = image_prompt_row(data, panel)
+    assert row.name == "shapes-ip-adapter" and [i.mode for i in row.images] == ["RGB", "RGB"]
+    assert (row.scale, row.start, row.end) == (0.5, 0.1, 0.9)
+    assert image_prompt_row({**data, "m": ""}, panel) is None
 
 
 def test_a_ui_job_gives_the_python_api_image(app, models):

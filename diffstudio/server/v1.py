@@ -1,8 +1,9 @@
-"""diffstudio's own API (``/v1``): the full request (regions, ControlNet units, LoRAs) as a queued job.
+"""diffstudio's own API (``/v1``): the full request (regions, ControlNet units, LoRAs, an IP-Adapter image
+prompt) as a queued job.
 
 ``POST /v1/generate`` answers 202 with a job id at once; ``GET /v1/jobs/{id}`` reports its state, progress
-and outputs; ``GET /v1/outputs/{name}`` serves an output PNG. Names of models, LoRAs and ControlNets are
-catalog names (``GET /v1/models``), never paths; images travel as base64.
+and outputs; ``GET /v1/outputs/{name}`` serves an output PNG. Names of models, LoRAs, ControlNets and IP-Adapters
+are catalog names (``GET /v1/models``), never paths; images travel as base64.
 """
 
 from __future__ import annotations
@@ -50,6 +51,18 @@ class ControlNetSpec(Strict):
     control_mode: Literal["balanced", "prompt", "control"] = "balanced"
 
 
+class IPAdapterSpec(Strict):
+    """An image prompt: the IP-Adapter by catalog name, its reference images as base64 (docs/ipadapter.md)."""
+
+    name: str
+    images: list[str] = Field(..., min_length=1, description="base64; several are averaged (weights)")
+    scale: float = 0.7
+    start: float = 0.0
+    end: float = 1.0
+    weights: list[float] | None = None
+    style_only: bool = False
+
+
 class LoRASpec(Strict):
     """A LoRA by catalog name; the same as ``<lora:name:strength>`` in the prompt."""
 
@@ -83,6 +96,7 @@ class GenerateRequest(Strict):
     global_weight: float | None = None
     controlnets: list[ControlNetSpec] = Field(default_factory=list)
     loras: list[LoRASpec] = Field(default_factory=list)
+    ip_adapter: IPAdapterSpec | None = None
     preview_every: int = Field(0, ge=0, description="a preview of the image every that many steps (0 = none): "
                                                       "GET /v1/jobs/{id} and /sdapi/v1/progress send the latest")
 
@@ -108,6 +122,7 @@ def _spec(req: GenerateRequest, state) -> GenerationSpec:
                             decode_image(c.image, f"controlnets[{i}].image", limit), scale=c.scale, start=c.start,
                             end=c.end, preprocess=c.preprocess, control_mode=c.control_mode)
              for i, c in enumerate(req.controlnets)]
+    image_prompts = [] if req.ip_adapter is None else [_image_prompt(req.ip_adapter, state)]
     images = {name: None if data is None else decode_image(data, name, limit)
               for name, data in (("init_image", req.init_image), ("mask", req.mask))}
     return GenerationSpec(model, {
@@ -116,7 +131,22 @@ def _spec(req: GenerateRequest, state) -> GenerationSpec:
         "seed": random.randrange(2**32) if req.seed == -1 else req.seed, "sampler": sampler,
         "scheduler": scheduler, "batch_size": req.batch_size, "clip_skip": req.clip_skip, "tiled_vae": req.tiled_vae,
         "strength": req.strength, "regions": regions, "region_mode": req.region_mode, **images},
-        batches=req.batches, controlnets=units, preview_every=req.preview_every)
+        batches=req.batches, controlnets=units, ip_adapters=image_prompts, preview_every=req.preview_every)
+
+
+def _image_prompt(spec: IPAdapterSpec, state):
+    """The ImagePrompt of ``spec`` (its checks are ImagePrompt's), the adapter a path from the catalog."""
+    from diffstudio.errors import InvalidInputError
+    from diffstudio.pipeline.ip_adapter import ImagePrompt
+
+    entry = state.catalog.ip_adapter(spec.name)
+    if len(spec.images) > state.limits.max_images:
+        raise InvalidInputError(f"ip_adapter.images holds {len(spec.images)} images; this server takes at most "
+                                f"{state.limits.max_images}")
+    images = [decode_image(data, f"ip_adapter.images[{i}]", state.limits.max_pixels)
+              for i, data in enumerate(spec.images)]
+    return ImagePrompt(images, scale=spec.scale, weights=spec.weights, style_only=spec.style_only, start=spec.start,
+                       end=spec.end, model=str(entry.path))
 
 
 @router.post("/generate", status_code=202)
@@ -134,6 +164,8 @@ def queue_generation(req: GenerateRequest, state) -> Job:
     for key, items in (("regions", params.get("regions")), ("controlnets", params.get("controlnets"))):
         for item in items or ():
             item.pop("mask" if key == "regions" else "image", None)
+    if params.get("ip_adapter"):
+        params["ip_adapter"].pop("images")
     return state.submit("generate", params, spec)
 
 
@@ -168,12 +200,13 @@ def output(name: str, request: Request) -> FileResponse:
 
 @router.get("/models")
 def models(request: Request) -> dict:
-    """The catalog: checkpoints (with the current one and those loaded), LoRAs, ControlNets."""
+    """The catalog: checkpoints (with the current one and those loaded), LoRAs, ControlNets, IP-Adapters."""
     state = request.app.state.server
     catalog = state.catalog
     return {"checkpoints": [{"name": e.name, "family": e.family} for e in catalog.checkpoints.values()],
             "current": state.options["sd_model_checkpoint"], "loaded": state.cache.loaded,
-            "loras": sorted(catalog.loras), "controlnets": sorted(catalog.controlnets)}
+            "loras": sorted(catalog.loras), "controlnets": sorted(catalog.controlnets),
+            "ip_adapters": sorted(catalog.ip_adapters)}
 
 
 @router.get("/status")

@@ -1,5 +1,6 @@
-"""The Image tab: model, prompts, sampling settings, img2img / inpainting, regions, LoRAs, ControlNet; Generate
-queues the same ``/v1`` request the HTTP API takes, then shows progress and the images with their recipes."""
+"""The Image tab: model, prompts, sampling settings, img2img / inpainting, regions, LoRAs, ControlNet, IP-Adapter;
+Generate queues the same ``/v1`` request the HTTP API takes, then shows progress, step previews and the images
+with their recipes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import gradio as gr
 from diffstudio.webui import editor
 from diffstudio.webui.follow import follow
 from diffstudio.webui.form import MODES, ImageForm, queue_form
-from diffstudio.webui.network_panel import build_network_panel, control_rows, lora_values
+from diffstudio.webui.network_panel import build_network_panel, control_rows, image_prompt_row, lora_values
 from diffstudio.webui.recipes import form_values, gallery_items, read_file_recipe
 from diffstudio.webui.region_panel import build_region_panel, region_rows
 
@@ -103,6 +104,7 @@ def read_form(data: dict, f: Fields, regions, networks) -> ImageForm:
         mask=editor.painted_mask(init), strength=float(data[f.strength]), regions=region_rows(data, regions),
         region_mode=data[regions.mode], global_weight=float(data[regions.global_weight]),
         loras=lora_values(data, networks), controlnets=control_rows(data, networks),
+        ip_adapter=image_prompt_row(data, networks),
         preview_every=int(data[f.preview_every]))
 
 
