@@ -166,7 +166,7 @@ def test_fastblend_runs_as_a_job_of_the_queue(app, tmp_path):
     assert len(written) == 4 and np.abs(written[0].astype(int) - expected[0]).mean() < 8  # H.264, visually lossless
 
 
-def test_lora_training_runs_as_a_job_with_its_loss_history(app, tmp_path):
+def test_lora_training_runs_as_a_job_with_its_loss_history_and_samples(app, models, tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("accelerate")
     from diffstudio.webui.training_tab import queue_training
@@ -179,8 +179,21 @@ def test_lora_training_runs_as_a_job_with_its_loss_history(app, tmp_path):
         (data / f"{i}.txt").write_text("a red circle")
     done = []
     task = LoRATrainingTask("shapes-sd", str(data), str(tmp_path / "x.safetensors"), steps=4, checkpoint_every=2,
-                            finished=done.append)
+                            finished=done.append, sample_prompt="a red circle, white background", sample_steps=3)
     job = queue_training(app.state.server, task)
     assert job.done.wait(300) and job.state == "done", job.error
     assert job.step == 4 and len(job.info["losses"]) == 4 and all(np.isfinite(job.info["losses"]))
     assert done == [tmp_path / "x.safetensors"] and done[0].is_file()
+    # A sample at each checkpoint, the last one with the finished LoRA: the Python API's image for it.
+    assert [s["step"] for s in job.info["samples"]] == [2, 4] and len(job.outputs) == 2
+    from diffstudio.webui.training_tab import sample_items
+
+    assert [caption for _, caption in sample_items(app.state.server, job)] == ["step 2", "step 4"]
+    samples = [_pixels(app.state.server.outputs / name) for name in job.outputs]
+    assert all(s.shape == (64, 64, 3) for s in samples) and not np.array_equal(samples[0], samples[1])
+    clone = models.clone()
+    clone.apply_lora(done[0])
+    expected = diffstudio.Pipeline(clone)("a red circle, white background", width=64, height=64, seed=0, steps=3,
+                                          progress=False)[0]
+    models.activate()
+    np.testing.assert_array_equal(samples[1], np.asarray(expected.convert("RGB")))
