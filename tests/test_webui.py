@@ -87,7 +87,7 @@ def test_a_ui_job_gives_the_python_api_image(app, models):
                      regions=[RegionRow("a blue square", 1.0, half_mask())], preview_every=1)
     job = queue_form(state, form)
     assert job.done.wait(120) and job.state == "done", job.error
-    assert job.preview.step == 2 and preview_picture(job.preview).size == (64, 64)  # what the preview pane shows
+    assert job.preview.step == 2 and preview_picture(job.preview).size == (192, 192)  # the pane's, enlarged 3x
     ours = _pixels(state.outputs / job.outputs[0])
     expected = diffstudio.Pipeline(models)("a red circle", steps=2, width=64, height=64, seed=7, sampler="euler",
                                            regions=[diffstudio.Region("a blue square", mask=half_mask())],

@@ -7,8 +7,9 @@ estimate with the model's own VAE and scales it down to at most ``max_side`` pix
 Why the VAE and not a fixed linear latent -> RGB map (A1111's and ComfyUI's "approx" previews): a map
 ``rgb = W z + b`` fitted by least squares to the demo model's VAE misses the decoded colours by 58 of 255 on
 average (fitted on flat colour blocks it encoded) and still by 36 of 255 when fitted on six of the demo's
-generated images and measured on six others: its small VAE is not close to linear per latent pixel. A decode is exact for every family and VAE; it costs
-one VAE decode per preview, so previews are asked for, every ``n`` steps, and a run without them pays nothing.
+generated images and measured on six others: its small VAE is not close to linear per latent pixel. A decode
+is exact for every family and VAE; it costs one VAE decode per preview, so previews are asked for, every ``n``
+steps, and a run without them pays nothing.
 """
 
 from __future__ import annotations

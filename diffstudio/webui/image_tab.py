@@ -18,6 +18,7 @@ from diffstudio.webui.region_panel import build_region_panel, region_rows
 PROMPT_HELP = ("Prompt language (A1111's, docs/prompts.md): `(word:1.3)` stronger, `[word]` weaker, `BREAK` starts "
                "a new 75-token chunk, `<lora:name:0.8>` applies a LoRA.")
 PREVIEW_EVERY = 5  # the Image tab's default preview interval, in steps
+PREVIEW_PANE = 192  # previews smaller than this (longer side) are enlarged for the pane
 
 
 @dataclass
@@ -108,14 +109,17 @@ def read_form(data: dict, f: Fields, regions, networks) -> ImageForm:
         preview_every=int(data[f.preview_every]))
 
 
-def preview_picture(preview):
-    """A job's latest Preview (PNG bytes) as a PIL image for the preview pane."""
+def preview_picture(preview, least_side: int = PREVIEW_PANE):
+    """A job's latest Preview (PNG bytes) as a PIL image for the preview pane; a small one enlarged by a whole
+    factor (nearest neighbour, so its pixels stay sharp) to at least ``least_side`` pixels on its longer side."""
     import io
 
     from PIL import Image
 
     with Image.open(io.BytesIO(preview.png)) as image:
-        return image.convert("RGB")
+        picture = image.convert("RGB")
+    factor = max(1, least_side // max(picture.size))
+    return picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST) if factor > 1 else picture
 
 
 def cancel_job(state, job_id: str | None) -> None:
@@ -139,7 +143,7 @@ def build_image_tab(state) -> None:
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel = gr.Button("Cancel", elem_id="cancel")
             status = gr.Markdown("idle", elem_id="status")
-            preview = gr.Image(type="pil", label="Preview (the current estimate)", interactive=False, height=200,
+            preview = gr.Image(type="pil", label="Preview (the current estimate)", interactive=False, height=280,
                                elem_id="preview", format="png")
             gallery = gr.Gallery(label="Outputs", columns=2, format="png", elem_id="gallery", height=360)
             recipe = gr.JSON(label="Recipe of the selected image", elem_id="recipe")
