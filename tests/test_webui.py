@@ -16,7 +16,8 @@ pytest.importorskip("gradio")
 import diffstudio  # noqa: E402
 from diffstudio.server.app import create_app  # noqa: E402
 from diffstudio.webui import editor  # noqa: E402
-from diffstudio.webui.form import ImageForm, RegionRow, queue_form, to_payload  # noqa: E402
+from diffstudio.webui.form import ImageForm, ImagePromptRow, RegionRow, queue_form, to_payload  # noqa: E402
+from diffstudio.webui.image_tab import preview_picture  # noqa: E402
 from diffstudio.webui.layout_files import load_layout_files, save_layout_zip  # noqa: E402
 from tests.server_fixtures import half_mask, picture  # noqa: E402
 
@@ -48,6 +49,12 @@ def test_form_values_become_the_v1_request():
     assert [r["prompt"] for r in payload["regions"]] == ["a blue square"]  # a region without a prompt is left out
     assert payload["regions"][0]["weight"] == 0.5 and payload["global_weight"] == 0.3
     assert payload["loras"] == [{"name": "flat", "strength": 0.8}]
+    assert "ip_adapter" not in payload
+    form.ip_adapter = ImagePromptRow("shapes-ip-adapter", [picture(3)], scale=0.9, end=0.5)
+    payload = to_payload(form)
+    assert {k: v for k, v in payload["ip_adapter"].items() if k != "images"} == {
+        "name": "shapes-ip-adapter", "scale": 0.9, "start": 0.0, "end": 0.5}
+    assert len(payload["ip_adapter"]["images"]) == 1
     from diffstudio.server.v1 import GenerateRequest
 
     GenerateRequest(**payload)  # the API's own model accepts it
@@ -56,14 +63,31 @@ def test_form_values_become_the_v1_request():
 def test_img2img_without_an_image_is_refused_with_a_message():
     with pytest.raises(ValueError, match="needs an image"):
         to_payload(ImageForm("x", mode="img2img"))
+    with pytest.raises(ValueError, match="needs reference images"):
+        to_payload(ImageForm("x", ip_adapter=ImagePromptRow("shapes-ip-adapter")))
+
+
+def test_the_ip_adapter_panel_reads_gallery_items():
+    from types import SimpleNamespace
+
+    from diffstudio.webui.network_panel import image_prompt_row
+
+    panel = SimpleNamespace(ip_model="m", ip_images="g", ip_scale="s", ip_start="a", ip_end="b")
+    data = {"m": "shapes-ip-adapter", "g": [(picture(1), None), picture(2).convert("RGBA")], "s": 0.5, "a": 0.1,
+            "b": 0.9}
+    row = image_prompt_row(data, panel)
+    assert row.name == "shapes-ip-adapter" and [i.mode for i in row.images] == ["RGB", "RGB"]
+    assert (row.scale, row.start, row.end) == (0.5, 0.1, 0.9)
+    assert image_prompt_row({**data, "m": ""}, panel) is None
 
 
 def test_a_ui_job_gives_the_python_api_image(app, models):
     state = app.state.server
     form = ImageForm("a red circle", steps=2, width=64, height=64, seed=7, sampler="euler",
-                     regions=[RegionRow("a blue square", 1.0, half_mask())])
+                     regions=[RegionRow("a blue square", 1.0, half_mask())], preview_every=1)
     job = queue_form(state, form)
     assert job.done.wait(120) and job.state == "done", job.error
+    assert job.preview.step == 2 and preview_picture(job.preview).size == (192, 192)  # the pane's, enlarged 3x
     ours = _pixels(state.outputs / job.outputs[0])
     expected = diffstudio.Pipeline(models)("a red circle", steps=2, width=64, height=64, seed=7, sampler="euler",
                                            regions=[diffstudio.Region("a blue square", mask=half_mask())],
@@ -142,7 +166,7 @@ def test_fastblend_runs_as_a_job_of_the_queue(app, tmp_path):
     assert len(written) == 4 and np.abs(written[0].astype(int) - expected[0]).mean() < 8  # H.264, visually lossless
 
 
-def test_lora_training_runs_as_a_job_with_its_loss_history(app, tmp_path):
+def test_lora_training_runs_as_a_job_with_its_loss_history_and_samples(app, models, tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("accelerate")
     from diffstudio.webui.training_tab import queue_training
@@ -155,8 +179,21 @@ def test_lora_training_runs_as_a_job_with_its_loss_history(app, tmp_path):
         (data / f"{i}.txt").write_text("a red circle")
     done = []
     task = LoRATrainingTask("shapes-sd", str(data), str(tmp_path / "x.safetensors"), steps=4, checkpoint_every=2,
-                            finished=done.append)
+                            finished=done.append, sample_prompt="a red circle, white background", sample_steps=3)
     job = queue_training(app.state.server, task)
     assert job.done.wait(300) and job.state == "done", job.error
     assert job.step == 4 and len(job.info["losses"]) == 4 and all(np.isfinite(job.info["losses"]))
     assert done == [tmp_path / "x.safetensors"] and done[0].is_file()
+    # A sample at each checkpoint, the last one with the finished LoRA: the Python API's image for it.
+    assert [s["step"] for s in job.info["samples"]] == [2, 4] and len(job.outputs) == 2
+    from diffstudio.webui.training_tab import sample_items
+
+    assert [caption for _, caption in sample_items(app.state.server, job)] == ["step 2", "step 4"]
+    samples = [_pixels(app.state.server.outputs / name) for name in job.outputs]
+    assert all(s.shape == (64, 64, 3) for s in samples) and not np.array_equal(samples[0], samples[1])
+    clone = models.clone()
+    clone.apply_lora(done[0])
+    expected = diffstudio.Pipeline(clone)("a red circle, white background", width=64, height=64, seed=0, steps=3,
+                                          progress=False)[0]
+    models.activate()
+    np.testing.assert_array_equal(samples[1], np.asarray(expected.convert("RGB")))

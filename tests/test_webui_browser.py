@@ -1,6 +1,7 @@
 """The web UI in headless Chromium (Debian's /usr/bin/chromium driven by playwright) against a live server on a
-loopback port: type a prompt, generate, see the image; load a region layout and generate with its regions; a
-screenshot of each tab kept under $DIFFSTUDIO_SCREENSHOTS (default: the test's tmp folder)."""
+loopback port: type a prompt, generate, see the image and its preview; an image prompt from the IP-Adapter
+panel; load a region layout and generate with its regions; a screenshot of each tab kept under
+$DIFFSTUDIO_SCREENSHOTS (default: the test's tmp folder)."""
 
 from __future__ import annotations
 
@@ -99,7 +100,31 @@ def test_type_a_prompt_generate_and_see_the_image(page, server, shots):
     job = _last_job(server)
     assert job["state"] == "done" and job["params"]["prompt"] == "a red circle" and job["params"]["steps"] == 2
     assert "a red circle" in page.inner_text("#recipe")
+    page.wait_for_selector("#preview img")  # the last step's preview stays in the pane
+    assert job["params"]["preview_every"] == 5
     page.screenshot(path=str(shots / "image-tab.png"), full_page=True)
+
+
+def test_an_image_prompt_from_the_ip_adapter_panel(page, server, tmp_path):
+    from tests.server_fixtures import picture
+
+    reference = tmp_path / "reference.png"
+    picture(4).save(reference)
+    page.get_by_text("IP-Adapter: image prompt").click()
+    page.locator("#ip-adapter input").click()
+    page.locator("ul[role=listbox] li", has_text="shapes-ip-adapter").click()
+    page.locator("#ip-images input[type=file]").set_input_files(str(reference))
+    page.wait_for_selector("#ip-images img")
+    before = _job_ids(server)
+    page.click("#generate")
+    deadline = time.time() + 60
+    while not (new := _job_ids(server) - before) and time.time() < deadline:
+        page.wait_for_timeout(100)
+    assert len(new) == 1
+    job = server.wait_job(new.pop())
+    assert job["state"] == "done", job.get("error")
+    assert job["params"]["ip_adapter"]["name"] == "shapes-ip-adapter"
+    assert job["info"]["recipes"][0]["extra"]["ip_adapter"][0]["scale"] == 0.7
 
 
 def test_load_a_region_layout_and_generate(page, server, shots, tmp_path):

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from diffstudio.errors import InvalidInputError
 from diffstudio.server.checks import check_counts, check_lora_tags, sampler_and_scheduler
 from diffstudio.server.jobs import DONE, INTERRUPTED, Job
-from diffstudio.server.payloads import decode_image, encode_file, png_text_chunks
+from diffstudio.server.payloads import decode_image, encode_bytes, encode_file, png_text_chunks
 from diffstudio.server.runner import GenerationSpec
 
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible"])
@@ -40,7 +40,10 @@ router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible"])
 # Fields with an effect this server does not have: (field, the value that means "off").
 UNSUPPORTED = {"enable_hr": False, "restore_faces": False, "tiling": False, "subseed_strength": 0.0, "styles": [],
                "script_name": None, "refiner_checkpoint": None, "alwayson_scripts": {}}
-OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "live_previews_enable", "show_progress_every_n_steps")
+# The preview options' values on a new server: off (A1111 has them on; here a run pays for them only when asked).
+PREVIEW_DEFAULTS = {"live_previews_enable": False, "show_progress_every_n_steps": 10}
+AT_THE_END = 2**31  # show_progress_every_n_steps -1: a preview only at each batch's last step
 SEED_END = 2**63  # seeds are 0 .. 2**63 - 1 (-1 = random)
 
 
@@ -104,16 +107,19 @@ def _spec(req: A1111Request, state, request: dict) -> GenerationSpec:
     if unknown:
         raise InvalidInputError(f"override_settings {unknown} are not options of this server; known: "
                                 f"{', '.join(OPTIONS)}")
+    check_option_values(req.override_settings)
     model = state.catalog.checkpoint(settings["sd_model_checkpoint"]).name
     sampler, scheduler = sampler_and_scheduler(req.sampler_name or req.sampler_index, req.scheduler)
     check_counts(state.limits, req.width, req.height, req.steps, req.batch_size, req.n_iter)
     check_lora_tags(state.catalog, req.prompt, req.negative_prompt)
     seed = random.randrange(2**32) if req.seed == -1 else req.seed
+    every = int(settings.get("show_progress_every_n_steps") or 0)
+    preview_every = (every if every > 0 else AT_THE_END) if settings.get("live_previews_enable") else 0
     return GenerationSpec(model, {
         "prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": req.width, "height": req.height,
         "steps": req.steps, "cfg_scale": req.cfg_scale, "seed": seed, "sampler": sampler, "scheduler": scheduler,
         "batch_size": req.batch_size, "clip_skip": settings.get("CLIP_stop_at_last_layers"), **request},
-        batches=req.n_iter)
+        batches=req.n_iter, preview_every=preview_every)
 
 
 async def _generate(kind: str, req: A1111Request, spec: GenerationSpec, state, ignored: list[str]):
@@ -201,6 +207,19 @@ def _img2img_fields(req: Img2ImgRequest, limit: int) -> dict[str, Any]:
 
 # -- settings and lists ------------------------------------------------------------------------------
 
+def check_option_values(values: dict[str, Any]) -> None:
+    """The values of the options that are not names (POST /options, override_settings)."""
+    clip_skip = values.get("CLIP_stop_at_last_layers")
+    if clip_skip is not None and (not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1):
+        raise InvalidInputError(f"CLIP_stop_at_last_layers must be a whole number >= 1, got {clip_skip!r}")
+    if not isinstance(values.get("live_previews_enable", False), bool):
+        raise InvalidInputError(f"live_previews_enable must be true or false, got {values['live_previews_enable']!r}")
+    every = values.get("show_progress_every_n_steps", 1)
+    if not isinstance(every, int) or isinstance(every, bool) or every == 0 or every < -1:
+        raise InvalidInputError(f"show_progress_every_n_steps must be a whole number >= 1, or -1 (a preview only "
+                                f"at the end of each batch), got {every!r}")
+
+
 @router.get("/options")
 def get_options(request: Request) -> dict:
     state = request.app.state.server
@@ -215,9 +234,7 @@ def set_options(body: dict[str, Any], request: Request) -> dict:
         raise InvalidInputError(f"unknown option(s) {unknown}; this server has: {', '.join(OPTIONS)}")
     if "sd_model_checkpoint" in body:
         body["sd_model_checkpoint"] = state.catalog.checkpoint(str(body["sd_model_checkpoint"])).name
-    clip_skip = body.get("CLIP_stop_at_last_layers")
-    if clip_skip is not None and (not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1):
-        raise InvalidInputError(f"CLIP_stop_at_last_layers must be a whole number >= 1, got {clip_skip!r}")
+    check_option_values(body)
     state.options.update(body)  # the model loads with the next job that uses it
     return {}
 
@@ -269,7 +286,8 @@ def schedulers() -> list[dict]:
 
 @router.get("/progress")
 def progress(request: Request, skip_current_image: bool = False) -> dict:
-    """The running job's progress (A1111 reports 0 when idle); never a preview image."""
+    """The running job's progress (A1111 reports 0 when idle) and, when it makes previews, the latest one
+    (``current_image``, base64 PNG; left out with ``skip_current_image``)."""
     jobs = request.app.state.server.jobs
     job = jobs.current
     running = job is not None
@@ -282,7 +300,13 @@ def progress(request: Request, skip_current_image: bool = False) -> dict:
                       "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)) if running else "0",
                       "job_no": 0, "sampling_step": job.step if running else 0,
                       "sampling_steps": job.steps if running else 0},
-            "current_image": None, "textinfo": None, "current_task": job.id if running else None}
+            "current_image": _current_image(job if running and not skip_current_image else None),
+            "textinfo": None, "current_task": job.id if running else None}
+
+
+def _current_image(job: Job | None) -> str | None:
+    preview = None if job is None else job.preview
+    return None if preview is None else encode_bytes(preview.png)
 
 
 @router.post("/interrupt")

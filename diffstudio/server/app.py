@@ -94,7 +94,7 @@ def create_app(models_dir: str | Path | None = None, outputs_dir: str | Path = "
     limits = Limits(max_pixels, max_images, max_steps)
     jobs = JobQueue(lambda job: run_job(job, cache, outputs, limits), outputs / "jobs", queue_size)
     state = ServerState(catalog, cache, jobs, outputs, limits, token,
-                        {"sd_model_checkpoint": catalog.default_checkpoint})
+                        {"sd_model_checkpoint": catalog.default_checkpoint, **a1111.PREVIEW_DEFAULTS})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

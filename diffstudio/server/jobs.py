@@ -34,6 +34,7 @@ log = logging.getLogger("diffstudio.server")
 QUEUED, RUNNING, DONE, FAILED, INTERRUPTED = "queued", "running", "done", "failed", "interrupted"
 FINAL = (DONE, FAILED, INTERRUPTED)
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+PRIVATE = ("preview", "work", "done", "stop")  # Job fields neither persisted nor in public()
 KEPT_IN_MEMORY = 256  # finished jobs answered from memory; older ones are read back from their files
 
 
@@ -61,6 +62,14 @@ class QueueClosedError(QueueRefusedError):
         super().__init__("the job queue is closed: the server is shutting down")
 
 
+@dataclass(frozen=True)
+class Preview:
+    """The latest preview of a running job's image: a PNG, and the step (1-based, over the whole job) it shows."""
+
+    step: int
+    png: bytes
+
+
 class Interrupted(Exception):
     """Raised inside a running job (from its progress callback) when it was asked to stop."""
 
@@ -82,6 +91,7 @@ class Job:
     info: dict = field(default_factory=dict)  # what the runner reports (recipes, seeds ...)
     error: str | None = None
     error_type: str | None = None
+    preview: Preview | None = field(default=None, repr=False)  # in memory only (GET /v1/jobs/{id} sends it)
     work: Any = field(default=None, repr=False)
     done: threading.Event = field(default_factory=threading.Event, repr=False)
     stop: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -97,7 +107,7 @@ class Job:
         return self.step / self.steps if self.steps else 0.0
 
     def public(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("work", "done", "stop")}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in PRIVATE}
         out["progress"] = round(self.progress, 4)
         return out
 

@@ -43,9 +43,13 @@ def decode_image(data: object, what: str, max_pixels: int) -> Image.Image:
     return image
 
 
+def encode_bytes(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def encode_file(path: Path) -> str:
     """A file's bytes as base64 text (the PNGs the server wrote, recipe chunks included)."""
-    return base64.b64encode(path.read_bytes()).decode("ascii")
+    return encode_bytes(path.read_bytes())
 
 
 def png_text_chunks(data: object, max_pixels: int) -> dict[str, str]:

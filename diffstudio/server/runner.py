@@ -7,11 +7,12 @@ recipe (an A1111 ``parameters`` chunk and the ``diffstudio`` JSON chunk, ``diffs
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffstudio.server.checks import Limits, check_counts
-from diffstudio.server.jobs import Job
+from diffstudio.server.jobs import Job, Preview
 from diffstudio.server.model_cache import ModelCache
 
 
@@ -22,12 +23,17 @@ class GenerationSpec:
     request: keyword arguments of ``diffstudio.pipeline.request.Request`` (images already decoded).
     batches: A1111's ``n_iter``: runs of ``batch_size`` images, the seed advancing by ``batch_size`` each.
     controlnets: ``ControlNetUnit``s whose ``model`` is a path from the catalog.
+    ip_adapters: ``ImagePrompt``s whose ``model`` is a path from the catalog.
+    preview_every: a preview of the first image's x0 estimate every that many steps (0 = none; the last step of
+    each batch always gives one when previews are on); ``job.preview`` keeps the latest.
     """
 
     model: str
     request: dict
     batches: int = 1
     controlnets: list = field(default_factory=list)
+    ip_adapters: list = field(default_factory=list)
+    preview_every: int = 0
 
 
 def output_name(job_id: str, index: int) -> str:
@@ -48,6 +54,7 @@ def run_generation(job: Job, cache: ModelCache, outputs: Path, limits: Limits) -
     """Run ``job.work`` (a GenerationSpec); fills ``job.outputs`` and ``job.info["recipes"]``."""
     from diffstudio.io.recipe import save_png
     from diffstudio.pipeline.control import ControlNets
+    from diffstudio.pipeline.ip_adapter import ImagePrompts
     from diffstudio.pipeline.request import Request
 
     spec: GenerationSpec = job.work
@@ -57,6 +64,8 @@ def run_generation(job: Job, cache: ModelCache, outputs: Path, limits: Limits) -
     resolved = Request(**spec.request).resolve(pipe.models)
     check_counts(limits, resolved.width, resolved.height, resolved.steps, resolved.batch_size, spec.batches)
     modules = [ControlNets(spec.controlnets)] if spec.controlnets else []
+    if spec.ip_adapters:
+        modules.append(ImagePrompts(spec.ip_adapters))
     batch_size = spec.request.get("batch_size", 1)
     recipes: list[dict] = []
     for b in range(spec.batches):
@@ -65,6 +74,8 @@ def run_generation(job: Job, cache: ModelCache, outputs: Path, limits: Limits) -
         def on_step(i, total, x, denoised, b=b):
             job.steps = total * spec.batches
             job.step = b * total + i + 1
+            if spec.preview_every and ((i + 1) % spec.preview_every == 0 or i + 1 == total):
+                job.preview = Preview(job.step, preview_png(pipe, denoised))
             job.check_stop()
 
         for image in pipe.run(request, modules=modules, progress=False, callback=on_step):
@@ -74,3 +85,12 @@ def run_generation(job: Job, cache: ModelCache, outputs: Path, limits: Limits) -
             job.outputs.append(name)
             recipes.append(recipe)
     job.info = {**job.info, "model": spec.model, "recipes": recipes}
+
+
+def preview_png(pipe, denoised) -> bytes:
+    """The PNG of the first image's x0 estimate (``diffstudio.pipeline.preview``)."""
+    from diffstudio.pipeline.preview import preview_image
+
+    buffer = io.BytesIO()
+    preview_image(pipe, denoised).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,8 +1,9 @@
-"""diffstudio's own API (``/v1``): the full request (regions, ControlNet units, LoRAs) as a queued job.
+"""diffstudio's own API (``/v1``): the full request (regions, ControlNet units, LoRAs, an IP-Adapter image
+prompt) as a queued job.
 
 ``POST /v1/generate`` answers 202 with a job id at once; ``GET /v1/jobs/{id}`` reports its state, progress
-and outputs; ``GET /v1/outputs/{name}`` serves an output PNG. Names of models, LoRAs and ControlNets are
-catalog names (``GET /v1/models``), never paths; images travel as base64.
+and outputs; ``GET /v1/outputs/{name}`` serves an output PNG. Names of models, LoRAs, ControlNets and IP-Adapters
+are catalog names (``GET /v1/models``), never paths; images travel as base64.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from diffstudio.server.a1111 import SEED_END
 from diffstudio.server.checks import check_counts, check_lora_tags, sampler_and_scheduler
 from diffstudio.server.jobs import Job
-from diffstudio.server.payloads import decode_image
+from diffstudio.server.payloads import decode_image, encode_bytes
 from diffstudio.server.runner import GenerationSpec
 
 router = APIRouter(prefix="/v1", tags=["diffstudio"])
@@ -48,6 +49,18 @@ class ControlNetSpec(Strict):
     end: float = 1.0
     preprocess: Literal["canny", "tile", "blur"] | None = None
     control_mode: Literal["balanced", "prompt", "control"] = "balanced"
+
+
+class IPAdapterSpec(Strict):
+    """An image prompt: the IP-Adapter by catalog name, its reference images as base64 (docs/ipadapter.md)."""
+
+    name: str
+    images: list[str] = Field(..., min_length=1, description="base64; several are averaged (weights)")
+    scale: float = 0.7
+    start: float = 0.0
+    end: float = 1.0
+    weights: list[float] | None = None
+    style_only: bool = False
 
 
 class LoRASpec(Strict):
@@ -83,6 +96,9 @@ class GenerateRequest(Strict):
     global_weight: float | None = None
     controlnets: list[ControlNetSpec] = Field(default_factory=list)
     loras: list[LoRASpec] = Field(default_factory=list)
+    ip_adapter: IPAdapterSpec | None = None
+    preview_every: int = Field(0, ge=0, description="a preview of the image every that many steps (0 = none): "
+                                                      "GET /v1/jobs/{id} and /sdapi/v1/progress send the latest")
 
 
 def _spec(req: GenerateRequest, state) -> GenerationSpec:
@@ -106,6 +122,7 @@ def _spec(req: GenerateRequest, state) -> GenerationSpec:
                             decode_image(c.image, f"controlnets[{i}].image", limit), scale=c.scale, start=c.start,
                             end=c.end, preprocess=c.preprocess, control_mode=c.control_mode)
              for i, c in enumerate(req.controlnets)]
+    image_prompts = [] if req.ip_adapter is None else [_image_prompt(req.ip_adapter, state)]
     images = {name: None if data is None else decode_image(data, name, limit)
               for name, data in (("init_image", req.init_image), ("mask", req.mask))}
     return GenerationSpec(model, {
@@ -114,7 +131,22 @@ def _spec(req: GenerateRequest, state) -> GenerationSpec:
         "seed": random.randrange(2**32) if req.seed == -1 else req.seed, "sampler": sampler,
         "scheduler": scheduler, "batch_size": req.batch_size, "clip_skip": req.clip_skip, "tiled_vae": req.tiled_vae,
         "strength": req.strength, "regions": regions, "region_mode": req.region_mode, **images},
-        batches=req.batches, controlnets=units)
+        batches=req.batches, controlnets=units, ip_adapters=image_prompts, preview_every=req.preview_every)
+
+
+def _image_prompt(spec: IPAdapterSpec, state):
+    """The ImagePrompt of ``spec`` (its checks are ImagePrompt's), the adapter a path from the catalog."""
+    from diffstudio.errors import InvalidInputError
+    from diffstudio.pipeline.ip_adapter import ImagePrompt
+
+    entry = state.catalog.ip_adapter(spec.name)
+    if len(spec.images) > state.limits.max_images:
+        raise InvalidInputError(f"ip_adapter.images holds {len(spec.images)} images; this server takes at most "
+                                f"{state.limits.max_images}")
+    images = [decode_image(data, f"ip_adapter.images[{i}]", state.limits.max_pixels)
+              for i, data in enumerate(spec.images)]
+    return ImagePrompt(images, scale=spec.scale, weights=spec.weights, style_only=spec.style_only, start=spec.start,
+                       end=spec.end, model=str(entry.path))
 
 
 @router.post("/generate", status_code=202)
@@ -132,16 +164,23 @@ def queue_generation(req: GenerateRequest, state) -> Job:
     for key, items in (("regions", params.get("regions")), ("controlnets", params.get("controlnets"))):
         for item in items or ():
             item.pop("mask" if key == "regions" else "image", None)
+    if params.get("ip_adapter"):
+        params["ip_adapter"].pop("images")
     return state.submit("generate", params, spec)
 
 
 @router.get("/jobs/{job_id}")
-def job_status(job_id: str, request: Request) -> dict:
-    """State (queued, running, done, failed, interrupted), progress 0..1, outputs and their URLs, the error."""
+def job_status(job_id: str, request: Request, preview: bool = True) -> dict:
+    """State (queued, running, done, failed, interrupted), progress 0..1, outputs and their URLs, the error, and
+    the latest preview (base64 PNG, with the step it shows) of a job that asked for previews (``preview=false``:
+    left out)."""
     job = request.app.state.server.jobs.get(job_id)
     if job is None:
         raise HTTPException(404, f"no job {job_id!r} on this server")
-    return {**job.public(), "urls": [f"/v1/outputs/{name}" for name in job.outputs]}
+    latest = job.preview if preview else None
+    return {**job.public(), "urls": [f"/v1/outputs/{name}" for name in job.outputs],
+            "preview": None if latest is None else encode_bytes(latest.png),
+            "preview_step": None if latest is None else latest.step}
 
 
 @router.delete("/jobs/{job_id}")
@@ -161,12 +200,13 @@ def output(name: str, request: Request) -> FileResponse:
 
 @router.get("/models")
 def models(request: Request) -> dict:
-    """The catalog: checkpoints (with the current one and those loaded), LoRAs, ControlNets."""
+    """The catalog: checkpoints (with the current one and those loaded), LoRAs, ControlNets, IP-Adapters."""
     state = request.app.state.server
     catalog = state.catalog
     return {"checkpoints": [{"name": e.name, "family": e.family} for e in catalog.checkpoints.values()],
             "current": state.options["sd_model_checkpoint"], "loaded": state.cache.loaded,
-            "loras": sorted(catalog.loras), "controlnets": sorted(catalog.controlnets)}
+            "loras": sorted(catalog.loras), "controlnets": sorted(catalog.controlnets),
+            "ip_adapters": sorted(catalog.ip_adapters)}
 
 
 @router.get("/status")

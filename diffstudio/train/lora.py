@@ -136,14 +136,16 @@ def run_recipe(config: LoRATrainConfig, models, rows, resolution: int, targets: 
             "family": models.family.name, "resolution": resolution, "targets": targets, "alpha": alpha}
 
 
-def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None = None) -> Path | None:
+def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None = None,
+               snapshot: str | Path | None = None) -> Path | None:
     """Train a LoRA on ``config.data`` and export it to ``config.out``.
 
     Resumes from the checkpoint in ``workdir`` when it was trained with the same recipe (``run_recipe``), and
     raises ``StaleRunError`` when not, unless ``config.restart`` (then the checkpoint is discarded once the new
     run has loaded its model and data). A finished run started again only exports its checkpoint again.
     ``models``: an already loaded base (left unchanged afterwards). ``stop_after`` stops after that many
-    steps of this call without exporting (an interrupted run; the next call resumes)."""
+    steps of this call without exporting (an interrupted run; the next call resumes); with ``snapshot``, the
+    LoRA as it stands then is written to that file (to render a sample of the checkpoint), not to ``config.out``."""
     import diffstudio
     from diffstudio.pipeline.denoiser import network_fn
     from diffstudio.sampling.prediction import prediction_for
@@ -221,7 +223,7 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
         remove_lora(denoiser)
         if config.gradient_checkpointing:
             denoiser.gradient_checkpointing = checkpointing
-    if len(losses) < config.steps or process_rank()[0] != 0:  # interrupted, or not the process that exports
+    if process_rank()[0] != 0:  # not the process that exports
         return None
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.rank),
                 "ss_network_alpha": str(alpha), "ss_learning_rate": str(config.lr),
@@ -230,5 +232,9 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
                 "ss_base_model_version": family.name, "ss_training_comment": "trained with diffstudio",
                 "ss_enable_bucket": str(config.buckets), "ss_batch_size_per_device": str(config.batch_size),
                 "diffstudio.lora": json.dumps({"config": asdict(config), "recipe": recipe,
-                                               "final_loss": losses[-1]})}
+                                               "final_loss": losses[-1] if losses else None})}
+    if len(losses) < config.steps:  # interrupted: the run resumes from its checkpoint
+        if snapshot is not None:
+            save_lora(models, weights, alpha, snapshot, config.export_format, metadata)
+        return None
     return save_lora(models, weights, alpha, config.out, config.export_format, metadata)

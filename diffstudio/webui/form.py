@@ -42,6 +42,17 @@ class ControlRow:
 
 
 @dataclass
+class ImagePromptRow:
+    """The IP-Adapter panel: the adapter (a catalog name), its reference images, scale and active span."""
+
+    name: str
+    images: list[Image.Image] = field(default_factory=list)
+    scale: float = 0.7
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass
 class ImageForm:
     """Everything the Image tab sends; defaults are the UI's initial values."""
 
@@ -66,6 +77,8 @@ class ImageForm:
     global_weight: float | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
     controlnets: list[ControlRow] = field(default_factory=list)
+    ip_adapter: ImagePromptRow | None = None
+    preview_every: int = 0  # a preview of the image every that many steps (0 = none)
 
 
 class FormError(ValueError):
@@ -91,7 +104,7 @@ def to_payload(form: ImageForm) -> dict:
         "width": _default(int(form.width)), "height": _default(int(form.height)),
         "steps": _default(int(form.steps)), "cfg_scale": _default(float(form.cfg_scale), 0.0),
         "seed": int(form.seed), "sampler": form.sampler or None, "scheduler": form.scheduler or None,
-        "batch_size": int(form.batch_size), "batches": int(form.batches),
+        "batch_size": int(form.batch_size), "batches": int(form.batches), "preview_every": int(form.preview_every),
     }
     if form.mode != "txt2img":
         if form.init_image is None:
@@ -111,6 +124,8 @@ def to_payload(form: ImageForm) -> dict:
             payload["global_weight"] = float(form.global_weight)
     payload["loras"] = [{"name": name, "strength": float(strength)} for name, strength in form.loras if name]
     payload["controlnets"] = [_control(c) for c in form.controlnets if c.model]
+    if form.ip_adapter is not None and form.ip_adapter.name:
+        payload["ip_adapter"] = _image_prompt(form.ip_adapter)
     return payload
 
 
@@ -133,6 +148,13 @@ def _control(row: ControlRow) -> dict:
     return {"model": row.model, "image": b64_png(row.image), "scale": float(row.scale), "start": float(row.start),
             "end": float(row.end), "preprocess": None if row.preprocess == "none" else row.preprocess,
             "control_mode": row.control_mode}
+
+
+def _image_prompt(row: ImagePromptRow) -> dict:
+    if not row.images:
+        raise FormError(f"the IP-Adapter {row.name!r} needs reference images: upload one or more")
+    return {"name": row.name, "images": [b64_png(image) for image in row.images], "scale": float(row.scale),
+            "start": float(row.start), "end": float(row.end)}
 
 
 def queue_form(state, form: ImageForm):

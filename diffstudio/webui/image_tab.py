@@ -1,5 +1,6 @@
-"""The Image tab: model, prompts, sampling settings, img2img / inpainting, regions, LoRAs, ControlNet; Generate
-queues the same ``/v1`` request the HTTP API takes, then shows progress and the images with their recipes."""
+"""The Image tab: model, prompts, sampling settings, img2img / inpainting, regions, LoRAs, ControlNet, IP-Adapter;
+Generate queues the same ``/v1`` request the HTTP API takes, then shows progress, step previews and the images
+with their recipes."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import gradio as gr
 from diffstudio.webui import editor
 from diffstudio.webui.follow import follow
 from diffstudio.webui.form import MODES, ImageForm, queue_form
-from diffstudio.webui.network_panel import build_network_panel, control_rows, lora_values
+from diffstudio.webui.network_panel import build_network_panel, control_rows, image_prompt_row, lora_values
 from diffstudio.webui.recipes import form_values, gallery_items, read_file_recipe
 from diffstudio.webui.region_panel import build_region_panel, region_rows
 
 PROMPT_HELP = ("Prompt language (A1111's, docs/prompts.md): `(word:1.3)` stronger, `[word]` weaker, `BREAK` starts "
                "a new 75-token chunk, `<lora:name:0.8>` applies a LoRA.")
+PREVIEW_EVERY = 5  # the Image tab's default preview interval, in steps
+PREVIEW_PANE = 192  # previews smaller than this (longer side) are enlarged for the pane
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Fields:
     mode: gr.Radio
     init: gr.ImageEditor
     strength: gr.Slider
+    preview_every: gr.Slider
 
     @property
     def recipe_fields(self) -> list:
@@ -77,6 +81,8 @@ def build_fields(state) -> Fields:
         seed = gr.Number(value=0, precision=0, minimum=-1, label="Seed (-1 = random)", elem_id="seed")
         batch_size = gr.Slider(1, state.limits.max_images, value=1, step=1, label="Batch size")
         batches = gr.Slider(1, state.limits.max_images, value=1, step=1, label="Batches")
+    preview_every = gr.Slider(0, 20, value=PREVIEW_EVERY, step=1, elem_id="preview-every",
+                              label="Preview every N steps (0 = none; each preview is one VAE decode)")
     with gr.Accordion("img2img / inpainting", open=False):
         mode = gr.Radio(list(MODES), value="txt2img", label="Mode", elem_id="mode")
         init = gr.ImageEditor(type="pil", label="Image (inpaint: paint the area to repaint)", height=380,
@@ -84,7 +90,7 @@ def build_fields(state) -> Fields:
                               brush=gr.Brush(default_size=24, colors=["#ffffff"], color_mode="fixed"))
         strength = gr.Slider(0.05, 1.0, value=0.75, step=0.05, label="Denoising strength")
     return Fields(model, prompt, negative, sampler, scheduler, steps, cfg, width, height, seed, batch_size, batches,
-                  mode, init, strength)
+                  mode, init, strength, preview_every)
 
 
 def read_form(data: dict, f: Fields, regions, networks) -> ImageForm:
@@ -98,7 +104,22 @@ def read_form(data: dict, f: Fields, regions, networks) -> ImageForm:
         batches=int(data[f.batches]), mode=data[f.mode], init_image=editor.background(init),
         mask=editor.painted_mask(init), strength=float(data[f.strength]), regions=region_rows(data, regions),
         region_mode=data[regions.mode], global_weight=float(data[regions.global_weight]),
-        loras=lora_values(data, networks), controlnets=control_rows(data, networks))
+        loras=lora_values(data, networks), controlnets=control_rows(data, networks),
+        ip_adapter=image_prompt_row(data, networks),
+        preview_every=int(data[f.preview_every]))
+
+
+def preview_picture(preview, least_side: int = PREVIEW_PANE):
+    """A job's latest Preview (PNG bytes) as a PIL image for the preview pane; a small one enlarged by a whole
+    factor (nearest neighbour, so its pixels stay sharp) to at least ``least_side`` pixels on its longer side."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(preview.png)) as image:
+        picture = image.convert("RGB")
+    factor = max(1, least_side // max(picture.size))
+    return picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST) if factor > 1 else picture
 
 
 def cancel_job(state, job_id: str | None) -> None:
@@ -122,6 +143,8 @@ def build_image_tab(state) -> None:
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel = gr.Button("Cancel", elem_id="cancel")
             status = gr.Markdown("idle", elem_id="status")
+            preview = gr.Image(type="pil", label="Preview (the current estimate)", interactive=False, height=280,
+                               elem_id="preview", format="png")
             gallery = gr.Gallery(label="Outputs", columns=2, format="png", elem_id="gallery", height=360)
             recipe = gr.JSON(label="Recipe of the selected image", elem_id="recipe")
             send = gr.Button("Send to img2img", elem_id="send-to-img2img")
@@ -134,24 +157,30 @@ def build_image_tab(state) -> None:
     selected = gr.State(None)
 
     inputs = {f.model, f.prompt, f.negative, f.sampler, f.scheduler, f.steps, f.cfg, f.width, f.height, f.seed,
-              f.batch_size, f.batches, f.mode, f.init, f.strength, *regions.inputs, *networks.inputs}
+              f.batch_size, f.batches, f.mode, f.init, f.strength, f.preview_every, *regions.inputs, *networks.inputs}
 
     def run(data, progress=gr.Progress()):
         try:
             job = queue_form(state, read_form(data, f, regions, networks))
         except (DiffstudioError, QueueRefusedError, ValueError) as err:  # ValueError: the form's and pydantic's
             raise gr.Error(str(err)) from None
-        yield {job_id: job.id, status: "queued"}
+        yield {job_id: job.id, status: "queued", preview: None}
+        shown = None
         for line in follow(job):
             if job.steps:
                 progress((job.step, job.steps), desc="sampling")
-            yield {status: line}
+            latest = job.preview
+            if latest is not None and latest is not shown:
+                shown = latest
+                yield {status: line, preview: preview_picture(latest)}
+            else:
+                yield {status: line}
         recipes = job.info.get("recipes") or []
         items = gallery_items(state.outputs, job.outputs, recipes)
         yield {status: line, gallery: items, results: [(p, r) for (p, _), r in zip(items, recipes)],
                recipe: recipes[0] if recipes else None, selected: 0 if recipes else None, job_id: None}
 
-    generate.click(run, inputs, [job_id, status, gallery, results, recipe, selected], concurrency_limit=None)
+    generate.click(run, inputs, [job_id, status, preview, gallery, results, recipe, selected], concurrency_limit=None)
     cancel.click(lambda jid: cancel_job(state, jid), job_id, None)
 
     def select(items, evt: gr.SelectData):

@@ -1,5 +1,6 @@
-"""The Image tab's add-on networks: LoRAs with strengths and a ControlNet unit (image, annotator preview,
-scale, start/end), both picked from the server's catalog (``GET /v1/models`` lists the same)."""
+"""The Image tab's add-on networks: LoRAs with strengths, a ControlNet unit (image, annotator preview, scale,
+start/end) and an IP-Adapter image prompt (reference images, scale, start/end), all picked from the server's
+catalog (``GET /v1/models`` lists the same)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from diffstudio.webui.form import PREPROCESSORS, ControlRow
+from diffstudio.webui.form import PREPROCESSORS, ControlRow, ImagePromptRow
 
 LORA_SLOTS = 3
 
@@ -23,11 +24,17 @@ class NetworkPanel:
     start: gr.Slider
     end: gr.Slider
     control_mode: gr.Radio
+    ip_model: gr.Dropdown
+    ip_images: gr.Gallery
+    ip_scale: gr.Slider
+    ip_start: gr.Slider
+    ip_end: gr.Slider
 
     @property
     def inputs(self) -> list:
         return [*self.loras, *self.strengths, self.control_model, self.control_image, self.preprocess, self.scale,
-                self.start, self.end, self.control_mode]
+                self.start, self.end, self.control_mode, self.ip_model, self.ip_images, self.ip_scale, self.ip_start,
+                self.ip_end]
 
 
 def lora_values(data: dict, panel: NetworkPanel) -> list[tuple[str, float]]:
@@ -40,6 +47,14 @@ def control_rows(data: dict, panel: NetworkPanel) -> list[ControlRow]:
     return [ControlRow(data[panel.control_model], data[panel.control_image], data[panel.preprocess],
                        float(data[panel.scale]), float(data[panel.start]), float(data[panel.end]),
                        data[panel.control_mode])]
+
+
+def image_prompt_row(data: dict, panel: NetworkPanel) -> ImagePromptRow | None:
+    if not data[panel.ip_model]:
+        return None
+    images = [item[0] if isinstance(item, (tuple, list)) else item for item in data[panel.ip_images] or ()]
+    return ImagePromptRow(data[panel.ip_model], [image.convert("RGB") for image in images],
+                          float(data[panel.ip_scale]), float(data[panel.ip_start]), float(data[panel.ip_end]))
 
 
 def annotate(image, preprocess: str):
@@ -81,4 +96,21 @@ def build_network_panel(catalog) -> NetworkPanel:
             end = gr.Slider(0, 1, value=1.0, step=0.05, label="end")
         control_mode = gr.Radio(["balanced", "prompt", "control"], value="balanced", label="Control mode")
         show.click(annotate, [image, preprocess], preview)
-    return NetworkPanel(dropdowns, strengths, model, image, preprocess, scale, start, end, control_mode)
+    ip = build_ip_adapter_fields(catalog)
+    return NetworkPanel(dropdowns, strengths, model, image, preprocess, scale, start, end, control_mode, *ip)
+
+
+def build_ip_adapter_fields(catalog) -> tuple:
+    adapters = sorted(catalog.ip_adapters)
+    with gr.Accordion(f"IP-Adapter: image prompt ({len(adapters)} on this server)", open=False):
+        gr.Markdown("Reference images prompt the model through the IP-Adapter (docs/ipadapter.md); several are "
+                    "averaged. The adapter must fit the model (the Shapes IP-Adapter: the demo model).")
+        model = gr.Dropdown([("none", "")] + [(n, n) for n in adapters], value="", label="IP-Adapter",
+                            elem_id="ip-adapter")
+        images = gr.Gallery(type="pil", label="Reference images", interactive=True, columns=4, height=200,
+                            elem_id="ip-images")
+        with gr.Row():
+            scale = gr.Slider(0, 1.5, value=0.7, step=0.05, label="scale (0 = off)", elem_id="ip-scale")
+            start = gr.Slider(0, 1, value=0.0, step=0.05, label="start")
+            end = gr.Slider(0, 1, value=1.0, step=0.05, label="end")
+    return model, images, scale, start, end

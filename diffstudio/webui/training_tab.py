@@ -1,7 +1,8 @@
 """The Training tab: a LoRA trained on uploaded images and captions, as a job of the server's queue, with its
-progress and loss curve. The images are copied to ``OUTPUTS/training/<name>/data``; the LoRA is written to
-``MODELS/Lora/<name>.safetensors`` (then the models folder is rescanned, so it can be picked at once) or, on a
-server without ``--models``, to ``OUTPUTS/loras/<name>.safetensors``."""
+progress, loss curve and a sample image at each checkpoint (the sample prompt with the LoRA as it stands then).
+The images are copied to ``OUTPUTS/training/<name>/data``; the LoRA is written to ``MODELS/Lora/<name>.safetensors``
+(then the models folder is rescanned, so it can be picked at once) or, on a server without ``--models``, to
+``OUTPUTS/loras/<name>.safetensors``."""
 
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def build_training_tab(state) -> None:
                 resolution = gr.Number(value=0, precision=0, minimum=0, label="Resolution (0 = the model's)")
                 every = gr.Number(value=10, precision=0, minimum=1, label="Checkpoint (and report) every")
                 seed = gr.Number(value=0, precision=0, label="Seed")
+            sample_prompt = gr.Textbox(label="Sample prompt (an image with the LoRA at each checkpoint; empty = none)",
+                                       elem_id="training-sample-prompt")
             restart = gr.Checkbox(label="Start over (discard this name's earlier checkpoint)")
         with gr.Column():
             with gr.Row():
@@ -71,10 +74,12 @@ def build_training_tab(state) -> None:
             status = gr.Markdown("idle")
             loss = gr.LinePlot(x="step", y="loss", title="Training loss", height=260)
             readout = gr.Markdown("")
+            samples = gr.Gallery(label="Samples at the checkpoints", columns=4, height=240, format="png",
+                                 elem_id="training-samples")
     job_id = gr.State(None)
 
     def run(uploads, name_value, model_value, steps_value, rank_value, lr_value, res_value, every_value, seed_value,
-            restart_value, progress=gr.Progress()):
+            restart_value, sample_value, progress=gr.Progress()):
         try:
             if not NAME.match(name_value or ""):
                 raise InvalidInputError("name the LoRA with letters, digits, '-', '_' or '.' (up to 64)")
@@ -85,20 +90,25 @@ def build_training_tab(state) -> None:
                                     steps=int(steps_value), rank=int(rank_value), lr=float(lr_value),
                                     resolution=int(res_value) or None, checkpoint_every=int(every_value),
                                     seed=int(seed_value or 0), restart=bool(restart_value),
-                                    finished=lambda _: state.rescan())
+                                    sample_prompt=(sample_value or "").strip(), finished=lambda _: state.rescan())
             job = queue_training(state, task)
         except (DiffstudioError, QueueRefusedError) as err:
             raise gr.Error(str(err)) from None
-        yield job.id, "queued", None, ""
+        yield job.id, "queued", None, "", []
         for line in follow(job, poll=0.5):
             if job.steps:
                 progress((job.step, job.steps), desc="training")
-            yield job.id, line, loss_frame(job), loss_readout(job)
-        yield None, line, loss_frame(job), loss_readout(job)
+            yield job.id, line, loss_frame(job), loss_readout(job), sample_items(state, job)
+        yield None, line, loss_frame(job), loss_readout(job), sample_items(state, job)
 
-    train.click(run, [files, name, model, steps, rank, lr, resolution, every, seed, restart],
-                [job_id, status, loss, readout], concurrency_limit=None)
+    train.click(run, [files, name, model, steps, rank, lr, resolution, every, seed, restart, sample_prompt],
+                [job_id, status, loss, readout, samples], concurrency_limit=None)
     cancel.click(lambda jid: cancel_job(state, jid), job_id, None)
+
+
+def sample_items(state, job) -> list[tuple[str, str]]:
+    """The job's checkpoint samples as gallery items: (file, "step N")."""
+    return [(str(state.outputs / s["output"]), f"step {s['step']}") for s in job.info.get("samples") or []]
 
 
 def loss_frame(job):

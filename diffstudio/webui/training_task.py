@@ -2,14 +2,22 @@
 steps: each chunk resumes from the previous one's checkpoint, so between chunks the job reports its step and
 the loss history (``job.info["losses"]``) and a Cancel takes effect (the checkpoint stays; the same run
 started again resumes from it). The base model is the server's loaded one (the model cache's), left unchanged.
+
+With a sample prompt, each checkpoint renders one image with the LoRA as it stands then (written by the chunk
+as ``sample.safetensors`` in the run's work folder; the final one is the LoRA itself), on a clone of the model
+(the cached model keeps no patch): the job's outputs (``<job id>-<n>.png``), with ``job.info["samples"]``
+giving each one's step.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+SAMPLE_SIDE = 256  # the largest default side of a checkpoint sample
+SNAPSHOT = "sample.safetensors"  # the LoRA of the newest checkpoint, in the run's work folder
 
 
 @dataclass
@@ -26,6 +34,9 @@ class LoRATrainingTask:
     checkpoint_every: int = 10
     seed: int = 0
     restart: bool = False
+    sample_prompt: str = ""  # "" = no samples
+    sample_size: int = 0  # 0 = the model's default width, at most SAMPLE_SIDE
+    sample_steps: int = 0  # 0 = the model's default
     finished: Callable[[Path], None] | None = None  # called with the LoRA's path (the server rescans its models)
 
     def config(self):
@@ -41,9 +52,10 @@ class LoRATrainingTask:
         from diffstudio.train.data import read_captions
         from diffstudio.train.extras import require_train_extra
 
-        if self.steps < 1 or self.rank < 1 or self.checkpoint_every < 1 or not self.lr > 0:
-            raise InvalidInputError("steps, rank and the checkpoint interval must be positive whole numbers and "
-                                    "the learning rate a positive number")
+        if self.steps < 1 or self.rank < 1 or self.checkpoint_every < 1 or not self.lr > 0 or \
+                self.sample_size < 0 or self.sample_steps < 0:
+            raise InvalidInputError("steps, rank and the checkpoint interval must be positive whole numbers, the "
+                                    "learning rate a positive number, the sample size and steps 0 or more")
         require_train_extra()
         read_captions(self.data)
 
@@ -56,18 +68,40 @@ class LoRATrainingTask:
 
         models = cache.pipeline(self.model).models
         config = self.config()
+        snapshot = config.work_path() / SNAPSHOT if self.sample_prompt else None
         job.steps = self.steps
         while True:
             job.check_stop()
-            lora = train_lora(config, models, stop_after=self.checkpoint_every)
+            lora = train_lora(config, models, stop_after=self.checkpoint_every, snapshot=snapshot)
             config.restart = False  # only the first chunk may discard an older run
             job.step, losses = read_progress(config.work_path())
             job.info = {**job.info, "losses": losses}
+            if self.sample_prompt:
+                self.render_sample(job, models, lora or snapshot, outputs)
             if lora is not None:
                 break
         job.info = {**job.info, "lora": Path(lora).name}
         if self.finished is not None:
             self.finished(Path(lora))
+
+
+    def render_sample(self, job, models, lora: Path, outputs: Path) -> None:
+        """One image of the sample prompt with ``lora`` (the job's seed), added to the job's outputs."""
+        import diffstudio
+        from diffstudio.io.recipe import save_png
+        from diffstudio.server.runner import output_name
+
+        clone = models.clone()  # the LoRA goes on the clone: the cached model is left as it is
+        clone.apply_lora(lora)
+        size = self.sample_size or min(int({**asdict(models.family.defaults), **models.defaults}["width"]),
+                                       SAMPLE_SIDE)
+        image = diffstudio.Pipeline(clone)(self.sample_prompt, width=size, height=size, seed=self.seed,
+                                           steps=self.sample_steps or None, progress=False)[0]
+        models.activate()  # the base's own patches back in the shared weights
+        name = output_name(job.id, len(job.outputs))
+        save_png(image, outputs / name, image.info["diffstudio_recipe"])
+        job.outputs = [*job.outputs, name]
+        job.info = {**job.info, "samples": [*job.info.get("samples", []), {"step": job.step, "output": name}]}
 
 
 def read_progress(workdir: Path) -> tuple[int, list[float]]:
