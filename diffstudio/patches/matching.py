@@ -1,6 +1,8 @@
 """Layers of a LoRA file -> parameters of a loaded model (any family, from its record alone).
 
-The patchable components are the family's denoiser and its text encoders. A layer's prefix says
+The patchable components are the family's denoiser, its text encoders and, once loaded, the AnimateDiff motion
+module (motion LoRAs: the v2 camera LoRAs' ``...attention_blocks.0.processor.to_q_lora.down.weight`` names, or
+diffusers' for a MotionAdapter). A layer's prefix says
 which one it is for (``lora_unet_``, ``lora_te2_``, ``text_encoder.``...); the name after it is
 looked up in that component's ``NameTable`` (every layout its converters know, dotted or
 kohya-flattened). Layers without a prefix are tried on each component, the denoiser first.
@@ -37,7 +39,7 @@ class Match:
 
 
 def components_of(models) -> list[Component]:
-    """The denoiser and the text encoders of a loaded model, with their name tables."""
+    """The denoiser, the text encoders and a loaded motion module of a model, with their name tables."""
     family = models.family
     out = []
     den = family.denoiser_role
@@ -52,11 +54,17 @@ def components_of(models) -> list[Component]:
             module = models.components[role]
             out.append(Component(role, f"text encoder {i + 1}", True, module,
                                  table_for(module, arch, models.configs.get(role))))
+    motion = models.components.get("motion")
+    if motion is not None:  # an add-on, not a family role (motion_loading.py)
+        out.append(Component("motion", "motion module", False, motion,
+                             table_for(motion, "motion_module", models.configs.get("motion"))))
     return out
 
 
 def _role_prefixes(models, component: Component) -> list[str]:
     """Dotted prefixes that name this component in a file: its role name, diffusers folder, file prefixes."""
+    if component.role == "motion":
+        return ["motion.", "motion_modules."]
     role = models.family.role(component.role)
     return [role.name + ".", role.subfolder + ".", *role.prefixes]
 

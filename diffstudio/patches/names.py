@@ -124,14 +124,25 @@ def build_table(module: nn.Module, arch: str | None, config=None) -> NameTable:
         if canonical is not None:
             layouts.append("canonical")
             _add_decoded(params, canonical, starts, names, sizes)
-            try:
-                diffusers = spec.to_diffusers(canonical, config) if config is not None else None
-            except Exception:  # noqa: BLE001 - e.g. a converter still missing for a new family
-                diffusers = None
+            diffusers = _diffusers_names(spec, canonical, config, {n for n, _ in module.named_buffers()})
             if diffusers is not None:
                 layouts.append("diffusers")
                 _add_decoded(params, diffusers, starts, names, sizes)
     return NameTable(params, layouts)
+
+
+def _diffusers_names(spec, canonical: dict, config, buffers: set[str]) -> dict | None:
+    """The encoded state dict in diffusers' names; None when the converter cannot run. A converter that checks
+    buffers for equal values (AnimateDiff's position tables, which diffusers keeps once per block) refuses the
+    encoded copies: it is run again without the buffers, which no LoRA patches anyway."""
+    if config is None:
+        return None
+    for sd in (canonical, {k: v for k, v in canonical.items() if k not in buffers}):
+        try:
+            return spec.to_diffusers(sd, config)
+        except Exception:  # noqa: BLE001 - e.g. a converter still missing for a new family
+            continue
+    return None
 
 
 def _add_decoded(params, sd, starts, names, sizes) -> None:
