@@ -7,7 +7,7 @@ layout (models/flux_ipadapter.py), the FLUX transformer (one pair per double blo
 transformers' ``CLIPVisionModelWithProjection``: a folder (config.json + weights) or a single weights file,
 by default the ``image_encoder/`` folder beside the adapter file (h94/IP-Adapter's layout). The encoder must
 give the features the adapter reads: ViT-H/14 for the SD 1.5 adapters and the SDXL ``*_vit-h`` ones,
-ViT-bigG/14 for ip-adapter_sdxl, ViT-L/14 for XLabs' FLUX adapter.
+ViT-bigG/14 for ip-adapter_sdxl, ViT-L/14-336 for Kolors' IP-Adapter-Plus, ViT-L/14 for XLabs' FLUX adapter.
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ def encoder_problem(adapter: IPAdapterConfig, encoder_config) -> str | None:
         return None
     return (f"the adapter reads {adapter.image_dim}-wide {what}, the image encoder gives {given}-wide ones. Use the "
             "encoder it was trained with: ViT-H/14 (models/image_encoder) for the SD 1.5 adapters and the SDXL "
-            "*_vit-h ones, ViT-bigG/14 (sdxl_models/image_encoder) for ip-adapter_sdxl, ViT-L/14 "
+            "*_vit-h ones, ViT-bigG/14 (sdxl_models/image_encoder) for ip-adapter_sdxl, ViT-L/14-336 "
+            "(Kolors-IP-Adapter-Plus/image_encoder) for Kolors' Plus adapter, ViT-L/14 "
             "(openai/clip-vit-large-patch14) for XLabs' FLUX adapter")
 
 
