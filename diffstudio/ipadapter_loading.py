@@ -2,11 +2,12 @@
 
 An IP-Adapter file (``.bin`` read with torch's weights-only loader, or ``.safetensors``; docs/ipadapter.md) is
 built in the model's dtype and on its device after checking that it fits the UNet (one projection pair per
-cross-attention layer, of that layer's width, reading tokens of the UNet's text width). Its image encoder is
+cross-attention layer, of that layer's width, reading tokens of the UNet's text width), or, for XLabs' FLUX
+layout (models/flux_ipadapter.py), the FLUX transformer (one pair per double block). Its image encoder is
 transformers' ``CLIPVisionModelWithProjection``: a folder (config.json + weights) or a single weights file,
 by default the ``image_encoder/`` folder beside the adapter file (h94/IP-Adapter's layout). The encoder must
 give the features the adapter reads: ViT-H/14 for the SD 1.5 adapters and the SDXL ``*_vit-h`` ones,
-ViT-bigG/14 for ip-adapter_sdxl.
+ViT-bigG/14 for ip-adapter_sdxl, ViT-L/14-336 for Kolors' IP-Adapter-Plus, ViT-L/14 for XLabs' FLUX adapter.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from diffstudio.errors import IPAdapterMismatchError, UnknownModelError
 from diffstudio.models.ipadapter import IPAdapter, IPAdapterConfig
 
 ROLE = "ip_adapter"
+FLUX_ARCH = "flux_ip_adapter"  # XLabs' layout; the UNet adapters' architecture is named like the role
 ENCODER_PREFIXES = ("vision_model.", "visual_projection.")
 ADAPTER_PREFIXES = ("image_proj.", "ip_adapter.")
+FLUX_ADAPTER_PREFIXES = ("ip_adapter_proj_model.", "double_blocks.")
 SHAPES_ENCODER_PREFIX = "image_encoder."  # a Shapes image encoder bundled in its adapter's file
 SHAPES_ENCODER_SENTINELS = ("pixel.0.weight", "pixel.2.weight", "proj.weight")
 
@@ -31,7 +34,7 @@ SHAPES_ENCODER_SENTINELS = ("pixel.0.weight", "pixel.2.weight", "proj.weight")
 class LoadedIPAdapter:
     """An IP-Adapter with the image encoder that feeds it, as `models.add_ip_adapter` returns it."""
 
-    adapter: IPAdapter
+    adapter: IPAdapter  # or FluxIPAdapter (XLabs' FLUX layout)
     image_encoder: nn.Module  # transformers CLIPVisionModelWithProjection
     source: str
     encoder_source: str
@@ -46,21 +49,33 @@ class LoadedIPAdapter:
 def read_ip_adapter(path: str | Path) -> tuple[dict, IPAdapterConfig]:
     """An IP-Adapter file -> (state dict in the released names, config). A config stored in the file's
     safetensors metadata wins over the one derived from shapes."""
+    from diffstudio.components import ARCHS
     from diffstudio.detect import stored_configs
-    from diffstudio.detect.ipadapter import derive_ip_adapter_config, ip_adapter_config_from_dict, is_ip_adapter
+    from diffstudio.detect.ipadapter import is_ip_adapter
     from diffstudio.io.folders import existing_path
     from diffstudio.io.state_dict import read_file_metadata, read_state_dict
 
     path = existing_path(path, "IP-Adapter")
-    sd = read_state_dict(path)
-    sd = {k: v for k, v in sd.items() if k.startswith(ADAPTER_PREFIXES)}  # a bundled encoder is read apart
-    if not is_ip_adapter(sd):
-        heads = sorted({k.split(".")[0] for k in sd})[:6]
-        raise UnknownModelError(f"{path} is not an IP-Adapter: no ip_adapter.1.to_k_ip / to_v_ip weights (its "
-                                f"top-level keys: {heads}). `diffstudio info {path}` says what it is.")
+    whole = read_state_dict(path)
+    arch = adapter_arch(whole)
+    prefixes = FLUX_ADAPTER_PREFIXES if arch == FLUX_ARCH else ADAPTER_PREFIXES
+    sd = {k: v for k, v in whole.items() if k.startswith(prefixes)}  # a bundled encoder is read apart
+    if arch == ROLE and not is_ip_adapter(sd):
+        heads = sorted({k.split(".")[0] for k in whole})[:6]
+        raise UnknownModelError(f"{path} is not an IP-Adapter: no ip_adapter.1.to_k_ip / to_v_ip weights, nor "
+                                f"XLabs' FLUX ip_adapter_proj_model (its top-level keys: {heads}). "
+                                f"`diffstudio info {path}` says what it is.")
     stored = stored_configs(read_file_metadata(path)) if path.is_file() else {}
-    config = ip_adapter_config_from_dict(stored[ROLE]) if ROLE in stored else derive_ip_adapter_config(sd)
+    config = ARCHS[arch].config_from_dict(stored[ROLE]) if ROLE in stored else ARCHS[arch].derive_config(sd)
     return sd, config
+
+
+def adapter_arch(sd) -> str:
+    """Which IP-Adapter architecture a state dict holds: ``flux_ip_adapter`` (XLabs' FLUX layout) or
+    ``ip_adapter`` (the UNet adapters, and anything else: its reader says what is missing)."""
+    from diffstudio.detect.ipadapter import is_flux_ip_adapter
+
+    return FLUX_ARCH if is_flux_ip_adapter(sd) else ROLE
 
 
 # -- the image encoder ------------------------------------------------------------------------------
@@ -147,7 +162,9 @@ def encoder_problem(adapter: IPAdapterConfig, encoder_config) -> str | None:
         return None
     return (f"the adapter reads {adapter.image_dim}-wide {what}, the image encoder gives {given}-wide ones. Use the "
             "encoder it was trained with: ViT-H/14 (models/image_encoder) for the SD 1.5 adapters and the SDXL "
-            "*_vit-h ones, ViT-bigG/14 (sdxl_models/image_encoder) for ip-adapter_sdxl")
+            "*_vit-h ones, ViT-bigG/14 (sdxl_models/image_encoder) for ip-adapter_sdxl, ViT-L/14-336 "
+            "(Kolors-IP-Adapter-Plus/image_encoder) for Kolors' Plus adapter, ViT-L/14 "
+            "(openai/clip-vit-large-patch14) for XLabs' FLUX adapter")
 
 
 # -- adding it to a model ---------------------------------------------------------------------------
@@ -163,21 +180,20 @@ def default_image_encoder(path: Path) -> Path:
 def add_ip_adapter(models, path: str | Path, image_encoder: str | Path | nn.Module | None = None) -> LoadedIPAdapter:
     """Load the IP-Adapter at ``path`` and its image encoder for ``models`` (in its dtype, on its device), checked to
     fit its UNet and each other (`IPAdapterMismatchError` otherwise). The model itself is not changed."""
+    from diffstudio.components import ARCHS
     from diffstudio.loader import Part, build_component
-    from diffstudio.models.unet import UNetModel
 
-    unet = models.denoiser
-    if not isinstance(unet, UNetModel):
-        raise IPAdapterMismatchError(f"this {models.family.name} model's denoiser is a {type(unet).__name__}: "
-                                     "diffstudio's IP-Adapters go into an LDM UNet (SD 1.x, SDXL)")
     path = Path(path).expanduser()
     sd, config = read_ip_adapter(path)
+    arch = adapter_arch(sd)
+    refuse_other_base(models, path, arch)
     with torch.device("meta"):
-        reason = IPAdapter(config).mismatch(unet)
+        reason = ARCHS[arch].build(config).mismatch(models.denoiser)
     if reason:
-        raise IPAdapterMismatchError(f"{path} does not fit this {models.family.name} model's UNet: {reason}. It was "
-                                     "made for another base architecture (SD 1.5 adapters for SD 1.x, SDXL ones for "
-                                     "SDXL).")
+        what = "FLUX transformer" if arch == FLUX_ARCH else "UNet"
+        raise IPAdapterMismatchError(f"{path} does not fit this {models.family.name} model's {what}: {reason}. It "
+                                     "was made for another base architecture (SD 1.5 adapters for SD 1.x, SDXL ones "
+                                     "for SDXL, XLabs' FLUX adapter for FLUX.1).")
     if isinstance(image_encoder, nn.Module):
         encoder, encoder_source = image_encoder, type(image_encoder).__name__
     else:
@@ -190,8 +206,25 @@ def add_ip_adapter(models, path: str | Path, image_encoder: str | Path | nn.Modu
     problem = encoder_problem(config, encoder.config)
     if problem:
         raise IPAdapterMismatchError(f"{path} with the image encoder {encoder_source}: {problem}")
-    adapter = build_component(ROLE, ROLE, Part(sd, config, str(path)), models.dtype, models.device, consume=True)
+    adapter = build_component(ROLE, arch, Part(sd, config, str(path)), models.dtype, models.device, consume=True)
     return LoadedIPAdapter(adapter, encoder, str(path), encoder_source)
+
+
+def refuse_other_base(models, path: Path, arch: str) -> None:
+    """A UNet adapter on a model without an LDM UNet, or XLabs' FLUX adapter on a model without a FLUX
+    transformer: `IPAdapterMismatchError` naming both."""
+    from diffstudio.models.flux import FluxTransformer
+    from diffstudio.models.unet import UNetModel
+
+    denoiser = models.denoiser
+    if arch == FLUX_ARCH and not isinstance(denoiser, FluxTransformer):
+        raise IPAdapterMismatchError(f"{path} is an IP-Adapter for FLUX.1 (XLabs' layout) and this "
+                                     f"{models.family.name} model's denoiser is a {type(denoiser).__name__}: load a "
+                                     "FLUX.1 model, or use an IP-Adapter made for this one")
+    if arch == ROLE and not isinstance(denoiser, UNetModel):
+        hint = (": FLUX.1 takes XLabs' flux-ip-adapter" if isinstance(denoiser, FluxTransformer) else "")
+        raise IPAdapterMismatchError(f"this {models.family.name} model's denoiser is a {type(denoiser).__name__}: "
+                                     f"{path} is a UNet IP-Adapter (SD 1.x, SDXL, Kolors){hint}")
 
 
 def refuse_as_model(path, detection) -> None:

@@ -19,6 +19,7 @@ from diffstudio.components import (
     exvideo_svd,
     flux_controlnet,
     flux_dit,
+    flux_ip_adapter,
     hunyuan_dit,
     ip_adapter,
     ldm_unet,
@@ -36,6 +37,6 @@ from diffstudio.components.base import ComponentArch
 ARCHS: dict[str, ComponentArch] = {module.ARCH.name: module.ARCH for module in (
     ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module,
     ip_adapter, svd_unet, exvideo_svd, svd_vae, clip_vision, cogvideo_dit, cogvideox_vae, flux_controlnet,
-    xlabs_flux_controlnet, sd3_controlnet)}
+    xlabs_flux_controlnet, sd3_controlnet, flux_ip_adapter)}
 
 __all__ = ["ARCHS", "ComponentArch"]

@@ -37,7 +37,7 @@ STANDALONE_ARCHS = ("ldm_vae", "clip_text", "t5_encoder", "chatglm", "bert", "co
 STANDALONE_PREFIXES = ("vae.", "text_encoder.", "")
 # Add-ons a lone file may hold that no family record names as a role: (role, arch, prefixes).
 ADDON_KINDS = (("motion", "motion_module", ("",)), ("ip_adapter", "ip_adapter", ("",)),
-               ("exvideo", "exvideo_svd", ("",)))
+               ("ip_adapter", "flux_ip_adapter", ("",)), ("exvideo", "exvideo_svd", ("",)))
 
 
 def standalone_kinds() -> list[tuple[str, str, tuple[str, ...]]]:

@@ -1,4 +1,5 @@
-"""Recognise an IP-Adapter file and derive its `IPAdapterConfig` from names and shapes.
+"""Recognise an IP-Adapter file and derive its `IPAdapterConfig` from names and shapes (the UNet adapters'
+layout, and XLabs' FLUX layout at the end of this file).
 
 The released files (h94/IP-Adapter) hold two dicts, ``image_proj`` and ``ip_adapter`` (``.bin``, read with
 the weights-only loader, whose nested dicts arrive flattened with dotted names), or the same keys flat with
@@ -94,3 +95,45 @@ def derive_ip_adapter_config(sd: Mapping, hints: Mapping | None = None) -> IPAda
 
 def ip_adapter_config_from_dict(data: Mapping) -> IPAdapterConfig:
     return IPAdapterConfig.from_dict(dict(data))
+
+
+# -- XLabs' FLUX layout (models/flux_ipadapter.py) ---------------------------------------------------------
+
+FLUX_IP_ADAPTER_SENTINELS = ("ip_adapter_proj_model.proj.weight", "ip_adapter_proj_model.norm.weight",
+                             "double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight")
+_FLUX_LAYER = re.compile(r"^double_blocks\.(\d+)\.processor\.ip_adapter_double_stream_k_proj\.weight$")
+
+
+def is_flux_ip_adapter(keys) -> bool:
+    return all(k in keys for k in FLUX_IP_ADAPTER_SENTINELS)
+
+
+def derive_flux_ip_adapter_config(sd: Mapping, hints: Mapping | None = None) -> IPAdapterConfig:
+    """XLabs FLUX IP-Adapter state dict -> IPAdapterConfig: the image embedding width and the token width from
+    ``proj`` and ``norm``, the token count from their ratio (4 in flux-ip-adapter v1, 16 in v2), one hidden
+    width per double block (numbered 0 .. depth - 1) from the key projections."""
+    if not is_flux_ip_adapter(sd):
+        missing = [k for k in FLUX_IP_ADAPTER_SENTINELS if k not in sd]
+        raise UnknownModelError(f"not a FLUX IP-Adapter: missing {missing}")
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise UnknownModelError(f"FLUX IP-Adapter state dict lacks '{key}' (truncated file?)")
+        return tuple(sd[key].shape)
+
+    rows, image_dim = shape("ip_adapter_proj_model.proj.weight")
+    context_dim = shape("ip_adapter_proj_model.norm.weight")[0]
+    if rows % context_dim:
+        raise UnknownModelError(f"FLUX IP-Adapter projection makes {rows} values: not whole tokens of {context_dim}")
+    blocks = sorted(int(m.group(1)) for k in sd if (m := _FLUX_LAYER.match(k)))
+    if blocks != list(range(len(blocks))):
+        raise UnknownModelError(f"FLUX IP-Adapter double blocks are numbered {blocks[:8]}...: expected 0, 1, 2, ...")
+    widths = []
+    for i in blocks:
+        base = f"double_blocks.{i}.processor.ip_adapter_double_stream_"
+        k, v = shape(base + "k_proj.weight"), shape(base + "v_proj.weight")
+        if k != v or k[1] != context_dim:
+            raise UnknownModelError(f"FLUX IP-Adapter block {i}: key and value projections are {k} and {v}; both "
+                                    f"should read {context_dim}-wide tokens")
+        widths.append(k[0])
+    return IPAdapterConfig("linear", image_dim, context_dim, rows // context_dim, widths)

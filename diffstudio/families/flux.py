@@ -82,7 +82,7 @@ def call_dit(net, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     An odd latent side (an image side that is a multiple of 8 but not of 16) is padded circularly by
     one row/column for the 2x2 packing (as ComfyUI does, and our SD3) and cropped again after.
     ``control`` (ControlNet residuals, which ``FluxControlNet`` computes on the same padded token grid)
-    passes through to the transformer.
+    passes through to the transformer, as does ``ip`` (IP-Adapter keys and values per double block).
     """
     from diffstudio.models.flux import image_ids, pack_latents, pad_even, unpack_latents
 
@@ -92,7 +92,7 @@ def call_dit(net, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     txt = cond["context"]
     txt_ids = torch.zeros(txt.shape[1], 3, device=x.device)
     out = net(pack_latents(x), image_ids(h, w, x.device), txt, txt_ids, t, cond["y"], cond.get("guidance"),
-              joint_bias=cond.get("joint_bias"), control=cond.get("control"))
+              joint_bias=cond.get("joint_bias"), control=cond.get("control"), ip=cond.get("ip"))
     return unpack_latents(out, h, w)[..., :height, :width]
 
 

@@ -220,7 +220,8 @@ class DoubleStreamBlock(nn.Module):
         # img_norm1/2, txt_norm1/2 of the reference are LayerNorms without parameters: see modulate().
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, freqs: torch.Tensor,
-                bias: torch.Tensor | None = None):
+                bias: torch.Tensor | None = None, ip: list | None = None):
+        """ip: this block's IP-Adapter entries [(keys, values, scale)] (models/flux_ipadapter.py), or None / []."""
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
@@ -232,9 +233,24 @@ class DoubleStreamBlock(nn.Module):
 
         img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_out))
         img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(img, img_shift2, img_scale2)))
+        if ip:
+            img = img + image_attention(img_q, ip)
         txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_out))
         txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(txt, txt_shift2, txt_scale2)))
         return img, txt
+
+
+def image_attention(q: torch.Tensor, ip: list[tuple]) -> torch.Tensor:
+    """IP-Adapter image attention (XLabs' FLUX layout): the image stream's queries q (B, L, H, D), QK-normed and
+    without RoPE, attend to each entry's image keys and values (B, N, H * D); the outputs, times their scales,
+    are summed -> (B, L, H * D)."""
+    b, n, heads, d = q.shape
+    q = q.reshape(b, n, heads * d)
+    out = None
+    for keys, values, scale in ip:
+        term = scale * attention(q, keys.to(q.dtype), values.to(q.dtype), heads)
+        out = term if out is None else out + term
+    return out
 
 
 class SingleStreamBlock(nn.Module):
@@ -340,11 +356,14 @@ class FluxTransformer(FluxTrunk):
 
     def forward(self, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
                 timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None = None,
-                joint_bias: torch.Tensor | None = None, control: dict | None = None) -> torch.Tensor:
+                joint_bias: torch.Tensor | None = None, control: dict | None = None,
+                ip: list | None = None) -> torch.Tensor:
         """joint_bias: additive attention bias (B|1, 1, N_txt + N_img, N_txt + N_img) over [txt; img], used by
         every block (region prompts, pipeline/region_attention.py).
         control: ControlNet residuals {"double": [...], "single": [...]}, each (B, N_img, hidden), added to the
-        image tokens after the blocks (``control_residual``: a shorter list spreads over the blocks)."""
+        image tokens after the blocks (``control_residual``: a shorter list spreads over the blocks).
+        ip: the IP-Adapter hook (models/flux_ipadapter.py): one list of (keys, values, scale) per double block,
+        read by that block's image stream; None (or empty lists) costs nothing."""
         dtype = img.dtype
         vec = self.conditioning_vector(timesteps, y, guidance, img)  # (B, hidden)
         img = self.img_in(img)
@@ -353,9 +372,12 @@ class FluxTransformer(FluxTrunk):
             joint_bias = joint_bias.to(device=img.device, dtype=dtype)
         freqs = self.rope(txt_ids, img_ids, img.device)
         double, single = (control or {}).get("double"), (control or {}).get("single")
+        if ip is not None and len(ip) != len(self.double_blocks):
+            raise InvalidInputError(f"the IP-Adapter hook has {len(ip)} entries; this FLUX {self.kind} has "
+                                    f"{len(self.double_blocks)} double blocks")
 
         for i, block in enumerate(self.double_blocks):
-            img, txt = self._run(block, img, txt, vec, freqs, joint_bias)
+            img, txt = self._run(block, img, txt, vec, freqs, joint_bias, ip[i] if ip else None)
             if double:
                 img = img + control_residual(double, i, len(self.double_blocks))
         n_txt = txt.shape[1]

@@ -166,11 +166,30 @@ class ImageKeyValues(nn.Module):
         self.to_k_ip = nn.Linear(context_dim, width, bias=False)
         self.to_v_ip = nn.Linear(context_dim, width, bias=False)
 
+    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.to_k_ip(tokens), self.to_v_ip(tokens)
+
+
+def layer_inputs(layers: Sequence[nn.Module], tokens: torch.Tensor, scale: float | Sequence[float],
+                 what: str = "cross-attention layer") -> list[list[tuple]]:
+    """A network's ``ip`` hook entries for image tokens (B, N, D), given the adapter's per-layer projections
+    (each with ``keys_values(tokens)``): per layer [(keys, values, scale)], or [] where the layer's scale is 0
+    (that layer then computes exactly what it does without)."""
+    scales = [float(scale)] * len(layers) if isinstance(scale, (int, float)) else [float(s) for s in scale]
+    if len(scales) != len(layers):
+        raise ValueError(f"one IP-Adapter scale per {what} ({len(layers)}); got {len(scales)}")
+    return [[(*kv.keys_values(tokens), s)] if s != 0 else [] for kv, s in zip(layers, scales)]
+
 
 class IPAdapter(nn.Module):
     """``adapter(features) -> image tokens (B, N, D)``; ``adapter.layer_inputs(tokens, scale)`` -> the UNet's
     ``ip`` hook entries. ``features``: CLIP ``image_embeds`` (B, E) or penultimate hidden states (B, T, E), as
     ``config.image_features`` says."""
+
+    # What the unconditional rows receive (pipeline/ip_adapter.py): "zero", the release's zero image (a zero
+    # embedding for ``image_embeds`` adapters, the features of an all-zero normalised input for the others), or
+    # "black", the features of a black picture (diffusers' FluxPipeline for XLabs' FLUX adapter).
+    unconditional_reference = "zero"
 
     def __init__(self, config: IPAdapterConfig):
         super().__init__()
@@ -194,12 +213,11 @@ class IPAdapter(nn.Module):
     def layer_inputs(self, tokens: torch.Tensor, scale: float | Sequence[float] = 1.0) -> list[list[tuple]]:
         """The UNet's ``ip`` entries for image tokens (B, N, D): per cross-attention layer, [(keys, values,
         scale)], or [] where the layer's scale is 0 (that layer then computes exactly what it does without)."""
-        layers = list(self.ip_adapter.values())
-        scales = [float(scale)] * len(layers) if isinstance(scale, (int, float)) else [float(s) for s in scale]
-        if len(scales) != len(layers):
-            raise ValueError(f"one IP-Adapter scale per cross-attention layer ({len(layers)}); got {len(scales)}")
-        tokens = tokens.to(self.image_proj_dtype)
-        return [[(kv.to_k_ip(tokens), kv.to_v_ip(tokens), s)] if s != 0 else [] for kv, s in zip(layers, scales)]
+        return layer_inputs(list(self.ip_adapter.values()), tokens.to(self.image_proj_dtype), scale)
+
+    def layer_names(self, unet) -> list[str]:
+        """The names ``ImagePrompt(blocks=...)`` picks layers by: diffusers' block names (`cross_attention_names`)."""
+        return cross_attention_names(unet)
 
     def mismatch(self, unet) -> str | None:
         """Why this adapter does not fit ``unet`` (a UNetModel), or None."""

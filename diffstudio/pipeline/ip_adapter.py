@@ -5,13 +5,16 @@ the run is prepared the module encodes the references once: CLIP features of eac
 the base adapters, penultimate hidden states for Plus / full-face), their weighted mean, and the adapter's
 image tokens of that mean. The unconditional rows get the tokens of the "zero image", as the IP-Adapter
 release and diffusers do: a zero embedding for the base adapters, the encoder's features of an all-zero
-(normalised) pixel input for the hidden-state adapters. At the network stage the module hands the UNet its
-``ip`` hook (models/unet.py): per cross-attention layer the keys and values of each active prompt's tokens
-and its scale.
+(normalised) pixel input for the hidden-state adapters; XLabs' FLUX adapter gets the features of a black
+picture, as diffusers' FluxPipeline gives it (``adapter.unconditional_reference``). At the network stage the
+module hands the network its ``ip`` hook (the UNet's, models/unet.py: per cross-attention layer; the FLUX
+transformer's, models/flux.py: per double block) the keys and values of each active prompt's tokens and its
+scale.
 
 ``style_only`` (InstantStyle, Wang et al. 2024) gives the tokens to the style blocks only
 (`models.ipadapter.style_blocks`); ``blocks`` names the layers directly (diffusers block names, e.g.
-``["up_blocks.0.attentions.1", "down_blocks.2.attentions.1"]`` for InstantStyle's style + layout).
+``["up_blocks.0.attentions.1", "down_blocks.2.attentions.1"]`` for InstantStyle's style + layout; BFL's
+``double_blocks.N`` for FLUX).
 """
 
 from __future__ import annotations
@@ -129,8 +132,13 @@ def reference_tokens(loaded, images: list, weights: list[float] | None) -> tuple
         w = torch.tensor(weights if weights is not None else [1.0] * len(images), device=features.device)
         w = (w / w.sum()).view(-1, *[1] * (features.ndim - 1))
         mean = (w * features).sum(0, keepdim=True)
-        zero = torch.zeros_like(mean) if kind == "image_embeds" else \
-            image_features(loaded.image_encoder, torch.zeros_like(pixels[:1]), kind)
+        if loaded.adapter.unconditional_reference == "black":
+            black = normalise_reference(torch.zeros_like(pixels[:1], dtype=torch.uint8))
+            zero = image_features(loaded.image_encoder, black, kind)
+        elif kind == "image_embeds":
+            zero = torch.zeros_like(mean)
+        else:
+            zero = image_features(loaded.image_encoder, torch.zeros_like(pixels[:1]), kind)
         return loaded.adapter(mean), loaded.adapter(zero)
 
 
@@ -142,7 +150,8 @@ def _loaded(model, models):
     if isinstance(model, LoadedIPAdapter):
         reason = model.adapter.mismatch(models.denoiser)
         if reason:
-            raise IPAdapterMismatchError(f"the IP-Adapter {model.source} does not fit this model's UNet: {reason}")
+            raise IPAdapterMismatchError(f"the IP-Adapter {model.source} does not fit this model's denoiser: "
+                                         f"{reason}")
         return model
     if model is not None:
         return models.add_ip_adapter(model)
@@ -157,21 +166,25 @@ class _Active:
     adapter: Any
     positive: torch.Tensor  # (1, N, D) tokens of the reference
     negative: torch.Tensor  # (1, N, D) tokens of the zero image
-    scales: list[float]  # per cross-attention layer
+    scales: list[float]  # per layer of the hook (cross-attention layer, FLUX double block)
     sigma_hi: float
     sigma_lo: float
 
 
 def layer_scales(prompt: ImagePrompt, names: list[str]) -> list[float]:
-    """The prompt's scale on each cross-attention layer (named as diffusers names them), 0 outside its blocks."""
+    """The prompt's scale on each layer of the hook (named as ``adapter.layer_names`` names them), 0 outside its
+    blocks."""
     from diffstudio.models.ipadapter import in_blocks, style_blocks
 
     blocks = prompt.blocks if prompt.blocks is not None else style_blocks(names) if prompt.style_only else None
+    if prompt.blocks is None and prompt.style_only and not blocks:
+        raise InvalidInputError(f"style_only (InstantStyle) picks a UNet's up-block attention; this model's layers "
+                                f"are {', '.join(names[:2])} ...: name them with ImagePrompt(blocks=...)")
     if blocks is None:
         return [float(prompt.scale)] * len(names)
     scales = [float(prompt.scale) if in_blocks(name, blocks) else 0.0 for name in names]
     if not any(in_blocks(name, blocks) for name in names):
-        raise InvalidInputError(f"the ImagePrompt blocks {list(blocks)} name none of this UNet's cross-attention "
+        raise InvalidInputError(f"the ImagePrompt blocks {list(blocks)} name none of this model's IP-Adapter "
                                 f"layers (e.g. {', '.join(names[:3])} ...)")
     return scales
 
@@ -195,15 +208,13 @@ class ImagePrompts:
         return {"ip_adapter": entries}
 
     def wrap(self, denoiser, gen: Generation):
-        from diffstudio.models.ipadapter import cross_attention_names
-
         active = []
         for i, prompt in enumerate(self.prompts):
             if prompt.scale == 0:
                 continue
             loaded = _loaded(prompt.model, gen.models)
             self.sources[i] = loaded.source
-            scales = layer_scales(prompt, cross_attention_names(gen.models.denoiser))
+            scales = layer_scales(prompt, loaded.adapter.layer_names(gen.models.denoiser))
             positive, negative = reference_tokens(loaded, prompt.images, prompt.weights)
             active.append(_Active(loaded.adapter, positive, negative, scales, gen.sigma_at(prompt.start),
                                   gen.sigma_at(prompt.end)))
