@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,7 +187,7 @@ def test_a_union_unit_steers_the_image_by_its_mode(xl):
 
 
 def test_the_recipe_records_the_mode(xl):
-    from diffstudio.pipeline.control import ControlNetUnit, ControlNets
+    from diffstudio.pipeline.control import ControlNets, ControlNetUnit
 
     recipe = ControlNets([ControlNetUnit(union_for(xl), picture(), mode="canny")]).recipe()
     assert recipe["controlnets"][0]["mode"] == "canny"
@@ -210,3 +211,49 @@ def test_mode_errors_are_named(xl):
     with pytest.raises(InvalidInputError, match="one per mode"):
         ControlNetUnit(union, picture(), mode=["canny", "depth"])
     assert UNION_MODES["scribble"] == 2 and UNION_MODES["inpaint"] == 7
+
+
+# --- loading: the released files' forms, diffstudio info, the command line ----------------------------------------
+
+def released_like(folder, types: int = 8):
+    """A ControlNetUnionModel for the tiny SDXL base, written as xinsir's repositories hold it: a diffusers folder
+    (config.json with ``_class_name: ControlNetUnionModel`` + diffusion_pytorch_model.safetensors)."""
+    from diffusers import ControlNetUnionModel
+
+    from tests.tiny_sdxl import UNET_BASE
+
+    config = {k: v for k, v in UNET_BASE.items() if k not in ("sample_size", "out_channels", "up_block_types")}
+    width = config["block_out_channels"][0]
+    model = ControlNetUnionModel(**config, conditioning_embedding_out_channels=(16, 32, 32, 32), num_control_type=types,
+                                 num_trans_channel=width, num_proj_channel=width, num_trans_head=8)
+    randomise(model, 5)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def test_released_files_load_through_models_and_the_command_line(xl, tmp_path, capsys):
+    from PIL import Image
+
+    from diffstudio.cli import main
+    from diffstudio.io.recipe import read_recipe
+
+    folder = released_like(tmp_path / "union-promax")
+    assert json.loads((folder / "config.json").read_text())["_class_name"] == "ControlNetUnionModel"
+    from_folder = xl.models.add_controlnet(folder)
+    single = xl.models.add_controlnet(folder / "diffusion_pytorch_model.safetensors")  # the lone file: from shapes
+    assert from_folder.config == single.config and from_folder.config.num_control_types == 8
+    # a lone file's condition heads are xinsir's 8 (shapes cannot tell); its Fourier width is the base's TIME_DIM
+    assert (single.config.union_heads, single.config.control_type_dim) == (8, 8)
+    assert all(torch.equal(a, b) for a, b in zip(from_folder.state_dict().values(), single.state_dict().values()))
+    assert main(["info", str(folder)]) == 0
+    assert "ControlNet-Union ProMax, 8 control types" in capsys.readouterr().out
+
+    picture_path = tmp_path / "depth.png"
+    Image.fromarray(picture()).save(picture_path)
+    path = folder / "diffusion_pytorch_model.safetensors"
+    out = tmp_path / "out.png"
+    base = str(Path(xl.models.sources["unet"]).parent)
+    assert main(["generate", "a red circle", "--model", base, "--steps", "1", "--width", "64", "--height", "64",
+                 "-o", str(out), "--control", f"depth:{path}:{picture_path}:0.5"]) == 0
+    unit = read_recipe(out)["extra"]["controlnets"][0]
+    assert (unit["mode"], unit["scale"], unit.get("preprocess")) == ("depth", 0.5, None)

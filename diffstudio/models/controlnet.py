@@ -18,6 +18,10 @@ input block i's output), then the middle block's. The UNet adds the last to its 
 residual i to skip i when the output blocks pop it (diffusers: ``down_block_additional_residuals``
 = all but the last, ``mid_block_additional_residual`` = the last).
 
+A ControlNet-Union (xinsir's SDXL union and ProMax, ``config.num_control_types``) is this module plus the condition
+path of ``diffstudio.models.controlnet_union``: the control type is embedded into the time embedding, and several
+control images go through the same hint encoder and are mixed before they are added to conv_in's output.
+
 Parameter names are the cldm release's (``control_model.`` stripped), so
 ``control_v11p_sd15_canny.pth`` loads without renaming; diffusers ``ControlNetModel`` weights go
 through ``diffstudio.convert.controlnet``.
@@ -96,6 +100,8 @@ def hint_block(hint_channels: int, widths: list[int], model_channels: int) -> Ti
 
 class ControlNetModel(nn.Module):
     """``forward(x, hint, timesteps, context, y=None) -> [residual per input block ..., middle residual]``."""
+
+    fuses_modes = True  # a union one takes several (mode, control image) pairs in one call (pipeline/control.py)
 
     def __init__(self, config: ControlNetConfig):
         super().__init__()

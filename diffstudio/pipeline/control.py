@@ -25,6 +25,7 @@ from diffstudio.pipeline.modules import NEGATIVE_ROWS, NETWORK, Generation, Wrap
 
 CONTROL_MODES = ("balanced", "prompt", "control")
 SOFT_DECAY = 0.825  # A1111's "My prompt is more important" per-layer weight base
+PREPROCESSORS = ("canny", "lineart", "softedge", "tile", "blur")  # ControlNetUnit.preprocess names (annotators)
 FRAMES = "frames"  # video runs: the frame indices of the rows' video window (video/animatediff.py)
 
 
@@ -100,8 +101,7 @@ def control_image(image, preprocess: str | None, width: int, height: int) -> tor
         hint = torch.nn.functional.interpolate(image.float(), size=size, mode="nearest-exact")
         top, left = (size[0] - height) // 2, (size[1] - width) // 2
         return hint[..., top:top + height, left:left + width]
-    preprocessors = {"canny": annotators.canny, "lineart": annotators.lineart, "softedge": annotators.softedge,
-                     "tile": annotators.tile, "blur": annotators.blur}
+    preprocessors = {name: getattr(annotators, name) for name in PREPROCESSORS}
     picture = load_image(image)
     if callable(preprocess):
         picture = load_image(preprocess(picture))
@@ -170,7 +170,7 @@ def check_mode(model, unit: ControlNetUnit) -> None:
             raise InvalidInputError(f"this ControlNet ({type(model).__name__}) has no modes (got mode={unit.mode!r}); "
                                     "only union ControlNets take one")
         return
-    if unit.several_modes and not isinstance(model.mode_index(list(unit.mode)), list):
+    if unit.several_modes and not getattr(model, "fuses_modes", False):
         raise InvalidInputError("only a ControlNet-Union (SDXL) fuses several control images in one unit; give "
                                 "this ControlNet one unit per image")
     model.mode_index(getattr(model, "mode", None) if unit.mode is None else unit.mode)
@@ -224,7 +224,11 @@ class ControlledDenoiser(Wrapper):
     t, context, y, **network_kwargs)`` (the rest of what the denoiser network receives, e.g. FLUX's guidance)
     and returns a list, or a dict of lists (FLUX: double and single blocks); the network takes the same
     structure as ``control=``. A DiT ControlNet that reads the control image in pixels (XLabs' FLUX ones) says
-    ``takes_network_kwargs = True`` to be called so with the pixel hint."""
+    ``takes_network_kwargs = True`` to be called so with the pixel hint.
+
+    A unit's ``mode`` goes to the call as ``mode=`` (union ControlNets; it wins over a ``with_mode`` handle's). A
+    ControlNet-Union unit with several modes is called with the list of its hints and ``scales`` (its scale, which
+    then weighs each hint inside the union's fusion instead of the residuals: diffusers' rule)."""
 
     takes_frames = True  # reads the ``frames`` entry of a video run (per-frame control images)
 
