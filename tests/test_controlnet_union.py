@@ -257,3 +257,10 @@ def test_released_files_load_through_models_and_the_command_line(xl, tmp_path, c
                  "-o", str(out), "--control", f"depth:{path}:{picture_path}:0.5"]) == 0
     unit = read_recipe(out)["extra"]["controlnets"][0]
     assert (unit["mode"], unit["scale"], unit.get("preprocess")) == ("depth", 0.5, None)
+
+
+def test_the_http_api_takes_a_mode():
+    from diffstudio.server.v1 import ControlNetSpec
+
+    assert ControlNetSpec(model="union", image="x", mode="depth").mode == "depth"
+    assert ControlNetSpec(model="edges", image="x").mode is None
