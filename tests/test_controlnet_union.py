@@ -182,6 +182,9 @@ def test_a_union_unit_steers_the_image_by_its_mode(xl):
     assert np.array_equal(generate(xl, controlnets=[ControlNetUnit(union.with_mode(3), picture())]), canny)
     both = generate(xl, controlnets=[ControlNetUnit(union, [picture(), picture()[::-1]], mode=["canny", "depth"])])
     assert np.abs(both - canny).max() > 0
+    listed = ControlNetUnit(union, [picture()], mode=["canny"], scale=0.5)  # a list of one is the plain unit
+    assert np.array_equal(generate(xl, controlnets=[listed]),
+                          generate(xl, controlnets=[ControlNetUnit(union, picture(), mode="canny", scale=0.5)]))
     zero = ControlNetUnit(union_for(xl, zero=True), picture(), mode="tile")
     assert np.array_equal(generate(xl, controlnets=[zero]), base)
 
@@ -264,3 +267,12 @@ def test_the_http_api_takes_a_mode():
 
     assert ControlNetSpec(model="union", image="x", mode="depth").mode == "depth"
     assert ControlNetSpec(model="edges", image="x").mode is None
+
+
+def test_the_repaint_hint_is_the_image_with_the_masked_pixels_black():
+    from diffstudio.control import annotators
+
+    image, mask = np.full((16, 16, 3), 200, np.uint8), np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8] = 255
+    hint = annotators.inpaint(image, mask, fill=0.0)
+    assert hint[..., 4:8, 4:8].abs().max() == 0 and torch.allclose(hint[..., 0, 0], torch.tensor(200 / 255))

@@ -261,7 +261,7 @@ class ControlledDenoiser(Wrapper):
             if a.unit.mode is not None:
                 extra["mode"] = list(a.unit.mode) if a.unit.several_modes else a.unit.mode
             scale = a.unit.scale
-            if a.unit.several_modes:  # the scale weighs each image inside the union's fusion, not the residuals
+            if len(rows) > 1:  # the scale weighs each image inside the union's fusion, not the residuals
                 extra["scales"], scale = [a.unit.scale] * len(rows), 1.0
             with torch.inference_mode():
                 res = a.model(x_in.to(device, dtype), rows if a.unit.several_modes else rows[0], t.to(device),
