@@ -53,6 +53,25 @@ def test_the_catalog_places_files_by_folder_and_by_content(tmp_path):
     assert Catalog.scan(None).default_checkpoint == DEMO_NAME
 
 
+def test_the_catalog_lists_motion_modules_by_folder_and_by_content(tmp_path):
+    import shutil
+
+    from diffstudio.server.catalog import DEMO_MOTION
+
+    demo_motion = Catalog.scan(None).motion_module(DEMO_MOTION).path
+    root = tmp_path / "models"
+    (root / "AnimateDiff").mkdir(parents=True)
+    (root / "misc").mkdir()
+    (root / "AnimateDiff" / "mm_sd_v15_v2.ckpt").write_bytes(b"\x80 by folder, never opened")
+    shutil.copy(demo_motion, root / "misc" / "moves.safetensors")  # a motion module by its keys
+    catalog = Catalog.scan(root)
+    assert sorted(catalog.motion_modules) == sorted([DEMO_MOTION, "mm_sd_v15_v2", "moves"])
+    assert "moves" not in catalog.checkpoints
+    assert catalog.motion_module("moves.safetensors").path.name == "moves.safetensors"
+    with pytest.raises(InvalidInputError, match="no motion module named"):
+        catalog.motion_module("../outside")
+
+
 def test_a_missing_models_folder_is_a_named_error(tmp_path):
     with pytest.raises(ModelNotFoundError, match="models folder not found"):
         Catalog.scan(tmp_path / "nothing")

@@ -166,6 +166,31 @@ def test_fastblend_runs_as_a_job_of_the_queue(app, tmp_path):
     assert len(written) == 4 and np.abs(written[0].astype(int) - expected[0]).mean() < 8  # H.264, visually lossless
 
 
+def test_animatediff_runs_as_a_job_and_leaves_the_cached_model_an_image_model(app, models):
+    from diffstudio.errors import InvalidInputError
+    from diffstudio.video import video_io
+    from diffstudio.video.render import VideoPipeline
+    from diffstudio.webui.animatediff_task import AnimateDiffTask
+    from diffstudio.webui.video_tab import queue_animatediff
+
+    state = app.state.server
+    task = AnimateDiffTask("shapes-sd", "shapes-motion", "a red circle moving to the right", frames=6, steps=3, seed=2,
+                           context_length=6)
+    job = queue_animatediff(state, task)
+    assert job.done.wait(300) and job.state == "done", job.error
+    assert (job.step, job.steps) == (3, 3)
+    written = video_io.read_frames(str(state.outputs / job.outputs[0]))
+    expected = models.clone()
+    expected.add_motion_module(state.catalog.motion_module("shapes-motion").path)
+    frames = VideoPipeline(expected)("a red circle moving to the right", num_frames=6, steps=3, seed=2,
+                                     context_length=6, progress=False)
+    assert len(written) == 6
+    assert np.abs(written[0].astype(int) - np.asarray(frames[0].convert("RGB"))).mean() < 8  # H.264, visually lossless
+    assert "motion" not in models.components  # image jobs on the cached model stay frame-wise
+    with pytest.raises(InvalidInputError, match="no motion module named"):
+        queue_animatediff(state, AnimateDiffTask("shapes-sd", "nope", "x"))
+
+
 def test_lora_training_runs_as_a_job_with_its_loss_history_and_samples(app, models, tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("accelerate")

@@ -1,20 +1,23 @@
-"""What a server can load: the checkpoints, LoRAs, ControlNets and IP-Adapters under its models folder.
+"""What a server can load: the checkpoints, LoRAs, ControlNets, IP-Adapters and motion modules under its models
+folder.
 
 A1111's folder layout is understood, and files elsewhere are placed by what they hold:
 
 * ``FOLDER/Lora`` and ``FOLDER/LyCORIS``: LoRA files (any depth); ``FOLDER/ControlNet``: ControlNets (and
   IP-Adapters, which A1111's ControlNet extension keeps there, told apart by their header);
+* ``FOLDER/AnimateDiff`` or ``FOLDER/animatediff_models`` (the A1111 extension's and ComfyUI's names): AnimateDiff
+  motion modules, ``.ckpt`` included (listed by folder, opened only when used, weights-only);
 * ``FOLDER/ipadapter`` or ``FOLDER/IP-Adapter`` (ComfyUI's and h94's names): IP-Adapters, ``.safetensors`` told
   by their header and ``.bin`` by their folder (``image_encoder`` folders inside are the adapters' encoders);
 * any other ``.safetensors`` file: a LoRA when its keys are LoRA factor names (``lora_down``, ``lora_A``,
   ``hada_w1_a`` ...), else whatever ``diffstudio.detect`` makes of its header (names and shapes only, no
-  weights read): a whole model, a ControlNet, an IP-Adapter, or a lone component (not listed);
+  weights read): a whole model, a ControlNet, an IP-Adapter, a motion module, or a lone component (not listed);
 * ``.ckpt`` / ``.pt`` / ``.pth`` files outside those folders: checkpoints (pickles are never opened to list them);
 * a folder with ``model_index.json``: a diffusers model; with a ControlNetModel ``config.json``: a ControlNet.
 
-The packaged Shapes demo model is always listed (as ``shapes-sd``), and its IP-Adapter (``shapes-ip-adapter``,
-its image encoder bundled). Every entry is a file found under the models folder (or the demo's), so a name a
-client sends can only ever reach those files.
+The packaged Shapes demo model is always listed (as ``shapes-sd``), with its IP-Adapter (``shapes-ip-adapter``,
+its image encoder bundled) and its motion module (``shapes-motion``). Every entry is a file found under the models
+folder (or the demo's), so a name a client sends can only ever reach those files.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ log = logging.getLogger("diffstudio.server")
 
 DEMO_NAME = "shapes-sd"
 DEMO_IP_ADAPTER = "shapes-ip-adapter"
+DEMO_MOTION = "shapes-motion"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 LORA_FOLDERS = ("Lora", "LyCORIS")
 CONTROLNET_FOLDERS = ("ControlNet",)
 IP_ADAPTER_FOLDERS = ("ipadapter", "IP-Adapter")
+MOTION_FOLDERS = ("AnimateDiff", "animatediff_models")
 IP_ADAPTER_ENCODER_FOLDER = "image_encoder"  # inside an IP-Adapter folder: an adapter's image encoder, not listed
 # Key fragments only LoRA-style files hold (kohya, LyCORIS, peft, diffusers' old processor names).
 _LORA_KEY = re.compile(r"lora_down|lora_up|lora_A\.|lora_B\.|hada_w1|lokr_w1|lora_linear_layer|_lora\.(down|up)")
@@ -45,7 +50,7 @@ class Entry:
 
     name: str  # checkpoints: the path under the models folder; LoRAs / ControlNets: the file stem
     path: Path
-    kind: str  # "checkpoint" | "lora" | "controlnet" | "ip_adapter"
+    kind: str  # "checkpoint" | "lora" | "controlnet" | "ip_adapter" | "motion"
     family: str | None = None
 
 
@@ -58,6 +63,7 @@ class Catalog:
     loras: dict[str, Entry] = field(default_factory=dict)
     controlnets: dict[str, Entry] = field(default_factory=dict)
     ip_adapters: dict[str, Entry] = field(default_factory=dict)
+    motion_modules: dict[str, Entry] = field(default_factory=dict)
     _walked: set = field(default_factory=set, repr=False)  # folders listed (links inside may form loops)
 
     @classmethod
@@ -72,6 +78,8 @@ class Catalog:
         catalog.checkpoints.setdefault(DEMO_NAME, Entry(DEMO_NAME, default_model_path(), "checkpoint", "sd15"))
         demo_adapter = default_model_path().parent / f"{DEMO_IP_ADAPTER}.safetensors"
         catalog.ip_adapters.setdefault(DEMO_IP_ADAPTER, Entry(DEMO_IP_ADAPTER, demo_adapter, "ip_adapter", "sd15"))
+        demo_motion = default_model_path().parent / f"{DEMO_MOTION}.safetensors"
+        catalog.motion_modules.setdefault(DEMO_MOTION, Entry(DEMO_MOTION, demo_motion, "motion", "sd15"))
         return catalog
 
     # -- lookups -------------------------------------------------------------------------------
@@ -105,6 +113,13 @@ class Catalog:
             return self.ip_adapters[stem]
         raise InvalidInputError(f"no IP-Adapter named {name!r} on this server; known: "
                                 f"{', '.join(sorted(self.ip_adapters))} (GET /v1/models lists them)")
+
+    def motion_module(self, name: str) -> Entry:
+        stem = Path(str(name)).stem if Path(str(name)).suffix in CHECKPOINT_SUFFIXES else str(name)
+        if stem in self.motion_modules:
+            return self.motion_modules[stem]
+        raise InvalidInputError(f"no motion module named {name!r} on this server; known: "
+                                f"{', '.join(sorted(self.motion_modules))} (put them under MODELS/AnimateDiff)")
 
     @property
     def lora_dirs(self) -> list[Path]:
@@ -155,6 +170,8 @@ class Catalog:
             self._walk(folder, "controlnet")
         elif kind is None and folder.parent == self.root and folder.name in IP_ADAPTER_FOLDERS:
             self._walk(folder, "ip_adapter")
+        elif kind is None and folder.parent == self.root and folder.name in MOTION_FOLDERS:
+            self._walk(folder, "motion")
         elif kind == "ip_adapter" and folder.name == IP_ADAPTER_ENCODER_FOLDER:
             return
         else:
@@ -169,13 +186,15 @@ class Catalog:
             # A1111 keeps IP-Adapters among the ControlNets: the header tells them apart.
             is_adapter = _kind_by_content(path)[0] == "ip_adapter"
             kind = "ip_adapter" if is_adapter else "controlnet" if kind == "controlnet" else None
+        elif kind == "motion" and safetensors and _kind_by_content(path)[0] != "motion":
+            kind = None  # something else kept among the motion modules
         if kind is not None:
             name = self._relative(path) if kind == "checkpoint" else path.stem
             self._add(Entry(name, path.resolve(), kind, family))
 
     def _add(self, entry: Entry) -> None:
         table = {"checkpoint": self.checkpoints, "lora": self.loras, "controlnet": self.controlnets,
-                 "ip_adapter": self.ip_adapters}[entry.kind]
+                 "ip_adapter": self.ip_adapters, "motion": self.motion_modules}[entry.kind]
         if entry.name in table:
             log.warning("two %ss named %r: %s is used, %s is not listed", entry.kind, entry.name,
                         table[entry.name].path, entry.path)
@@ -208,6 +227,8 @@ def _kind_by_content(path: Path) -> tuple[str | None, str | None]:
         return "controlnet", detection.family
     if set(detection.components) == {"ip_adapter"}:
         return "ip_adapter", None
+    if set(detection.components) == {"motion"}:
+        return "motion", detection.family
     if detection.family is None:
         return None, None  # a lone VAE / text encoder: not something to generate with
     return "checkpoint", detection.family

@@ -201,13 +201,14 @@ def output(name: str, request: Request) -> FileResponse:
 
 @router.get("/models")
 def models(request: Request) -> dict:
-    """The catalog: checkpoints (with the current one and those loaded), LoRAs, ControlNets, IP-Adapters."""
+    """The catalog: checkpoints (with the current one and those loaded), LoRAs, ControlNets, IP-Adapters, motion
+    modules."""
     state = request.app.state.server
     catalog = state.catalog
     return {"checkpoints": [{"name": e.name, "family": e.family} for e in catalog.checkpoints.values()],
             "current": state.options["sd_model_checkpoint"], "loaded": state.cache.loaded,
             "loras": sorted(catalog.loras), "controlnets": sorted(catalog.controlnets),
-            "ip_adapters": sorted(catalog.ip_adapters)}
+            "ip_adapters": sorted(catalog.ip_adapters), "motion_modules": sorted(catalog.motion_modules)}
 
 
 @router.get("/status")
