@@ -160,6 +160,19 @@ def _control_specs(args) -> list[dict]:
     return units
 
 
+def _union_mode(models, unit: dict) -> dict:
+    """A ``--control`` unit for a union ControlNet (one that takes modes) takes its PREPROCESS word as the mode too
+    (``canny:union.safetensors:photo.png`` runs the canny annotator and uses mode canny; ``depth:...`` names a
+    mode that has no annotator here, so the image is used as it is)."""
+    from diffstudio.pipeline.control import PREPROCESSORS
+
+    if unit["preprocess"] and getattr(models.add_controlnet(unit["model"]), "is_union", False):
+        unit = {**unit, "mode": unit["preprocess"]}
+        if unit["preprocess"] not in PREPROCESSORS:
+            unit["preprocess"] = None
+    return unit
+
+
 def cmd_generate(args) -> int:
     from diffstudio.io.recipe import image_format, save_image
 
@@ -212,7 +225,7 @@ def cmd_generate(args) -> int:
     if args.control:
         from diffstudio.pipeline.control import ControlNetUnit
 
-        options["controlnets"] = [ControlNetUnit(**unit) for unit in _control_specs(args)]
+        options["controlnets"] = [ControlNetUnit(**_union_mode(models, unit)) for unit in _control_specs(args)]
     try:
         images = pipe(args.prompt, args.negative, seed=args.seed, batch_size=args.batch_size, modules=modules,
                       **{name: value for name, value in options.items() if value is not None})
@@ -435,7 +448,8 @@ def _add_generate_parser(sub) -> None:
                      help="the reference image steers the style blocks only (InstantStyle)")
     gen.add_argument("--control", action="append", metavar="[PRE:]FILE:IMAGE[:SCALE]",
                      help="a ControlNet unit (repeatable), e.g. canny:control_v11p_sd15_canny.pth:photo.png:0.8; "
-                          "PRE is an annotator run on IMAGE first: canny, tile, blur (docs/controlnet.md)")
+                          "PRE is an annotator run on IMAGE first: canny, tile, blur (docs/controlnet.md); for a "
+                          "union ControlNet it is also the mode (depth:union.safetensors:depth.png)")
     gen.add_argument("--regions", metavar="FILE", help="a region layout JSON file: a prompt per area "
                                                        "(docs/regions.md)")
     gen.add_argument("--region-mode", default="latent", choices=["latent", "attention"],

@@ -24,6 +24,7 @@ from diffstudio.detect.controlnet import (
     dit_controlnet_arch,
     find_controlnet,
     place_controlnet,
+    union_variant,
 )
 from diffstudio.errors import ControlNetMismatchError, UnknownModelError
 from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
@@ -37,7 +38,9 @@ def _top_keys(sd) -> str:
     return ", ".join(f"{h}.* ({n})" for h, n in sorted(heads.items(), key=lambda kv: -kv[1])[:6])
 
 
-CONTROLNET_CLASSES = ("ControlNetModel", "FluxControlNetModel")  # read through CONTROLNET_ARCHS; SD3's: DIT_CONTROLNETS
+# Read through CONTROLNET_ARCHS (ControlNetUnionModel: the "controlnet" architecture with a union path); SD3's:
+# DIT_CONTROLNETS.
+CONTROLNET_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "FluxControlNetModel")
 
 
 def is_controlnet_folder(folder: Path) -> bool:
@@ -109,7 +112,7 @@ def read_controlnet(path: str | Path, hints: dict | None = None, dit_hints: dict
     if hints and ROLE not in stored and component.arch == ROLE:  # a UNet ControlNet: the base UNet's conventions
         config = derive_controlnet_config(canonical, hints)
     component.config = config
-    return Detection(family.name, {ROLE: component}), Part(canonical, config, str(path))
+    return Detection(family.name, {ROLE: component}, union_variant(config)), Part(canonical, config, str(path))
 
 
 def fit_problems(controlnet: ControlNetConfig, unet: UNetConfig, latent_channels: int) -> list[str]:

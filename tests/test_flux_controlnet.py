@@ -262,6 +262,12 @@ def test_union_controlnet_loads_from_a_folder_and_a_file(flux):
     depth = image(pipe, controlnets=[ControlNetUnit(union.with_mode("depth"), hint_picture())])
     canny = image(pipe, controlnets=[ControlNetUnit(union.with_mode("canny"), hint_picture())])
     assert not np.array_equal(depth, canny)
+    # the unit's mode field is the same as with_mode (and wins over the module's mode)
+    assert np.array_equal(image(pipe, controlnets=[ControlNetUnit(union, hint_picture(), mode="depth")]), depth)
+    assert np.array_equal(image(pipe, controlnets=[ControlNetUnit(union.with_mode("depth"), hint_picture(),
+                                                                  mode="canny")]), canny)
+    with pytest.raises(InvalidInputError, match="only a ControlNet-Union"):
+        pipe("a red circle", **RUN, controlnets=[ControlNetUnit(union, [hint_picture()] * 2, mode=["depth", 0])])
 
 
 @pytest.mark.parametrize("name", ["union_folder", "random"])

@@ -148,9 +148,10 @@ def hint_tensor(image: ImageLike, size: tuple[int, int] | None = None) -> torch.
     return torch.from_numpy(np.asarray(source, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
-def inpaint(image: ImageLike, mask: ImageLike) -> torch.Tensor:
+def inpaint(image: ImageLike, mask: ImageLike, fill: float = -1.0) -> torch.Tensor:
     """The inpainting ControlNet's hint: the image in [0, 1] with the pixels to repaint (mask > 0.5,
-    white = repaint) set to -1, float (1, 3, H, W). A tensor, since -1 is no pixel value."""
+    white = repaint) set to ``fill``, float (1, 3, H, W). A tensor, since -1 is no pixel value.
+    ``fill=0.0`` (masked pixels black) is the ControlNet-Union ProMax's repaint hint."""
     hint = hint_tensor(image)
     mask = load_mask(mask, size=(hint.shape[-1], hint.shape[-2]))                      # (1, 1, H, W)
-    return hint.masked_fill(mask > 0.5, -1.0)
+    return hint.masked_fill(mask > 0.5, fill)

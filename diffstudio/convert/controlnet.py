@@ -10,6 +10,8 @@ left out. The ControlNet's own modules add three generated groups:
     zero_convs.i.0                  <-> controlnet_down_blocks.i              (one per input block)
     middle_block_out.0              <-> controlnet_mid_block
 
+A ControlNet-Union's own layers (``UNION_MODULES``) keep their names in both layouts.
+
 Both directions are rule lists of the one engine (`diffstudio.convert.rules`) and end with `check_conversion`.
 """
 
@@ -20,13 +22,15 @@ from collections.abc import Mapping
 
 import torch
 
-from diffstudio.convert.rules import Rule, from_canonical, rule, to_canonical
+from diffstudio.convert.rules import Rule, from_canonical, rule, same, to_canonical
 from diffstudio.convert.unet import Structure, module_pairs
 from diffstudio.errors import ConversionError
 from diffstudio.models.controlnet import ControlNetConfig, ControlNetModel
 
 # UNet modules a ControlNet has (LDM prefixes): everything before the decoder.
 _ENCODER_PREFIXES = ("time_embed.", "label_emb.", "encoder_hid_proj", "input_blocks.", "middle_block.")
+# A ControlNet-Union's condition path (models/controlnet_union.py): the release's names, the same in both layouts.
+UNION_MODULES = ("task_embedding", "transformer_layes", "spatial_ch_projs", "control_add_embedding")
 
 
 def hint_block_pairs(theirs: str, hint_widths: int) -> list[tuple[str, str]]:
@@ -39,15 +43,17 @@ def hint_block_pairs(theirs: str, hint_widths: int) -> list[tuple[str, str]]:
             (f"input_hint_block.{2 * (convs - 1)}", f"{theirs}.conv_out")]
 
 
-def _rules(structure: Structure, hint_widths: int) -> list[Rule]:
-    """The rules of a ControlNet: each (cldm module, diffusers module) pair, and renamed sub-layers."""
+def _rules(structure: Structure, hint_widths: int, union: bool = False) -> list[Rule]:
+    """The rules of a ControlNet: each (cldm module, diffusers module) pair, and renamed sub-layers; ``union``:
+    a ControlNet-Union's own layers too."""
     pairs = [p for p in module_pairs(structure) if p[0].startswith(_ENCODER_PREFIXES)]
     pairs += [(ours, theirs, {}) for ours, theirs in hint_block_pairs("controlnet_cond_embedding", hint_widths)]
     inputs = 1 + sum(structure.num_res_blocks) + len(structure.num_res_blocks) - 1  # conv_in, ResBlocks, Downsamples
     pairs += [(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}", {}) for i in range(inputs)]
     pairs.append(("middle_block_out.0", "controlnet_mid_block", {}))
     return [r for ldm, dif, sub in pairs
-            for r in (rule(ldm, dif), *(rule(f"{ldm}.{old}", f"{dif}.{new}") for old, new in sub.items()))]
+            for r in (rule(ldm, dif), *(rule(f"{ldm}.{old}", f"{dif}.{new}") for old, new in sub.items()))] + \
+        (same(*UNION_MODULES) if union else [])
 
 
 def _hint_widths_of_diffusers_keys(keys) -> int:
@@ -73,7 +79,8 @@ def controlnet_from_diffusers(sd: Mapping) -> dict:
     # Imported here: the detect package's __init__ imports the family records (import cycle otherwise).
     from diffstudio.detect.controlnet import derive_controlnet_config
 
-    rules = _rules(Structure.of_diffusers_keys(sd.keys()), _hint_widths_of_diffusers_keys(sd.keys()))
+    rules = _rules(Structure.of_diffusers_keys(sd.keys()), _hint_widths_of_diffusers_keys(sd.keys()),
+                   union="task_embedding" in sd)
     # Heads and GroupNorm groups do not change any shape; 1 and 1 fit every width.
     return to_canonical("diffusers ControlNet -> cldm", sd, rules, lambda out: _meta_state_dict(
         derive_controlnet_config(out, {"num_heads": 1, "norm_groups": 1})))
@@ -81,5 +88,5 @@ def controlnet_from_diffusers(sd: Mapping) -> dict:
 
 def controlnet_to_diffusers(sd: Mapping, config: ControlNetConfig) -> dict:
     """cldm ControlNet state dict (no ``control_model.`` prefix) -> diffusers ControlNetModel layout."""
-    rules = _rules(Structure.of_config(config), len(config.hint_block_channels))
+    rules = _rules(Structure.of_config(config), len(config.hint_block_channels), bool(config.num_control_types))
     return from_canonical("cldm ControlNet -> diffusers", sd, rules, _meta_state_dict(config))

@@ -72,6 +72,27 @@ def _hint_structure(sd: Mapping, model_channels: int) -> tuple[int, list[int]]:
     return shapes[0][1], widths
 
 
+def _union_fields(sd: Mapping, keys: list[str], model_channels: int, hints: Mapping) -> dict:
+    """A ControlNet-Union's fields (models/controlnet_union.py) from shapes: the control types are the task
+    embedding's rows, the condition blocks are counted, each one-hot value's Fourier width is control_add_embedding's
+    input width over the types. The heads change no shape: the stored config's, a hint's, else xinsir's 8."""
+    if "task_embedding" not in sd:
+        return {}
+    types, width = tuple(sd["task_embedding"].shape)
+    if width != model_channels:
+        raise UnknownModelError(f"ControlNet-Union task_embedding is {width} wide, its UNet encoder {model_channels}: "
+                                "the condition tokens must have the encoder's base width")
+    key = "control_add_embedding.linear_1.weight"
+    if key not in sd:
+        raise UnknownModelError(f"ControlNet-Union state dict has a task_embedding but no '{key}' (truncated file?)")
+    inputs = sd[key].shape[1]
+    if inputs % types:
+        raise UnknownModelError(f"ControlNet-Union control_add_embedding takes {inputs} inputs, not a multiple of its "
+                                f"{types} control types")
+    return {"num_control_types": types, "union_layers": block_count(keys, "transformer_layes"),
+            "union_heads": int(hints.get("union_heads", 8)), "control_type_dim": inputs // types}
+
+
 def derive_controlnet_config(sd: Mapping, hints: Mapping | None = None) -> ControlNetConfig:
     """cldm ControlNet state dict (names + shapes) -> ControlNetConfig. See the module docstring."""
     hints = dict(hints or {})
@@ -103,6 +124,7 @@ def derive_controlnet_config(sd: Mapping, hints: Mapping | None = None) -> Contr
         **shared_fields(sd, shape, depths, hints, "ControlNet"),
         hint_channels=hint_channels, hint_block_channels=hint_widths,
         global_average_pooling=bool(hints.get("global_average_pooling", False)),
+        **_union_fields(sd, keys, model_channels, hints),
     )
 
 
@@ -117,10 +139,37 @@ def controlnet_config_from_diffusers(config_json: Mapping) -> ControlNetConfig:
     down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
     cfg["up_block_types"] = [t.replace("Down", "Up") for t in reversed(down)]
     unet = config_from_diffusers(cfg)
+    union = cfg.get("_class_name") == UNION_CLASS or "num_control_type" in cfg
     return ControlNetConfig.from_unet(
         unet, hint_channels=int(cfg.get("conditioning_channels", 3)),
-        hint_block_channels=list(cfg.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)),
-        global_average_pooling=bool(cfg.get("global_pool_conditions", False)))
+        hint_block_channels=list(cfg.get("conditioning_embedding_out_channels")
+                                 or ((48, 96, 192, 384) if union else (16, 32, 96, 256))),
+        global_average_pooling=bool(cfg.get("global_pool_conditions", False)),
+        **(_union_config_from_diffusers(cfg, unet) if union else {}))
+
+
+UNION_CLASS = "ControlNetUnionModel"  # diffusers' class of the SDXL ControlNet-Union (xinsir)
+
+
+def _union_config_from_diffusers(cfg: Mapping, unet) -> dict:
+    """A ``ControlNetUnionModel`` config.json's union fields (diffusers' defaults where a key is absent)."""
+    widths = {cfg.get("num_trans_channel", 320), cfg.get("num_proj_channel", 320)}
+    if widths != {unet.model_channels}:
+        raise ConversionError(f"ControlNetUnionModel num_trans_channel / num_proj_channel {sorted(widths)} differ "
+                              f"from its base width {unet.model_channels}: the condition tokens are the encoder's "
+                              "features, so they must be equal")
+    return {"num_control_types": int(cfg.get("num_control_type", 6)), "union_heads": int(cfg.get("num_trans_head", 8)),
+            "union_layers": int(cfg.get("num_trans_layer", 1)),
+            "control_type_dim": int(cfg.get("addition_time_embed_dim") or 256)}
+
+
+def union_variant(config) -> str | None:
+    """How `diffstudio info` names a ControlNet-Union: 'ControlNet-Union, 6 control types' (xinsir's
+    controlnet-union-sdxl-1.0) or '... ProMax ...' (8: tile and repaint added); None for other ControlNets."""
+    types = getattr(config, "num_control_types", None)
+    if not types:
+        return None
+    return f"ControlNet-Union{' ProMax' if types == 8 else ''}, {types} control types"
 
 
 def controlnet_config_from_dict(data: Mapping) -> ControlNetConfig:
@@ -203,7 +252,7 @@ def detect_controlnet(sd: Mapping, stored: Mapping | None = None):
     others = sorted(k for k in sd if component.prefix and not k.startswith(component.prefix))
     if not all(k in NON_WEIGHT_KEYS for k in others):
         return None
-    return Detection(family.name, {ROLE: component}, None, others)
+    return Detection(family.name, {ROLE: component}, union_variant(component.config), others)
 
 
 def attach_bundled_controlnet(detection, sd: Mapping, stored: Mapping | None = None):

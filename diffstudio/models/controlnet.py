@@ -18,6 +18,10 @@ input block i's output), then the middle block's. The UNet adds the last to its 
 residual i to skip i when the output blocks pop it (diffusers: ``down_block_additional_residuals``
 = all but the last, ``mid_block_additional_residual`` = the last).
 
+A ControlNet-Union (xinsir's SDXL union and ProMax, ``config.num_control_types``) is this module plus the condition
+path of ``diffstudio.models.controlnet_union``: the control type is embedded into the time embedding, and several
+control images go through the same hint encoder and are mixed before they are added to conv_in's output.
+
 Parameter names are the cldm release's (``control_model.`` stripped), so
 ``control_v11p_sd15_canny.pth`` loads without renaming; diffusers ``ControlNetModel`` weights go
 through ``diffstudio.convert.controlnet``.
@@ -28,12 +32,15 @@ ControlNet takes -1 at masked pixels); timesteps (B,); context (B, T, context_di
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from diffstudio.errors import InvalidSizeError
+from diffstudio.errors import InvalidInputError, InvalidSizeError
+from diffstudio.models.controlnet_union import add_union_layers, fuse_conditions, union_mode_index
 from diffstudio.models.unet import (
     ResBlock,
     SpatialTransformer,
@@ -59,6 +66,12 @@ class ControlNetConfig(UNetConfig):
     hint_channels: int = 3
     hint_block_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
     global_average_pooling: bool = False
+    # ControlNet-Union (models/controlnet_union.py): the number of control types (xinsir: 6, ProMax: 8; None =
+    # a plain ControlNet), the condition transformer's heads and blocks, the Fourier width of each one-hot value.
+    num_control_types: int | None = None
+    union_heads: int = 8
+    union_layers: int = 1
+    control_type_dim: int = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +101,8 @@ def hint_block(hint_channels: int, widths: list[int], model_channels: int) -> Ti
 class ControlNetModel(nn.Module):
     """``forward(x, hint, timesteps, context, y=None) -> [residual per input block ..., middle residual]``."""
 
+    fuses_modes = True  # a union one takes several (mode, control image) pairs in one call (pipeline/control.py)
+
     def __init__(self, config: ControlNetConfig):
         super().__init__()
         self.config = config
@@ -114,30 +129,76 @@ class ControlNetModel(nn.Module):
                                                     transformer(ch, c.transformer_depth_middle),
                                                     ResBlock(ch, emb_dim, ch, g))
         self.middle_block_out = zero_conv(ch)
+        if c.num_control_types:
+            add_union_layers(self, c.num_control_types, c.union_heads, c.union_layers, c.control_type_dim)
+        self.mode: int | str | Sequence[int | str] | None = None  # a union model's default mode (`with_mode`)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
+    @property
+    def is_union(self) -> bool:
+        return bool(self.config.num_control_types)
+
+    def mode_index(self, mode) -> int | list[int] | None:
+        """A union mode (a name of ``controlnet_union.UNION_MODES`` or an index; a list of them for several
+        control images) as task-embedding rows; None for a plain ControlNet, which takes no mode."""
+        if not self.is_union:
+            if mode is not None:
+                raise InvalidInputError(f"this ControlNet has no modes (got mode={mode!r}); only union ControlNets "
+                                        "(ControlNet-Union SDXL, FLUX union) take one")
+            return None
+        if isinstance(mode, (list, tuple)):
+            if not mode:
+                raise InvalidInputError("a ControlNet-Union call needs at least one mode")
+            return [union_mode_index(m, self.config.num_control_types) for m in mode]
+        return union_mode_index(mode, self.config.num_control_types)
+
+    def with_mode(self, mode) -> ControlNetModel:
+        """The same union ControlNet (shared weights, no copy) set to ``mode``, like ``FluxControlNet.with_mode``."""
+        self.mode_index(mode)  # checked now, not at the first step
+        twin = copy.copy(self)
+        twin.mode = mode
+        return twin
+
     def residual_channels(self) -> list[int]:
         """Channels of each residual, in forward's order (the UNet's skip widths, then the middle's)."""
         return [zc[0].out_channels for zc in self.zero_convs] + [self.middle_block_out[0].out_channels]
 
-    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
-                context: torch.Tensor | None = None, y: torch.Tensor | None = None, **extra) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, hint: torch.Tensor | Sequence[torch.Tensor], timesteps: torch.Tensor,
+                context: torch.Tensor | None = None, y: torch.Tensor | None = None, mode=None,
+                scales: Sequence[float] | None = None, **extra) -> list[torch.Tensor]:
         """x (B, C_in, H, W), hint (B, hint_channels, 8H, 8W), timesteps (B,), context (B, T, D), y (B, adm)
-        -> len(input_blocks) + 1 residuals. ``extra`` (other conditioning the pipeline passes) is unused."""
+        -> len(input_blocks) + 1 residuals. ``extra`` (other conditioning the pipeline passes) is unused.
+
+        A union model takes ``mode`` (else its ``self.mode``): one mode and one hint, or a list of modes with a
+        list of hints (one per mode) and optionally their ``scales`` (models/controlnet_union.py)."""
         c = self.config
         dtype = self.dtype
+        indices = self.mode_index(self.mode if mode is None else mode)
+        hints = list(hint) if isinstance(hint, (list, tuple)) else [hint]
+        if indices is None and len(hints) != 1:
+            raise InvalidInputError(f"a ControlNet that is not a union model takes one control image, got {len(hints)}")
+        indices = [indices] if isinstance(indices, int) else indices
+        if indices is not None and len(indices) != len(hints):
+            raise InvalidInputError(f"a ControlNet-Union call needs one control image per mode: {len(indices)} modes, "
+                                    f"{len(hints)} images")
         emb, context = embed_conditioning(self, x, timesteps, context, y)            # (B, 4*mc), (B, T, D)
+        if indices is not None:  # the control types in use, added to the time embedding
+            emb = emb + self.control_add_embedding(indices, x.shape[0], dtype, x.device)
 
-        guide = self.input_hint_block(hint.to(dtype), emb, context)                       # (B, mc, H, W)
         h = self.input_blocks[0](x.to(dtype), emb, context)                               # conv_in
-        if guide.shape[-2:] != h.shape[-2:]:
-            raise InvalidSizeError(f"the control image is {tuple(hint.shape[-2:])} pixels, which the hint encoder "
-                                   f"takes to {tuple(guide.shape[-2:])}, but the latent is {tuple(x.shape[-2:])}: "
-                                   "give a control image of the generated image's size (8x the latent's)")
-        h = h + guide
+        guides = [self.input_hint_block(g.to(dtype), emb, context) for g in hints]        # (B, mc, H, W) each
+        if guides[0].shape[-2:] != h.shape[-2:]:
+            raise InvalidSizeError(f"the control image is {tuple(hints[0].shape[-2:])} pixels, which the hint "
+                                   f"encoder takes to {tuple(guides[0].shape[-2:])}, but the latent is "
+                                   f"{tuple(x.shape[-2:])}: give a control image of the generated image's size "
+                                   "(8x the latent's)")
+        if indices is None:
+            h = h + guides[0]
+        else:
+            h = fuse_conditions(self, h, guides, indices, scales or [1.0] * len(guides))
         residuals = [self.zero_convs[0](h, emb, context)]
         for block, zero_conv in zip(self.input_blocks[1:], self.zero_convs[1:]):
             h = block(h, emb, context)

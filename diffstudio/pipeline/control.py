@@ -25,6 +25,7 @@ from diffstudio.pipeline.modules import NEGATIVE_ROWS, NETWORK, Generation, Wrap
 
 CONTROL_MODES = ("balanced", "prompt", "control")
 SOFT_DECAY = 0.825  # A1111's "My prompt is more important" per-layer weight base
+PREPROCESSORS = ("canny", "lineart", "softedge", "tile", "blur")  # ControlNetUnit.preprocess names (annotators)
 FRAMES = "frames"  # video runs: the frame indices of the rows' video window (video/animatediff.py)
 
 
@@ -39,6 +40,9 @@ class ControlNetUnit:
     preprocess: an annotator run on ``image`` first (``"canny"``, ``"lineart"``, ``"softedge"``, ``"tile"``,
         ``"blur"``, or any callable image -> image, e.g. a controlnet-aux detector; None = use as is).
     start / end: the fraction of the steps during which the unit acts (0 = first step, 1 = last).
+    mode: what the control image is, for ControlNets that take modes (union ControlNets: the SDXL ControlNet-Union's
+        ``"canny"``, ``"depth"``, ``"openpose"`` ..., FLUX union's ``"canny"``, ``"depth"`` ...; or an index). A
+        ControlNet-Union also takes a list of modes with a list of images, one per mode, fused in one call.
     """
 
     model: Any
@@ -48,6 +52,7 @@ class ControlNetUnit:
     end: float = 1.0
     preprocess: str | None = None
     control_mode: str = "balanced"
+    mode: int | str | list | tuple | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.start <= self.end <= 1.0:
@@ -55,6 +60,14 @@ class ControlNetUnit:
         if self.control_mode not in CONTROL_MODES:
             raise InvalidInputError(f"unknown control_mode {self.control_mode!r}; use one of "
                                     f"{', '.join(CONTROL_MODES)}")
+        if self.several_modes and (not isinstance(self.image, (list, tuple)) or len(self.image) != len(self.mode)):
+            raise InvalidInputError(f"a ControlNet unit with {len(self.mode)} modes takes a list of as many control "
+                                    "images, one per mode")
+
+    @property
+    def several_modes(self) -> bool:
+        """Several control images fused in one call of a union ControlNet (``mode`` a list, ``image`` one per mode)."""
+        return isinstance(self.mode, (list, tuple))
 
     def describe(self) -> dict:
         name = self.model if isinstance(self.model, str) else getattr(self.model, "source", type(self.model).__name__)
@@ -63,6 +76,8 @@ class ControlNetUnit:
             out["preprocess"] = preprocess_name(self.preprocess)
         if self.control_mode != "balanced":
             out["control_mode"] = self.control_mode
+        if self.mode is not None:
+            out["mode"] = list(self.mode) if self.several_modes else self.mode
         return out
 
 
@@ -86,8 +101,7 @@ def control_image(image, preprocess: str | None, width: int, height: int) -> tor
         hint = torch.nn.functional.interpolate(image.float(), size=size, mode="nearest-exact")
         top, left = (size[0] - height) // 2, (size[1] - width) // 2
         return hint[..., top:top + height, left:left + width]
-    preprocessors = {"canny": annotators.canny, "lineart": annotators.lineart, "softedge": annotators.softedge,
-                     "tile": annotators.tile, "blur": annotators.blur}
+    preprocessors = {name: getattr(annotators, name) for name in PREPROCESSORS}
     picture = load_image(image)
     if callable(preprocess):
         picture = load_image(preprocess(picture))
@@ -124,7 +138,11 @@ class ControlNets:
             model = gen.models.add_controlnet(unit.model) if isinstance(unit.model, (str,)) or hasattr(
                 unit.model, "__fspath__") else unit.model
             in_latent = getattr(model, "hint_space", "pixels") == "latent"
-            if isinstance(unit.image, (list, tuple)):
+            check_mode(model, unit)
+            if unit.several_modes:  # a union ControlNet's images, one per mode, fused in one call
+                hint = [control_image(i, unit.preprocess, r.width, r.height).to(gen.models.device, gen.models.dtype)
+                        for i in unit.image]
+            elif isinstance(unit.image, (list, tuple)):
                 if in_latent:
                     raise InvalidInputError("a ControlNet that reads its control image as a latent takes one "
                                             "image per run, not one per frame")
@@ -142,6 +160,20 @@ class ControlNets:
             return denoiser
         mark_negative_rows(gen)
         return ControlledDenoiser(denoiser, loaded, gen.models)
+
+
+def check_mode(model, unit: ControlNetUnit) -> None:
+    """Refuse a unit whose mode its ControlNet cannot take, or a union ControlNet's unit without a mode, now (not at
+    the first step). ControlNets with modes have ``mode_index`` (None without a mode, an error where one is needed)."""
+    if not hasattr(model, "mode_index"):
+        if unit.mode is not None:
+            raise InvalidInputError(f"this ControlNet ({type(model).__name__}) has no modes (got mode={unit.mode!r}); "
+                                    "only union ControlNets take one")
+        return
+    if unit.several_modes and not getattr(model, "fuses_modes", False):
+        raise InvalidInputError("only a ControlNet-Union (SDXL) fuses several control images in one unit; give "
+                                "this ControlNet one unit per image")
+    model.mode_index(getattr(model, "mode", None) if unit.mode is None else unit.mode)
 
 
 @dataclass
@@ -192,7 +224,11 @@ class ControlledDenoiser(Wrapper):
     t, context, y, **network_kwargs)`` (the rest of what the denoiser network receives, e.g. FLUX's guidance)
     and returns a list, or a dict of lists (FLUX: double and single blocks); the network takes the same
     structure as ``control=``. A DiT ControlNet that reads the control image in pixels (XLabs' FLUX ones) says
-    ``takes_network_kwargs = True`` to be called so with the pixel hint."""
+    ``takes_network_kwargs = True`` to be called so with the pixel hint.
+
+    A unit's ``mode`` goes to the call as ``mode=`` (union ControlNets; it wins over a ``with_mode`` handle's). A
+    ControlNet-Union unit with several modes is called with the list of its hints and ``scales`` (its scale, which
+    then weighs each hint inside the union's fusion instead of the residuals: diffusers' rule)."""
 
     takes_frames = True  # reads the ``frames`` entry of a video run (per-frame control images)
 
@@ -213,18 +249,25 @@ class ControlledDenoiser(Wrapper):
         context, y = cond.get("context"), cond.get("y")
         total = None
         for a in active:
-            rows = a.hint.rows(frames, x.shape[0]) if isinstance(a.hint, FrameHints) else \
-                a.hint.expand(x.shape[0], -1, -1, -1)
+            hints = a.hint if isinstance(a.hint, list) else [a.hint]
+            rows = [h.rows(frames, x.shape[0]) if isinstance(h, FrameHints) else h.expand(x.shape[0], -1, -1, -1)
+                    for h in hints]
             if tile is not None:
                 top, left, th, tw = (v * a.per_latent for v in tile)
-                rows = rows[..., top:top + th, left:left + tw]
+                rows = [r[..., top:top + th, left:left + tw] for r in rows]
+            rows = [r.to(device, dtype) for r in rows]
             dit = getattr(a.model, "takes_network_kwargs", a.per_latent == 1)  # DiT ControlNets only
             extra = _network_kwargs(cond, device, dtype) if dit else {}
+            if a.unit.mode is not None:
+                extra["mode"] = list(a.unit.mode) if a.unit.several_modes else a.unit.mode
+            scale = a.unit.scale
+            if len(rows) > 1:  # the scale weighs each image inside the union's fusion, not the residuals
+                extra["scales"], scale = [a.unit.scale] * len(rows), 1.0
             with torch.inference_mode():
-                res = a.model(x_in.to(device, dtype), rows.to(device, dtype), t.to(device),
+                res = a.model(x_in.to(device, dtype), rows if a.unit.several_modes else rows[0], t.to(device),
                               None if context is None else context.to(device, dtype),
                               None if y is None else y.to(device, dtype), **extra)
-            res = _weighted(res, a.unit, negative, x.shape[0], device, dtype)
+            res = _weighted(res, a.unit, negative, x.shape[0], device, dtype, scale)
             total = res if total is None else _summed(total, res)
         return self.inner(x, sigma, control=total, **cond)
 
@@ -238,13 +281,13 @@ def _network_kwargs(cond: dict, device, dtype) -> dict:
             for k, v in cond.items() if k not in skip}
 
 
-def _weighted(res, unit: ControlNetUnit, negative, rows: int, device, dtype):
+def _weighted(res, unit: ControlNetUnit, negative, rows: int, device, dtype, scale: float | None = None):
     """A unit's residuals times its scale; A1111's soft weights in "prompt" mode (over a UNet's list of layers),
     zero on unconditional rows in "control" mode. Lists and dicts of lists keep their structure; a tensor that
     fills several places of a list (a FLUX ControlNet's residual serves several blocks) is scaled once."""
     if isinstance(res, dict):
-        return {k: _weighted(v, unit, negative, rows, device, dtype) for k, v in res.items()}
-    scale = torch.full((rows,), float(unit.scale), device=device, dtype=dtype)
+        return {k: _weighted(v, unit, negative, rows, device, dtype, scale) for k, v in res.items()}
+    scale = torch.full((rows,), float(unit.scale if scale is None else scale), device=device, dtype=dtype)
     if unit.control_mode == "control" and negative is not None:
         scale = scale * (~negative.to(device)).to(dtype)
     layers = len(res)

@@ -49,6 +49,7 @@ class ControlNetSpec(Strict):
     end: float = 1.0
     preprocess: Literal["canny", "tile", "blur"] | None = None
     control_mode: Literal["balanced", "prompt", "control"] = "balanced"
+    mode: str | int | None = Field(None, description="union ControlNets: what the control image is (canny, depth ...)")
 
 
 class IPAdapterSpec(Strict):
@@ -120,7 +121,7 @@ def _spec(req: GenerateRequest, state) -> GenerationSpec:
             regions = RegionLayout(regions, global_weight=req.global_weight)
     units = [ControlNetUnit(str(state.catalog.controlnet(c.model).path),
                             decode_image(c.image, f"controlnets[{i}].image", limit), scale=c.scale, start=c.start,
-                            end=c.end, preprocess=c.preprocess, control_mode=c.control_mode)
+                            end=c.end, preprocess=c.preprocess, control_mode=c.control_mode, mode=c.mode)
              for i, c in enumerate(req.controlnets)]
     image_prompts = [] if req.ip_adapter is None else [_image_prompt(req.ip_adapter, state)]
     images = {name: None if data is None else decode_image(data, name, limit)
