@@ -16,7 +16,7 @@ pytest.importorskip("gradio")
 import diffstudio  # noqa: E402
 from diffstudio.server.app import create_app  # noqa: E402
 from diffstudio.webui import editor  # noqa: E402
-from diffstudio.webui.form import ImageForm, ImagePromptRow, RegionRow, queue_form, to_payload  # noqa: E402
+from diffstudio.webui.form import ControlRow, ImageForm, ImagePromptRow, RegionRow, queue_form, to_payload  # noqa: E402
 from diffstudio.webui.image_tab import preview_picture  # noqa: E402
 from diffstudio.webui.layout_files import load_layout_files, save_layout_zip  # noqa: E402
 from tests.server_fixtures import half_mask, picture  # noqa: E402
@@ -42,8 +42,10 @@ def test_form_values_become_the_v1_request():
     form = ImageForm("a red circle", "blurry", model="shapes-sd", sampler="euler_ancestral", steps=2, width=64,
                      height=64, seed=5, mode="inpaint", init_image=picture(1), mask=half_mask(), strength=0.6,
                      regions=[RegionRow("a blue square", 0.5, half_mask()), RegionRow("  ")], global_weight=0.3,
-                     loras=[("flat", 0.8), ("", 1.0)])
+                     loras=[("flat", 0.8), ("", 1.0)],
+                     controlnets=[ControlRow("union", picture(1), mode=" depth "), ControlRow("edges", picture(2))])
     payload = to_payload(form)
+    assert [c["mode"] for c in payload["controlnets"]] == ["depth", None]  # a union unit's mode; none for the other
     assert payload["steps"] == 2 and payload["cfg_scale"] is None and payload["scheduler"] is None  # 0 / "" = default
     assert payload["strength"] == 0.6 and payload["init_image"] and payload["mask"]
     assert [r["prompt"] for r in payload["regions"]] == ["a blue square"]  # a region without a prompt is left out

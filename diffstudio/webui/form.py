@@ -39,6 +39,7 @@ class ControlRow:
     start: float = 0.0
     end: float = 1.0
     control_mode: str = "balanced"
+    mode: str = ""  # union ControlNets: what the control image is (canny, depth ...); "" for single-task ones
 
 
 @dataclass
@@ -147,7 +148,7 @@ def _control(row: ControlRow) -> dict:
         raise FormError(f"unknown preprocessor {row.preprocess!r}; one of {', '.join(PREPROCESSORS)}")
     return {"model": row.model, "image": b64_png(row.image), "scale": float(row.scale), "start": float(row.start),
             "end": float(row.end), "preprocess": None if row.preprocess == "none" else row.preprocess,
-            "control_mode": row.control_mode}
+            "control_mode": row.control_mode, "mode": row.mode.strip() or None}
 
 
 def _image_prompt(row: ImagePromptRow) -> dict:

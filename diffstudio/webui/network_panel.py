@@ -24,6 +24,7 @@ class NetworkPanel:
     start: gr.Slider
     end: gr.Slider
     control_mode: gr.Radio
+    union_mode: gr.Textbox
     ip_model: gr.Dropdown
     ip_images: gr.Gallery
     ip_scale: gr.Slider
@@ -33,8 +34,8 @@ class NetworkPanel:
     @property
     def inputs(self) -> list:
         return [*self.loras, *self.strengths, self.control_model, self.control_image, self.preprocess, self.scale,
-                self.start, self.end, self.control_mode, self.ip_model, self.ip_images, self.ip_scale, self.ip_start,
-                self.ip_end]
+                self.start, self.end, self.control_mode, self.union_mode, self.ip_model, self.ip_images, self.ip_scale,
+                self.ip_start, self.ip_end]
 
 
 def lora_values(data: dict, panel: NetworkPanel) -> list[tuple[str, float]]:
@@ -46,7 +47,7 @@ def control_rows(data: dict, panel: NetworkPanel) -> list[ControlRow]:
         return []
     return [ControlRow(data[panel.control_model], data[panel.control_image], data[panel.preprocess],
                        float(data[panel.scale]), float(data[panel.start]), float(data[panel.end]),
-                       data[panel.control_mode])]
+                       data[panel.control_mode], data[panel.union_mode] or "")]
 
 
 def image_prompt_row(data: dict, panel: NetworkPanel) -> ImagePromptRow | None:
@@ -94,10 +95,14 @@ def build_network_panel(catalog) -> NetworkPanel:
             scale = gr.Slider(0, 2, value=1.0, step=0.05, label="scale")
             start = gr.Slider(0, 1, value=0.0, step=0.05, label="start")
             end = gr.Slider(0, 1, value=1.0, step=0.05, label="end")
-        control_mode = gr.Radio(["balanced", "prompt", "control"], value="balanced", label="Control mode")
+        with gr.Row():
+            control_mode = gr.Radio(["balanced", "prompt", "control"], value="balanced", label="Control mode")
+            union_mode = gr.Textbox(label="Union mode (canny, depth, openpose ...; union ControlNets only)",
+                                    elem_id="union-mode")
         show.click(annotate, [image, preprocess], preview)
     ip = build_ip_adapter_fields(catalog)
-    return NetworkPanel(dropdowns, strengths, model, image, preprocess, scale, start, end, control_mode, *ip)
+    return NetworkPanel(dropdowns, strengths, model, image, preprocess, scale, start, end, control_mode, union_mode,
+                        *ip)
 
 
 def build_ip_adapter_fields(catalog) -> tuple:
