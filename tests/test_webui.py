@@ -192,6 +192,22 @@ def test_animatediff_runs_as_a_job_and_leaves_the_cached_model_an_image_model(ap
     with pytest.raises(InvalidInputError, match="no motion module named"):
         queue_animatediff(state, AnimateDiffTask("shapes-sd", "nope", "x"))
 
+    from fastapi.testclient import TestClient
+
+    client = TestClient(app)  # not as a context manager: its exit would close the shared queue
+    body = {"prompt": "a red circle moving to the right", "motion": "shapes-motion", "frames": 6, "steps": 3, "seed": 2,
+            "context_length": 6}
+    answer = client.post("/v1/animatediff", json=body)
+    assert answer.status_code == 202, answer.text
+    api_job = state.jobs.get(answer.json()["id"])
+    assert api_job.done.wait(300) and api_job.state == "done", api_job.error
+    video = client.get(f"/v1/outputs/{api_job.outputs[0]}")
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    np.testing.assert_array_equal(np.stack(video_io.read_frames(str(state.outputs / api_job.outputs[0]))),
+                                  np.stack(written))  # the API's job is the UI's
+    refused = client.post("/v1/animatediff", json={"prompt": "x", "motion": "nope"})
+    assert refused.status_code == 422 and "no motion module named" in refused.text
+
 
 def test_lora_training_runs_as_a_job_with_its_loss_history_and_samples(app, models, tmp_path):
     pytest.importorskip("peft")

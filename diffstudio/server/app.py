@@ -33,7 +33,7 @@ from diffstudio.server.runner import GenerationSpec, run_job
 
 log = logging.getLogger("diffstudio.server")
 
-OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}-\d{1,4}\.png$")
+OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}(-\d{1,4}\.png|\.mp4)$")
 POLL_SECONDS = 0.02  # how often a waiting A1111 request looks at its job
 
 
@@ -60,11 +60,11 @@ class ServerState:
         return job
 
     def output_path(self, name: str) -> Path:
-        """The file of an output name; only ``<job id>-<n>.png`` names inside the outputs folder."""
+        """The file of an output name; only ``<job id>-<n>.png`` and ``<job id>.mp4`` names in the outputs folder."""
         from fastapi import HTTPException
 
         if not OUTPUT_NAME.match(name):
-            raise HTTPException(400, f"{name!r} is not an output name (they look like <job id>-0.png)")
+            raise HTTPException(400, f"{name!r} is not an output name (they look like <job id>-0.png or <job id>.mp4)")
         path = (self.outputs / name).resolve()
         if not path.is_relative_to(self.outputs) or not path.is_file():
             raise HTTPException(404, f"no output named {name}")

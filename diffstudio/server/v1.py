@@ -2,8 +2,9 @@
 prompt) as a queued job.
 
 ``POST /v1/generate`` answers 202 with a job id at once; ``GET /v1/jobs/{id}`` reports its state, progress
-and outputs; ``GET /v1/outputs/{name}`` serves an output PNG. Names of models, LoRAs, ControlNets and IP-Adapters
-are catalog names (``GET /v1/models``), never paths; images travel as base64.
+and outputs; ``POST /v1/animatediff`` queues an AnimateDiff video; ``GET /v1/outputs/{name}`` serves an output
+PNG or MP4. Names of models, LoRAs, ControlNets, IP-Adapters and motion modules are catalog names
+(``GET /v1/models``), never paths; images travel as base64.
 """
 
 from __future__ import annotations
@@ -170,6 +171,38 @@ def queue_generation(req: GenerateRequest, state) -> Job:
     return state.submit("generate", params, spec)
 
 
+class AnimateDiffRequest(Strict):
+    """An AnimateDiff text-to-video job (docs/animatediff.md): a checkpoint and a motion module by catalog name;
+    sizes, steps and CFG left out take the model's defaults. The output is ``/v1/outputs/<job id>.mp4``."""
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str | None = Field(None, description="a checkpoint name (GET /v1/models); default: the current one")
+    motion: str = Field(..., description="a motion module name (GET /v1/models, motion_modules)")
+    frames: int = 16
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    seed: int = 0
+    context_length: int = 16
+    fps: float = 8.0
+
+
+@router.post("/animatediff", status_code=202)
+def animatediff(req: AnimateDiffRequest, request: Request) -> dict:
+    """Queue an AnimateDiff video; 202 with the job id (the web UI's Video tab queues the same task)."""
+    from diffstudio.webui.animatediff_task import AnimateDiffTask
+
+    state = request.app.state.server
+    model = state.catalog.checkpoint(req.model or state.options["sd_model_checkpoint"]).name
+    task = AnimateDiffTask(model, req.motion, req.prompt, req.negative_prompt, req.frames, req.width or 0,
+                           req.height or 0, req.steps or 0, req.cfg_scale or 0.0, req.seed, req.context_length, req.fps)
+    task.check(state.catalog)
+    job = state.jobs.submit(Job.new("animatediff", task.params(), task))
+    return {"id": job.id, "state": job.state, "url": f"/v1/jobs/{job.id}"}
+
+
 @router.get("/jobs/{job_id}")
 def job_status(job_id: str, request: Request, preview: bool = True) -> dict:
     """State (queued, running, done, failed, interrupted), progress 0..1, outputs and their URLs, the error, and
@@ -195,8 +228,10 @@ def cancel_job(job_id: str, request: Request) -> dict:
 
 @router.get("/outputs/{name}")
 def output(name: str, request: Request) -> FileResponse:
-    """An output PNG by name (``<job id>-<n>.png``); nothing else under the outputs folder is served."""
-    return FileResponse(request.app.state.server.output_path(name), media_type="image/png")
+    """An output by name: a PNG (``<job id>-<n>.png``) or a video job's MP4 (``<job id>.mp4``); nothing else under
+    the outputs folder is served."""
+    path = request.app.state.server.output_path(name)
+    return FileResponse(path, media_type="video/mp4" if path.suffix == ".mp4" else "image/png")
 
 
 @router.get("/models")
