@@ -154,7 +154,8 @@ class Models:
         self.__dict__["offloader"] = None
         if mode is not None:
             modules = {r: m for r, m in self.components.items() if isinstance(m, torch.nn.Module)}
-            self.__dict__["offloader"] = Offloader(modules, device, mode, self.family.denoiser_role)
+            blockwise = {self.family.denoiser_role, *(spec.encoder_role for spec in self.family.text_encoders)}
+            self.__dict__["offloader"] = Offloader(modules, device, mode, blockwise)
         return self
 
     def add_embedding(self, path_or_folder, name: str | None = None) -> list:

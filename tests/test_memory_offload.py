@@ -34,7 +34,7 @@ def test_model_offload_moves_each_component_for_its_calls_in_order(demo):
             moves.append((names.get(id(module), "?"), str(where)))
         return module
 
-    offloader = Offloader(modules, "cuda", "model", demo.family.denoiser_role, move=record)
+    offloader = Offloader(modules, "cuda", "model", move=record)
     try:
         offloaded = _image(demo)
     finally:
@@ -69,7 +69,7 @@ def test_sequential_offload_moves_the_blocks_one_at_a_time(demo):
         return module
 
     modules = {r: m for r, m in demo.components.items() if isinstance(m, torch.nn.Module)}
-    offloader = Offloader(modules, "cuda", "sequential", "unet", move=record)
+    offloader = Offloader(modules, "cuda", "sequential", {"unet"}, move=record)
     try:
         with torch.inference_mode():
             unet(torch.zeros(1, 4, 8, 8), torch.tensor([10.0]), torch.zeros(1, 77, demo.configs["unet"].context_dim))
@@ -91,6 +91,15 @@ def test_fp8_storage_at_load_and_refused_where_the_model_cannot(tmp_path):
     from tests.tiny_flux import reference_models, write_bundle
 
     path = write_bundle(tmp_path / "aio.safetensors", *reference_models())
+    # FLUX's T5 is offloaded block by block too; the image is the same
+    args = dict(ARGS, steps=1)
+    plain = np.asarray(diffstudio.Pipeline(diffstudio.load(path))("a cat", **args)[0])
+    offloaded = diffstudio.load(path, offload="sequential")
+    assert set(offloaded.offloader._resident) == {"dit", "text_encoder", "text_encoder_2"}  # the VAE moves whole
+    t5 = offloaded.text_encoder_2
+    units = sequential_units(t5)
+    assert units[-len(t5.encoder.block):] == list(t5.encoder.block)  # (the tiny vocabulary is a block of its own)
+    assert np.array_equal(plain, np.asarray(diffstudio.Pipeline(offloaded)("a cat", **args)[0]))
     models = diffstudio.load(path, dtype=torch.float32, storage="fp8")
     linears = [m for m in models.dit.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)

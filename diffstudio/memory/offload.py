@@ -4,11 +4,11 @@
   prompts are encoded, the denoiser while sampling, the VAE while decoding) and stays there until another
   component's call needs the device, which sends it back to the host first. The device holds one component at
   a time; each moves twice per generation.
-* ``"sequential"``: the text encoders and the VAE as above; the denoiser's blocks (the items of its top-level
-  ModuleLists, and any other top-level child holding a tenth of its parameters, such as a UNet's middle block)
-  move to the device one at a time, for their call, and back after it. What is not in a block (embeddings, the
-  final layer) stays on the device. Every block crosses the bus twice per step: slow, the last resort. Blocks
-  are not prefetched.
+* ``"sequential"``: the VAE as above; the denoiser's and the text encoders' blocks (``sequential_units``: the
+  items of their ModuleLists, and any other top-level child holding a tenth of the parameters, such as a UNet's
+  middle block) move to the device one at a time, for their call, and back after it. What is not in a block
+  (embeddings, the final layer) moves with the component's first call and stays until another component's.
+  Every block crosses the bus twice per call: slow, the last resort. Blocks are not prefetched.
 
 Hooks do the moving, so the pipeline, the families and the models know nothing of it: a forward pre-hook on a
 component and on each of its direct children (``vae.decode`` is not ``forward``, but it calls children) moves
@@ -31,23 +31,27 @@ BLOCK_SHARE = 0.1  # a top-level child with at least this share of the parameter
 
 
 def sequential_units(module: nn.Module) -> list[nn.Module]:
-    """The blocks sequential offload moves one at a time, in the order they are registered."""
+    """The blocks sequential offload moves one at a time, in the order they are registered: the items of the
+    module's ModuleLists, and each other child holding ``BLOCK_SHARE`` of its parameters, itself, or, when that
+    child directly holds a ModuleList (T5's encoder stack), its blocks found the same way."""
     total = sum(p.numel() for p in module.parameters()) or 1
     units = []
     for child in module.children():
         if isinstance(child, nn.ModuleList):
             units += list(child)
         elif sum(p.numel() for p in child.parameters()) >= BLOCK_SHARE * total:
-            units.append(child)
-    return units
+            holds_list = any(isinstance(c, nn.ModuleList) for c in child.children())
+            units += sequential_units(child) if holds_list else [child]
+    return list({id(unit): unit for unit in units}.values())  # a module registered twice (T5's shared embedding)
 
 
 class Offloader:
     """Moves ``components`` (role -> module) between ``host`` and ``device`` as their calls need them.
     ``move(module_or_tensor, device)`` does each move and returns the moved object (tests record it)."""
 
-    def __init__(self, components: dict[str, nn.Module], device, mode: str, denoiser_role: str,
+    def __init__(self, components: dict[str, nn.Module], device, mode: str, blockwise=(),
                  host="cpu", move: Callable | None = None):
+        """``blockwise``: the roles that sequential offload moves block by block (the others move whole)."""
         if mode not in MODES:
             raise InvalidInputError(f"offload {mode!r}: choose one of {', '.join(MODES)} (or None)")
         self.device, self.host, self.mode = torch.device(device), torch.device(host), mode
@@ -55,9 +59,10 @@ class Offloader:
         self.current: str | None = None
         self.components = components
         self.handles = []
+        self._resident: dict[str, list] = {}
         for role, module in components.items():
             self.move(module, self.host)
-            if mode == "sequential" and role == denoiser_role:
+            if mode == "sequential" and role in blockwise and sequential_units(module):
                 self._hook_blocks(role, module)
             else:
                 self._hook_component(role, module)
@@ -75,14 +80,14 @@ class Offloader:
 
     def _hook_blocks(self, role: str, module: nn.Module) -> None:
         units = sequential_units(module)
-        in_units = {id(p) for unit in units for p in unit.parameters()}
-        resident = [p for p in module.parameters() if id(p) not in in_units]
+        in_units = {id(t) for unit in units for t in (*unit.parameters(), *unit.buffers())}
+        resident = [t for t in (*module.parameters(), *module.buffers()) if id(t) not in in_units]
 
-        def enter(_, args, kwargs):  # the denoiser's own call: its resident part to the device, once
+        def enter(_, args, kwargs):  # the component's call: its resident part to the device, once
             if self.current != role:
                 self.activate(role, whole=False)
-                for p in resident:
-                    p.data = self.move(p.data, self.device)
+                for tensor in resident:
+                    tensor.data = self.move(tensor.data, self.device)
             return self._inputs(args, kwargs)
 
         def block_in(unit, args, kwargs):
@@ -92,11 +97,12 @@ class Offloader:
         def block_out(unit, args, kwargs, output):
             self.move(unit, self.host)
 
-        self.handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+        for target in (module, *module.children()):  # children too: vae.decode-like entry points
+            self.handles.append(target.register_forward_pre_hook(enter, with_kwargs=True))
         for unit in units:
             self.handles.append(unit.register_forward_pre_hook(block_in, with_kwargs=True))
             self.handles.append(unit.register_forward_hook(block_out, with_kwargs=True))
-        self._resident = {role: resident}
+        self._resident[role] = resident
 
     def activate(self, role: str, whole: bool = True) -> None:
         """Make ``role`` the component on the device, sending the one there back to the host."""
@@ -111,9 +117,9 @@ class Offloader:
         """Send the component on the device back to the host (e.g. after a generation)."""
         if self.current is None:
             return
-        for p in getattr(self, "_resident", {}).get(self.current, ()):
-            p.data = self.move(p.data, self.host)
-        if self.current not in getattr(self, "_resident", {}):
+        for tensor in self._resident.get(self.current, ()):
+            tensor.data = self.move(tensor.data, self.host)
+        if self.current not in self._resident:
             self.move(self.components[self.current], self.host)
         self.current = None
 
