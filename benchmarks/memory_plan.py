@@ -8,8 +8,8 @@ resident set above what it held before the call (VmHWM - VmRSS, /proc/self/statu
 width and run one block of each kind (a DiT's activations do not depend on its depth; its weights are computed
 from the full-depth config).
 
-    OMP_NUM_THREADS=2 python benchmarks/memory_plan.py                 # every case
-    OMP_NUM_THREADS=2 python benchmarks/memory_plan.py --cases unet-sd15-512
+    OMP_NUM_THREADS=2 python benchmarks/memory_plan.py --cases sd35large-512,flux-512          # bf16
+    OMP_NUM_THREADS=2 python benchmarks/memory_plan.py --dtype fp32 --cases unet-sd15-256,unet-sdxl-512,vae-256,vae-512
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _unet(size: int, dtype, layout: str):
     from diffstudio.memory.estimate import denoiser_activation_bytes
 
     estimate = denoiser_activation_bytes("ldm_unet", config, size, size, text_tokens=77, batch=batch, dtype=dtype,
-                                          device_type="cpu")
+                                          device_type="cpu")  # (the chunked bf16 attention's scores on a CPU)
     return model, (lambda: model(x, t, ctx, **extra)), estimate
 
 
@@ -123,6 +123,7 @@ CASES = {
     "flux-512": lambda dtype: _flux(512, dtype),
     "flux-768": lambda dtype: _flux(768, dtype),
     "sd35large-512": lambda dtype: _mmdit(512, dtype),
+    "unet-sd15-256": lambda dtype: _unet(256, dtype, "sd15"),
     "unet-sd15-512": lambda dtype: _unet(512, dtype, "sd15"),
     "unet-sdxl-512": lambda dtype: _unet(512, dtype, "sdxl"),
     "vae-256": lambda dtype: _vae(256, dtype),
@@ -130,13 +131,13 @@ CASES = {
 }
 
 
-def child(name: str, threads: int) -> None:
+def child(name: str, threads: int, dtype_name: str) -> None:
     import torch
 
     from diffstudio.memory.measure import TensorPeak, process_memory
 
     torch.set_num_threads(threads)
-    dtype = torch.bfloat16
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     model, call, estimate = CASES[name](dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     before = process_memory()["VmRSS"]
@@ -154,19 +155,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.threads)
+        child(args.child, args.threads, args.dtype)
         return
     import torch
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s), "
-          f"torch {torch.__version__}, bf16; load average {os.getloadavg()[0]:.1f}")
+          f"torch {torch.__version__}, {args.dtype}; load average {os.getloadavg()[0]:.1f}")
     print("| case | weights | estimate | tensor peak | estimate / tensor peak | RSS peak above before | time |")
     print("|---|---|---|---|---|---|---|")
     for name in args.cases.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", name, "--threads", str(args.threads)],
+        out = subprocess.run([sys.executable, __file__, "--child", name, "--threads", str(args.threads),
+                              "--dtype", args.dtype],
                              capture_output=True, text=True)
         if out.returncode:
             print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} |")

@@ -95,10 +95,10 @@ def test_vae_decode_whole_and_tiled():
     z = torch.randn(1, 4, 24, 24)
     measured = _measure(lambda: vae.decode(z))
     assert _close(estimate.vae_decode_bytes(config, 192, 192, dtype=torch.float32, tiled=False), measured)
-    # tiled: one 12-latent tile at a time (the estimate's tile is DECODE_TILE; scaled down here)
-    z = torch.randn(1, 4, 32, 32)
-    measured = _measure(lambda: decode_tiled(vae, z, tile=12, overlap=4))
-    expected = 96 * 96 * estimate.VAE_FACTOR * 32 * 4 + 256 * 256 * estimate.TILE_ACCUMULATOR_BYTES_PER_PIXEL
+    # tiled: one 16-latent tile at a time (the estimate's tile is DECODE_TILE; scaled down here)
+    z = torch.randn(1, 4, 40, 40)
+    measured = _measure(lambda: decode_tiled(vae, z, tile=16, overlap=4, progress=False))
+    expected = 128 * 128 * estimate.VAE_FACTOR * 32 * 4 + 320 * 320 * estimate.TILE_ACCUMULATOR_BYTES_PER_PIXEL
     assert _close(expected, measured), (expected, measured)
 
 

@@ -22,8 +22,20 @@ def _meta_detection(arch: str, config):
     return diffstudio.detect({"model.diffusion_model." + k: v for k, v in sd.items()})
 
 
+class _Released(dict):
+    """The released denoisers' layouts, each built when a test first asks for it."""
+
+    def __missing__(self, name):
+        self[name] = _released(name)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def released():
+    return _Released()
+
+
+def _released(name: str):
     from diffstudio.detect.mmdit import config_from_diffusers as mmdit_config
     from diffstudio.detect.unet import config_from_diffusers as unet_config
     from diffstudio.models.flux import FluxConfig
@@ -32,10 +44,11 @@ def released():
     sd35_large = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
                       joint_attention_dim=4096, pooled_projection_dim=2048, num_layers=38, num_attention_heads=38,
                       caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm")
-    return {"flux-dev": _meta_detection("flux_dit", FluxConfig()),
-            "sd3.5-large": _meta_detection("mmdit", mmdit_config(sd35_large)),
-            "sdxl": _meta_detection("ldm_unet", unet_config(SDXL_UNET)),
-            "sd15": _meta_detection("ldm_unet", unet_config(SD15_UNET))}
+    if name == "flux-dev":
+        return _meta_detection("flux_dit", FluxConfig())
+    if name == "sd3.5-large":
+        return _meta_detection("mmdit", mmdit_config(sd35_large))
+    return _meta_detection("ldm_unet", unet_config({"sdxl": SDXL_UNET, "sd15": SD15_UNET}[name]))
 
 
 PLAIN, FP8 = Option(False, None, False), Option(True, None, False)
@@ -99,6 +112,17 @@ def test_larger_images_and_batches_need_more(released):
         return chosen.phases["sample"] - sum(chosen.weights.values())
 
     assert activation(large) > 3 * activation(small) and activation(batch) > 3 * activation(small)
+
+
+def test_a_model_in_several_files_is_planned_whole(tmp_path):
+    from tests.tiny_flux import reference_models, write_bfl_files
+
+    files = write_bfl_files(tmp_path, *reference_models())
+    whole = plan([files[r] for r in ("dit", "vae", "text_encoder", "text_encoder_2")], 256, 256,
+                 device_type="cpu", host_free=8 * GIB)
+    assert not whole.assumed and set(whole.weights) == {"dit", "vae", "text_encoder", "text_encoder_2"}
+    alone = plan(files["dit"], 256, 256, device_type="cpu", host_free=64 * GIB)
+    assert len(alone.assumed) == 3 and alone.weights["text_encoder_2"] > 9 * 10 ** 9  # T5-XXL as released
 
 
 def test_memory_sizes():

@@ -17,7 +17,7 @@ Two kinds of bytes:
     4x) at the largest attended level, else a ResNet's at the full latent size, so ``units = batch *
     (sum of skips + max over levels of pixels x width x (UNET_ATTENTION_WIDTH or UNET_RESNET_WIDTH))``.
   - VAE decode: the last levels run at full image size, so ``units = pixels x block_out_channels[0]``; tiled,
-    the pixels are one tile's, plus the full-size fp32 accumulators that the tiles are blended into.
+    the pixels are one tile's, plus the full-size fp32 sums that the tiles are blended into.
   - Text encoders: ``batch * tokens * (feed-forward width + 4 x width)`` plus T5's attention scores
     (``heads * tokens^2`` in fp32, transformers' T5 computes them eagerly); small next to the rest.
 """
@@ -31,17 +31,19 @@ import torch
 from diffstudio.models.unet import CPU_BF16_SCORE_CHUNK
 from diffstudio.pipeline.tiled_vae import DECODE_TILE
 
-# Calibrated factors (bytes of live activations per unit per byte of the compute dtype), measured with
-# benchmarks/memory_plan.py on real-size layouts (docs/memory.md gives the runs).
+# Calibrated factors (bytes of live activations per unit per byte of the compute dtype): fitted on tiny widths
+# (tests/test_memory_estimate.py) and checked at the released widths with benchmarks/memory_plan.py (docs/memory.md).
 # DiTs: (per image-token unit, per text-token unit). FLUX's text tokens run through the same blocks as the image's;
 # SD3's context stream is lighter at the moment of the peak (the image stream's MLP).
 DIT_FACTORS = {"flux_dit": (22.5, 22.5), "mmdit": (18.0, 8.6)}
 UNET_FACTOR = 0.96
 UNET_ATTENTION_WIDTH = 18.0  # a transformer block's feed-forward: x, norm, 8C projection, 4C gelu, 4C product
 UNET_RESNET_WIDTH = 6.0  # a ResNet block: x, norm, activation, conv, the skip concatenated in the decoder
-VAE_FACTOR = 5.15
-# The dtype VAE tiles are blended in (pipeline/tiled_vae.py accumulates in fp32) and the buffers it keeps.
-TILE_ACCUMULATOR_BYTES_PER_PIXEL = 3 * 4 * 2 + 4  # output sum and its division (3 x fp32 each), weight sum
+VAE_FACTOR = 5.7
+# pipeline/tiled_vae.py blends the tiles in fp32: while they run it holds the output sum (3 x fp32) and the weight
+# sum (fp32) per image pixel; at the end the division adds a second 3 x fp32.
+TILE_ACCUMULATOR_BYTES_PER_PIXEL = 3 * 4 + 4
+TILE_FINISH_BYTES_PER_PIXEL = 3 * 4 * 2 + 4
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -132,8 +134,8 @@ def vae_decode_bytes(config, width: int, height: int, *, dtype: torch.dtype, til
     per_pixel = VAE_FACTOR * config.block_out_channels[0] * dtype_bytes(dtype)
     if not tiled or (width <= DECODE_TILE * downscale and height <= DECODE_TILE * downscale):
         return int(batch * width * height * per_pixel)
-    return int(batch * (vae_tile_pixels(width, height, downscale) * per_pixel
-                        + width * height * TILE_ACCUMULATOR_BYTES_PER_PIXEL))
+    running = vae_tile_pixels(width, height, downscale) * per_pixel + width * height * TILE_ACCUMULATOR_BYTES_PER_PIXEL
+    return int(batch * max(running, width * height * TILE_FINISH_BYTES_PER_PIXEL))
 
 
 def text_encoder_bytes(arch: str, config, tokens: int, batch: int, dtype: torch.dtype) -> int:

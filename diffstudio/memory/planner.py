@@ -111,6 +111,8 @@ def _gib(n: int) -> str:
 
 def detect_sources(*paths):
     """Detection of the model ``load(*paths)`` would build, from the files' headers (no weights read)."""
+    from types import SimpleNamespace
+
     from diffstudio.detect import detect
     from diffstudio.families import get_family
     from diffstudio.io.state_dict import read_state_dict_meta
@@ -121,7 +123,7 @@ def detect_sources(*paths):
         path = Path(path).expanduser()
         if path.is_file():
             found = detect(*read_state_dict_meta(path))
-            parts = dict.fromkeys(found.components)
+            parts = {role: SimpleNamespace(source=str(path)) for role in found.components}  # what errors name
         else:  # folders: their components are memory-mapped, not read
             found, parts = read_source(path)
         if detection is None:
