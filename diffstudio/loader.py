@@ -143,9 +143,9 @@ class Models:
         return add_motion_module(self, path, hints=hints)
 
     def enable_offload(self, mode: str | None, device) -> Models:
-        """Keep the components on the host and move each to ``device`` for its calls ("model"), or the denoiser
-        block by block ("sequential"); None takes the offload off (components stay on the host).
-        memory/offload.py."""
+        """Keep the components on the host and move each to ``device`` for its calls ("model"), or the denoiser's
+        and the text encoders' blocks one at a time ("sequential"); None takes the offload off (the components
+        stay on the host). memory/offload.py."""
         from diffstudio.memory.offload import Offloader
 
         old = self.__dict__.get("offloader")
