@@ -21,6 +21,7 @@ from diffstudio.errors import (
     DiffstudioError,
     InvalidInputError,
     InvalidSizeError,
+    MemoryPlanError,
     ModelNotFoundError,
     NaNError,
     RegionError,
@@ -98,7 +99,7 @@ def download(repo_id: str, filename: str | None = None, **kwargs):
 
 __all__ = [
     "ControlNetUnit", "ConversionError", "CorruptFileError", "Detection", "DiffstudioError", "HiresFix", "ImagePrompt",
-    "InvalidInputError",
+    "InvalidInputError", "MemoryPlanError",
     "InvalidSizeError", "Models", "ModelNotFoundError", "NaNError", "Pipeline", "Region", "RegionError",
     "RegionLayout", "Request", "TiledDiffusion", "UnknownModelError",
     "UnsafeCheckpointError", "UnsupportedFormatError", "detect", "download", "load",

@@ -173,6 +173,24 @@ def _union_mode(models, unit: dict) -> dict:
     return unit
 
 
+def cmd_plan(args) -> int:
+    import torch
+
+    from diffstudio.memory.planner import parse_size, plan
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device = parse_size(args.device_memory) if args.device_memory else None
+    host = parse_size(args.host_memory) if args.host_memory else None
+    chosen = plan(args.model, args.width, args.height, device_free=device, host_free=host, batch=args.batch_size,
+                  dtype=dtype)
+    print(chosen.explain())
+    kwargs = chosen.load_kwargs()
+    print("  load with: diffstudio.load(..., " + ", ".join(
+        f"{k}={v!r}" if not isinstance(v, torch.dtype) else f"{k}=torch.{str(v).removeprefix('torch.')}"
+        for k, v in kwargs.items()) + "); Pipeline(...)(..., tiled_vae=" + str(chosen.tiled_vae) + ")")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from diffstudio.io.recipe import image_format, save_image
 
@@ -508,6 +526,20 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="say what a model file or folder is (or why it is not recognised)")
     info.add_argument("path")
     info.set_defaults(func=cmd_info)
+
+    plan = sub.add_parser("plan", help="say how a model fits this machine's memory (dtype, fp8, offload, VAE tiling)",
+                          description="Choose, from the model files' headers alone, the compute dtype, fp8 storage "
+                          "of the denoiser, offload and VAE tiling that fit the device's and the host's free memory, "
+                          "and say why (docs/memory.md). Nothing is loaded.")
+    plan.add_argument("model", nargs="+", help="the model's files or folder, as `generate --model` takes them")
+    plan.add_argument("--width", type=int, default=1024)
+    plan.add_argument("--height", type=int, default=1024)
+    plan.add_argument("--batch-size", type=int, default=1)
+    plan.add_argument("--device-memory", help="the device's free memory, e.g. 8GiB (default: the free memory of "
+                      "the CUDA device; without one the device is the host)")
+    plan.add_argument("--host-memory", help="the host's free memory, e.g. 24GiB (default: MemAvailable)")
+    plan.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    plan.set_defaults(func=cmd_plan)
 
     _add_generate_parser(sub)
     _add_batch_parser(sub)

@@ -106,3 +106,9 @@ class IPAdapterMismatchError(DiffstudioError, ValueError):
 class FrameCountError(InvalidInputError):
     """A frame count a video model cannot take (CogVideoX: 4k + 1 frames, one latent frame per four video
     frames after the first)."""
+
+
+class MemoryPlanError(DiffstudioError, MemoryError):
+    """A model that cannot run in the memory given, whatever the plan (dtype, fp8 storage, offload, VAE tiling);
+    raised before anything loads. The message names the smallest plan tried, what it needs on the device and
+    on the host, and the shortfall (docs/memory.md)."""

@@ -142,6 +142,22 @@ class Models:
 
         return add_motion_module(self, path, hints=hints)
 
+    def enable_offload(self, mode: str | None, device) -> Models:
+        """Keep the components on the host and move each to ``device`` for its calls ("model"), or the denoiser's
+        and the text encoders' blocks one at a time ("sequential"); None takes the offload off (the components
+        stay on the host). memory/offload.py."""
+        from diffstudio.memory.offload import Offloader
+
+        old = self.__dict__.get("offloader")
+        if old is not None:
+            old.remove()
+        self.__dict__["offloader"] = None
+        if mode is not None:
+            modules = {r: m for r, m in self.components.items() if isinstance(m, torch.nn.Module)}
+            blockwise = {self.family.denoiser_role, *(spec.encoder_role for spec in self.family.text_encoders)}
+            self.__dict__["offloader"] = Offloader(modules, device, mode, blockwise)
+        return self
+
     def add_embedding(self, path_or_folder, name: str | None = None) -> list:
         """Add a textual-inversion embedding file, or every one under a folder, to this model's prompts
         (by file stem, or ``name``); a name added again is replaced. Returns the embeddings added."""
@@ -328,14 +344,15 @@ def _read_released_folder(folder: Path) -> tuple[Detection, dict[str, Part]] | N
 # Building modules.
 
 def build_component(role: str, arch_name: str, part: Part, dtype: torch.dtype, device,
-                    consume: bool = False) -> torch.nn.Module:
-    """``consume``: empty ``part.state_dict`` while casting (lower peak memory; the loader's own parts)."""
+                    consume: bool = False, lowbit: torch.dtype | None = None) -> torch.nn.Module:
+    """``consume``: empty ``part.state_dict`` while casting (lower peak memory; the loader's own parts).
+    ``lowbit``: store the Linear weights in this float8 dtype (when the architecture computes that way)."""
     arch = ARCHS[arch_name]
     with torch.device("meta"):
         module = arch.build(part.config)
     from diffstudio.models.lowbit import cast_keeping_lowbit
 
-    state = cast_keeping_lowbit(module, part.state_dict, dtype, device, consume)  # float8 Linears stay float8
+    state = cast_keeping_lowbit(module, part.state_dict, dtype, device, consume, lowbit)  # float8 Linears stay
     if arch_name == "clip_text":
         from diffstudio.convert.clip import to_installed_transformers_layout
 
@@ -383,8 +400,17 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "demo" / "weights" / "shapes-sd.safetensors"
 
 
-def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Models:
-    """Load a model from files/folders; with no path, the packaged Shapes demo model."""
+def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", offload: str | None = None,
+         storage: str | None = None) -> Models:
+    """Load a model from files/folders; with no path, the packaged Shapes demo model.
+
+    ``storage="fp8"`` stores the denoiser's Linear weights in float8 (computed in ``dtype``, models/lowbit.py).
+    ``offload`` ("model" or "sequential", memory/offload.py) keeps the components on the host and moves them to
+    ``device`` for their calls. ``diffstudio.memory.planner.plan`` chooses these for a machine (docs/memory.md)."""
+    if offload is not None:
+        models = load(*paths, dtype=dtype, device="cpu", storage=storage)
+        models.enable_offload(offload, device)
+        return models
     if not paths:
         paths = (default_model_path(),)
         if not paths[0].exists():
@@ -409,6 +435,10 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
         import importlib
 
         module, name = family.own_loader.split(":")
+        if storage is not None:
+            from diffstudio.errors import InvalidInputError
+
+            raise InvalidInputError(f"storage={storage!r} is not available for {family.name} models")
         return getattr(importlib.import_module(module), name)(*paths, dtype=dtype, device=device)
     for extra in paths[1:]:
         detection, extra_parts = read_source(extra)
@@ -432,16 +462,28 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
     building = [role for role in family.roles if role.name in parts]
     bar = tqdm(building, desc=f"loading {family.name}", unit="part", leave=False,
                disable=len(building) < 2 or sum(p.numel() for p in parts.values()) < 50_000_000)
+    lowbit = _storage_dtype(storage)
     for role in bar:
         bar.set_postfix_str(role.name)
         components[role.name] = build_component(role.name, role.arch, parts[role.name], dtype, device,
-                                                consume=True)
+                                                consume=True, lowbit=lowbit if role.name == family.denoiser_role
+                                                else None)
     sources = {role: part.source for role, part in parts.items()}
     for spec in family.text_encoders:
         components[spec.tokenizer_role] = _tokenizer(spec, sources)
     configs = {r: p.config for r, p in parts.items()}
     return Models(family, components, configs, sources, base_detection,
                   _stored_defaults(paths[0]) or _demo_copy_defaults(family, configs))
+
+
+def _storage_dtype(storage: str | None) -> torch.dtype | None:
+    if storage is None:
+        return None
+    if storage != "fp8":
+        from diffstudio.errors import InvalidInputError
+
+        raise InvalidInputError(f"storage={storage!r}: the one storage besides the compute dtype is 'fp8'")
+    return torch.float8_e4m3fn
 
 
 def _width(config) -> int | None:

@@ -50,7 +50,7 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
 
 
 def cast_keeping_lowbit(module: nn.Module, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                        device, consume: bool = False) -> dict[str, torch.Tensor]:
+                        device, consume: bool = False, lowbit: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The state dict to assign to ``module`` (built, e.g. on the meta device, not yet loaded).
 
     Floating tensors are cast to ``dtype`` on ``device``, except the float8 weights of ``nn.Linear``
@@ -60,12 +60,22 @@ def cast_keeping_lowbit(module: nn.Module, state_dict: Mapping[str, torch.Tensor
     ``consume=True`` (the loader's own state dicts) pops each tensor from ``state_dict`` as it is
     cast, so a source and its cast copy coexist one tensor at a time, not one model at a time: loading
     T5-XXL from fp16 into bf16 peaks at ~9.5 GB instead of ~19 GB.
+
+    ``lowbit`` (a float8 dtype): store every Linear weight in it, whatever the file holds (``load(...,
+    storage="fp8")``), when the module opts in; a plain cast, as the released fp8 files are.
     """
     keep: set[str] = set()
-    if getattr(module, "lowbit_storage", False) and any(is_lowbit(v) for v in state_dict.values()):
+    opted_in = getattr(module, "lowbit_storage", False)
+    if lowbit is not None and not opted_in:
+        from diffstudio.errors import InvalidInputError
+
+        raise InvalidInputError(f"a {type(module).__name__} computes in its weights' dtype, so it cannot store them "
+                                "in float8 (storage='fp8' is for the DiTs: FLUX, SD3, CogVideoX)")
+    if opted_in and (lowbit is not None or any(is_lowbit(v) for v in state_dict.values())):
         for name, layer in module.named_modules():
             key = f"{name}.weight" if name else "weight"
-            if type(layer) in (nn.Linear, Linear, UpcastLinear) and key in state_dict and is_lowbit(state_dict[key]):
+            if type(layer) in (nn.Linear, Linear, UpcastLinear) and key in state_dict and (
+                    lowbit is not None or is_lowbit(state_dict[key])):
                 layer.__class__ = UpcastLinear  # same parameters and state-dict keys, upcasting forward
                 keep.add(key)
         module.compute_dtype = dtype
@@ -73,7 +83,7 @@ def cast_keeping_lowbit(module: nn.Module, state_dict: Mapping[str, torch.Tensor
     for key in list(state_dict):
         value = state_dict.pop(key) if consume and isinstance(state_dict, dict) else state_dict[key]
         if key in keep:
-            out[key] = value.to(device)
+            out[key] = value.to(device=device, dtype=lowbit or value.dtype)
         elif value.is_floating_point():
             out[key] = value.to(device=device, dtype=dtype)
         else:

@@ -1,0 +1,131 @@
+"""Offload: a model's components live on the host and move to the compute device for their calls.
+
+* ``"model"``: a whole component moves to the device when one of its calls starts (the text encoders while the
+  prompts are encoded, the denoiser while sampling, the VAE while decoding) and stays there until another
+  component's call needs the device, which sends it back to the host first. The device holds one component at
+  a time; each moves twice per generation.
+* ``"sequential"``: the VAE as above; the denoiser's and the text encoders' blocks (``sequential_units``: the
+  items of their ModuleLists, and any other top-level child holding a tenth of the parameters, such as a UNet's
+  middle block) move to the device one at a time, for their call, and back after it. What is not in a block
+  (embeddings, the final layer) moves with the component's first call and stays until another component's.
+  Every block crosses the bus twice per call: slow, the last resort. Blocks are not prefetched.
+
+Hooks do the moving, so the pipeline, the families and the models know nothing of it: a forward pre-hook on a
+component and on each of its direct children (``vae.decode`` is not ``forward``, but it calls children) moves
+the component when needed, and the tensors of the call's arguments to the device. The results stay on the
+device; callers already move what they keep (latents live on the host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from diffstudio.errors import InvalidInputError
+
+MODES = ("model", "sequential")
+BLOCK_SHARE = 0.1  # a top-level child with at least this share of the parameters is a block of its own
+
+
+def sequential_units(module: nn.Module) -> list[nn.Module]:
+    """The blocks sequential offload moves one at a time, in the order they are registered: the items of the
+    module's ModuleLists, and each other child holding ``BLOCK_SHARE`` of its parameters, itself, or, when that
+    child directly holds a ModuleList (T5's encoder stack), its blocks found the same way."""
+    total = sum(p.numel() for p in module.parameters()) or 1
+    units = []
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            units += list(child)
+        elif sum(p.numel() for p in child.parameters()) >= BLOCK_SHARE * total:
+            holds_list = any(isinstance(c, nn.ModuleList) for c in child.children())
+            units += sequential_units(child) if holds_list else [child]
+    return list({id(unit): unit for unit in units}.values())  # a module registered twice (T5's shared embedding)
+
+
+class Offloader:
+    """Moves ``components`` (role -> module) between ``host`` and ``device`` as their calls need them.
+    ``move(module_or_tensor, device)`` does each move and returns the moved object (tests record it)."""
+
+    def __init__(self, components: dict[str, nn.Module], device, mode: str, blockwise=(),
+                 host="cpu", move: Callable | None = None):
+        """``blockwise``: the roles that sequential offload moves block by block (the others move whole)."""
+        if mode not in MODES:
+            raise InvalidInputError(f"offload {mode!r}: choose one of {', '.join(MODES)} (or None)")
+        self.device, self.host, self.mode = torch.device(device), torch.device(host), mode
+        self.move = move or (lambda module, where: module.to(where))
+        self.current: str | None = None
+        self.components = components
+        self.handles = []
+        self._resident: dict[str, list] = {}
+        for role, module in components.items():
+            self.move(module, self.host)
+            if mode == "sequential" and role in blockwise and sequential_units(module):
+                self._hook_blocks(role, module)
+            else:
+                self._hook_component(role, module)
+
+    def _inputs(self, args, kwargs):
+        return tree_map(lambda v: self.move(v, self.device) if isinstance(v, torch.Tensor) else v, (args, kwargs))
+
+    def _hook_component(self, role: str, module: nn.Module) -> None:
+        def enter(_, args, kwargs):
+            self.activate(role)
+            return self._inputs(args, kwargs)
+
+        for target in (module, *module.children()):
+            self.handles.append(target.register_forward_pre_hook(enter, with_kwargs=True))
+
+    def _hook_blocks(self, role: str, module: nn.Module) -> None:
+        units = sequential_units(module)
+        in_units = {id(t) for unit in units for t in (*unit.parameters(), *unit.buffers())}
+        resident = [t for t in (*module.parameters(), *module.buffers()) if id(t) not in in_units]
+
+        def enter(_, args, kwargs):  # the component's call: its resident part to the device, once
+            if self.current != role:
+                self.activate(role, whole=False)
+                for tensor in resident:
+                    tensor.data = self.move(tensor.data, self.device)
+            return self._inputs(args, kwargs)
+
+        def block_in(unit, args, kwargs):
+            self.move(unit, self.device)
+            return self._inputs(args, kwargs)
+
+        def block_out(unit, args, kwargs, output):
+            self.move(unit, self.host)
+
+        for target in (module, *module.children()):  # children too: vae.decode-like entry points
+            self.handles.append(target.register_forward_pre_hook(enter, with_kwargs=True))
+        for unit in units:
+            self.handles.append(unit.register_forward_pre_hook(block_in, with_kwargs=True))
+            self.handles.append(unit.register_forward_hook(block_out, with_kwargs=True))
+        self._resident[role] = resident
+
+    def activate(self, role: str, whole: bool = True) -> None:
+        """Make ``role`` the component on the device, sending the one there back to the host."""
+        if self.current == role:
+            return
+        self.release()
+        if whole:
+            self.move(self.components[role], self.device)
+        self.current = role
+
+    def release(self) -> None:
+        """Send the component on the device back to the host (e.g. after a generation)."""
+        if self.current is None:
+            return
+        for tensor in self._resident.get(self.current, ()):
+            tensor.data = self.move(tensor.data, self.host)
+        if self.current not in self._resident:
+            self.move(self.components[self.current], self.host)
+        self.current = None
+
+    def remove(self) -> None:
+        """Take the hooks off; every component stays on the host."""
+        self.release()
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()

@@ -1,0 +1,109 @@
+"""Model and sequential offload (memory/offload.py) and fp8 storage at load, on the CPU: the moves happen in the
+order of the calls (recorded, with a fake device), and the images are bit-identical with and without offload."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diffstudio
+from diffstudio.errors import InvalidInputError
+from diffstudio.memory.offload import Offloader, sequential_units
+
+ARGS = dict(width=64, height=64, steps=2, seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return diffstudio.load()
+
+
+def _image(models) -> np.ndarray:
+    return np.asarray(diffstudio.Pipeline(models)("a red circle", **ARGS)[0])
+
+
+def test_model_offload_moves_each_component_for_its_calls_in_order(demo):
+    plain = _image(demo)
+    moves = []
+    names = {id(m): r for r, m in demo.components.items() if isinstance(m, torch.nn.Module)}
+    modules = {r: m for r, m in demo.components.items() if isinstance(m, torch.nn.Module)}
+
+    def record(module, where):  # a fake device: log the move, keep the weights where they are
+        if isinstance(module, torch.nn.Module):
+            moves.append((names.get(id(module), "?"), str(where)))
+        return module
+
+    offloader = Offloader(modules, "cuda", "model", move=record)
+    try:
+        offloaded = _image(demo)
+    finally:
+        offloader.remove()
+    to_device = [role for role, where in moves if where == "cuda"]
+    assert to_device == ["text_encoder", "unet", "vae"]
+    # each goes back to the host before the next comes (and the last one when the offload is removed)
+    assert moves[len(modules):] == [("text_encoder", "cuda"), ("text_encoder", "cpu"), ("unet", "cuda"),
+                                    ("unet", "cpu"), ("vae", "cuda"), ("vae", "cpu")]
+    assert np.array_equal(plain, offloaded)
+
+
+def test_offload_on_the_cpu_gives_the_same_image():
+    plain = _image(diffstudio.load())
+    for mode in ("model", "sequential"):
+        models = diffstudio.load(offload=mode, device="cpu")
+        assert np.array_equal(plain, _image(models)), mode
+        models.enable_offload(None, "cpu")
+        assert models.__dict__["offloader"] is None
+
+
+def test_sequential_offload_moves_the_blocks_one_at_a_time(demo):
+    unet = demo.unet
+    units = sequential_units(unet)
+    assert len(units) == len(unet.input_blocks) + len(unet.output_blocks) + 1  # and the middle block
+    moves = []
+    unit_names = {id(u): i for i, u in enumerate(units)}
+
+    def record(module, where):
+        if isinstance(module, torch.nn.Module):
+            moves.append((unit_names.get(id(module), type(module).__name__), str(where)))
+        return module
+
+    modules = {r: m for r, m in demo.components.items() if isinstance(m, torch.nn.Module)}
+    offloader = Offloader(modules, "cuda", "sequential", {"unet"}, move=record)
+    try:
+        with torch.inference_mode():
+            unet(torch.zeros(1, 4, 8, 8), torch.tensor([10.0]), torch.zeros(1, 77, demo.configs["unet"].context_dim))
+    finally:
+        offloader.remove()
+    block_moves = [m for m in moves[len(modules):] if isinstance(m[0], int)]
+    # every block in, then out, before the next comes in: one block on the device at a time
+    assert [w for _, w in block_moves] == ["cuda", "cpu"] * len(units)
+    assert sorted({i for i, _ in block_moves}) == list(range(len(units)))
+    assert all(block_moves[2 * k][0] == block_moves[2 * k + 1][0] for k in range(len(units)))
+
+
+def test_unknown_offload_mode_is_refused(demo):
+    with pytest.raises(InvalidInputError, match="sequential"):
+        demo.clone().enable_offload("disk", "cpu")
+
+
+def test_fp8_storage_at_load_and_refused_where_the_model_cannot(tmp_path):
+    from tests.tiny_flux import reference_models, write_bundle
+
+    path = write_bundle(tmp_path / "aio.safetensors", *reference_models())
+    # FLUX's T5 is offloaded block by block too; the image is the same
+    args = dict(ARGS, steps=1)
+    plain = np.asarray(diffstudio.Pipeline(diffstudio.load(path))("a cat", **args)[0])
+    offloaded = diffstudio.load(path, offload="sequential")
+    assert set(offloaded.offloader._resident) == {"dit", "text_encoder", "text_encoder_2"}  # the VAE moves whole
+    t5 = offloaded.text_encoder_2
+    units = sequential_units(t5)
+    assert units[-len(t5.encoder.block):] == list(t5.encoder.block)  # (the tiny vocabulary is a block of its own)
+    assert np.array_equal(plain, np.asarray(diffstudio.Pipeline(offloaded)("a cat", **args)[0]))
+    models = diffstudio.load(path, dtype=torch.float32, storage="fp8")
+    linears = [m for m in models.dit.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert models.dtype == torch.float32
+    assert models.vae.encoder.conv_in.weight.dtype == torch.float32  # only the denoiser
+    with pytest.raises(InvalidInputError, match="float8"):
+        diffstudio.load(diffstudio.loader.default_model_path(), storage="fp8")
