@@ -363,15 +363,3 @@ def test_single_files_in_both_layouts_are_detected(tmp_path):
         assert det.family == "cogvideox" and det.variant == "5b" and comp.layout == layout
         assert parts["transformer"].state_dict.keys() == ref.state_dict().keys()
 
-
-def test_pipeline_refuses_image_to_video_models():
-    from types import SimpleNamespace
-
-    from diffstudio.families.cogvideox import COGVIDEOX
-    from diffstudio.video.cogvideo import CogVideoPipeline
-
-    config = config_from_diffusers({**SMALL, "in_channels": 32, "use_rotary_positional_embeddings": True})
-    models = SimpleNamespace(family=COGVIDEOX, configs={"transformer": config},
-                             detection=SimpleNamespace(variant="5b-i2v"))
-    with pytest.raises(InvalidInputError, match="image-to-video"):
-        CogVideoPipeline(models)

@@ -1,7 +1,8 @@
-"""``CogVideoPipeline``: CogVideoX text-to-video and video-to-video (docs/cogvideox.md).
+"""``CogVideoPipeline``: CogVideoX text-to-video, video-to-video and image-to-video (docs/cogvideox.md).
 
     models = diffstudio.load("CogVideoX-5b/")                      # a diffusers folder
     frames = CogVideoPipeline(models)("a panda playing guitar", num_frames=49, output="panda.mp4")
+    CogVideoPipeline(diffstudio.load("CogVideoX-5b-I2V/"))("the panda starts to play", image="first.png")
 
     models.apply_lora("ExVideo-CogVideoX-LoRA-129f-v1.safetensors")  # PEFT layout, docs/cogvideox.md
     CogVideoPipeline(models)(prompt, **EXVIDEO_129F)                # 129 frames, cfg 7, 100 steps, 8 fps
@@ -10,6 +11,8 @@ The run follows the release: T5-XXL over 226 tokens for the prompt and the negat
 (1, F, 16, H/8, W/8) with F = (num_frames - 1) / 4 + 1, drawn on the CPU from ``seed``; classifier-free guidance
 on the transformer's v-prediction (optionally "dynamic", the release's cosine ramp); DDIM or DPM-Solver++(2M)
 over the zero-terminal-SNR schedule (sampling/zero_snr.py); the 3D VAE decodes latents / scaling factor.
+The image-to-video models (5B-I2V, 1.5-I2V) take 32 channels: the noisy latents, then the first frame's latents
+followed by zeros (``image_latents``), the same at every step; 1.5-I2V also takes the "ofs" input, 2.0.
 Latents on the device stay small (13 x 16 x 60 x 90 floats for 49 frames at 720x480); the transformer's
 attention over all of them is what costs (docs/cogvideox.md, "Memory").
 """
@@ -28,6 +31,9 @@ from diffstudio.sampling.zero_snr import get_sampler_v, noise_to, timesteps_for_
 
 TEMPORAL_COMPRESSION = 4  # video frames per latent frame after the first
 DEFAULT_FPS = 8.0  # CogVideoX renders 8 frames a second (49 frames = 6 s)
+
+# CogVideoX1.5-5B-I2V's "ofs" input: the constant its release (and diffusers) passes.
+I2V_OFS = 2.0
 
 # ExVideo-CogVideoX-LoRA-129f (DiffSynth-Studio, examples/ExVideo): 129 frames (33 latent frames) at 720x480.
 EXVIDEO_129F = dict(num_frames=129, width=720, height=480, cfg_scale=7.0, steps=100, fps=8.0)
@@ -59,10 +65,8 @@ class CogVideoPipeline:
             raise InvalidInputError(f"CogVideoPipeline runs CogVideoX models; this one is {models.family.name}")
         self.models = models
         config = models.configs[models.family.denoiser_role]
-        if config.in_channels != models.family.latent.channels or config.ofs_embed_dim:
-            variant = getattr(models.detection, "variant", None)
-            raise InvalidInputError(f"this is a CogVideoX image-to-video model ({variant}); CogVideoPipeline runs "
-                                    "the text-to-video models (2B, 5B, 1.5) only so far")
+        # The I2V transformers take the image latents as 16 more input channels (check_dit allows 16 or 32).
+        self.image_to_video = config.in_channels == 2 * models.family.latent.channels
 
     # -- pieces ---------------------------------------------------------------------------------------
     @property
@@ -94,6 +98,31 @@ class CogVideoPipeline:
             from diffstudio.video.video_io import read_frames
 
             video = read_frames(str(video))
+        return self._vae_mean(video, width, height) * self.models.family.latent.scale
+
+    def encode_image(self, image, width: int, height: int, frames: int) -> torch.Tensor:
+        """The I2V condition: the image (a path, a PIL image or an array), resized to width x height, encoded as a
+        1-frame video, scaled, then zero latents up to ``frames`` latent frames -> (1, frames, 16, h, w).
+
+        The scaling: x scaling factor (5B-I2V), but / scaling factor for CogVideoX 1.5 (its VAE config's
+        ``invert_scale_latents``: the release was trained so, and diffusers keeps it)."""
+        if isinstance(image, (str, Path)):
+            image = Image.open(image).convert("RGB")
+        first = self._vae_mean([np.asarray(image)], width, height)
+        scale = self.models.family.latent.scale
+        first = first / scale if self._inverts_image_scale() else first * scale
+        padding = first.new_zeros((1, frames - 1, *first.shape[2:]))
+        return torch.cat([first, padding], dim=1)
+
+    def _inverts_image_scale(self) -> bool:
+        vae_config = getattr(self._vae(), "config", None)
+        flag = getattr(vae_config, "invert_scale_latents", None)  # diffusers' VAE carries it
+        if flag is not None:
+            return bool(flag)
+        return self.transformer.config.patch_size_t is not None  # the 1.5 release sets it; 1.0 does not
+
+    def _vae_mean(self, video, width: int, height: int) -> torch.Tensor:
+        """Frames -> the VAE's unscaled posterior mean (1, F, 16, h, w) on the CPU, in float32."""
         frames = [np.asarray(Image.fromarray(np.asarray(f)[..., :3]).resize((width, height), Image.LANCZOS))
                   if (np.asarray(f).shape[1], np.asarray(f).shape[0]) != (width, height) else np.asarray(f)[..., :3]
                   for f in video]
@@ -105,7 +134,7 @@ class CogVideoPipeline:
         with torch.no_grad():
             out = vae.encode(pixels)
         mean = out.latent_dist.mean if hasattr(out, "latent_dist") else out  # diffusers' VAE or ours
-        return (mean.float() * self.models.family.latent.scale).permute(0, 2, 1, 3, 4).cpu()
+        return mean.float().permute(0, 2, 1, 3, 4).cpu()
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Model latents (1, F, 16, h, w) -> 4(F - 1) + 1 PIL frames."""
@@ -123,8 +152,9 @@ class CogVideoPipeline:
                  height: int = 480, steps: int = 50, cfg_scale: float = 6.0, seed: int = 0,
                  use_dynamic_cfg: bool = False, sampler: str = "ddim", init_video=None, strength: float | None = None,
                  output: str | None = None, fps: float = DEFAULT_FPS, output_type: str = "pil", latents=None,
-                 callback=None):
-        """``latents``: the starting noise (1, F, 16, h, w) instead of drawing it from ``seed``."""
+                 callback=None, image=None):
+        """``latents``: the starting noise (1, F, 16, h, w) instead of drawing it from ``seed``. ``image``: the
+        first frame, for the image-to-video models (required there, refused by the text-to-video ones)."""
         f = latent_frames(num_frames)
         h, w = self._check_size(width, height)
         sample = get_sampler_v(sampler)
@@ -132,6 +162,13 @@ class CogVideoPipeline:
             raise InvalidInputError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         if (init_video is None) != (strength is None):
             raise InvalidInputError("video-to-video needs both init_video= and strength= (text-to-video: neither)")
+        variant = getattr(self.models.detection, "variant", None)
+        if self.image_to_video and image is None:
+            raise InvalidInputError(f"this is a CogVideoX image-to-video model ({variant}): pass image= (the first "
+                                    "frame)")
+        if image is not None and not self.image_to_video:
+            raise InvalidInputError(f"image= is for the CogVideoX image-to-video models (5b-i2v, 1.5-i2v); this is "
+                                    f"the text-to-video model {variant}")
         self.models.activate()
         family = self.models.family
         abar = family.schedule.alphas_cumprod()
@@ -158,13 +195,18 @@ class CogVideoPipeline:
         net = self.transformer
         param = next(net.parameters())
         device, dtype = param.device, self.models.dtype
+        inputs = {"context": context.to(device=device, dtype=dtype)}
+        if net.config.ofs_embed_dim:
+            inputs["ofs"] = I2V_OFS
+        # Computed once per run: the first frame's latents, zeros after it (channels 16..31 of every step's input).
+        image_latents = self.encode_image(image, width, height, f) if image is not None else None
 
         def v_model(x_t: torch.Tensor, t: int, i: int) -> torch.Tensor:
-            batch = torch.cat([x_t, x_t]) if guided else x_t
+            x_in = x_t if image_latents is None else torch.cat([x_t, image_latents.to(x_t.dtype)], dim=2)
+            batch = torch.cat([x_in, x_in]) if guided else x_in
             t_in = torch.full((batch.shape[0],), t, device=device, dtype=torch.long)
             with torch.no_grad():
-                v = family.call_denoiser(net, batch.to(device=device, dtype=dtype), t_in,
-                                         {"context": context.to(device=device, dtype=dtype)}).float().cpu()
+                v = family.call_denoiser(net, batch.to(device=device, dtype=dtype), t_in, inputs).float().cpu()
             if not torch.isfinite(v).all():
                 from diffstudio.errors import NaNError
 
