@@ -101,3 +101,25 @@ def test_text_to_video_model_refuses_an_image(tmp_path):
     models = diffstudio.load(write_diffusers_folder(tmp_path / "t2v", dit, t5, "5b"))
     with pytest.raises(InvalidInputError, match="image-to-video models.*text-to-video model 5b"):
         CogVideoPipeline(models)("a fox", image=picture(0), num_frames=9, steps=1, output_type="latent", **SIZE)
+
+
+def test_cli_video_takes_the_first_frame(tmp_path):
+    """`diffstudio video --model <CogVideoX-I2V folder> --image first.png` writes the frames."""
+    import json
+
+    from diffstudio.cli import main
+    from tests.tiny_cogvideo import reference_models, write_diffusers_folder
+
+    dit, t5, vae = reference_models("5b-i2v")
+    folder = write_diffusers_folder(tmp_path / "i2v", dit, t5, "5b-i2v")
+    vae.save_pretrained(folder / "vae")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    picture(0).save(tmp_path / "first.png")
+    args = ["video", "a fox", "--model", str(folder), "--frames", "9", "--width", "64", "--height", "48",
+            "--steps", "1", "--cfg", "1", "--quiet"]
+    assert main([*args, "--image", str(tmp_path / "first.png"), "-o", str(tmp_path / "frames")]) == 0
+    assert len(list((tmp_path / "frames").glob("*.png"))) == 9
+    assert main([*args, "-o", str(tmp_path / "none")]) == 2  # an I2V model without --image: a named error
+    assert main([*args, "--image", str(tmp_path / "first.png"), "--smoother", "fastblend",
+                 "-o", str(tmp_path / "x")]) == 2

@@ -4,10 +4,13 @@
         --frames 64 -o out.mp4
     diffstudio video "anime style" --model m.safetensors --motion mm.ckpt --input in.mp4 --strength 0.6 \\
         --smoother fastblend --smoother-steps 4,9,-1 --work-dir render/ -o out.mp4
+    diffstudio video "the panda starts to play" --model CogVideoX-5b-I2V/ --image first.png --frames 49 -o out.mp4
 
 Without ``--model`` the packaged Shapes demo model renders; without ``--motion`` every frame is rendered
 on its own (context windows, same noise and the smoother still apply). Killed and started again with the
-same arguments and ``--work-dir``, a render continues from its last finished step.
+same arguments and ``--work-dir``, a render continues from its last finished step. A CogVideoX model
+(docs/cogvideox.md) runs its own pipeline with the options it shares (frames, size, steps, cfg, seed, sampler,
+input and strength, fps) and ``--image``, the first frame for its image-to-video models.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--negative", default="")
     parser.add_argument("--frames", type=int, help="frames to render (default 16; with --input: all of it)")
     parser.add_argument("--input", help="video to re-render (file or folder of frames)")
+    parser.add_argument("--image", help="CogVideoX image-to-video models (5B-I2V, 1.5-I2V): the first frame")
     parser.add_argument("--strength", type=float, help="with --input: how much to repaint (default 0.75)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
@@ -88,6 +92,13 @@ def run(args: argparse.Namespace) -> int:
     if args.vae:
         paths.append(args.vae)
     models = diffstudio.load(*paths, dtype=torch_dtype(args.dtype), device=args.device)
+    if models.family.name == "cogvideox":
+        return _run_cogvideox(models, args)
+    if args.image is not None:
+        from diffstudio.errors import InvalidInputError
+
+        raise InvalidInputError("--image is the first frame for CogVideoX image-to-video models; for "
+                                f"{models.family.name} use --input (a video to re-render)")
     if args.motion:
         models.add_motion_module(args.motion)
     for spec in args.lora or ():
@@ -100,6 +111,31 @@ def run(args: argparse.Namespace) -> int:
         context_length=args.context_length, context_stride=args.context_stride, same_noise=args.same_noise,
         smoother=args.smoother, smoother_steps=args.smoother_steps, work_dir=args.work_dir, restart=args.restart,
         output=args.output, fps=args.fps, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+# Options of the AnimateDiff render that CogVideoPipeline has no use for (parser defaults: not given).
+NOT_FOR_COGVIDEOX = ("motion", "scheduler", "clip_skip", "context_stride", "same_noise", "smoother", "smoother_steps",
+                     "work_dir", "restart")
+
+
+def _run_cogvideox(models, args: argparse.Namespace) -> int:
+    from diffstudio.cli import lora_spec
+    from diffstudio.errors import InvalidInputError
+    from diffstudio.video.cogvideo import CogVideoPipeline
+
+    unused = [f"--{name.replace('_', '-')}" for name in NOT_FOR_COGVIDEOX if getattr(args, name)]
+    if unused:
+        raise InvalidInputError(f"{', '.join(unused)}: AnimateDiff options; CogVideoX does not take them")
+    for spec in args.lora or ():
+        file, strength = lora_spec(spec)
+        models.apply_lora(file, strength)
+    given = dict(num_frames=args.frames, width=args.width, height=args.height, steps=args.steps, cfg_scale=args.cfg,
+                 sampler=args.sampler, init_video=args.input, strength=args.strength, fps=args.fps, image=args.image)
+    out = CogVideoPipeline(models)(args.prompt, args.negative, seed=args.seed, output=args.output,
+                                   **{k: v for k, v in given.items() if v is not None})
     if not args.quiet:
         print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -165,7 +165,7 @@ class CogVideoPipeline:
         variant = getattr(self.models.detection, "variant", None)
         if self.image_to_video and image is None:
             raise InvalidInputError(f"this is a CogVideoX image-to-video model ({variant}): pass image= (the first "
-                                    "frame)")
+                                    "frame; CLI: --image)")
         if image is not None and not self.image_to_video:
             raise InvalidInputError(f"image= is for the CogVideoX image-to-video models (5b-i2v, 1.5-i2v); this is "
                                     f"the text-to-video model {variant}")
