@@ -10,8 +10,8 @@ release's DPM) over "trailing" timesteps (sampling/zero_snr.py). The video pipel
 Variants, told apart by the transformer's structure:
 * **2b**: 1920 wide, sinusoidal positions; VAE scaling factor 1.15258426, snr_shift_scale 3.
 * **5b**: 3072 wide, 3D RoPE; VAE scaling factor 0.7, snr_shift_scale 1. The 5B-I2V model (32 input channels:
-  noise + image latents, a learned position table) and CogVideoX 1.5 (temporal patches) load with 5B's
-  settings; their image-to-video conditioning is not in the pipeline yet.
+  noise + image latents, a learned position table) and CogVideoX 1.5 (temporal patches; its I2V model adds the
+  "ofs" embedding) load with 5B's settings; video/cogvideo.py supplies the image latents.
 
 Canonical names are diffusers' (the released folders' ``transformer/``, ``text_encoder/``, ``vae/``).
 """

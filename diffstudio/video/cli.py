@@ -68,7 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_video_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``video`` on the main CLI's subparsers."""
-    parser = subparsers.add_parser("video", help="AnimateDiff text-to-video and video re-rendering",
+    parser = subparsers.add_parser("video", help="AnimateDiff (and CogVideoX) text-to-video and video re-rendering",
                                    description=__doc__.split("\n\n")[0])
     configure(parser)
     parser.set_defaults(func=run)
