@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     video_io.check_output(args.output)  # every mistake that needs no model fails before the model loads
     if args.input is not None:
         video_io.check_source(args.input, "input video")
+    if args.image is not None:
+        from diffstudio.io.folders import existing_path
+
+        existing_path(args.image, "first frame (--image)")
     if args.work_dir is not None and args.sampler is not None:
         check_sampler(args.sampler)
     check_device(args.device)

@@ -107,7 +107,9 @@ class CogVideoPipeline:
         The scaling: x scaling factor (5B-I2V), but / scaling factor for CogVideoX 1.5 (its VAE config's
         ``invert_scale_latents``: the release was trained so, and diffusers keeps it)."""
         if isinstance(image, (str, Path)):
-            image = Image.open(image).convert("RGB")
+            image = Image.open(image)
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB")  # grey, palette or RGBA files
         first = self._vae_mean([np.asarray(image)], width, height)
         scale = self.models.family.latent.scale
         first = first / scale if self._inverts_image_scale() else first * scale
