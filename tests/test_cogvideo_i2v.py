@@ -123,3 +123,34 @@ def test_cli_video_takes_the_first_frame(tmp_path):
     assert main([*args, "-o", str(tmp_path / "none")]) == 2  # an I2V model without --image: a named error
     assert main([*args, "--image", str(tmp_path / "first.png"), "--smoother", "fastblend",
                  "-o", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("tiny", ["1.5-i2v"], indirect=True)  # only 1.5 patches latent frames in pairs
+def test_an_odd_latent_frame_count_of_1_5_is_padded_in_front_as_diffusers_does(tiny, monkeypatch):
+    """9 frames = 3 latent frames: CogVideoX 1.5 runs 4 (one more in front, its 2-frame patches need an even
+    count) and drops it after sampling; the noise covers the 4. diffusers drops it only when it decodes (its
+    output_type="latent" keeps it), so its latents are compared without their first frame."""
+    import diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video as i2v
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    from diffstudio.conditioning.tokenizers import load_tokenizer
+    from diffstudio.errors import FrameCountError
+    from diffstudio.video.cogvideo import CogVideoPipeline
+    from tests.tiny_cogvideo import reference_scheduler
+
+    style, models, (dit, t5, vae) = tiny
+    noise = torch.randn(1, 4, 16, 6, 8, generator=torch.Generator().manual_seed(2))
+    pipe = CogVideoPipeline(models)
+    got = pipe("a red fox", "blurry", image=picture(1), num_frames=9, steps=3, cfg_scale=6.0, latents=noise,
+               output_type="latent", **SIZE)
+    original = i2v.retrieve_latents
+    monkeypatch.setattr(i2v, "retrieve_latents", lambda out, generator=None: original(out, sample_mode="argmax"))
+    ref = CogVideoXImageToVideoPipeline(tokenizer=load_tokenizer("t5"), text_encoder=t5, vae=vae, transformer=dit,
+                                        scheduler=reference_scheduler(style))
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(picture(1), "a red fox", "blurry", num_frames=9, num_inference_steps=3, guidance_scale=6.0,
+                   latents=noise.clone(), output_type="latent", **SIZE).frames[:, 1:]
+    assert got.shape == expected.shape == (1, 3, 16, 6, 8)
+    assert rel_err(got, expected) < TOL
+    with pytest.raises(FrameCountError, match="even latent frame count"):
+        pipe("a red fox", init_video=[picture(0)] * 9, strength=0.5, image=picture(1), num_frames=9, steps=2, **SIZE)

@@ -156,8 +156,14 @@ class CogVideoPipeline:
                  output: str | None = None, fps: float = DEFAULT_FPS, output_type: str = "pil", latents=None,
                  callback=None, image=None):
         """``latents``: the starting noise (1, F, 16, h, w) instead of drawing it from ``seed``. ``image``: the
-        first frame, for the image-to-video models (required there, refused by the text-to-video ones)."""
+        first frame, for the image-to-video models (required there, refused by the text-to-video ones).
+
+        CogVideoX 1.5 patches 2 latent frames into one token: an odd latent frame count (the release's usual 81
+        frames give 21) runs with ``pad`` more latent frames in front, dropped after sampling, as the release's
+        pipeline does; F then counts them (``latents`` has F = frames + pad)."""
         f = latent_frames(num_frames)
+        patch_t = self.transformer.config.patch_size_t
+        pad = (-f) % patch_t if patch_t else 0
         h, w = self._check_size(width, height)
         sample = get_sampler_v(sampler)
         if output_type not in ("pil", "latent"):
@@ -178,7 +184,7 @@ class CogVideoPipeline:
 
         guided = cfg_scale > 1.0
         context = self.encode_prompts([negative_prompt, prompt] if guided else [prompt])
-        shape = (1, f, family.latent.channels, h, w)
+        shape = (1, f + pad, family.latent.channels, h, w)
         if latents is None:
             noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
         else:
@@ -187,6 +193,9 @@ class CogVideoPipeline:
                 raise InvalidInputError(f"latents of shape {tuple(noise.shape)}; this run needs {shape}")
         x = noise
         if init_video is not None:
+            if pad:
+                raise FrameCountError(f"video-to-video with CogVideoX 1.5 takes an even latent frame count (num_frames "
+                                      f"= 8k + 5: 5, 13, ..., 85), got {num_frames} frames ({f} latent frames)")
             timesteps = timesteps_for_strength(timesteps, strength)
             clean = self.encode_video(init_video, width, height)
             if clean.shape != x.shape:
@@ -201,7 +210,7 @@ class CogVideoPipeline:
         if net.config.ofs_embed_dim:
             inputs["ofs"] = I2V_OFS
         # Computed once per run: the first frame's latents, zeros after it (channels 16..31 of every step's input).
-        image_latents = self.encode_image(image, width, height, f) if image is not None else None
+        image_latents = self.encode_image(image, width, height, f + pad) if image is not None else None
 
         def v_model(x_t: torch.Tensor, t: int, i: int) -> torch.Tensor:
             x_in = x_t if image_latents is None else torch.cat([x_t, image_latents.to(x_t.dtype)], dim=2)
@@ -221,6 +230,7 @@ class CogVideoPipeline:
             return uncond + scale * (cond - uncond)
 
         x = sample(v_model, x, timesteps, abar, callback=callback, stride=family.schedule.num_steps // steps)
+        x = x[:, pad:]
         if output_type == "latent":
             return x
         frames = self.decode(x)
