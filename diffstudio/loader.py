@@ -23,6 +23,8 @@ from diffstudio.errors import ModelNotFoundError, UnknownModelError
 from diffstudio.families import get_family
 from diffstudio.families.base import Family
 
+DENOISER_ADDON_ROLES = ("motion",)  # components called inside the denoiser's step (offload moves them with it)
+
 
 @dataclass
 class Models:
@@ -122,6 +124,7 @@ class Models:
         key = str(Path(path).expanduser().resolve())
         if key not in self.controlnets:
             self.controlnets[key] = add_controlnet(self, path)
+            self._offload_addons()
         return self.controlnets[key]
 
     def add_ip_adapter(self, path, image_encoder=None):
@@ -133,6 +136,7 @@ class Models:
                else None if image_encoder is None else str(Path(image_encoder).expanduser().resolve()))
         if key not in self.ip_adapters:
             self.ip_adapters[key] = add_ip_adapter(self, path, image_encoder)
+            self._offload_addons()
         return self.ip_adapters[key]
 
     def add_motion_module(self, path, hints: dict | None = None) -> torch.nn.Module:
@@ -140,7 +144,9 @@ class Models:
         ``motion`` component; a video run then uses it and the family's motion schedule."""
         from diffstudio.motion_loading import add_motion_module
 
-        return add_motion_module(self, path, hints=hints)
+        motion = add_motion_module(self, path, hints=hints)
+        self._offload_addons()
+        return motion
 
     def enable_offload(self, mode: str | None, device) -> Models:
         """Keep the components on the host and move each to ``device`` for its calls ("model"), or the denoiser's
@@ -153,10 +159,28 @@ class Models:
             old.remove()
         self.__dict__["offloader"] = None
         if mode is not None:
-            modules = {r: m for r, m in self.components.items() if isinstance(m, torch.nn.Module)}
+            modules = {r: m for r, m in self.components.items()
+                       if isinstance(m, torch.nn.Module) and r not in DENOISER_ADDON_ROLES}
             blockwise = {self.family.denoiser_role, *(spec.encoder_role for spec in self.family.text_encoders)}
             self.__dict__["offloader"] = Offloader(modules, device, mode, blockwise)
+            self._offload_addons()
         return self
+
+    def _offload_addons(self) -> None:
+        """Put the add-ons under the offload: ControlNets, motion modules and IP-Adapter projections travel with
+        the denoiser, an IP-Adapter's image encoder is moved for its own calls (memory/offload.py)."""
+        offloader = self.__dict__.get("offloader")
+        if offloader is None:
+            return
+        denoiser = self.family.denoiser_role
+        for role in DENOISER_ADDON_ROLES:
+            if isinstance(self.components.get(role), torch.nn.Module):
+                offloader.join(denoiser, role, self.components[role])
+        for path, controlnet in self.controlnets.items():
+            offloader.join(denoiser, f"controlnet:{path}", controlnet)
+        for i, loaded in enumerate(self.ip_adapters.values()):
+            offloader.join(denoiser, f"ip_adapter:{i}", loaded.adapter)
+            offloader.add(f"image_encoder:{loaded.encoder_source}", loaded.image_encoder)
 
     def add_embedding(self, path_or_folder, name: str | None = None) -> list:
         """Add a textual-inversion embedding file, or every one under a folder, to this model's prompts

@@ -107,3 +107,80 @@ def test_fp8_storage_at_load_and_refused_where_the_model_cannot(tmp_path):
     assert models.vae.encoder.conv_in.weight.dtype == torch.float32  # only the denoiser
     with pytest.raises(InvalidInputError, match="float8"):
         diffstudio.load(diffstudio.loader.default_model_path(), storage="fp8")
+
+
+def _recording_offload(models, moves: list, labels: dict):
+    """Model offload with a fake device: every move is logged (label, where) and the weights stay on the CPU."""
+    models.enable_offload("model", "cpu")
+    offloader = models.offloader
+    offloader.device = torch.device("cuda")
+
+    def record(module, where):
+        if isinstance(module, torch.nn.Module):
+            moves.append((labels.get(id(module), type(module).__name__), str(where)))
+        return module
+
+    offloader.move = record
+    return offloader
+
+
+def test_add_ons_travel_with_the_denoiser_and_the_image_encoder_moves_for_its_call():
+    from diffstudio.demo.controlnet_build import WEIGHTS as CONTROLNET
+    from diffstudio.demo.controlnet_build import outline
+    from diffstudio.demo.ip_adapter_build import WEIGHTS as IP_ADAPTER
+    from diffstudio.demo.ip_adapter_build import reference
+    from diffstudio.demo.shapes import Scene, ShapeSpec
+    from diffstudio.pipeline.control import ControlNetUnit
+    from diffstudio.pipeline.ip_adapter import ImagePrompt
+
+    models = diffstudio.load()
+    controlnet, adapter = models.add_controlnet(CONTROLNET), models.add_ip_adapter(IP_ADAPTER)
+    unit = ControlNetUnit(controlnet, outline(Scene((ShapeSpec("star", "blue", "left", "large"),))))
+    args = dict(ARGS, controlnets=[unit], ip_adapter=ImagePrompt(reference("green"), model=adapter))
+    plain = np.asarray(diffstudio.Pipeline(models)("a star", **args)[0])
+
+    labels = {id(m): r for r, m in models.components.items()}
+    labels.update({id(controlnet): "controlnet", id(adapter.adapter): "adapter", id(adapter.image_encoder): "encoder"})
+    moves = []
+    offloader = _recording_offload(models, moves, labels)
+    assert offloader.companions["unet"] and any(m is adapter.image_encoder for m in offloader.components.values())
+    del moves[:]
+    offloaded = np.asarray(diffstudio.Pipeline(models)("a star", **args)[0])
+    offloader.release()
+    assert np.array_equal(plain, offloaded)
+    to_device = [label for label, where in moves if where == "cuda"]
+    # each goes in once: the add-ons called at every step never send the UNet away
+    assert sorted(to_device) == sorted(["text_encoder", "encoder", "unet", "controlnet", "adapter", "vae"])
+    i = to_device.index("unet")
+    assert set(to_device[i:i + 3]) == {"unet", "controlnet", "adapter"}
+    unet_out = moves.index(("unet", "cpu"))
+    assert {("controlnet", "cpu"), ("adapter", "cpu")} <= set(moves[unet_out:unet_out + 3])
+    models.enable_offload("sequential", "cpu")  # the add-ons join a UNet that moves block by block
+    assert set(models.offloader.companions["unet"]) == {f"controlnet:{CONTROLNET.resolve()}", "ip_adapter:0"}
+    assert np.array_equal(plain, np.asarray(diffstudio.Pipeline(models)("a star", **args)[0]))
+
+
+def test_a_motion_module_added_under_offload_travels_with_the_unet():
+    from diffstudio.demo.motion_build import BUILD_DEFAULTS
+
+    weights = BUILD_DEFAULTS["out"]
+    models = diffstudio.load()
+    motion = models.add_motion_module(weights)
+
+    def clip():
+        frames = diffstudio.VideoPipeline(models)("a red circle", num_frames=4, **ARGS)
+        return [np.asarray(f) for f in frames]
+
+    plain = clip()
+    labels = {id(m): r for r, m in models.components.items()}
+    moves = []
+    offloader = _recording_offload(models, moves, labels)
+    assert offloader.companions["unet"] == {"motion": motion} and "motion" not in offloader.components
+    replaced = models.add_motion_module(weights)  # a new module takes the slot; the old one leaves
+    assert offloader.companions["unet"] == {"motion": replaced}
+    labels[id(replaced)] = "motion"
+    del moves[:]
+    offloaded = clip()
+    offloader.release()
+    assert all(np.array_equal(a, b) for a, b in zip(plain, offloaded))
+    assert [label for label, where in moves if where == "cuda"].count("motion") == 1

@@ -10,6 +10,11 @@
   (embeddings, the final layer) moves with the component's first call and stays until another component's.
   Every block crosses the bus twice per call: slow, the last resort. Blocks are not prefetched.
 
+Add-ons follow the component they serve (``join``): a ControlNet, a motion module and an IP-Adapter's
+projections are called between the denoiser's own calls at every step, so they travel with the denoiser (on the
+device whenever it is, moved whole in either mode) instead of sending it away mid-step. An IP-Adapter's image
+encoder runs once per generation, like a text encoder, and is a component of its own (``add``).
+
 Hooks do the moving, so the pipeline, the families and the models know nothing of it: a forward pre-hook on a
 component and on each of its direct children (``vae.decode`` is not ``forward``, but it calls children) moves
 the component when needed, and the tensors of the call's arguments to the device. The results stay on the
@@ -60,12 +65,44 @@ class Offloader:
         self.components = components
         self.handles = []
         self._resident: dict[str, list] = {}
+        self._entries: dict[str, Callable] = {}  # role -> the pre-hook that brings it (and its add-ons) in
+        self.companions: dict[str, dict[str, nn.Module]] = {}  # role -> {add-on key: module} (join)
+        self._companion_handles: dict[tuple[str, str], list] = {}
         for role, module in components.items():
             self.move(module, self.host)
             if mode == "sequential" and role in blockwise and sequential_units(module):
                 self._hook_blocks(role, module)
             else:
                 self._hook_component(role, module)
+
+    def add(self, role: str, module: nn.Module) -> None:
+        """A component of its own, moved whole for its calls (an IP-Adapter's image encoder); a module already
+        known is kept, a role name already taken gets a number."""
+        if any(known is module for known in self.components.values()):
+            return
+        base, n = role, 1
+        while role in self.components:
+            role, n = f"{base}#{n}", n + 1
+        self.components[role] = module
+        self.move(module, self.host)
+        self._hook_component(role, module)
+
+    def join(self, role: str, key: str, module: nn.Module) -> None:
+        """Let ``module`` travel with ``role``: on the device whenever ``role`` is, and its calls bring ``role``
+        in. ``key`` names the add-on's slot (a ControlNet's path, "motion"): joining a key again replaces the
+        module that held it."""
+        slot = self.companions.setdefault(role, {})
+        if slot.get(key) is module:
+            return
+        if key in slot:
+            self.move(slot[key], self.host)
+            for handle in self._companion_handles.pop((role, key)):
+                handle.remove()
+        slot[key] = module
+        self.move(module, self.device if self.current == role else self.host)
+        entry = self._entries[role]
+        self._companion_handles[(role, key)] = [target.register_forward_pre_hook(entry, with_kwargs=True)
+                                                for target in (module, *module.children())]
 
     def _inputs(self, args, kwargs):
         return tree_map(lambda v: self.move(v, self.device) if isinstance(v, torch.Tensor) else v, (args, kwargs))
@@ -75,6 +112,7 @@ class Offloader:
             self.activate(role)
             return self._inputs(args, kwargs)
 
+        self._entries[role] = enter
         for target in (module, *module.children()):
             self.handles.append(target.register_forward_pre_hook(enter, with_kwargs=True))
 
@@ -89,6 +127,8 @@ class Offloader:
                 for tensor in resident:
                     tensor.data = self.move(tensor.data, self.device)
             return self._inputs(args, kwargs)
+
+        self._entries[role] = enter
 
         def block_in(unit, args, kwargs):
             self.move(unit, self.device)
@@ -111,6 +151,8 @@ class Offloader:
         self.release()
         if whole:
             self.move(self.components[role], self.device)
+        for module in self.companions.get(role, {}).values():
+            self.move(module, self.device)
         self.current = role
 
     def release(self) -> None:
@@ -121,11 +163,14 @@ class Offloader:
             tensor.data = self.move(tensor.data, self.host)
         if self.current not in self._resident:
             self.move(self.components[self.current], self.host)
+        for module in self.companions.get(self.current, {}).values():
+            self.move(module, self.host)
         self.current = None
 
     def remove(self) -> None:
         """Take the hooks off; every component stays on the host."""
         self.release()
-        for handle in self.handles:
+        for handle in (*self.handles, *(h for hs in self._companion_handles.values() for h in hs)):
             handle.remove()
         self.handles.clear()
+        self._companion_handles.clear()
