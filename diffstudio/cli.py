@@ -188,6 +188,8 @@ def cmd_plan(args) -> int:
     print("  load with: diffstudio.load(..., " + ", ".join(
         f"{k}={v!r}" if not isinstance(v, torch.dtype) else f"{k}=torch.{str(v).removeprefix('torch.')}"
         for k, v in kwargs.items()) + "); Pipeline(...)(..., tiled_vae=" + str(chosen.tiled_vae) + ")")
+    flags = [f"--dtype {args.dtype}"] + [f"--{k} {kwargs[k]}" for k in ("offload", "storage") if kwargs[k]]
+    print("  or: diffstudio generate ... " + " ".join(flags) + (" --tiled-vae" if chosen.tiled_vae else ""))
     return 0
 
 
@@ -209,7 +211,8 @@ def cmd_generate(args) -> int:
     if args.vae:
         paths.append(args.vae)
     try:
-        models = diffstudio.load(*paths, dtype=torch_dtype(args.dtype), device=args.device)
+        models = diffstudio.load(*paths, dtype=torch_dtype(args.dtype), device=args.device, offload=args.offload,
+                                 storage=args.storage)
     except UnknownModelError:
         for path in paths:
             lora = _lora_summary(Path(path))
@@ -486,6 +489,12 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"],
                      help="weights' precision")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
+    gen.add_argument("--offload", choices=["model", "group", "sequential"],
+                     help="keep the weights on the host and move them to --device for their calls: whole components "
+                          "(model), blocks streamed one ahead (group) or moved one at a time (sequential); "
+                          "`diffstudio plan` says which one fits (docs/memory.md)")
+    gen.add_argument("--storage", choices=["fp8"], help="store the denoiser's Linear weights in float8 (FLUX, SD3, "
+                                                        "CogVideoX)")
     gen.set_defaults(func=cmd_generate)
 
 

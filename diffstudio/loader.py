@@ -150,8 +150,8 @@ class Models:
 
     def enable_offload(self, mode: str | None, device) -> Models:
         """Keep the components on the host and move each to ``device`` for its calls ("model"), or the denoiser's
-        and the text encoders' blocks one at a time ("sequential"); None takes the offload off (the components
-        stay on the host). memory/offload.py."""
+        and the text encoders' blocks one at a time, streamed one ahead ("group") or moved synchronously
+        ("sequential"); None takes the offload off (the components stay on the host). memory/offload.py."""
         from diffstudio.memory.offload import Offloader
 
         old = self.__dict__.get("offloader")
@@ -429,7 +429,7 @@ def load(*paths, dtype: torch.dtype = torch.float32, device: str | torch.device 
     """Load a model from files/folders; with no path, the packaged Shapes demo model.
 
     ``storage="fp8"`` stores the denoiser's Linear weights in float8 (computed in ``dtype``, models/lowbit.py).
-    ``offload`` ("model" or "sequential", memory/offload.py) keeps the components on the host and moves them to
+    ``offload`` ("model", "group" or "sequential", memory/offload.py) keeps the components on the host and moves them to
     ``device`` for their calls. ``diffstudio.memory.planner.plan`` chooses these for a machine (docs/memory.md)."""
     if offload is not None:
         models = load(*paths, dtype=dtype, device="cpu", storage=storage)

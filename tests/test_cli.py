@@ -44,6 +44,23 @@ def test_generate_writes_a_png_with_its_recipe(tmp_path):
         assert '"sampler": "dpmpp_2m"' in image.text["diffstudio"]
 
 
+def test_generate_with_offload_and_fp8_flags(tmp_path):
+    """--offload goes through to load(): on the CPU every mode gives the plain run's image; --storage fp8 is
+    refused for a UNet with the loader's named error."""
+    import numpy as np
+
+    folder = write_diffusers_folder(tmp_path / "m", *reference_models())
+    args = ["generate", "a red circle", "--model", str(folder), "--steps", "2", "--width", "64", "--height", "64"]
+    images = []
+    for extra in ([], ["--offload", "group"], ["--offload", "sequential"]):
+        out = tmp_path / f"{len(images)}.png"
+        assert main([*args, "-o", str(out), *extra]) == 0
+        with Image.open(out) as image:
+            images.append(np.asarray(image))
+    assert all(np.array_equal(images[0], other) for other in images[1:])
+    assert main([*args, "-o", str(tmp_path / "fp8.png"), "--storage", "fp8"]) == 2
+
+
 def test_generate_refuses_a_bad_size(tmp_path, capsys):
     folder = write_diffusers_folder(tmp_path / "m", *reference_models())
     assert main(["generate", "x", "--model", str(folder), "--width", "65", "--steps", "1"]) == 2

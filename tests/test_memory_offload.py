@@ -49,7 +49,7 @@ def test_model_offload_moves_each_component_for_its_calls_in_order(demo):
 
 def test_offload_on_the_cpu_gives_the_same_image():
     plain = _image(diffstudio.load())
-    for mode in ("model", "sequential"):
+    for mode in ("model", "group", "sequential"):
         models = diffstudio.load(offload=mode, device="cpu")
         assert np.array_equal(plain, _image(models)), mode
         models.enable_offload(None, "cpu")
@@ -184,3 +184,30 @@ def test_a_motion_module_added_under_offload_travels_with_the_unet():
     offloader.release()
     assert all(np.array_equal(a, b) for a, b in zip(plain, offloaded))
     assert [label for label, where in moves if where == "cuda"].count("motion") == 1
+
+
+def test_group_offload_fetches_the_next_block_while_one_runs(demo):
+    """Group offload on the CPU (synchronous copies, the same bookkeeping as CUDA's side stream): every block but
+    the very first arrives fetched ahead (its copy started while the block before it ran), the device never holds
+    more than the running block and the next, and the image is the plain run's."""
+    plain = _image(demo)
+    models = demo.clone()
+    models.enable_offload("group", "cpu")
+    streamer = models.offloader._streamers["unet"]
+    ready, seen = streamer.ready, {"calls": 0, "fetched_ahead": 0, "most": 0}
+
+    def spied_ready(unit):
+        seen["calls"] += 1
+        seen["fetched_ahead"] += streamer.pending is not None and streamer.pending[0] is unit
+        ready(unit)
+        seen["most"] = max(seen["most"], streamer.blocks_on_device())
+
+    streamer.ready = spied_ready
+    try:
+        assert np.array_equal(plain, _image(models))
+    finally:
+        models.enable_offload(None, "cpu")
+    units = len(sequential_units(models.unet))
+    assert seen["calls"] == ARGS["steps"] * units  # one call per step (CFG batched), every block
+    assert seen["fetched_ahead"] == seen["calls"] - 1
+    assert seen["most"] <= 2

@@ -53,11 +53,11 @@ def _released(name: str):
 
 PLAIN, FP8 = Option(False, None, False), Option(True, None, False)
 CHOICES = {  # (model, device GiB) -> the option chosen at 1024 x 1024 with 32 GiB of host memory
-    ("flux-dev", 8): Option(True, "sequential", False),  # T5-XXL alone (8.9 GiB in bf16) needs its blocks moved
-    ("flux-dev", 12): Option(True, "sequential", False),  # the fp8 DiT (11.1 GiB) does not fit whole
+    ("flux-dev", 8): Option(True, "group", False),  # T5-XXL alone (8.9 GiB in bf16) needs its blocks moved
+    ("flux-dev", 12): Option(True, "group", False),  # the fp8 DiT (11.1 GiB) does not fit whole
     ("flux-dev", 16): Option(True, "model", False),
     ("flux-dev", 24): Option(True, None, True),  # fp8 DiT + T5 + CLIP + VAE, the decode in tiles
-    ("sd3.5-large", 8): Option(False, "sequential", False),
+    ("sd3.5-large", 8): Option(False, "group", False),
     ("sd3.5-large", 12): Option(True, "model", False),
     ("sd3.5-large", 16): Option(True, "model", False),
     ("sd3.5-large", 24): FP8,
@@ -74,8 +74,8 @@ def test_choices_at_8_12_16_24_gib(released, name):
         assert chosen.option == CHOICES[name, gib], (name, gib, chosen.explain())
         assert chosen.device_bytes <= 0.9 * gib * GIB and chosen.host_bytes <= 0.9 * HOST
         assert len(chosen.rejected) == [Option(f, o, t) for o, f in ((None, False), (None, True), ("model", False),
-                                                                      ("model", True), ("sequential", False),
-                                                                      ("sequential", True))
+                                                                      ("model", True), ("group", False),
+                                                                      ("group", True))
                                         for t in (False, True)
                                         if f is False or name in ("flux-dev", "sd3.5-large")].index(chosen.option)
 
@@ -159,5 +159,6 @@ def test_plan_command(capsys):
                  "--host-memory", "24GiB"]) == 0
     out = capsys.readouterr().out
     assert "sd15 at 512x512" in out and "of 8.00 GiB free" in out and "load with: diffstudio.load(" in out
+    assert "or: diffstudio generate ... --dtype bf16" in out
     assert main(["plan", path, "--device-memory", "1MiB", "--host-memory", "24GiB"]) == 2
     assert "MemoryPlanError" in capsys.readouterr().err

@@ -9,6 +9,11 @@
   middle block) move to the device one at a time, for their call, and back after it. What is not in a block
   (embeddings, the final layer) moves with the component's first call and stays until another component's.
   Every block crosses the bus twice per call: slow, the last resort. Blocks are not prefetched.
+* ``"group"``: the blocks of ``"sequential"``, streamed: when a block starts, the copy of the block that came
+  after it in the previous call (the next registered one the first time) starts too, on a side stream from
+  pinned host memory on CUDA (memory/prefetch.py), so the bus works while the device computes. A block leaves
+  by dropping its device copy (the host copy stays, pinned). The device holds the running block and the next one,
+  as the planner assumes for both blockwise modes; the host's weights become pinned memory.
 
 Add-ons follow the component they serve (``join``): a ControlNet, a motion module and an IP-Adapter's
 projections are called between the denoiser's own calls at every step, so they travel with the denoiser (on the
@@ -30,8 +35,10 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from diffstudio.errors import InvalidInputError
+from diffstudio.memory.prefetch import BlockStream
 
-MODES = ("model", "sequential")
+MODES = ("model", "group", "sequential")
+BLOCKWISE = ("group", "sequential")
 BLOCK_SHARE = 0.1  # a top-level child with at least this share of the parameters is a block of its own
 
 
@@ -65,12 +72,13 @@ class Offloader:
         self.components = components
         self.handles = []
         self._resident: dict[str, list] = {}
+        self._streamers: dict[str, BlockStream] = {}  # group offload: role -> its blocks' transfers
         self._entries: dict[str, Callable] = {}  # role -> the pre-hook that brings it (and its add-ons) in
         self.companions: dict[str, dict[str, nn.Module]] = {}  # role -> {add-on key: module} (join)
         self._companion_handles: dict[tuple[str, str], list] = {}
         for role, module in components.items():
             self.move(module, self.host)
-            if mode == "sequential" and role in blockwise and sequential_units(module):
+            if mode in BLOCKWISE and role in blockwise and sequential_units(module):
                 self._hook_blocks(role, module)
             else:
                 self._hook_component(role, module)
@@ -129,13 +137,15 @@ class Offloader:
             return self._inputs(args, kwargs)
 
         self._entries[role] = enter
+        if self.mode == "group":
+            block_in, block_out = self._streamed_blocks(role, units)
+        else:
+            def block_in(unit, args, kwargs):
+                self.move(unit, self.device)
+                return self._inputs(args, kwargs)
 
-        def block_in(unit, args, kwargs):
-            self.move(unit, self.device)
-            return self._inputs(args, kwargs)
-
-        def block_out(unit, args, kwargs, output):
-            self.move(unit, self.host)
+            def block_out(unit, args, kwargs, output):
+                self.move(unit, self.host)
 
         for target in (module, *module.children()):  # children too: vae.decode-like entry points
             self.handles.append(target.register_forward_pre_hook(enter, with_kwargs=True))
@@ -143,6 +153,29 @@ class Offloader:
             self.handles.append(unit.register_forward_pre_hook(block_in, with_kwargs=True))
             self.handles.append(unit.register_forward_hook(block_out, with_kwargs=True))
         self._resident[role] = resident
+
+    def _streamed_blocks(self, role: str, units: list[nn.Module]):
+        """Group offload's block hooks: run a block once its copy has arrived, and start the copy of the block
+        that followed it last time (learned per call order; the next registered one until then, and after the
+        last block the first, for the next step's call)."""
+        streamer = self._streamers[role] = BlockStream(self.device)
+        following = {id(a): b for a, b in zip(units, units[1:] + units[:1])}  # the last: the next call's first
+        previous: list[nn.Module | None] = [None]
+
+        def block_in(unit, args, kwargs):
+            streamer.ready(unit)
+            if previous[0] is not None:
+                following[id(previous[0])] = unit
+            previous[0] = unit
+            upcoming = following.get(id(unit))
+            if upcoming is not None and upcoming is not unit:
+                streamer.fetch(upcoming)
+            return self._inputs(args, kwargs)
+
+        def block_out(unit, args, kwargs, output):
+            streamer.evict(unit)
+
+        return block_in, block_out
 
     def activate(self, role: str, whole: bool = True) -> None:
         """Make ``role`` the component on the device, sending the one there back to the host."""
@@ -161,6 +194,8 @@ class Offloader:
             return
         for tensor in self._resident.get(self.current, ()):
             tensor.data = self.move(tensor.data, self.host)
+        if self.current in self._streamers:
+            self._streamers[self.current].clear()  # a block fetched ahead for a call that did not come
         if self.current not in self._resident:
             self.move(self.components[self.current], self.host)
         for module in self.companions.get(self.current, {}).values():

@@ -7,9 +7,13 @@ The candidates, in order of preference (the first whose estimate fits both memor
 2. the denoiser's Linear weights stored in float8 (models/lowbit.py), when its architecture computes that way;
 3. model offload: the components live on the host and each moves to the device for its own calls;
 4. model offload with the fp8 denoiser;
-5. sequential offload: the denoiser's blocks move to the device one at a time (the slowest: every block crosses
-   the bus at every step);
-6. sequential offload with the fp8 denoiser.
+5. group offload: the denoiser's blocks stream to the device one ahead of their call (every block crosses the
+   bus at every step, overlapped with the computation; memory/prefetch.py); the host's weights are pinned;
+6. group offload with the fp8 denoiser.
+
+Sequential offload (the same blocks, moved synchronously, no pinned memory) has the same device peak as group
+offload in this estimate; the planner prefers the faster one, and ``load(offload="sequential")`` remains for
+hosts that cannot pin the weights.
 
 Each candidate is tried with the VAE decoding the whole image first, then in tiles (pipeline/tiled_vae.py):
 tiling is cheap next to the following candidate. On a machine without an accelerator the device is the host:
@@ -40,13 +44,13 @@ LATENT_BYTES_PER_PIXEL = 64  # latents, noise, the sampler's history and x0 per 
 @dataclass(frozen=True)
 class Option:
     fp8: bool
-    offload: str | None  # None | "model" | "sequential"
+    offload: str | None  # None | "model" | "group" | "sequential"
     tiled_vae: bool
 
     def describe(self) -> str:
         parts = ["denoiser in fp8" if self.fp8 else "plain weights",
                  {None: "all on the device", "model": "model offload",
-                  "sequential": "sequential offload"}[self.offload],
+                  "group": "group offload", "sequential": "sequential offload"}[self.offload],
                  "tiled VAE" if self.tiled_vae else "whole-image VAE"]
         return ", ".join(parts)
 
@@ -237,7 +241,7 @@ def _estimate(model: _Model, option: Option, dtype: torch.dtype) -> tuple[int, i
         activation = act[option.tiled_vae] + (upcast if den in roles else 0)
         if option.offload is None:
             phases[name] = all_weights + activation
-        elif option.offload == "sequential" and model.blocks.get(roles[0]):
+        elif option.offload in ("group", "sequential") and model.blocks.get(roles[0]):
             fp8 = option.fp8 and roles[0] == den
             blocks = [est.ComponentWeights("", "", n, linear).bytes(dtype, fp8) for n, linear in model.blocks[roles[0]]]
             resident = weights[roles[0]] - sum(blocks)  # what is not in a block stays on the device
@@ -269,7 +273,7 @@ def plan(source, width: int, height: int, *, device_free: int | None = None, hos
     model = _model(detection, width, height, batch, dtype, device_type)
     candidates = [Option(fp8, offload, tiled)
                   for offload, fp8 in ((None, False), (None, True), ("model", False), ("model", True),
-                                       ("sequential", False), ("sequential", True))
+                                       ("group", False), ("group", True))
                   if (not fp8 or model.fp8_capable) and (device_type != "cpu" or offload is None)
                   for tiled in (False, True) if tiled or "decode" in model.phases]
     rejected, last = [], None
