@@ -230,7 +230,8 @@ def cmd_generate(args) -> int:
                "clip_skip": args.clip_skip, "tiled_vae": True if args.tiled_vae else None,
                "guidance": args.guidance, "regions": regions,
                "region_mode": args.region_mode if regions is not None else None,
-               "deep_cache": args.deep_cache, "cfg_until": args.cfg_until}
+               "deep_cache": args.deep_cache, "cfg_until": args.cfg_until,
+               "token_merging": args.tome}
     modules = []
     if args.tile_size:
         from diffstudio.pipeline.tiled_diffusion import TiledDiffusion
@@ -486,6 +487,9 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--cfg-until", type=float, metavar="FRACTION",
                      help="guidance on the first FRACTION of the steps only, then the prompt alone (faster, a "
                           "quality trade; docs/benchmarks.md)")
+    gen.add_argument("--tome", type=float, metavar="RATIO",
+                     help="token merging: the self-attention of a UNet's high-resolution transformers on 1 - RATIO "
+                          "of the tokens (e.g. 0.5; faster at large sizes, a quality trade; docs/benchmarks.md)")
     gen.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"],
                      help="weights' precision")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")

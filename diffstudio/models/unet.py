@@ -293,15 +293,21 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None,
                 context_bias: torch.Tensor | None = None, ip: Sequence | None = None,
-                frames: int | None = None) -> torch.Tensor:
+                frames: int | None = None, merge=None) -> torch.Tensor:
+        """``merge``: a models.token_merge.MergePlan, the self-attention on merged tokens (ToMe)."""
         if torch.is_grad_enabled():  # the norms keep x for their backward pass: no in-place updates
-            x = x + self.attn1(self.norm1(x), frames=frames)
+            x = x + self._self_attention(x, frames, merge)
             x = x + self.attn2(self.norm2(x), context, context_bias, ip)
             return x + self.ff(self.norm3(x))
-        x = x + self.attn1(self.norm1(x), frames=frames)  # a fresh tensor: the caller's x stays untouched
+        x = x + self._self_attention(x, frames, merge)  # a fresh tensor: the caller's x stays untouched
         x += self.attn2(self.norm2(x), context, context_bias, ip)
         x += self.ff(self.norm3(x))
         return x
+
+    def _self_attention(self, x: torch.Tensor, frames: int | None, merge) -> torch.Tensor:
+        if merge is None:
+            return self.attn1(self.norm1(x), frames=frames)
+        return merge.unmerge(self.attn1(merge.merge(self.norm1(x))))
 
 
 class SpatialTransformer(nn.Module):
@@ -309,6 +315,8 @@ class SpatialTransformer(nn.Module):
 
     proj_in/proj_out are 1x1 convs (SD 1.x) or linear layers (SD 2.x, SDXL: use_linear).
     """
+
+    token_merging = None  # a models.token_merge.TokenMerging while a UNet call merges tokens (UNetModel.forward)
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int | None,
                  use_linear: bool, groups: int):
@@ -340,8 +348,9 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(b, hgt * wid, h.shape[1])
         if self.use_linear:
             h = self.proj_in(h)
+        merging = self.token_merging if frames is None else None  # (cross-frame attention is not merged)
         for block in self.transformer_blocks:
-            h = block(h, context, bias, ip, frames)
+            h = block(h, context, bias, ip, frames, None if merging is None else merging.plan(h))
         if self.use_linear:
             h = self.proj_out(h)
         # (B, H*W, C) -> (B, C, H, W) in the layout of x (a free view if x is channels_last).
@@ -474,6 +483,7 @@ class UNetModel(nn.Module):
 
     region_attention = "cross"  # how text reaches the image tokens (pipeline/region_attention.py)
     supports_feature_cache = True  # forward's DeepCache hook (pipeline/deep_cache.py)
+    supports_token_merge = True  # forward's ToMe hook (pipeline/token_merging.py)
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -590,7 +600,7 @@ class UNetModel(nn.Module):
                 y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None,
                 context_bias: dict[int, torch.Tensor] | None = None, motion: nn.Module | None = None,
                 num_frames: int | None = None, ip: Sequence | None = None, frame_attention: int | None = None,
-                feature_cache=None,
+                feature_cache=None, token_merge=None,
                 **extra) -> torch.Tensor:
         """x (B, C_in, H, W), timesteps (B,), context (B, T, D), y (B, adm) -> (B, C_out, H, W).
 
@@ -601,7 +611,26 @@ class UNetModel(nn.Module):
         ``branch`` (an input block index b), ``reuse`` (bool) and ``feature``. A full pass stores in ``feature``
         the input of the output block that pairs with input block b; a ``reuse`` pass computes only input
         blocks 0..b and the output blocks from that pair on, starting from the stored feature.
+
+        ``token_merge`` (a models.token_merge.TokenMerging) merges the tokens of the self-attention in the
+        transformers near the latent's resolution for this call (ToMe; pipeline/token_merging.py).
         """
+        if token_merge is None:
+            return self._forward(x, timesteps, context, y, control, context_bias, motion, num_frames, ip,
+                                 frame_attention, feature_cache)
+        transformers = [m for m in self.modules() if isinstance(m, SpatialTransformer)]
+        merging = token_merge.at(x.shape[-2:])
+        for module in transformers:
+            module.token_merging = merging
+        try:
+            return self._forward(x, timesteps, context, y, control, context_bias, motion, num_frames, ip,
+                                 frame_attention, feature_cache)
+        finally:
+            for module in transformers:
+                del module.token_merging  # back to the class default: None
+
+    def _forward(self, x, timesteps, context, y, control, context_bias, motion, num_frames, ip, frame_attention,
+                 feature_cache) -> torch.Tensor:
         dtype = self.dtype
         emb, context = embed_conditioning(self, x, timesteps, context, y)
         if control is not None and len(control) != len(self.input_blocks) + 1:

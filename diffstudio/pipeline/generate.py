@@ -117,13 +117,20 @@ class Pipeline:
                  strength: float | None = None, mask=None, clip_skip: int | None = None,
                  tiled_vae: bool | None = None, guidance: float | None = None, progress: bool = True,
                  callback=None, regions=None, region_mode: str = "latent", controlnets=(), ip_adapter=None, hires=None,
-                 modules=(), deep_cache: int | None = None, cfg_until: float | None = None) -> list[Image.Image]:
+                 modules=(), deep_cache: int | None = None, cfg_until: float | None = None,
+                 token_merging: float | None = None) -> list[Image.Image]:
         """``controlnets``: ``ControlNetUnit``s (pipeline/control.py); ``ip_adapter``: an ``ImagePrompt`` or a list
         of them (pipeline/ip_adapter.py); ``hires``: a ``HiresFix`` (a second, img2img pass at a larger size:
         pipeline/hires.py); ``modules``: extra denoiser modules. Fewer network evaluations, quality trades, off by
         default: ``deep_cache`` = k reuses a UNet's deep features for k calls (pipeline/deep_cache.py);
-        ``cfg_until`` = f guides only the first fraction f of the steps (pipeline/cfg_until.py)."""
+        ``cfg_until`` = f guides only the first fraction f of the steps (pipeline/cfg_until.py); ``token_merging`` =
+        r merges that share of the tokens of a UNet's high-resolution self-attention (ToMe,
+        pipeline/token_merging.py)."""
         modules = list(modules)
+        if token_merging:
+            from diffstudio.pipeline.token_merging import TokenMergingModule
+
+            modules.append(TokenMergingModule(token_merging))
         if deep_cache:
             from diffstudio.pipeline.deep_cache import DeepCache
 
