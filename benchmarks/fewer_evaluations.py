@@ -1,5 +1,6 @@
-"""Fewer network evaluations: DeepCache (``deep_cache``) and guidance on the first steps only (``cfg_until``),
-their speed and their effect on the Shapes demo model's scores (diffstudio/demo/score.py).
+"""Fewer network evaluations and less work per evaluation: DeepCache (``deep_cache``), guidance on the first steps
+only (``cfg_until``) and token merging (``token_merging``), their speed and their effect on the Shapes demo model's
+scores (diffstudio/demo/score.py).
 
 For each evaluation pair (the prompts and seeds of ``python -m diffstudio.demo evaluate``) every variant draws
 its image in turn, so load from other processes hits all variants alike; the time per variant is summed over
@@ -7,6 +8,7 @@ the pairs and given as a ratio to the plain run.
 
     python benchmarks/fewer_evaluations.py --pairs 60
     python benchmarks/fewer_evaluations.py --pairs 8 --model /tmp/sd15-random/model.safetensors --size 256
+    python benchmarks/fewer_evaluations.py --pairs 48 --variants plain token_merging=0.5 token_merging=0.3
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 VARIANTS = {"plain": {}, "deep_cache=1": {"deep_cache": 1}, "deep_cache=2": {"deep_cache": 2},
             "cfg_until=0.5": {"cfg_until": 0.5}, "cfg_until=0.3": {"cfg_until": 0.3},
-            "deep_cache=1 + cfg_until=0.5": {"deep_cache": 1, "cfg_until": 0.5}}
+            "deep_cache=1 + cfg_until=0.5": {"deep_cache": 1, "cfg_until": 0.5},
+            "token_merging=0.5": {"token_merging": 0.5}, "token_merging=0.3": {"token_merging": 0.3}}
 SCORES = ("color_ok", "kind_ok", "position_ok", "all_ok")
 
 
@@ -41,7 +44,11 @@ def main() -> None:
     parser.add_argument("--model", help="another model file (its images are timed, not scored)")
     parser.add_argument("--size", type=int, help="image side (default: the model's)")
     parser.add_argument("--steps", type=int, help="steps (default: the model's)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="run only these (and plain)")
     args = parser.parse_args()
+    if args.variants:
+        for name in [n for n in VARIANTS if n != "plain" and n not in args.variants]:
+            del VARIANTS[name]
     from diffstudio.threads import prepare_threads
 
     prepare_threads()

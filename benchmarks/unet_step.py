@@ -8,6 +8,8 @@ other processes hits both alike; we print medians and the ratio ours / diffusers
     python benchmarks/unet_step.py --sizes 64 --dtypes bf16 --repeats 5
     python benchmarks/unet_step.py --model sdxl --sizes 64   # SDXL base UNet (2.57 B), 512x512
     python benchmarks/unet_step.py --tiny               # a seconds-long smoke run
+    python benchmarks/unet_step.py --sizes 64 --tome 0.5     # ours with token merging vs plain diffusers
+    python benchmarks/unet_step.py --sizes 64 --tome 0.5 --tome-reference   # vs diffusers patched by tomesd
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def compare(ours, ref, config: dict, size: int, dtype: torch.dtype, args, sync):
         ours_kw["y"] = vector_condition(pooled, sizes, 2816).to(args.device, dtype)
         ref_kw["added_cond_kwargs"] = {"text_embeds": pooled.to(args.device, dtype),
                                        "time_ids": sizes.expand(args.batch, -1).to(args.device, dtype)}
+    if args.tome:
+        from diffstudio.models.token_merge import TokenMerge, TokenMerging
+
+        settings = TokenMerge(args.tome)
+        ours_kw["token_merge"] = TokenMerging(settings, torch.Generator().manual_seed(0))
     return race(lambda: ours(x, t, ctx, **ours_kw), lambda: ref(x, t, ctx, **ref_kw).sample, args.repeats, sync)
 
 
@@ -57,6 +64,9 @@ def main() -> None:
     parser.add_argument("--model", default="sd15", choices=list(CONFIGS))
     parser.add_argument("--diffusers-channels-last", action="store_true",
                         help="also put diffusers' UNet in channels_last (its opt-in; default NCHW)")
+    parser.add_argument("--tome", type=float, help="token merging ratio for our UNet (ToMe; the error column is then "
+                                                   "the merge's effect unless --tome-reference)")
+    parser.add_argument("--tome-reference", action="store_true", help="patch diffusers' UNet with tomesd too")
     args = parser.parse_args()
     sync = start(args)
     config = TINY_UNET if args.tiny else CONFIGS[args.model]
@@ -66,6 +76,11 @@ def main() -> None:
         ours, ref = build(config, dtype, args.device)
         if args.diffusers_channels_last:
             ref.to(memory_format=torch.channels_last)
+        if args.tome and args.tome_reference:
+            import tomesd
+
+            tomesd.apply_patch(ref, ratio=args.tome, max_downsample=1, use_rand=True)
+            ref._tome_info["args"]["generator"] = torch.Generator().manual_seed(0)  # the draws ours make
         for size in args.sizes:
             r = compare(ours, ref, config, size, dtype, args, sync)
             print(f"{dtype_name:<6}{size:>7}{r.ours_wall:>9.3f}{r.ref_wall:>13.3f}{r.ratio:>8.2f}{r.rel_err:>10.1e}",
