@@ -250,3 +250,9 @@ def test_the_cli_trains_a_cogvideox_lora(tiny, clips, tmp_path):
     tensors = load_file(str(out))
     assert all(k.startswith("transformer.transformer_blocks.") for k in tensors)
     assert next(v for k, v in tensors.items() if k.endswith("lora_A.weight")).shape[0] == 2
+    kohya = tmp_path / "kohya.safetensors"  # the other format: our loader reads it back in full
+    assert main(["train", "lora", "--model", str(folder), "--data", str(clips), "--out", str(kohya), "--frames", "9",
+                 "--width", "64", "--height", "48", "--rank", "2", "--steps", "2", "--format", "kohya"]) == 0
+    assert "lora_unet_transformer_blocks_0_attn1_to_out_0.alpha" in load_file(str(kohya))
+    report = diffstudio.load(str(folder)).apply_lora(str(kohya)).report
+    assert report.coverage == 1.0 and report.matched == len(tensors) // 2
