@@ -297,7 +297,8 @@ def cmd_train_lora(args) -> int:
                              precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
                              optimizer=args.optimizer, caption_dropout=args.caption_dropout, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, workdir=args.workdir,
-                             export_format=args.format, restart=args.restart)
+                             export_format=args.format, restart=args.restart, frames=args.frames,
+                             width=args.width, height=args.height)
     print(f"wrote {train_lora(config)}")
     return 0
 
@@ -307,11 +308,12 @@ def _add_train_parser(sub) -> None:
 
     train = sub.add_parser("train", help="train a LoRA (any family) or AnimateDiff motion modules")
     kinds = train.add_subparsers(dest="kind", required=True)
-    lora = kinds.add_parser("lora", help="train a LoRA on a folder of images with captions",
+    lora = kinds.add_parser("lora", help="train a LoRA on a folder of images (CogVideoX: clips) with captions",
                             description="Runs on accelerate: `accelerate launch -m diffstudio.cli train lora ...` "
                                         "uses the GPUs/nodes of your accelerate config (docs/training.md).")
     lora.add_argument("--model", help="base model file or folder (default: the packaged Shapes demo model)")
-    lora.add_argument("--data", required=True, help="images + metadata.csv (file_name,text) or .txt captions")
+    lora.add_argument("--data", required=True, help="images + metadata.csv (file_name,text) or .txt captions; "
+                                                    "CogVideoX: video files or folders of frames (docs/cogvideox.md)")
     lora.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
     lora.add_argument("--rank", type=int, default=16)
     lora.add_argument("--alpha", type=float, help="default: the rank")
@@ -320,7 +322,10 @@ def _add_train_parser(sub) -> None:
     lora.add_argument("--no-buckets", action="store_true", help="square crops instead of aspect-ratio buckets")
     lora.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     lora.add_argument("--gradient-checkpointing", action="store_true")
-    lora.add_argument("--format", default="kohya", choices=["kohya", "peft"])
+    lora.add_argument("--format", choices=["kohya", "peft"], help="default: kohya (CogVideoX: peft)")
+    lora.add_argument("--frames", type=int, help="CogVideoX: frames per clip, 4k + 1 (default 49)")
+    lora.add_argument("--width", type=int, help="CogVideoX: clip width (default the model's, 720)")
+    lora.add_argument("--height", type=int, help="CogVideoX: clip height (default the model's, 480)")
     add_run_options(lora, steps=1000, batch_size=1, lr=1e-4)
     lora.set_defaults(func=cmd_train_lora)
     from diffstudio.control import cli as control_cli

@@ -153,6 +153,10 @@ class Family:
     # How a ControlNet is added to a model whose denoiser is not an LDM UNet (DiT ControlNets), as
     # "module:function(models, path) -> module"; None: only UNet ControlNets (controlnet_loading.py).
     controlnet_loader: str | None = None
+    # The LoRA trainer of a family whose training data the image trainer (train/lora.py) cannot prepare
+    # (CogVideoX: clips through a 3D VAE), as "module:function(config, models, *, stop_after, snapshot)";
+    # ``train_lora`` hands such a model to it. None: the image trainer.
+    lora_trainer: str | None = None
 
     def variant_from(self, denoiser_config) -> str | None:
         """The variant a denoiser of this structure is: "inpaint" when it takes extra input channels,

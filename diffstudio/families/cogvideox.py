@@ -104,5 +104,6 @@ COGVIDEOX = Family(
     lora_targets=r"transformer_blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)",
     variant_of=variant_of,
     own_pipeline="diffstudio.video.cogvideo:CogVideoPipeline",
+    lora_trainer="diffstudio.train.cogvideo_lora:train_cogvideo_lora",
     variants={"5b": FIVE_B, "5b-i2v": FIVE_B, "1.5": FIVE_B, "1.5-i2v": FIVE_B},
 )

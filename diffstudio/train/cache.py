@@ -24,9 +24,10 @@ import torch
 CACHED_FROM = ("data", "model", "resolution", "buckets", "caption_dropout", "precision")
 
 
-def cache_key(recipe: dict) -> str:
-    """The cache holds what the frozen VAE and text encoders make of the data: it is reused while these agree."""
-    used = {key: recipe[key] for key in CACHED_FROM}
+def cache_key(recipe: dict, fields: tuple[str, ...] = CACHED_FROM) -> str:
+    """The cache holds what the frozen VAE and text encoders make of the data: it is reused while the recipe's
+    ``fields`` that decide it agree."""
+    used = {key: recipe[key] for key in fields}
     return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -51,8 +51,12 @@ class LoRATrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     workdir: str | None = None  # checkpoints and caches; None = "<out>.run"
-    export_format: str = "kohya"  # or "peft" (diffusers' load_lora_weights format)
+    export_format: str | None = None  # "kohya" or "peft" (diffusers'); None = the family's (kohya; CogVideoX: peft)
     restart: bool = False  # discard the work folder's checkpoint (made with another recipe) and start at step 0
+    # Video families (CogVideoX, train/cogvideo_lora.py): frames per training clip and the clip size in pixels
+    frames: int | None = None  # None = the family's (CogVideoX: 49)
+    width: int | None = None  # None = the model's default width
+    height: int | None = None
 
     def work_path(self) -> Path:
         return Path(self.workdir) if self.workdir else Path(str(self.out) + ".run")
@@ -123,6 +127,9 @@ class _Trainee(torch.nn.Module):
 # whose recomputation gives the same gradients up to rounding): they may change between a run and its resume.
 NOT_IN_RECIPE = ("data", "out", "model", "workdir", "checkpoint_every", "gradient_checkpointing", "export_format",
                  "restart")
+# Settings of one kind of trainer only: the other refuses them when set and leaves them out of its recipe.
+IMAGE_ONLY = ("resolution", "buckets")
+VIDEO_ONLY = ("frames", "width", "height")
 
 
 def run_recipe(config: LoRATrainConfig, models, rows, resolution: int, targets: str, alpha: float) -> dict:
@@ -131,9 +138,39 @@ def run_recipe(config: LoRATrainConfig, models, rows, resolution: int, targets: 
     from diffstudio.train.recipe import data_fingerprint, model_fingerprint
 
     base = config.model or models.sources.get(models.family.denoiser_role)
-    settings = {k: v for k, v in asdict(config).items() if k not in NOT_IN_RECIPE}
+    settings = {k: v for k, v in asdict(config).items() if k not in NOT_IN_RECIPE + VIDEO_ONLY}
     return {**settings, "data": data_fingerprint(config.data, rows), "model": model_fingerprint(base),
             "family": models.family.name, "resolution": resolution, "targets": targets, "alpha": alpha}
+
+
+def check_settings(config: LoRATrainConfig, family) -> None:
+    """The checks every LoRA trainer makes before it loads data."""
+    from diffstudio.train.loop import OPTIMIZERS
+
+    if config.precision not in ("fp32", "bf16"):
+        raise InvalidInputError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}")
+    if config.rank < 1 or config.steps < 1 or config.batch_size < 1:
+        raise InvalidInputError("rank, steps and batch_size must be positive")
+    if config.optimizer not in OPTIMIZERS:
+        raise InvalidInputError(f"unknown optimizer {config.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    if config.export_format not in (None, "kohya", "peft"):
+        raise InvalidInputError(f"unknown LoRA export format {config.export_format!r}; use 'kohya' or 'peft'")
+    if config.snr_gamma is not None and family is not None and family.prediction == "flow":
+        raise InvalidInputError(f"--snr-gamma weights eps/v training; {family.name} is trained by flow matching")
+
+
+def lora_layers(config: LoRATrainConfig, models) -> tuple[torch.nn.Module, str, list[str], float]:
+    """(the denoiser, the target pattern, the names of the layers it matches, alpha), refusing a pattern that
+    matches nothing and a gradient-checkpointing request the denoiser cannot take."""
+    family = models.family
+    denoiser = models.activate().denoiser  # this model's own patches (a prompt-tag clone's may be in the weights)
+    pattern = config.targets or family.lora_targets
+    names = target_modules(denoiser, pattern)
+    if not names:
+        raise InvalidInputError(f"no Linear/1x1-Conv layer of the {family.name} denoiser matches {pattern!r}")
+    if config.gradient_checkpointing and not hasattr(denoiser, "gradient_checkpointing"):
+        raise InvalidInputError(f"the {family.name} denoiser has no gradient checkpointing switch")
+    return denoiser, pattern, names, float(config.alpha if config.alpha is not None else config.rank)
 
 
 def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None = None,
@@ -145,48 +182,45 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     run has loaded its model and data). A finished run started again only exports its checkpoint again.
     ``models``: an already loaded base (left unchanged afterwards). ``stop_after`` stops after that many
     steps of this call without exporting (an interrupted run; the next call resumes); with ``snapshot``, the
-    LoRA as it stands then is written to that file (to render a sample of the checkpoint), not to ``config.out``."""
+    LoRA as it stands then is written to that file (to render a sample of the checkpoint), not to ``config.out``.
+
+    A family with a trainer of its own (``Family.lora_trainer``: CogVideoX trains on clips) is handed to it."""
+    import importlib
+
     import diffstudio
+    from diffstudio.train.extras import require_train_extra
+
+    require_train_extra()
+    check_settings(config, None)
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    if models is None:
+        models = diffstudio.load(*([config.model] if config.model else []), dtype=dtype)
+    if models.family.lora_trainer:
+        module, name = models.family.lora_trainer.split(":")
+        return getattr(importlib.import_module(module), name)(config, models, stop_after=stop_after,
+                                                              snapshot=snapshot)
+    return _train_image_lora(config, models, stop_after=stop_after, snapshot=snapshot)
+
+
+def _train_image_lora(config: LoRATrainConfig, models, *, stop_after: int | None,
+                      snapshot: str | Path | None) -> Path | None:
     from diffstudio.pipeline.denoiser import network_fn
     from diffstudio.sampling.prediction import prediction_for
     from diffstudio.train.cache import cache_key, draw_batch, load_or_build_cache, prepare_items
     from diffstudio.train.data import read_captions
-    from diffstudio.train.extras import require_train_extra
-    from diffstudio.train.loop import (
-        OPTIMIZERS,
-        data_parallel_rows,
-        discard_checkpoints,
-        main_process_first,
-        process_rank,
-        train,
-    )
-    from diffstudio.train.lora_export import save_lora
+    from diffstudio.train.loop import data_parallel_rows, main_process_first
     from diffstudio.train.objectives import diffusion_loss
     from diffstudio.train.recipe import check_resume
 
-    require_train_extra()
-    if config.precision not in ("fp32", "bf16"):
-        raise InvalidInputError(f"precision must be 'fp32' or 'bf16', got {config.precision!r}")
-    if config.rank < 1 or config.steps < 1 or config.batch_size < 1:
-        raise InvalidInputError("rank, steps and batch_size must be positive")
-    if config.optimizer not in OPTIMIZERS:
-        raise InvalidInputError(f"unknown optimizer {config.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
-    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    if models is None:
-        models = diffstudio.load(*([config.model] if config.model else []), dtype=dtype)
     family = models.family
-    if config.snr_gamma is not None and family.prediction == "flow":
-        raise InvalidInputError(f"--snr-gamma weights eps/v training; {family.name} is trained by flow matching")
+    check_settings(config, family)
+    video_only = [f"--{k}" for k in VIDEO_ONLY if getattr(config, k) is not None]
+    if video_only:
+        raise InvalidInputError(f"{', '.join(video_only)} set the clips of video families (CogVideoX); "
+                                f"{family.name} trains on images (--resolution)")
     defaults = {**asdict(family.defaults), **models.defaults}
     resolution = config.resolution or int(defaults["width"])
-    denoiser = models.activate().denoiser  # this model's own patches (a prompt-tag clone's may be in the weights)
-    pattern = config.targets or family.lora_targets
-    names = target_modules(denoiser, pattern)
-    if not names:
-        raise InvalidInputError(f"no Linear/1x1-Conv layer of the {family.name} denoiser matches {pattern!r}")
-    if config.gradient_checkpointing and not hasattr(denoiser, "gradient_checkpointing"):
-        raise InvalidInputError(f"the {family.name} denoiser has no gradient checkpointing switch")
-    alpha = float(config.alpha if config.alpha is not None else config.rank)
+    denoiser, pattern, names, alpha = lora_layers(config, models)
     rows = read_captions(config.data)
     recipe = run_recipe(config, models, rows, resolution, pattern, alpha)
     check_resume(config.work_path(), recipe, restart=config.restart)  # before any work: a stale run stops here
@@ -194,12 +228,6 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
     with main_process_first():  # one process writes the work folder's cache, the others read it
         data = load_or_build_cache(config.work_path() / "cache.pt", cache_key(recipe), lambda: prepare_items(
             models, rows, resolution=resolution, buckets=config.buckets, caption_dropout=config.caption_dropout))
-
-    # Everything that can refuse the run has run, so the model is changed only now (and put back afterwards).
-    checkpointing = getattr(denoiser, "gradient_checkpointing", None)
-    inject_lora(denoiser, names, config.rank, alpha, config.seed)
-    if config.gradient_checkpointing:
-        denoiser.gradient_checkpointing = True
 
     items = data["items"]
     prediction = prediction_for(family)
@@ -209,6 +237,28 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
         _, gen, x0, cond = draw_batch(data, step, config.seed, config.batch_size, config.caption_dropout)
         return diffusion_loss(prediction, net_fn, x0, cond, gen, snr_gamma=config.snr_gamma, rows=rows_of_process)
 
+    described = {"ss_num_train_images": str(len(items)), "ss_resolution": f"({resolution}, {resolution})",
+                 "ss_enable_bucket": str(config.buckets)}
+    return fit_and_export(config, models, denoiser, names, alpha, recipe, loss_fn, described=described,
+                          export_format=config.export_format or "kohya", stop_after=stop_after, snapshot=snapshot)
+
+
+def fit_and_export(config: LoRATrainConfig, models, denoiser, names: list[str], alpha: float, recipe: dict,
+                   loss_fn, *, described: dict, export_format: str, stop_after: int | None,
+                   snapshot: str | Path | None) -> Path | None:
+    """Inject the adapters into ``names``, train them on ``loss_fn(model, step)`` with ``train.loop.train``, put
+    the base layers back, and export (process 0 only; an interrupted run writes only ``snapshot``, if given).
+
+    Called once everything that can refuse the run has run: the model is changed only here, and put back
+    afterwards. ``described``: the data's kohya-style metadata (``ss_num_train_images``, ``ss_resolution``...)."""
+    from diffstudio.train.loop import discard_checkpoints, main_process_first, process_rank, train
+    from diffstudio.train.lora_export import save_lora
+
+    family = models.family
+    checkpointing = getattr(denoiser, "gradient_checkpointing", None)
+    inject_lora(denoiser, names, config.rank, alpha, config.seed)
+    if config.gradient_checkpointing:
+        denoiser.gradient_checkpointing = True
     trainee = _Trainee(denoiser)
     with main_process_first():
         if config.restart and process_rank()[0] == 0:  # the new run is ready: only now does the old one go
@@ -227,14 +277,13 @@ def train_lora(config: LoRATrainConfig, models=None, *, stop_after: int | None =
         return None
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.rank),
                 "ss_network_alpha": str(alpha), "ss_learning_rate": str(config.lr),
-                "ss_max_train_steps": str(config.steps), "ss_num_train_images": str(len(items)),
-                "ss_resolution": f"({resolution}, {resolution})", "ss_seed": str(config.seed),
+                "ss_max_train_steps": str(config.steps), **described, "ss_seed": str(config.seed),
                 "ss_base_model_version": family.name, "ss_training_comment": "trained with diffstudio",
-                "ss_enable_bucket": str(config.buckets), "ss_batch_size_per_device": str(config.batch_size),
+                "ss_batch_size_per_device": str(config.batch_size),
                 "diffstudio.lora": json.dumps({"config": asdict(config), "recipe": recipe,
                                                "final_loss": losses[-1] if losses else None})}
     if len(losses) < config.steps:  # interrupted: the run resumes from its checkpoint
         if snapshot is not None:
-            save_lora(models, weights, alpha, snapshot, config.export_format, metadata)
+            save_lora(models, weights, alpha, snapshot, export_format, metadata)
         return None
-    return save_lora(models, weights, alpha, config.out, config.export_format, metadata)
+    return save_lora(models, weights, alpha, config.out, export_format, metadata)

@@ -9,7 +9,8 @@
 * peft (diffusers' own LoRA format): ``unet.<diffusers module>.lora_A.weight`` / ``lora_B.weight``
   for UNets (``transformer.`` for DiTs) with alpha / rank folded into B. A layer that diffusers splits
   (FLUX's and SD3's fused ``qkv``, FLUX's ``linear1``, Hunyuan's ``Wqkv`` / ``kv_proj``) becomes one
-  adapter per part: the same A, and the rows of B that produce that part's output rows.
+  adapter per part: the same A, and the rows of B that produce that part's output rows. Where our canonical
+  names are diffusers' (CogVideoX, whose other layout is DiffSynth-Studio's) they are written as they are.
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ def save_lora(models, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], alp
             tensors[f"{key}.lora_up.weight"] = b.contiguous()
             tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
     elif export_format == "peft":
-        parts = _diffusers_parts(models, role, list(weights))
+        if arch.other_layout == "diffusers":
+            parts = _diffusers_parts(models, role, list(weights))
+        else:  # our canonical names are diffusers' already (CogVideoX; the converter goes to DiffSynth's names)
+            parts = {module: [(module, None)] for module in weights}
         prefix = "unet" if role == "unet" else "transformer"
         for module, (a, b) in weights.items():
             rank = a.shape[0]
