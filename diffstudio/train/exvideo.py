@@ -151,15 +151,18 @@ def _prepare_clips(models, rows, config: ExVideoTrainConfig) -> dict:
                                   f"{config.stride} need {config.span()}. Remove it or lower --frames/--stride.")
         starts = len(frames) - config.span() + 1
         with torch.inference_mode():
-            latents = torch.cat([latent.to_model(vae.encode(_pixels(frames[i:i + 8]).to(_device(vae), _dtype(vae)))
-                                                 .float().cpu()) for i in range(0, len(frames), 8)])
-            embeds = torch.cat([clip_image_embedding(encoder, _pixels(frames[i:min(i + 8, starts)]).to(_device(encoder)))
-                                .float().cpu()[:, 0] for i in range(0, starts, 8)])
+            latents = _in_chunks(frames, lambda x: latent.to_model(vae.encode(x.to(_device(vae), _dtype(vae)))))
+            embeds = _in_chunks(frames[:starts], lambda x: clip_image_embedding(encoder, x.to(_device(encoder)))[:, 0])
         clip = {"latents": latents, "embeds": embeds}
         if config.noise_aug > 0:
             clip["first"] = torch.stack([_hint_tensor(frames[i]) for i in range(starts)])
         clips.append(clip)
     return {"clips": clips}
+
+
+def _in_chunks(frames: list, encode, chunk: int = 8) -> torch.Tensor:
+    """``encode`` (images (n, 3, H, W) in [-1, 1] -> (n, ...)) over the frames, ``chunk`` at a time; float32, CPU."""
+    return torch.cat([encode(_pixels(frames[i:i + chunk])).float().cpu() for i in range(0, len(frames), chunk)])
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -272,8 +275,8 @@ def train_exvideo(config: ExVideoTrainConfig, models=None, *, stop_after: int | 
     from diffstudio.train.cache import load_or_build_cache
     from diffstudio.train.clips import read_clips
     from diffstudio.train.ema import EMA
-    from diffstudio.train.exvideo_export import save_exvideo
     from diffstudio.train.extras import require_train_extra
+    from diffstudio.train.exvideo_export import save_exvideo
     from diffstudio.train.loop import data_parallel_rows, discard_checkpoints, main_process_first, process_rank, train
     from diffstudio.train.recipe import check_resume
     from diffstudio.video.svd_conditioning import added_time_ids
