@@ -71,14 +71,14 @@ def unet_inputs(frames: int = 4, seed: int = 1):
             torch.tensor([[29.0, 127.0, 0.02]]))
 
 
-@pytest.mark.parametrize("temporal,precision,checkpointing", [(False, "fp32", False), (True, "bf16", True)],
-                         ids=["tables-and-convs", "with-temporal-blocks-bf16-checkpointed"])
+@pytest.mark.parametrize("temporal,precision,checkpointing", [(False, "bf16", False), (True, "fp32", True)],
+                         ids=["tables-and-convs-bf16", "with-temporal-blocks-checkpointed"])
 def test_only_the_extension_learns(base, clips, tmp_path, temporal, precision, checkpointing):
     models = load_svd(base)
     before = {k: v.clone() for k, v in models.unet.state_dict().items()}
     flags = {k: p.requires_grad for k, p in models.unet.named_parameters()}
     cfg = config(base, clips, tmp_path / "ext.safetensors", temporal=temporal, precision=precision,
-                 gradient_checkpointing=checkpointing)
+                 gradient_checkpointing=checkpointing, steps=1 if precision == "bf16" else 2)
     assert train_exvideo(cfg, models) is not None
     after = models.unet.state_dict()
     trainable = {f"{prefix}.{name}" for prefix, module in models.unet.named_modules()
@@ -139,7 +139,7 @@ def test_the_exported_ema_is_the_average_of_the_steps(base, clips, tmp_path):
     train_exvideo(cfg, models)
     p2 = models.unet.state_dict()[name]
     file = load_file(cfg.out)
-    ours = [v for k, v in file.items() if k.endswith(".positional_conv.weight") and v.shape == p0.shape][0]
+    ours = file["blocks.7.positional_conv.weight"]                          # DiffSynth's name of input_blocks.1.1
     expected = d * d * p0 + d * (1 - d) * p1 + (1 - d) * p2
     assert not torch.equal(p1, p2) and torch.allclose(ours, expected, atol=1e-7)
 
