@@ -177,3 +177,41 @@ def test_command_line_trains_and_the_file_loads(base, clips, tmp_path, capsys):
     assert load_file(out)["blocks.7.positional_embedding.embeddings"].dtype == torch.float16  # as the release
     models = diffstudio.load(str(base), str(out))
     assert models.unet.video_transformers()[0].exvideo.embeddings.shape[0] == 4
+
+
+def test_the_exvideo_128_preset_of_img2vid(base, clips, tmp_path, capsys):
+    """The preset is the release's recipe (DiffSynth-Studio's ExVideo_svd_test.py), explicit options override it,
+    it refuses to run without an extension, and it renders through a trained extension (at a tiny size)."""
+    from diffstudio.cli import build_parser, main
+    from diffstudio.video.img2vid_cli import PRESETS, pipeline_settings
+    from diffstudio.video.svd import EXVIDEO_128F
+
+    assert PRESETS["exvideo-128"] == EXVIDEO_128F == dict(
+        num_frames=128, width=512, height=512, steps=50, fps=30, motion_bucket_id=127, min_cfg=2.0, max_cfg=2.0,
+        post_normalize=True, contrast=1.2)
+    args = build_parser().parse_args(["img2vid", "in.png", "--model", "m", "--preset", "exvideo-128", "--steps", "3"])
+    assert pipeline_settings(args) == {**EXVIDEO_128F, "steps": 3}
+    plain = build_parser().parse_args(["img2vid", "in.png", "--model", "m"])
+    assert pipeline_settings(plain) == {"contrast": 1.0, "post_normalize": False}  # the pipeline's own defaults
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    code = main(["img2vid", str(image), "--model", str(base), "--preset", "exvideo-128", "-o", str(tmp_path / "a")])
+    assert code == 2 and "--extension" in capsys.readouterr().err
+    ext = train_exvideo(config(base, clips, tmp_path / "ext.safetensors", steps=1, temporal=False))
+    out = tmp_path / "frames"
+    code = main(["img2vid", str(image), "--model", str(base), "--extension", str(ext), "--preset", "exvideo-128",
+                 "--frames", "3", "--width", "32", "--height", "32", "--steps", "2", "-o", str(out), "--quiet"])
+    assert code == 0 and len(list(out.glob("*.png"))) == 3
+
+
+def test_latent_post_processing():
+    """post_normalize: every frame gets the clip's mean and std; contrast scales the result."""
+    from diffstudio.video.svd import post_process
+
+    latents = torch.randn(1, 3, 4, 5, 5) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1, 1) + 0.3
+    out = post_process(latents, True, 1.0)
+    for frame in out[0]:
+        assert torch.allclose(frame.mean(), latents.mean(), atol=1e-5)
+        assert torch.allclose(frame.std(), latents.std(), atol=1e-5)
+    assert torch.allclose(post_process(latents, True, 1.2), 1.2 * out)
+    assert torch.equal(post_process(latents, False, 1.0), latents)
