@@ -55,5 +55,7 @@ def cmd_train_exvideo(args) -> int:
     renamed = {"temporal": not args.tables_only, "motion_bucket_id": args.motion_bucket}
     values = {f.name: renamed[f.name] if f.name in renamed else getattr(args, f.name)
               for f in fields(ExVideoTrainConfig)}
-    print(f"wrote {train_exvideo(ExVideoTrainConfig(**values))}")
+    out = train_exvideo(ExVideoTrainConfig(**values))
+    if out is not None:  # processes other than 0 write nothing
+        print(f"wrote {out}")
     return 0
