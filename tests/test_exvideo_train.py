@@ -113,6 +113,21 @@ def test_the_file_grafts_back_and_reproduces_the_trained_unet(base, clips, tmp_p
         assert not torch.equal(load_svd(base).unet(*unet_inputs()), trained)
 
 
+def test_continuing_a_full_extension_with_tables_only_keeps_its_temporal_weights(base, clips, tmp_path):
+    """--init a file with temporal weights, train only the tables: the new file carries the init's temporal weights
+    (frozen) with the trained tables, and reproduces the trained UNet."""
+    first = train_exvideo(config(base, clips, tmp_path / "first.safetensors", steps=1))
+    models = load_svd(base)
+    out = train_exvideo(config(base, clips, tmp_path / "second.safetensors", init=str(first), temporal=False), models)
+    a, b = load_file(first), load_file(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) == (".positional_" not in k or "_proj" in k) for k in a)
+    with torch.no_grad():
+        assert torch.equal(load_svd(base, out).unet(*unet_inputs()), models.unet(*unet_inputs()))
+    with pytest.raises(InvalidInputError, match="position tables of 4 rows"):
+        train_exvideo(config(base, clips, tmp_path / "third.safetensors", init=str(first), positions=6))
+
+
 def test_stopped_and_resumed_equals_uninterrupted_with_ema(base, clips, tmp_path):
     whole = config(base, clips, tmp_path / "whole.safetensors", steps=4, ema_decay=0.8, noise_aug=0.05)
     train_exvideo(whole, load_svd(base))

@@ -235,22 +235,36 @@ def trainable_modules(unet, temporal: bool) -> list[nn.Module]:
     return modules
 
 
-def _extend(unet, config: ExVideoTrainConfig) -> None:
-    """Identity-initialised tables and convolutions, or the ``init`` extension's, on ``unet``."""
+def temporal_parameters(unet) -> dict[str, torch.Tensor]:
+    """{name: tensor} of every temporal transformer's ``time_stack`` and ``time_pos_embed`` (what a released
+    extension file carries besides the tables and convolutions)."""
+    transformers = set(map(id, unet.video_transformers()))
+    prefixes = tuple(f"{name}.{part}." for name, module in unet.named_modules() if id(module) in transformers
+                     for part in ("time_stack", "time_pos_embed"))
+    return {name: p.detach() for name, p in unet.named_parameters() if name.startswith(prefixes)}
+
+
+def _extend(unet, config: ExVideoTrainConfig) -> bool:
+    """Identity-initialised tables and convolutions, or the ``init`` extension's, on ``unet``. Returns whether the
+    UNet now carries an extension's temporal-block weights (an ``init`` file with them), which the written file
+    must then carry too, trained or not."""
     from diffstudio.models.exvideo import attach_exvideo
 
     if config.init:
+        from diffstudio.detect.exvideo import derive_exvideo_config
         from diffstudio.exvideo_loading import graft_exvideo
         from diffstudio.io.folders import existing_path
         from diffstudio.io.state_dict import read_state_dict
 
-        graft_exvideo(unet, read_state_dict(existing_path(config.init, "ExVideo extension")))
-        rows = unet.video_transformers()[0].exvideo.embeddings.shape[0]
-        if rows != config.table_rows():
-            raise InvalidInputError(f"the extension {config.init} has position tables of {rows} rows; this run asks "
-                                    f"for {config.table_rows()} (--positions)")
-    else:
-        attach_exvideo(unet, positions=config.table_rows())
+        state = read_state_dict(existing_path(config.init, "ExVideo extension"))
+        found = derive_exvideo_config(state)
+        if found.positions != config.table_rows():
+            raise InvalidInputError(f"the extension {config.init} has position tables of {found.positions} rows; "
+                                    f"this run asks for {config.table_rows()} (--positions)")
+        graft_exvideo(unet, state)
+        return found.finetuned
+    attach_exvideo(unet, positions=config.table_rows())
+    return False
 
 
 def _load_models(config: ExVideoTrainConfig):
@@ -324,7 +338,7 @@ def train_exvideo(config: ExVideoTrainConfig, models=None, *, stop_after: int | 
     # Everything that can refuse the run has run: only now is the UNet changed.
     frozen = {name: p.requires_grad for name, p in unet.named_parameters()}
     checkpointing = unet.gradient_checkpointing
-    _extend(unet, config)
+    carries_temporal = _extend(unet, config)
     unet.requires_grad_(False)
     for module in trainable_modules(unet, config.temporal):
         module.float().requires_grad_(True)  # the trained weights stay float32 under bf16
@@ -341,6 +355,8 @@ def train_exvideo(config: ExVideoTrainConfig, models=None, *, stop_after: int | 
                        stop_after=stop_after, recipe=recipe, ema=ema)
         weights = {name[len("unet."):]: (ema.shadow[name] if ema is not None else p.detach())
                    for name, p in trainee.named_parameters() if p.requires_grad}
+        if carries_temporal and not config.temporal:  # the init file's temporal weights, kept frozen, go along
+            weights.update(temporal_parameters(unet))
     finally:
         unet.gradient_checkpointing = checkpointing
         for name, p in unet.named_parameters():
