@@ -306,7 +306,8 @@ def cmd_train_lora(args) -> int:
 def _add_train_parser(sub) -> None:
     from diffstudio.train.options import add_run_options
 
-    train = sub.add_parser("train", help="train a LoRA (any family) or AnimateDiff motion modules")
+    train = sub.add_parser("train", help="train a LoRA (any family), AnimateDiff motion modules, an ExVideo "
+                                        "extension, ...")
     kinds = train.add_subparsers(dest="kind", required=True)
     lora = kinds.add_parser("lora", help="train a LoRA on a folder of images (CogVideoX: clips) with captions",
                             description="Runs on accelerate: `accelerate launch -m diffstudio.cli train lora ...` "
@@ -338,6 +339,9 @@ def _add_train_parser(sub) -> None:
     from diffstudio.train import ip_adapter_cli
 
     ip_adapter_cli.add_parser(kinds)
+    from diffstudio.train import exvideo_cli
+
+    exvideo_cli.add_parser(kinds)
 
 
 def lora_spec(spec: str, default: float = 1.0) -> tuple[str, float]:

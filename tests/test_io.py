@@ -360,3 +360,19 @@ def test_download_offline_says_how_to_place_the_file(tmp_path):
     assert "https://huggingface.co/someone/some-model/resolve/" in str(info.value)
     with pytest.raises(ModelNotFoundError, match="local path"):
         download("someone/some-model", cache_dir=tmp_path)
+
+
+def test_safetensors_whose_header_length_starts_with_a_pickle_byte(tmp_path):
+    """A header of 0x..80 bytes begins the file with 0x80, a pickle's protocol opcode: still safetensors."""
+    from safetensors.torch import save_file
+
+    from diffstudio.io.state_dict import file_format, read_file_metadata
+
+    path = tmp_path / "x.safetensors"
+    for pad in range(256):
+        save_file({"w": torch.zeros(1)}, str(path), metadata={"note": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert file_format(path) == "safetensors"
+    assert read_file_metadata(path) == {"note": "x" * pad}

@@ -47,10 +47,12 @@ def file_format(path: str | Path) -> str:
         return "folder"
     with open(path, "rb") as f:
         head = f.read(16)
+    # safetensors first: its first 8 bytes are the header's length, whose low byte may be 0x80 like a pickle's
+    # protocol opcode; a header that opens with "{" and fits in the file is safetensors'.
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= path.stat().st_size:
+        return "safetensors"
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
     for magic, what in _KNOWN_UNSUPPORTED.items():
         if head.startswith(magic):
             raise UnsupportedFormatError(f"{path} is {what}, which diffstudio does not read; "

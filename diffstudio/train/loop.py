@@ -73,7 +73,7 @@ def _model_state(model, trainable_only: bool) -> dict:
 
 
 def _save(accelerator, model, optimizer, out_dir: Path, step: int, losses: list[float],
-          trainable_only: bool = False, recipe: dict | None = None) -> None:
+          trainable_only: bool = False, recipe: dict | None = None, ema=None) -> None:
     """Write the checkpoint next to the old one, then swap, so a kill mid-write loses nothing.
 
     The files are written into ``checkpoint.tmp``; ``progress.json`` comes last, so a folder that has it is
@@ -83,8 +83,11 @@ def _save(accelerator, model, optimizer, out_dir: Path, step: int, losses: list[
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    torch.save({"model": _model_state(accelerator.unwrap_model(model), trainable_only),
-                "optimizer": optimizer.state_dict()}, tmp / "state.pt")
+    state = {"model": _model_state(accelerator.unwrap_model(model), trainable_only),
+             "optimizer": optimizer.state_dict()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    torch.save(state, tmp / "state.pt")
     if recipe is not None:
         (tmp / RECIPE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
     (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
@@ -121,7 +124,7 @@ def discard_checkpoints(out_dir: str | Path) -> None:
         shutil.rmtree(Path(out_dir) / (CHECKPOINT + suffix), ignore_errors=True)
 
 
-def _load(model, optimizer, out_dir: Path, trainable_only: bool = False) -> tuple[int, list[float]]:
+def _load(model, optimizer, out_dir: Path, trainable_only: bool = False, ema=None) -> tuple[int, list[float]]:
     from diffstudio.errors import CorruptFileError
 
     ckpt = _checkpoint_dir(out_dir)
@@ -138,6 +141,11 @@ def _load(model, optimizer, out_dir: Path, trainable_only: bool = False) -> tupl
         raise CorruptFileError(f"the checkpoint in {ckpt} does not belong to this model (unexpected keys "
                                f"{unexpected[:3]}); discard it (--restart) or train in another work folder")
     optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        if "ema" not in state:
+            raise CorruptFileError(f"the checkpoint in {ckpt} holds no EMA of the weights; discard it (--restart) "
+                                   f"or train in another work folder")
+        ema.load_state_dict(state["ema"])
     progress = json.loads((ckpt / "progress.json").read_text())
     return int(progress["step"]), list(progress["losses"])
 
@@ -147,7 +155,8 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
           lr_end: float | None = None, checkpoint_every: int = 500, grad_clip: float | None = 1.0,
           mixed_precision: str = "no",
           optimizer: str = "adamw", progress: bool = True, desc: str = "train",
-          stop_after: int | None = None, trainable_only: bool = False, recipe: dict | None = None) -> list[float]:
+          stop_after: int | None = None, trainable_only: bool = False, recipe: dict | None = None,
+          ema=None) -> list[float]:
     """Minimise ``loss_fn(model, step)`` for `steps` steps; resumes from `out_dir` if a checkpoint is there.
 
     ``stop_after`` ends the run early after that many steps of this call (used by tests to
@@ -157,6 +166,8 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     whole run.
     The learning rate rises linearly over ``warmup`` steps, then stays at ``lr``, or with ``lr_end``
     follows a half cosine down to ``lr_end`` at the last step.
+    ``ema``: a ``train.ema.EMA`` of the trainable parameters, updated after every optimizer step and stored with
+    (and restored from) every checkpoint.
     """
     from diffstudio.train.extras import require_train_extra
 
@@ -168,7 +179,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(optimizer, params, lr, weight_decay)
-    start, losses = _load(model, opt, out_dir, trainable_only)
+    start, losses = _load(model, opt, out_dir, trainable_only, ema)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s + start, steps, warmup, lr,
                                                                           lr_end))
     if accelerator.num_processes == 1:
@@ -195,6 +206,8 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
             accelerator.clip_grad_norm_(params, grad_clip)
         opt.step()
         schedule.step()
+        if ema is not None:
+            ema.update()
         losses.append(float(loss.detach()))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
@@ -202,7 +215,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
         finished = step + 1 == steps
         if (step + 1) % checkpoint_every == 0 or finished or (stop_after and done >= stop_after):
             if accelerator.is_main_process:
-                _save(accelerator, model, opt, out_dir, step + 1, losses, trainable_only, recipe)
+                _save(accelerator, model, opt, out_dir, step + 1, losses, trainable_only, recipe, ema)
         if stop_after and done >= stop_after:
             break
     bar.close()

@@ -12,18 +12,20 @@ OPTIMIZERS = ("adamw", "adamw_fused", "adamw8bit")
 
 def add_run_options(p: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float, warmup: int = 0,
                     caption_dropout: float = 0.0, optimizer: str = "adamw", seed: int = 0,
-                    checkpoint_every: int = 100) -> None:
+                    checkpoint_every: int = 100, captions: bool = True) -> None:
     """Steps and rates, Min-SNR, caption dropout, optimizer, seed, checkpoints, the work folder and --restart;
-    each trainer passes its own defaults (those of its config dataclass)."""
+    each trainer passes its own defaults (those of its config dataclass). ``captions=False``: without Min-SNR and
+    caption dropout (a trainer with neither, e.g. ExVideo's EDM loss on image conditioning)."""
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--lr-end", type=float, default=None, help="anneal to this learning rate (half cosine)")
-    p.add_argument("--snr-gamma", type=float, default=None,
-                   help="Min-SNR-gamma loss weighting, e.g. 5 (eps/v families; docs/training.md)")
-    p.add_argument("--caption-dropout", type=float, default=caption_dropout,
-                   help="share of samples trained on the empty prompt (keeps CFG working)")
+    if captions:
+        p.add_argument("--snr-gamma", type=float, default=None,
+                       help="Min-SNR-gamma loss weighting, e.g. 5 (eps/v families; docs/training.md)")
+        p.add_argument("--caption-dropout", type=float, default=caption_dropout,
+                       help="share of samples trained on the empty prompt (keeps CFG working)")
     p.add_argument("--optimizer", default=optimizer, choices=OPTIMIZERS)
     p.add_argument("--seed", type=int, default=seed)
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)

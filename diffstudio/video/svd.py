@@ -14,7 +14,9 @@ diffusers' ``StableVideoDiffusionPipeline``):
    ``sampling.prediction.EDMV`` (v-prediction, c_noise = ln(sigma) / 4);
 4. classifier-free guidance per frame: the scale rises linearly from ``min_cfg`` at the first frame to ``max_cfg``
    at the last (the unconditional branch sees a zero embedding and a zero first-frame latent);
-5. the temporal VAE decodes ``decode_chunk_size`` frames at a time, and each chunk is written out before the next
+5. optionally (``post_normalize``, ``contrast``: DiffSynth-Studio's post-processing, part of ExVideo's recipe) each
+   frame's latent is standardised to the mean and std of the whole clip, and the latents are scaled by ``contrast``;
+6. the temporal VAE decodes ``decode_chunk_size`` frames at a time, and each chunk is written out before the next
    is decoded, so decoding memory does not grow with the number of frames.
 
 All noise comes from one CPU generator seeded with ``seed``, drawn in the references' order (the augmentation
@@ -36,6 +38,23 @@ from diffstudio.sampling import get_sampler, get_sigmas, sigmas_for_strength, va
 from diffstudio.sampling.denoisers import Denoiser
 from diffstudio.sampling.prediction import prediction_for
 from diffstudio.video.svd_conditioning import added_time_ids, clip_image_embedding
+
+# ExVideo-SVD-128f-v1's released inference recipe (DiffSynth-Studio, examples/ExVideo/ExVideo_svd_test.py): 128
+# frames at 512 x 512, 50 steps, fps 30, guidance 2 on every frame, motion bucket 127, its pipeline's latent
+# post-normalisation and contrast 1.2. Needs an extension with position tables of at least 128 rows.
+EXVIDEO_128F = dict(num_frames=128, width=512, height=512, steps=50, fps=30, motion_bucket_id=127, min_cfg=2.0,
+                    max_cfg=2.0, post_normalize=True, contrast=1.2)
+
+
+def post_process(latents: torch.Tensor, post_normalize: bool, contrast: float) -> torch.Tensor:
+    """(B, T, C, h, w): with ``post_normalize`` each frame standardised to the clip's mean and std (std with
+    Bessel's correction, as torch.std), then everything times ``contrast``."""
+    if post_normalize:
+        mean, std = latents.mean(), latents.std()
+        frame_mean = latents.mean(dim=(2, 3, 4), keepdim=True)
+        frame_std = latents.std(dim=(2, 3, 4), keepdim=True)
+        latents = (latents - frame_mean) / frame_std * std + mean
+    return latents * contrast
 
 
 class SVDNetwork:
@@ -107,10 +126,11 @@ class SVDPipeline:
                  steps: int | None = None, seed: int = 0, sampler: str | None = None, scheduler: str | None = None,
                  sigmas=None, init_video=None, strength: float | None = None, decode_chunk_size: int | None = None,
                  output: str | None = None, output_type: str = "pil", progress: bool = False,
-                 callback: Callable | None = None):
+                 callback: Callable | None = None, post_normalize: bool = False, contrast: float = 1.0):
         """``output_type``: "pil" (a list of PIL images), "pt" (a float tensor (T, 3, H, W) in [0, 1]) or "latent"
         (the sampled latents (1, T, 4, h, w), not decoded). With ``output`` (a video file or a folder for PNGs) the
-        frames are written there as they are decoded and its path is returned."""
+        frames are written there as they are decoded and its path is returned. ``post_normalize`` / ``contrast``:
+        the latents' post-processing (``post_process``), before decoding or returning them."""
         d, fam = SVD_DEFAULTS, self.family.defaults
         width, height = width or fam.width, height or fam.height
         fps = d.fps if fps is None else fps
@@ -188,6 +208,8 @@ class SVDPipeline:
                                                       noise=noise) if len(schedule) > 1 else x
         if bar is not None:
             bar.close()
+        if post_normalize or contrast != 1.0:
+            latents = post_process(latents, post_normalize, float(contrast))
         if output_type == "latent":
             return latents
         return self._decode(latents, chunk, output, fps, output_type)
@@ -248,4 +270,4 @@ def _inference(decode_chunks, z, chunk):
         yield frames
 
 
-__all__ = ["FrameGuidance", "SVDNetwork", "SVDPipeline"]
+__all__ = ["EXVIDEO_128F", "FrameGuidance", "SVDNetwork", "SVDPipeline", "post_process"]
