@@ -2,9 +2,9 @@
 prompt) as a queued job.
 
 ``POST /v1/generate`` answers 202 with a job id at once; ``GET /v1/jobs/{id}`` reports its state, progress
-and outputs; ``POST /v1/animatediff`` queues an AnimateDiff video; ``GET /v1/outputs/{name}`` serves an output
-PNG or MP4. Names of models, LoRAs, ControlNets, IP-Adapters and motion modules are catalog names
-(``GET /v1/models``), never paths; images travel as base64.
+and outputs; ``POST /v1/animatediff`` queues an AnimateDiff video (SVD, CogVideoX and Diffutoon jobs:
+``v1_video.py``); ``GET /v1/outputs/{name}`` serves an output PNG or MP4. Names of models, LoRAs, ControlNets,
+IP-Adapters and motion modules are catalog names (``GET /v1/models``), never paths; images travel as base64.
 """
 
 from __future__ import annotations
@@ -237,13 +237,15 @@ def output(name: str, request: Request) -> FileResponse:
 @router.get("/models")
 def models(request: Request) -> dict:
     """The catalog: checkpoints (with the current one and those loaded), LoRAs, ControlNets, IP-Adapters, motion
-    modules."""
+    modules, video models (SVD, CogVideoX) and ExVideo extensions."""
     state = request.app.state.server
     catalog = state.catalog
     return {"checkpoints": [{"name": e.name, "family": e.family} for e in catalog.checkpoints.values()],
             "current": state.options["sd_model_checkpoint"], "loaded": state.cache.loaded,
             "loras": sorted(catalog.loras), "controlnets": sorted(catalog.controlnets),
-            "ip_adapters": sorted(catalog.ip_adapters), "motion_modules": sorted(catalog.motion_modules)}
+            "ip_adapters": sorted(catalog.ip_adapters), "motion_modules": sorted(catalog.motion_modules),
+            "video_models": [{"name": e.name, "family": e.family} for e in catalog.video_models.values()],
+            "exvideo_extensions": sorted(catalog.exvideo_extensions)}
 
 
 @router.get("/status")
