@@ -16,9 +16,11 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from diffstudio.errors import InvalidInputError
 from diffstudio.server.a1111 import SEED_END
 from diffstudio.server.payloads import decode_bytes, decode_image
 from diffstudio.server.v1 import Strict
+from diffstudio.webui.animatediff_task import MAX_FRAMES
 
 router = APIRouter(prefix="/v1", tags=["diffstudio video"])
 
@@ -78,6 +80,7 @@ class DiffutoonRequest(Strict):
     lineart_controlnet: str = Field(..., description="the lineart ControlNet (controlnets)")
     tile_controlnet: str | None = None
     video: str | None = Field(None, description="the input video file, base64 (left out with resume)")
+    frames: list[str] | None = Field(None, min_length=1, description="or the input as frames, base64 images")
     video_format: Literal["mp4", "mov", "mkv", "avi", "webm", "m4v", "gif"] = "mp4"
     lineart: Literal["lineart", "softedge", "canny", "tile", "blur"] = "lineart"
     tile: Literal["lineart", "softedge", "canny", "tile", "blur"] | None = None
@@ -132,7 +135,13 @@ def diffutoon(req: DiffutoonRequest, request: Request) -> dict:
     from diffstudio.webui.video_jobs import queue_video_job
 
     state = request.app.state.server
-    video = None if req.video is None else decode_bytes(req.video, "video", "video file")
+    if req.video is not None and req.frames is not None:
+        raise InvalidInputError("give the input as video or as frames, not both")
     model = state.catalog.checkpoint(req.model or state.options["sd_model_checkpoint"]).name
-    task = DiffutoonTask(**{**req.model_dump(exclude={"video", "model"}), "model": model, "video": video})
+    video = None if req.video is None else decode_bytes(req.video, "video", "video file")
+    if req.frames is not None:
+        if len(req.frames) > MAX_FRAMES:
+            raise InvalidInputError(f"{len(req.frames)} frames; a job takes at most {MAX_FRAMES} (send a video file)")
+        video = [decode_image(f, f"frames[{i}]", state.limits.max_pixels) for i, f in enumerate(req.frames)]
+    task = DiffutoonTask(**{**req.model_dump(exclude={"video", "frames", "model"}), "model": model, "video": video})
     return _queued(queue_video_job(state, "diffutoon", task))

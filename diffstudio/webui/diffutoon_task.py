@@ -1,12 +1,15 @@
 """Diffutoon toon shading (docs/diffutoon.md, the main pass) as a queued, resumable job.
 
 The checkpoint, motion module and ControlNets are names in the server's catalog; the input video is a file
-(the web UI's upload) or a video file's bytes (the HTTP API's base64). Every intermediate lives in
-``OUTPUTS/work/<job id>/`` (the input as ``source.<ext>``, the annotated control frames, each stage's sampler
-state after every step), so a job that was cancelled or failed continues from where it stopped when a new job
-is queued with ``resume=<its id>`` and the same settings (the render's own recipe check refuses others).
-``job.step`` counts context windows over all sampling steps (per-window progress), Cancel stops after the next
-window."""
+(the web UI's upload), a video file's bytes or a list of frames (the HTTP API's base64). Every intermediate
+lives in ``OUTPUTS/work/<job id>/`` (the input as ``source.<ext>`` or the folder ``source/``, the annotated
+control frames, the render's sampler state after every step), so a job that was cancelled or failed continues
+from where it stopped when a new job is queued with ``resume=<its id>`` and the same settings (the render's own
+recipe check refuses others). ``job.step`` counts context windows over all sampling steps (per-window
+progress); Cancel stops after the next window.
+
+Only the main toon-shading pass runs as a job; the editing branch (``edit_prompt``, its softedge and depth
+ControlNets) is the Python API's and ``diffstudio diffutoon``'s."""
 
 from __future__ import annotations
 
@@ -27,16 +30,17 @@ SOURCE = "source"  # the input's stem in the work folder (a render's recipe fing
 @dataclass
 class DiffutoonTask:
     """model / motion / lineart_controlnet / tile_controlnet: catalog names (tile optional). video: a video file's
-    path, or its bytes with ``video_format`` (its extension). ``resume``: the id of an interrupted or failed
-    Diffutoon job whose work folder to continue (its input is reused; ``video`` may then be left out).
-    Sizes of 0 keep the input's (rounded to multiples of 64); the other defaults are the paper's."""
+    path, its bytes with ``video_format`` (its extension), or a list of frames (PIL images). ``resume``: the id
+    of an interrupted or failed Diffutoon job whose work folder to continue (its input is reused; ``video`` may
+    then be left out). Sizes of 0 keep the input's (rounded to multiples of 64); the other defaults are the
+    paper's."""
 
     model: str
     motion: str
     lineart_controlnet: str
     prompt: str
     negative_prompt: str = ""
-    video: str | bytes | None = field(default=None, repr=False)
+    video: str | bytes | list | None = field(default=None, repr=False)
     video_format: str = "mp4"
     tile_controlnet: str | None = None
     lineart: str = "lineart"
@@ -88,7 +92,14 @@ class DiffutoonTask:
             check_resume(state, "diffutoon", self.resume)
         elif self.video is None:
             raise InvalidInputError("a Diffutoon job needs an input video (or resume= an earlier job's id)")
-        if self.video is not None:
+        if isinstance(self.video, list):
+            from diffstudio.server.payloads import check_pixels
+
+            if not self.video:
+                raise InvalidInputError("the input frames are an empty list")
+            for i, frame in enumerate(self.video):
+                check_pixels(*frame.size, state.limits.max_pixels, f"input frame {i}")
+        elif self.video is not None:
             self._check_video(state.limits.max_pixels)
 
     def _check_video(self, max_pixels: int) -> None:
@@ -113,9 +124,14 @@ class DiffutoonTask:
         check_pixels(*size, max_pixels, "the input video's frames")
 
     def _write_source(self, folder: Path) -> Path:
-        """The input as ``folder/source.<ext>`` (bytes written, a file copied)."""
+        """The input as ``folder/source.<ext>`` (bytes written, a file copied) or ``folder/source/`` (frames)."""
         folder.mkdir(parents=True, exist_ok=True)
-        if isinstance(self.video, bytes):
+        if isinstance(self.video, list):
+            path = folder / SOURCE
+            path.mkdir(exist_ok=True)
+            for i, frame in enumerate(self.video):
+                frame.convert("RGB").save(path / f"{i:05d}.png")
+        elif isinstance(self.video, bytes):
             path = folder / f"{SOURCE}.{self.video_format.lower().lstrip('.')}"
             path.write_bytes(self.video)
         else:
@@ -130,7 +146,7 @@ class DiffutoonTask:
         from diffstudio.video.diffutoon import toon_shade
 
         folder = work_folder(outputs, self.resume or job.id)
-        existing = sorted(folder.glob(f"{SOURCE}.*"))
+        existing = sorted(folder.glob(f"{SOURCE}*"))
         source = existing[0] if existing and self.resume else self._write_source(folder)
         pipe = cache.pipeline(self.model)
         models = pipe.models.clone()  # the motion module goes on the clone: the cached model stays an image model
@@ -140,13 +156,12 @@ class DiffutoonTask:
         arguments = self.arguments(
             str(controlnet(self.lineart_controlnet).path),
             str(controlnet(self.tile_controlnet).path) if self.tile_controlnet else None)
-        plan = toon_shade(models, str(source), self.prompt, self.negative_prompt, dry_run=True, **arguments)
-        progress = WindowProgress(job, {s.name: s.unet_calls for s in plan.stages})
+        progress = WindowProgress(job)
         name = video_output_name(job.id)
         toon_shade(models, str(source), self.prompt, self.negative_prompt, output=str(outputs / name),
                    work_dir=folder / "render", progress=False, on_window=progress, **arguments)
         job.outputs.append(name)
-        job.info = {**job.info, "frames": plan.frames, "work_folder": folder.name, "resumed_from": self.resume}
+        job.info = {**job.info, "work_folder": folder.name, "resumed_from": self.resume}
 
     def arguments(self, lineart_controlnet: str, tile_controlnet: str | None) -> dict:
         """``toon_shade``'s settings for this task (models, input and output aside)."""
@@ -159,21 +174,15 @@ class DiffutoonTask:
 
 
 class WindowProgress:
-    """``toon_shade``'s ``on_window``: ``job.step`` counts windows over every stage's steps (those a resumed
-    render skips included, so progress continues where it stopped), ``job.steps`` the whole job's; Cancel is
-    honoured after each window (the render's state from the last whole step stays in the work folder)."""
+    """``toon_shade``'s ``on_window``: ``job.step`` counts context windows over the sampling steps (those a resumed
+    render skips included, so progress continues where it stopped), ``job.steps`` the whole render's (known from
+    its first window on); Cancel is honoured after each window (the state of the last whole step stays in the
+    work folder)."""
 
-    ORDER = ("edit", "toon")
-
-    def __init__(self, job, planned: dict[str, int]):
-        # The plan's stage names (StagePlan.name) start with "stage 1" for the editing branch.
+    def __init__(self, job):
         self.job = job
-        self.calls = {"edit" if name.startswith("stage 1") else "toon": calls for name, calls in planned.items()}
-        job.steps = sum(self.calls.values())
 
     def __call__(self, stage: str, step: int, steps: int, window: int, windows: int) -> None:
-        self.calls[stage] = steps * windows  # the actual count (a strength below 1 samples fewer steps)
-        before = sum(self.calls.get(s, 0) for s in self.ORDER[:self.ORDER.index(stage)])
-        self.job.steps = sum(self.calls.values())
-        self.job.step = before + step * windows + window
+        self.job.steps = steps * windows
+        self.job.step = step * windows + window
         self.job.check_stop()
