@@ -243,3 +243,41 @@ def test_diffutoon_job_equals_the_python_api_and_resumes_after_a_cancel(client, 
     np.testing.assert_array_equal(_frames(client, job), expected)
     done = client.post("/v1/diffutoon", json={**body, "frames": None, "resume": resumed.id})
     assert done.status_code == 422 and "finished" in done.text
+
+
+def test_the_video_tab_panels_queue_the_api_tasks(client, folder):
+    """The SVD panel of the Video tab, driven with its form's values, queues the task /v1/svd queues: equal video.
+    The CogVideoX and Diffutoon panels list the catalog's models and refuse a form without its input."""
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from diffstudio.webui.blocks import build_blocks
+
+    state = client.app.state.server
+    blocks = build_blocks(state)
+
+    def panel(elem_id):
+        (fn,) = [f for f in blocks.fns.values()
+                 if any(getattr(blocks.blocks.get(t[0]), "elem_id", None) == elem_id for t in f.targets)]
+        return fn, {c.label: c for c in fn.inputs}
+
+    fn, by_label = panel("svd")
+    assert by_label["SVD model"].choices == [("svd/tiny_svd.safetensors", "svd/tiny_svd.safetensors")]
+    image = _first_frame(2)
+    values = {"First frame": image, "ExVideo extensions": ["tiny_exvideo"], "Frames (0 = 25)": 3,
+              "Width (0 = 1024)": 32, "Height (0 = 576)": 32, "Steps (0 = 25)": 2, "Seed": 3,
+              "CFG at the first frame": 1.0, "CFG at the last frame": 2.5, "Preview every (steps, 0 = none)": 1}
+    data = {c: values.get(label, c.value) for label, c in by_label.items()}
+    *_, (job_id, line, _, video, resume) = list(fn.fn(data))
+    assert line.startswith("done") and video and resume == ""
+    api = _run(client, "/v1/svd", {"model": "tiny_svd", "image": b64_png(image), "extensions": ["tiny_exvideo"],
+                                   **SVD_RUN})
+    np.testing.assert_array_equal(np.stack(video_io.read_frames(video)), _frames(client, api))
+
+    fn, by_label = panel("cogvideox")
+    assert by_label["CogVideoX model"].value == "cogvideox"
+    with pytest.raises(gr.Error, match="4k \\+ 1"):
+        list(fn.fn({c: {"Prompt": "x", "Frames (4k + 1)": 10}.get(label, c.value) for label, c in by_label.items()}))
+    fn, by_label = panel("diffutoon")
+    with pytest.raises(gr.Error, match="upload the input video"):
+        list(fn.fn({c: c.value for c in by_label.values()}))

@@ -61,6 +61,7 @@ class DiffutoonTask:
     smoother: str = "accurate"
     fps: float = 0.0
     resume: str | None = None
+    work_id: str | None = None  # set by check(): the work folder ``resume`` continues (None: this job's own)
 
     def check(self, state) -> None:
         """Refuse what cannot run before the job is queued (named errors; only the input's first frame is read)."""
@@ -89,7 +90,7 @@ class DiffutoonTask:
         InputSpec(None, self.start, self.end)
         check_size(state.limits, self.width, self.height, 64, self.steps)
         if self.resume is not None:
-            check_resume(state, "diffutoon", self.resume)
+            self.work_id = check_resume(state, "diffutoon", self.resume)
         elif self.video is None:
             raise InvalidInputError("a Diffutoon job needs an input video (or resume= an earlier job's id)")
         if isinstance(self.video, list):
@@ -145,9 +146,9 @@ class DiffutoonTask:
     def run(self, job, cache, outputs: Path) -> None:
         from diffstudio.video.diffutoon import toon_shade
 
-        folder = work_folder(outputs, self.resume or job.id)
+        folder = work_folder(outputs, self.work_id or job.id)
         existing = sorted(folder.glob(f"{SOURCE}*"))
-        source = existing[0] if existing and self.resume else self._write_source(folder)
+        source = existing[0] if existing and self.work_id else self._write_source(folder)
         pipe = cache.pipeline(self.model)
         models = pipe.models.clone()  # the motion module goes on the clone: the cached model stays an image model
         models.add_motion_module(cache.catalog.motion_module(self.motion).path)

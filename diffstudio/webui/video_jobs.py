@@ -30,21 +30,22 @@ def work_folder(outputs: Path, job_id: str) -> Path:
     return Path(outputs) / WORK_FOLDER / job_id
 
 
-def check_resume(state, kind: str, job_id: str) -> Path:
-    """The work folder of an earlier ``kind`` job that stopped before it finished (interrupted or failed)."""
+def check_resume(state, kind: str, job_id: str) -> str:
+    """The id of the work folder an earlier ``kind`` job that stopped before it finished (interrupted or failed)
+    left: its own, or, for a job that was itself a resumption, the folder it continued."""
     from diffstudio.server.jobs import DONE
 
-    job = state.jobs.get(job_id)
+    job = state.jobs.get(str(job_id).strip())
     if job is None or job.kind != kind:
         raise InvalidInputError(f"resume: no {kind} job {job_id!r} on this server")
     if job.state == DONE:
-        raise InvalidInputError(f"resume: job {job_id} finished; its video is /v1/outputs/{job_id}.mp4")
+        raise InvalidInputError(f"resume: job {job.id} finished; its video is /v1/outputs/{job.id}.mp4")
     if job.state not in ("interrupted", "failed"):
-        raise InvalidInputError(f"resume: job {job_id} is {job.state}; cancel it first (DELETE /v1/jobs/{job_id})")
-    folder = work_folder(state.outputs, job_id)
-    if not folder.is_dir():
-        raise InvalidInputError(f"resume: job {job_id} left no work folder to continue from")
-    return folder
+        raise InvalidInputError(f"resume: job {job.id} is {job.state}; cancel it first (DELETE /v1/jobs/{job.id})")
+    folder_id = job.params.get("work_id") or job.id
+    if not work_folder(state.outputs, folder_id).is_dir():
+        raise InvalidInputError(f"resume: job {job.id} left no work folder to continue from")
+    return folder_id
 
 
 def check_size(limits, width: int, height: int, multiple: int, steps: int) -> None:
