@@ -4,8 +4,8 @@ toon shading (resumable) and FastBlend, each queued as a job of the server's que
 API's /v1 video routes queue).
 
 Every panel is its settings (left) and the same run column (right: Render, Cancel, the status line with the
-job's progress - windows for Diffutoon, steps for the others -, the latest preview, the video); ``job_panel``
-builds that column and wires it, so a panel only says how its values become a task."""
+job's progress - windows for Diffutoon, steps for the others -, the latest preview for SVD and CogVideoX, the
+video); ``job_panel`` builds that column and wires it, so a panel only says how its values become a task."""
 
 from __future__ import annotations
 
@@ -53,10 +53,11 @@ def _follow_video(state, job, progress, unit: str):
 
 
 def job_panel(state, inputs: dict[str, gr.components.Component], make_job: Callable[[dict], object], label: str,
-              elem_id: str, unit: str = "steps", resume: gr.Textbox | None = None) -> None:
+              elem_id: str, unit: str = "steps", resume: gr.Textbox | None = None, previews: bool = True) -> None:
     """The run column of a panel, wired: ``make_job(values)`` (values by the names of ``inputs``) checks and queues
     the task and returns its Job; a named error becomes the UI's error message. ``resume``: a resumable panel's
-    box for the job id to continue, filled in when a job stops before it finishes."""
+    box for the job id to continue, filled in when a job stops before it finishes. ``previews``: the task gives
+    step previews (a pane for them)."""
     from diffstudio.errors import DiffstudioError
     from diffstudio.server.jobs import QueueRefusedError
     from diffstudio.webui.image_tab import cancel_job
@@ -66,7 +67,7 @@ def job_panel(state, inputs: dict[str, gr.components.Component], make_job: Calla
             run_button = gr.Button(label, variant="primary", elem_id=elem_id)
             cancel = gr.Button("Cancel")
         status = gr.Markdown("idle")
-        preview = gr.Image(label="Preview (first frame)", interactive=False, height=160)
+        preview = gr.Image(label="Preview (first frame)", interactive=False, height=160) if previews else gr.State()
         output = gr.Video(label="Video", interactive=False)
     job_id = gr.State(None)
     resume_box = resume if resume is not None else gr.State("")
@@ -132,7 +133,7 @@ def build_animatediff_panel(state) -> None:
                 steps=int(v["steps"] or 0), cfg_scale=float(v["cfg"] or 0), seed=int(v["seed"] or 0),
                 context_length=int(v["context"]), fps=float(v["fps"] or 8)))
 
-        job_panel(state, i, make_job, "Render video", "animatediff")
+        job_panel(state, i, make_job, "Render video", "animatediff", previews=False)
 
 
 def build_svd_panel(state) -> None:
@@ -268,7 +269,8 @@ def build_diffutoon_panel(state) -> None:
                 context_length=int(v["context"] or 0), context_stride=int(v["stride"] or 0),
                 smoother=v["smoother"], resume=resume_id))
 
-        job_panel(state, i, make_job, "Toon-shade video", "diffutoon", unit="windows", resume=resume)
+        job_panel(state, i, make_job, "Toon-shade video", "diffutoon", unit="windows", resume=resume,
+                  previews=False)
 
 
 def build_fastblend_panel(state) -> None:
@@ -297,4 +299,4 @@ def build_fastblend_panel(state) -> None:
                 v["guide"], None if keys else v["style"], keys, v["mode"], int(v["window"]), int(v["seed"] or 0),
                 bool(v["single"])))
 
-        job_panel(state, i, make_job, "Run FastBlend", "fastblend", unit="frames")
+        job_panel(state, i, make_job, "Run FastBlend", "fastblend", unit="frames", previews=False)
