@@ -21,7 +21,7 @@ from diffstudio.train.exvideo import train_exvideo, trainable_modules
 from diffstudio.train.exvideo_config import ExVideoTrainConfig
 from diffstudio.train.exvideo_export import exvideo_training_info
 from diffstudio.video.svd_loading import load_svd
-from tests.tiny_svd import write_tiny_svd
+from tests.tiny_svd import write_svd_file as write_tiny_svd
 
 pytest.importorskip("accelerate")
 

@@ -115,3 +115,31 @@ def test_start_after_end_is_refused(app):
                                   "end": 0.2}}
     answer = TestClient(app).post("/v1/generate", json=body)
     assert answer.status_code == 422 and answer.json()["error"] == "InvalidInputError", answer.text
+
+
+def test_several_image_prompts_in_one_request_give_the_python_api_image(app, models):
+    """``ip_adapter`` plus ``ip_adapters``: one ImagePrompt each, in that order, as the Python API's list."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(app)
+    square, circle = reference("blue", "square"), reference("red", "circle")
+    body = {**RUN, "ip_adapter": {"name": "shapes-ip-adapter", "images": [b64_png(square)], "scale": 0.6},
+            "ip_adapters": [{"name": "shapes-ip-adapter", "images": [b64_png(circle)], "scale": 0.5, "end": 0.75}]}
+    job = _run(client, body)
+    assert job["state"] == "done", job["error"]
+    assert [p["scale"] for p in job["info"]["recipes"][0]["extra"]["ip_adapter"]] == [0.6, 0.5]
+    adapter = models.add_ip_adapter(WEIGHTS)
+    prompts = [diffstudio.ImagePrompt(square, scale=0.6, model=adapter),
+               diffstudio.ImagePrompt(circle, scale=0.5, end=0.75, model=adapter)]
+    expected = diffstudio.Pipeline(models)(RUN["prompt"], seed=5, steps=4, width=64, height=64, ip_adapter=prompts,
+                                           progress=False)[0]
+    ours = pixels(client.get(job["urls"][0]).content)
+    np.testing.assert_array_equal(ours, np.asarray(expected.convert("RGB")))
+    one = pixels(client.get(_run(client, {**RUN, "ip_adapter": body["ip_adapter"]})["urls"][0]).content)
+    assert not np.array_equal(ours, one)  # the second prompt did something
+    bad = client.post("/v1/generate", json={**body, "ip_adapters": [*body["ip_adapters"],
+                                                                    {"name": "x", "images": ["x"]}]})
+    assert bad.status_code == 422 and "no IP-Adapter named 'x'" in bad.text
+    bad = client.post("/v1/generate", json={**body, "ip_adapters": [{"name": "shapes-ip-adapter",
+                                                                     "images": ["not base64!"]}]})
+    assert bad.status_code == 422 and "ip_adapters[0].images[0]" in bad.text

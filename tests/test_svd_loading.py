@@ -126,25 +126,9 @@ def test_a_release_layout_file_with_our_unet_loads_and_renders_through_video_pip
     from PIL import Image
 
     import diffstudio
-    from tests import test_svd_unet as tiny_unet
+    from tests.tiny_svd import write_svd_file
 
-    torch.manual_seed(0)
-    # 64-wide attention heads and a 1280-wide vision tower: the release's conventions, which shapes cannot show
-    unet_ref = tiny_unet.reference(dict(tiny_unet.TINY, block_out_channels=(64, 128), num_attention_heads=(1, 2)))
-    _, unet_sd = tiny_unet.ours_from(unet_ref)
-    encoder = _random(CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=1280, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16, image_size=32,
-        patch_size=16, projection_dim=24)))
-    vae = _random(AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), layers_per_block=2,
-                                               down_block_types=("DownEncoderBlock2D",) * 2))
-    vae_sd = temporal_vae_from_diffusers(vae.state_dict())
-    sd = {f"model.diffusion_model.{k}": v for k, v in unet_sd.items()}
-    sd.update({f"first_stage_model.{k}": v for k, v in vae_sd.items() if not k.startswith("quant_conv")})
-    sd.update({f"conditioner.embedders.3.encoder.{k}": v for k, v in vae_sd.items() if not k.startswith("decoder.")})
-    sd.update({f"conditioner.embedders.0.open_clip.model.visual.{k}": v
-               for k, v in vision_to_openclip(encoder.state_dict()).items()})
-    path = tmp_path / "svd_tiny.safetensors"
-    save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(path))
+    path = write_svd_file(tmp_path / "svd_tiny.safetensors")
 
     image = Image.new("RGB", (32, 32), "red")
     run = dict(image=image, num_frames=3, width=32, height=32, steps=2, seed=3)

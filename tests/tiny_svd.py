@@ -1,5 +1,7 @@
-"""A tiny SVD single file in the release layout (our UNet's keys under ``model.diffusion_model.``, the temporal VAE,
-the conditioning encoder and an OpenCLIP-layout vision tower), random weights: what the trainers' tests load."""
+"""A tiny Stable Video Diffusion single file in the release's layout (svd.safetensors keys): the UNet (ours,
+converted from diffusers' UNetSpatioTemporalConditionModel at a tiny config), the temporal VAE (diffusers',
+converted), the conditioning encoder and the OpenCLIP ViT tower (transformers', converted), random weights.
+Shared by the loading tests, the server's video job tests and the ExVideo trainer's tests."""
 
 from __future__ import annotations
 
@@ -14,26 +16,26 @@ from diffstudio.convert.clip_vision import vision_to_openclip
 from diffstudio.convert.svd_vae import temporal_vae_from_diffusers
 
 
-def _random(module, scale: float = 0.2):
+def randomise(module, scale: float = 0.2):
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn_like(p) * scale)
     return module.eval()
 
 
-def write_tiny_svd(path: Path, seed: int = 0) -> Path:
-    """32x32 frames -> 16x16 latents; a two-level UNet (attention on the first level, 64-wide heads as the
-    release's convention), a 1280-wide one-layer vision tower projecting to the UNet's 24-wide context."""
+def write_svd_file(path: Path, seed: int = 0) -> Path:
+    """A 32x32-capable SVD file at ``path`` (64-wide attention heads and a 1280-wide vision tower: the release's
+    conventions, which shapes cannot show)."""
     from tests import test_svd_unet as tiny_unet
 
     torch.manual_seed(seed)
     unet_ref = tiny_unet.reference(dict(tiny_unet.TINY, block_out_channels=(64, 128), num_attention_heads=(1, 2)))
     _, unet_sd = tiny_unet.ours_from(unet_ref)
-    encoder = _random(CLIPVisionModelWithProjection(CLIPVisionConfig(
+    encoder = randomise(CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=1280, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16, image_size=32,
         patch_size=16, projection_dim=24)))
-    vae = _random(AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), layers_per_block=2,
-                                               down_block_types=("DownEncoderBlock2D",) * 2))
+    vae = randomise(AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), layers_per_block=2,
+                                                 down_block_types=("DownEncoderBlock2D",) * 2))
     vae_sd = temporal_vae_from_diffusers(vae.state_dict())
     sd = {f"model.diffusion_model.{k}": v for k, v in unet_sd.items()}
     sd.update({f"first_stage_model.{k}": v for k, v in vae_sd.items() if not k.startswith("quant_conv")})

@@ -79,18 +79,19 @@ class ServerState:
 def create_app(models_dir: str | Path | None = None, outputs_dir: str | Path = "outputs", queue_size: int = 8,
                token: str | None = None, *, max_pixels: int = Limits.max_pixels, max_images: int = Limits.max_images,
                max_steps: int = Limits.max_steps, max_body_bytes: int = 64 << 20, loaded_models: int = 1,
-               loader: Callable[[Entry], object] | None = None,
+               loader: Callable[[Entry], object] | None = None, video_loader: Callable[..., object] | None = None,
                ui: Callable[[FastAPI, ServerState], None] | None = None) -> FastAPI:
     """The app. ``models_dir``: a folder of checkpoints (None: the packaged demo model only); ``outputs_dir``:
     where images and job files go; ``queue_size``: jobs that may wait (more: 429); ``token``: required as
     ``Authorization: Bearer TOKEN`` when set; ``loaded_models``: models kept in memory (least recently used
-    dropped); ``loader``: ``Entry -> Models`` (default ``diffstudio.load``); ``ui``: see the module doc."""
-    from diffstudio.server import a1111, v1
+    dropped); ``loader``: ``Entry -> Models`` (default ``diffstudio.load``); ``video_loader``: ``(Entry, extension
+    Entries) -> models`` of a video model (default ``model_cache.load_video_entry``); ``ui``: see the module doc."""
+    from diffstudio.server import a1111, v1, v1_video
 
     outputs = Path(outputs_dir).expanduser().resolve()
     outputs.mkdir(parents=True, exist_ok=True)
     catalog = Catalog.scan(models_dir)
-    cache = ModelCache(catalog, loaded_models, loader)
+    cache = ModelCache(catalog, loaded_models, loader, video_loader)
     limits = Limits(max_pixels, max_images, max_steps)
     jobs = JobQueue(lambda job: run_job(job, cache, outputs, limits), outputs / "jobs", queue_size)
     state = ServerState(catalog, cache, jobs, outputs, limits, token,
@@ -108,6 +109,7 @@ def create_app(models_dir: str | Path | None = None, outputs_dir: str | Path = "
     _add_error_answers(app)
     app.include_router(a1111.router)
     app.include_router(v1.router)
+    app.include_router(v1_video.router)
     if ui is not None:
         ui(app, state)
     else:

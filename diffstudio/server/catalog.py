@@ -15,6 +15,13 @@ A1111's folder layout is understood, and files elsewhere are placed by what they
 * ``.ckpt`` / ``.pt`` / ``.pth`` files outside those folders: checkpoints (pickles are never opened to list them);
 * a folder with ``model_index.json``: a diffusers model; with a ControlNetModel ``config.json``: a ControlNet.
 
+Video models are listed apart from the image checkpoints (``video_models``), by the same content rules: a
+single file ``diffstudio.detect`` places in the ``svd`` or ``cogvideox`` family (svd.safetensors,
+svd_xt.safetensors, a CogVideoX transformer file), or a diffusers folder whose ``model_index.json`` names a
+pipeline of those families (``StableVideoDiffusionPipeline``, ``CogVideoXPipeline``,
+``CogVideoXImageToVideoPipeline`` ...). ExVideo-SVD extension files (the extra position tables and temporal
+weights grafted onto an SVD UNet) are told by their keys and listed as ``exvideo_extensions``.
+
 The packaged Shapes demo model is always listed (as ``shapes-sd``), with its IP-Adapter (``shapes-ip-adapter``,
 its image encoder bundled) and its motion module (``shapes-motion``). Every entry is a file found under the models
 folder (or the demo's), so a name a client sends can only ever reach those files.
@@ -39,6 +46,7 @@ LORA_FOLDERS = ("Lora", "LyCORIS")
 CONTROLNET_FOLDERS = ("ControlNet",)
 IP_ADAPTER_FOLDERS = ("ipadapter", "IP-Adapter")
 MOTION_FOLDERS = ("AnimateDiff", "animatediff_models")
+VIDEO_FAMILIES = ("svd", "cogvideox")  # families run by a video pipeline of their own: listed as video models
 IP_ADAPTER_ENCODER_FOLDER = "image_encoder"  # inside an IP-Adapter folder: an adapter's image encoder, not listed
 # Key fragments only LoRA-style files hold (kohya, LyCORIS, peft, diffusers' old processor names).
 _LORA_KEY = re.compile(r"lora_down|lora_up|lora_A\.|lora_B\.|hada_w1|lokr_w1|lora_linear_layer|_lora\.(down|up)")
@@ -50,8 +58,8 @@ class Entry:
 
     name: str  # checkpoints: the path under the models folder; LoRAs / ControlNets: the file stem
     path: Path
-    kind: str  # "checkpoint" | "lora" | "controlnet" | "ip_adapter" | "motion"
-    family: str | None = None
+    kind: str  # "checkpoint" | "lora" | "controlnet" | "ip_adapter" | "motion" | "video" | "exvideo"
+    family: str | None = None  # video models: "svd" or "cogvideox"
 
 
 @dataclass
@@ -64,6 +72,8 @@ class Catalog:
     controlnets: dict[str, Entry] = field(default_factory=dict)
     ip_adapters: dict[str, Entry] = field(default_factory=dict)
     motion_modules: dict[str, Entry] = field(default_factory=dict)
+    video_models: dict[str, Entry] = field(default_factory=dict)  # SVD and CogVideoX, by path under the folder
+    exvideo_extensions: dict[str, Entry] = field(default_factory=dict)  # ExVideo-SVD extension files, by stem
     _walked: set = field(default_factory=set, repr=False)  # folders listed (links inside may form loops)
 
     @classmethod
@@ -121,6 +131,28 @@ class Catalog:
         raise InvalidInputError(f"no motion module named {name!r} on this server; known: "
                                 f"{', '.join(sorted(self.motion_modules))} (put them under MODELS/AnimateDiff)")
 
+    def video_model(self, name: str, family: str | None = None) -> Entry:
+        """A video model by name (its path under the models folder, or its file / folder name); ``family``
+        (``svd`` / ``cogvideox``): it must be one of those."""
+        name = str(name).strip()
+        entry = self.video_models.get(name)
+        if entry is None:
+            found = [e for e in self.video_models.values() if name in (Path(e.name).stem, Path(e.name).name)]
+            entry = found[0] if len(found) == 1 else None
+        known = [n for n, e in sorted(self.video_models.items()) if family is None or e.family == family]
+        if entry is None or (family is not None and entry.family != family):
+            what = {"svd": "SVD model", "cogvideox": "CogVideoX model"}.get(family, "video model")
+            raise InvalidInputError(f"no {what} named {name!r} on this server; known: "
+                                    f"{', '.join(known) or 'none'} (GET /v1/models lists them as video_models)")
+        return entry
+
+    def exvideo_extension(self, name: str) -> Entry:
+        stem = Path(str(name)).stem if Path(str(name)).suffix in CHECKPOINT_SUFFIXES else str(name)
+        if stem in self.exvideo_extensions:
+            return self.exvideo_extensions[stem]
+        raise InvalidInputError(f"no ExVideo extension named {name!r} on this server; known: "
+                                f"{', '.join(sorted(self.exvideo_extensions)) or 'none'}")
+
     @property
     def lora_dirs(self) -> list[Path]:
         """The folders ``<lora:name:w>`` tags are looked up in: the A1111 ones, then those of detected LoRAs."""
@@ -161,7 +193,9 @@ class Catalog:
         from diffstudio.controlnet_loading import is_controlnet_folder
 
         if (folder / "model_index.json").is_file():
-            self._add(Entry(self._relative(folder), folder.resolve(), "checkpoint"))
+            family = _video_family_of_folder(folder)
+            self._add(Entry(self._relative(folder), folder.resolve(), "checkpoint" if family is None else "video",
+                            family))
         elif is_controlnet_folder(folder):
             self._add(Entry(folder.name, folder.resolve(), "controlnet"))
         elif kind is None and folder.parent == self.root and folder.name in LORA_FOLDERS:
@@ -189,12 +223,13 @@ class Catalog:
         elif kind == "motion" and safetensors and _kind_by_content(path)[0] != "motion":
             kind = None  # something else kept among the motion modules
         if kind is not None:
-            name = self._relative(path) if kind == "checkpoint" else path.stem
+            name = self._relative(path) if kind in ("checkpoint", "video") else path.stem
             self._add(Entry(name, path.resolve(), kind, family))
 
     def _add(self, entry: Entry) -> None:
         table = {"checkpoint": self.checkpoints, "lora": self.loras, "controlnet": self.controlnets,
-                 "ip_adapter": self.ip_adapters, "motion": self.motion_modules}[entry.kind]
+                 "ip_adapter": self.ip_adapters, "motion": self.motion_modules, "video": self.video_models,
+                 "exvideo": self.exvideo_extensions}[entry.kind]
         if entry.name in table:
             log.warning("two %ss named %r: %s is used, %s is not listed", entry.kind, entry.name,
                         table[entry.name].path, entry.path)
@@ -229,6 +264,28 @@ def _kind_by_content(path: Path) -> tuple[str | None, str | None]:
         return "ip_adapter", None
     if set(detection.components) == {"motion"}:
         return "motion", detection.family
+    if set(detection.components) == {"exvideo"}:
+        return "exvideo", None
+    if detection.family in VIDEO_FAMILIES:
+        return "video", detection.family
     if detection.family is None:
         return None, None  # a lone VAE / text encoder: not something to generate with
     return "checkpoint", detection.family
+
+
+def _video_family_of_folder(folder: Path) -> str | None:
+    """The video family whose diffusers pipeline ``model_index.json`` names (``Family.diffusers_pipelines``);
+    None for any other folder (an image model)."""
+    from diffstudio.errors import DiffstudioError
+    from diffstudio.families import FAMILIES
+    from diffstudio.io.folders import read_model_index
+
+    try:
+        pipeline = read_model_index(folder).get("_class_name")
+    except DiffstudioError as err:
+        log.warning("skipping %s: %s", folder, err)
+        return None
+    for family in FAMILIES:
+        if family.name in VIDEO_FAMILIES and pipeline in family.diffusers_pipelines:
+            return family.name
+    return None

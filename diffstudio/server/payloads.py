@@ -1,4 +1,5 @@
-"""Images in requests and responses: base64 PNG/JPEG/WebP (A1111's convention), with a pixel limit.
+"""Images in requests and responses: base64 PNG/JPEG/WebP (A1111's convention), with a pixel limit; other files
+(a video to re-render) as base64 bytes.
 
 A client's image is decoded only after its header says its size is within the server's pixel limit, so a
 small file that would expand to gigabytes (a "decompression bomb") is refused before it is read.
@@ -25,15 +26,20 @@ def check_pixels(width: int, height: int, max_pixels: int, what: str = "the imag
                                f"{max_pixels} (its --max-pixels setting)")
 
 
-def decode_image(data: object, what: str, max_pixels: int) -> Image.Image:
-    """A base64 string (a ``data:image/...;base64,`` prefix allowed) -> a PIL image, fully read."""
+def decode_bytes(data: object, what: str, kind: str = "file") -> bytes:
+    """A base64 string (a ``data:...;base64,`` prefix allowed) -> its bytes; ``kind`` names what it should hold."""
     if not isinstance(data, str) or not data.strip():
-        raise InvalidInputError(f"{what} must be a base64-encoded image (PNG, JPEG or WebP) as a string")
+        raise InvalidInputError(f"{what} must be a base64-encoded {kind} as a string")
     text = _DATA_URL.sub("", data.strip(), count=1)
     try:
-        raw = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInputError(f"{what} is not valid base64 (A-Z, a-z, 0-9, '+', '/', padded with '=')") from None
+
+
+def decode_image(data: object, what: str, max_pixels: int) -> Image.Image:
+    """A base64 string (a ``data:image/...;base64,`` prefix allowed) -> a PIL image, fully read."""
+    raw = decode_bytes(data, what, "image (PNG, JPEG or WebP)")
     try:
         image = Image.open(io.BytesIO(raw))
         check_pixels(image.width, image.height, max_pixels, what)

@@ -2,9 +2,9 @@
 prompt) as a queued job.
 
 ``POST /v1/generate`` answers 202 with a job id at once; ``GET /v1/jobs/{id}`` reports its state, progress
-and outputs; ``POST /v1/animatediff`` queues an AnimateDiff video; ``GET /v1/outputs/{name}`` serves an output
-PNG or MP4. Names of models, LoRAs, ControlNets, IP-Adapters and motion modules are catalog names
-(``GET /v1/models``), never paths; images travel as base64.
+and outputs; ``POST /v1/animatediff`` queues an AnimateDiff video (SVD, CogVideoX and Diffutoon jobs:
+``v1_video.py``); ``GET /v1/outputs/{name}`` serves an output PNG or MP4. Names of models, LoRAs, ControlNets,
+IP-Adapters and motion modules are catalog names (``GET /v1/models``), never paths; images travel as base64.
 """
 
 from __future__ import annotations
@@ -99,6 +99,8 @@ class GenerateRequest(Strict):
     controlnets: list[ControlNetSpec] = Field(default_factory=list)
     loras: list[LoRASpec] = Field(default_factory=list)
     ip_adapter: IPAdapterSpec | None = None
+    ip_adapters: list[IPAdapterSpec] = Field(default_factory=list, description="several image prompts (each "
+                                             "its own adapter, images and scale), with or after ip_adapter")
     preview_every: int = Field(0, ge=0, description="a preview of the image every that many steps (0 = none): "
                                                       "GET /v1/jobs/{id} and /sdapi/v1/progress send the latest")
 
@@ -124,7 +126,15 @@ def _spec(req: GenerateRequest, state) -> GenerationSpec:
                             decode_image(c.image, f"controlnets[{i}].image", limit), scale=c.scale, start=c.start,
                             end=c.end, preprocess=c.preprocess, control_mode=c.control_mode, mode=c.mode)
              for i, c in enumerate(req.controlnets)]
-    image_prompts = [] if req.ip_adapter is None else [_image_prompt(req.ip_adapter, state)]
+    specs = [("ip_adapter", req.ip_adapter)] if req.ip_adapter is not None else []
+    specs += [(f"ip_adapters[{i}]", spec) for i, spec in enumerate(req.ip_adapters)]
+    references = sum(len(spec.images) for _, spec in specs)
+    if references > state.limits.max_images:
+        from diffstudio.errors import InvalidInputError
+
+        raise InvalidInputError(f"the image prompts hold {references} reference images; this server takes at most "
+                                f"{state.limits.max_images} in one request")
+    image_prompts = [_image_prompt(spec, state, where) for where, spec in specs]
     images = {name: None if data is None else decode_image(data, name, limit)
               for name, data in (("init_image", req.init_image), ("mask", req.mask))}
     return GenerationSpec(model, {
@@ -136,16 +146,17 @@ def _spec(req: GenerateRequest, state) -> GenerationSpec:
         batches=req.batches, controlnets=units, ip_adapters=image_prompts, preview_every=req.preview_every)
 
 
-def _image_prompt(spec: IPAdapterSpec, state):
-    """The ImagePrompt of ``spec`` (its checks are ImagePrompt's), the adapter a path from the catalog."""
+def _image_prompt(spec: IPAdapterSpec, state, where: str = "ip_adapter"):
+    """The ImagePrompt of ``spec`` (its checks are ImagePrompt's), the adapter a path from the catalog; ``where``
+    names it in errors."""
     from diffstudio.errors import InvalidInputError
     from diffstudio.pipeline.ip_adapter import ImagePrompt
 
     entry = state.catalog.ip_adapter(spec.name)
     if len(spec.images) > state.limits.max_images:
-        raise InvalidInputError(f"ip_adapter.images holds {len(spec.images)} images; this server takes at most "
+        raise InvalidInputError(f"{where}.images holds {len(spec.images)} images; this server takes at most "
                                 f"{state.limits.max_images}")
-    images = [decode_image(data, f"ip_adapter.images[{i}]", state.limits.max_pixels)
+    images = [decode_image(data, f"{where}.images[{i}]", state.limits.max_pixels)
               for i, data in enumerate(spec.images)]
     return ImagePrompt(images, scale=spec.scale, weights=spec.weights, style_only=spec.style_only, start=spec.start,
                        end=spec.end, model=str(entry.path))
@@ -166,8 +177,9 @@ def queue_generation(req: GenerateRequest, state) -> Job:
     for key, items in (("regions", params.get("regions")), ("controlnets", params.get("controlnets"))):
         for item in items or ():
             item.pop("mask" if key == "regions" else "image", None)
-    if params.get("ip_adapter"):
-        params["ip_adapter"].pop("images")
+    for prompt in [params.get("ip_adapter"), *params.get("ip_adapters", [])]:
+        if prompt:
+            prompt.pop("images")
     return state.submit("generate", params, spec)
 
 
@@ -237,13 +249,15 @@ def output(name: str, request: Request) -> FileResponse:
 @router.get("/models")
 def models(request: Request) -> dict:
     """The catalog: checkpoints (with the current one and those loaded), LoRAs, ControlNets, IP-Adapters, motion
-    modules."""
+    modules, video models (SVD, CogVideoX) and ExVideo extensions."""
     state = request.app.state.server
     catalog = state.catalog
     return {"checkpoints": [{"name": e.name, "family": e.family} for e in catalog.checkpoints.values()],
             "current": state.options["sd_model_checkpoint"], "loaded": state.cache.loaded,
             "loras": sorted(catalog.loras), "controlnets": sorted(catalog.controlnets),
-            "ip_adapters": sorted(catalog.ip_adapters), "motion_modules": sorted(catalog.motion_modules)}
+            "ip_adapters": sorted(catalog.ip_adapters), "motion_modules": sorted(catalog.motion_modules),
+            "video_models": [{"name": e.name, "family": e.family} for e in catalog.video_models.values()],
+            "exvideo_extensions": sorted(catalog.exvideo_extensions)}
 
 
 @router.get("/status")

@@ -408,7 +408,8 @@ def toon_shade(models, video, prompt: str, negative_prompt: str = "", *, edit_pr
                edit_steps: int = 20, edit_strength: float = 0.9, edit_cfg_scale: float = 7.0, edit_clip_skip: int = 1,
                edit_context_length: int = 8, edit_context_stride: int = 4, edit_smoother="fast",
                work_dir=None, restart: bool = False, fps: float | None = None, vae_batch: int = 8,
-               tiled_vae: bool | None = None, progress: bool = True, dry_run: bool = False):
+               tiled_vae: bool | None = None, progress: bool = True, dry_run: bool = False,
+               on_window: Callable | None = None):
     """Toon-shade ``video`` (a file, a folder of frames or a list of frames) with ``models`` (SD 1.x with a motion
     module). Returns the output path, or the frames (PIL) when ``output`` is None, or the plan (``ToonPlan``)
     with ``dry_run``. Arguments by group (docs/diffutoon.md has the table):
@@ -423,7 +424,9 @@ def toon_shade(models, video, prompt: str, negative_prompt: str = "", *, edit_pr
     Editing branch (with ``edit_prompt``): ``edit_size`` (the longer side of stage 1), softedge and depth
     ControlNets and their annotators (``edit_depth``: a callable or a precomputed depth video), ``edit_*``
     sampling settings. ``work_dir``: every intermediate and each stage's state (resumable; ``restart`` starts
-    the stages over). ``fps``: default the input's."""
+    the stages over). ``fps``: default the input's. ``on_window(stage, step, steps, window, windows)`` after
+    every context window of every sampling step (``stage``: ``"edit"`` for stage 1, ``"toon"`` for the main pass;
+    ``step`` 0-based, ``window`` 1-based): a server's per-window progress."""
     from diffstudio.video.render import VideoPipeline
 
     spec = InputSpec(tuple(crop) if crop is not None else None, int(start), end)
@@ -493,7 +496,7 @@ def toon_shade(models, video, prompt: str, negative_prompt: str = "", *, edit_pr
                                      edit_depth_controlnet, edit_depth, edit_scales, edit_steps, edit_strength,
                                      edit_cfg_scale, edit_clip_skip, edit_context_length, edit_context_stride,
                                      edit_smoother_obj, edit_smoother_steps, seed, restart, vae_batch, tiled_vae,
-                                     progress)
+                                     progress, _stage_windows(on_window, "edit"))
             say("stage 2 of 2 (toon shading)")
         tile_images = _annotate(tile_images, tile, root / "tile", {**source_key, "size": [width, height],
                                                                    "edit": edit_prompt})
@@ -507,7 +510,7 @@ def toon_shade(models, video, prompt: str, negative_prompt: str = "", *, edit_pr
                       context_length=context_length, context_stride=context_stride, smoother=main_smoother,
                       smoother_steps=main_smoother_steps, work_dir=root / "stage2", restart=restart,
                       output=None if output is None else str(output), fps=fps, vae_batch=vae_batch,
-                      tiled_vae=tiled_vae, progress=progress)
+                      tiled_vae=tiled_vae, progress=progress, on_window=_stage_windows(on_window, "toon"))
         if output is not None and str(output).lower().endswith((".mp4", ".mov", ".mkv", ".m4v")):
             note = copy_audio(video, str(output), spec.start, plan.frames, fps)
             if note:
@@ -520,7 +523,8 @@ def toon_shade(models, video, prompt: str, negative_prompt: str = "", *, edit_pr
 
 def _stage_one(models, inputs, root, source_key, prompt, negative, width, height, softedge_controlnet, softedge,
                depth_controlnet, depth, scales, steps, strength, cfg_scale, clip_skip, context_length,
-               context_stride, smoother, smoother_steps, seed, restart, vae_batch, tiled_vae, progress) -> list[str]:
+               context_stride, smoother, smoother_steps, seed, restart, vae_batch, tiled_vae, progress,
+               on_window=None) -> list[str]:
     """The editing branch's colour video at (width, height), as frame files (the tile ControlNet's input)."""
     from diffstudio.video.render import VideoPipeline
 
@@ -548,10 +552,17 @@ def _stage_one(models, inputs, root, source_key, prompt, negative, width, height
         clip_skip=clip_skip, seed=seed, controlnets=units, context_length=context_length,
         context_stride=context_stride, same_noise=True, cross_frame_attention=True, smoother=smoother,
         smoother_steps=smoother_steps, work_dir=root / "stage1_state", restart=restart, output=str(out),
-        vae_batch=vae_batch, tiled_vae=tiled_vae, progress=progress)
+        vae_batch=vae_batch, tiled_vae=tiled_vae, progress=progress, on_window=on_window)
     from diffstudio.video.video_io import list_frame_files
 
     return list_frame_files(str(out))
+
+
+def _stage_windows(on_window, stage: str):
+    """VideoPipeline's ``on_window(step, steps, window, windows)`` of one stage, reported with its name."""
+    if on_window is None:
+        return None
+    return lambda step, steps, window, windows: on_window(stage, step, steps, window, windows)
 
 
 def _window_count(frames: int, length: int, stride: int) -> int:

@@ -92,7 +92,7 @@ class VideoPipeline:
                  smoother=None, smoother_steps=(),
                  work_dir=None, restart: bool = False, output=None, fps: float | None = None,
                  tiled_vae: bool | None = None, vae_batch: int = 8, progress: bool = True,
-                 callback: Callable | None = None, modules: Sequence = ()):
+                 callback: Callable | None = None, on_window: Callable | None = None, modules: Sequence = ()):
         """Render a video. ``num_frames``: 16 for text to video; for an ``init_video`` (a video file, a folder
         of frames or a list of frames) its length, or its first ``num_frames``. ``strength``: how much of the
         input to repaint (default 0.75). ``controlnets``: ``ControlNetUnit``s whose image is one control image
@@ -103,7 +103,8 @@ class VideoPipeline:
         ``FastBlendSmoother``) at ``smoother_steps`` (-1: after decoding).
         ``work_dir``: save the state after every step and continue from it (``restart``: discard it).
         ``output``: write a video file (.mp4/.mov/.mkv) or a folder of PNGs and return its path.
-        ``callback(step, total, x, x0)`` after every step."""
+        ``callback(step, total, x, x0)`` after every step; ``on_window(step, total, window, windows)`` after every
+        context window (``window`` 1-based of the step's ``windows``; ``step`` 0-based)."""
         from diffstudio.sampling import get_sampler
         from diffstudio.video import video_io
 
@@ -167,7 +168,14 @@ class VideoPipeline:
                 num_frames = known.shape[0]
 
             bar = tqdm(desc="video", disable=not progress, leave=False)
-            windows = ContextWindows(context_length, context_stride, on_window=lambda i, n: bar.update(1))
+            sampling = [0]  # the step being sampled (0-based), for on_window
+
+            def window_done(i, n):
+                bar.update(1)
+                if on_window is not None:
+                    on_window(sampling[0], total, i, n)
+
+            windows = ContextWindows(context_length, context_stride, on_window=window_done)
             run_modules = [Frames(self.motion, cross_frame_attention), windows, *modules]
             if controlnets:
                 from diffstudio.pipeline.control import ControlNets
@@ -186,12 +194,14 @@ class VideoPipeline:
                 x, first = saved.x, saved.step
             else:
                 x, first = gen.start.start(gen, noise.initial()), 0
+            sampling[0] = first
             bar.reset(total=(total - first) * per_step)
             if smoothing is not None:
                 smoothing.step = first
 
             def on_step(i, _, x_i, denoised):
                 step = first + i
+                sampling[0] = step + 1
                 if workdir is not None:
                     workdir.save(x_i, step + 1, noise)
                 if smoothing is not None:
