@@ -297,3 +297,49 @@ def test_controlled_run_matches_diffusers_pipeline(folder, models, controlnets, 
           f"{rel_err(plain, expected):.1e}")
     assert rel_err(got, expected) < 1e-4
     assert rel_err(plain, expected) > 1e-3  # the ControlNet's share is far above the tolerance
+
+
+def test_with_region_prompts(models, controlnets):
+    """Region prompts (cross-attention masks) run with a ControlNet: a region that repeats the global prompt leaves the
+    controlled result as it was, and other regions change it."""
+    from diffstudio.pipeline.regions import Region
+
+    controlnet = models.add_controlnet(controlnets["folder"])
+    control = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    units = [diffstudio.ControlNetUnit(controlnet, control, scale=0.8)]
+
+    def final(**kw):
+        seen = []
+        diffstudio.Pipeline(models)("a red circle", "blurry", width=64, height=64, steps=2, seed=3, cfg_scale=3.0,
+                                    progress=False, callback=lambda i, n, x, d: seen.append(d), controlnets=units,
+                                    **kw)
+        return seen[-1]
+
+    plain = final()
+    same = final(regions=[Region("a red circle", box=(0.25, 0.0, 1.0, 0.75))], region_mode="attention")
+    other = final(regions=[Region("a blue square", box=(0.5, 0.0, 1.0, 1.0))], region_mode="attention")
+    noise = (same - plain).abs().max()
+    assert noise <= 1e-4 * plain.abs().max()
+    assert (other - plain).abs().max() > 10 * max(noise, 1e-6 * plain.abs().max())
+
+
+def test_the_cross_attention_bias_reaches_the_controlnet():
+    """Two prompts' tokens (BERT chunks, then mT5 chunks) with a bias that hides the second from every image token:
+    the residuals are those of the first prompt alone."""
+    ours = ours_of(reference_controlnet(layers=6))
+    a, b = inputs(seed=0), inputs(seed=1)
+    n_bert, n_t5 = 77, 256
+    two = dict(encoder_hidden_states=torch.cat([a["bert"], b["bert"]], 1),
+               text_embedding_mask=torch.cat([a["bert_mask"], b["bert_mask"]], 1),
+               encoder_hidden_states_t5=torch.cat([a["t5"], b["t5"]], 1),
+               text_embedding_mask_t5=torch.cat([a["t5_mask"], b["t5_mask"]], 1))
+    hide = torch.zeros(1, 1, 24, 2 * (n_bert + n_t5))
+    hide[..., n_bert:2 * n_bert] = float("-inf")
+    hide[..., 2 * n_bert + n_t5:] = float("-inf")
+    with torch.no_grad():
+        alone = ours(a["x"], a["hint"], a["t"], encoder_hidden_states=a["bert"], text_embedding_mask=a["bert_mask"],
+                     encoder_hidden_states_t5=a["t5"], text_embedding_mask_t5=a["t5_mask"])
+        masked = ours(a["x"], a["hint"], a["t"], **two, context_bias={24: hide})
+        open_ = ours(a["x"], a["hint"], a["t"], **two)
+    assert max(rel_err(m, r) for m, r in zip(masked, alone)) < 1e-5
+    assert max(rel_err(o, r) for o, r in zip(open_, alone)) > 1e-3
