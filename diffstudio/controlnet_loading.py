@@ -103,8 +103,9 @@ def read_controlnet(path: str | Path, hints: dict | None = None, dit_hints: dict
         if found is None:
             raise UnknownModelError(f"{path} holds no ControlNet: no cldm input_hint_block / zero_convs keys (bare or "
                                     "under 'control_model.'), no diffusers controlnet_cond_embedding keys, no FLUX "
-                                    "ControlNet keys (controlnet_x_embedder) and no SD3 ControlNet keys "
-                                    f"(pos_embed_input, controlnet_blocks). Its top-level keys: {_top_keys(sd)}. "
+                                    "ControlNet keys (controlnet_x_embedder), no SD3 ControlNet keys "
+                                    "(pos_embed_input, controlnet_blocks) and no Hunyuan-DiT ControlNet keys "
+                                    f"(before_proj, after_proj_list). Its top-level keys: {_top_keys(sd)}. "
                                     f"`diffstudio info {path}` says what it is.")
         component, family = found
         canonical = canonical_state_dict(sd, component)

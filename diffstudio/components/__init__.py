@@ -21,6 +21,7 @@ from diffstudio.components import (
     flux_dit,
     flux_ip_adapter,
     hunyuan_dit,
+    hunyuan_dit_controlnet,
     ip_adapter,
     ldm_unet,
     ldm_vae,
@@ -37,6 +38,7 @@ from diffstudio.components.base import ComponentArch
 ARCHS: dict[str, ComponentArch] = {module.ARCH.name: module.ARCH for module in (
     ldm_unet, ldm_vae, clip_text, chatglm, flux_dit, mmdit, t5_encoder, hunyuan_dit, bert, controlnet, motion_module,
     ip_adapter, svd_unet, exvideo_svd, svd_vae, clip_vision, cogvideo_dit, cogvideox_vae, flux_controlnet,
-    xlabs_flux_controlnet, sd3_controlnet, flux_ip_adapter)}
+    xlabs_flux_controlnet, sd3_controlnet, flux_ip_adapter,
+    hunyuan_dit_controlnet)}
 
 __all__ = ["ARCHS", "ComponentArch"]

@@ -49,9 +49,12 @@ def layout_config(sd: Mapping) -> FluxControlNetConfig:
     """The structure a diffusers-layout FluxControlNetModel state dict implies (names and shapes; the RoPE
     split is a placeholder, as in ``convert.flux.layout_config``): enough to generate the rules."""
     refuse_pixel_hints(sd)
+    from diffstudio.detect.flux_controlnet import extra_condition_channels
+
     modes = sd.get("controlnet_mode_embedder.weight")
-    return FluxControlNetConfig(**trunk_layout(sd, "FluxControlNetModel"),
-                                num_modes=None if modes is None else int(modes.shape[0]))
+    trunk = trunk_layout(sd, "FluxControlNetModel")
+    return FluxControlNetConfig(**trunk, num_modes=None if modes is None else int(modes.shape[0]),
+                                extra_condition_channels=extra_condition_channels(sd, trunk["in_channels"]))
 
 
 def _meta_state_dict(config: FluxControlNetConfig) -> dict[str, torch.Tensor]:

@@ -27,8 +27,8 @@ from diffstudio.errors import ConversionError
 from diffstudio.models.hunyuan_dit import HunyuanDiT, HunyuanDiTConfig
 
 
-def rules(depth: int, qk_norm: bool, size_style_cond: bool) -> list[Rule]:
-    """The rules of a Hunyuan-DiT of this structure (our module <-> diffusers module(s))."""
+def embedder_rules(size_style_cond: bool) -> list[Rule]:
+    """The text refiner, padding, pooler and embedders (shared with the ControlNet)."""
     te = "time_extra_emb."
     out = [
         rule("x_embedder.proj", "pos_embed.proj"),
@@ -40,30 +40,43 @@ def rules(depth: int, qk_norm: bool, size_style_cond: bool) -> list[Rule]:
         rule("pooler", te + "pooler"),  # positional_embedding and the q, k, v, c projections keep their names
         rule("extra_embedder.0", te + "extra_embedder.linear_1"),
         rule("extra_embedder.2", te + "extra_embedder.linear_2"),
-        rule("final_layer.linear", "proj_out"),
-        rule("final_layer.adaLN_modulation.1", "norm_out.linear", SWAP_HALVES),
     ]
     if size_style_cond:
         out.append(rule("style_embedder", te + "style_embedder"))
+    return out
+
+
+def block_rules(i: int, qk_norm: bool, skip: bool) -> list[Rule]:
+    """Block i (shared with the ControlNet, whose blocks take no skip)."""
+    b = f"blocks.{i}."
+    out = [
+        rule(b + "norm1", b + "norm1.norm"),
+        rule(b + "default_modulation.1", b + "norm1.linear"),
+        rule(b + "attn1.Wqkv", tuple(f"{b}attn1.to_{x}" for x in "qkv"), Fuse()),
+        rule(b + "attn1.out_proj", b + "attn1.to_out.0"),
+        rule(b + "attn2.q_proj", b + "attn2.to_q"),
+        rule(b + "attn2.kv_proj", (b + "attn2.to_k", b + "attn2.to_v"), Fuse()),
+        rule(b + "attn2.out_proj", b + "attn2.to_out.0"),
+        rule(b + "norm3", b + "norm2"),  # before cross-attention
+        rule(b + "norm2", b + "norm3"),  # before the MLP
+        rule(b + "mlp.fc1", b + "ff.net.0.proj"),
+        rule(b + "mlp.fc2", b + "ff.net.2"),
+    ]
+    if qk_norm:
+        out += [rule(f"{b}{attn}.{x}_norm", f"{b}{attn}.norm_{x}") for attn in ("attn1", "attn2") for x in "qk"]
+    if skip:  # the second half's long skips from the first half
+        out += same(b + "skip_norm", b + "skip_linear")
+    return out
+
+
+def rules(depth: int, qk_norm: bool, size_style_cond: bool) -> list[Rule]:
+    """The rules of a Hunyuan-DiT of this structure (our module <-> diffusers module(s))."""
+    out = embedder_rules(size_style_cond) + [
+        rule("final_layer.linear", "proj_out"),
+        rule("final_layer.adaLN_modulation.1", "norm_out.linear", SWAP_HALVES),
+    ]
     for i in range(depth):
-        b = f"blocks.{i}."
-        out += [
-            rule(b + "norm1", b + "norm1.norm"),
-            rule(b + "default_modulation.1", b + "norm1.linear"),
-            rule(b + "attn1.Wqkv", tuple(f"{b}attn1.to_{x}" for x in "qkv"), Fuse()),
-            rule(b + "attn1.out_proj", b + "attn1.to_out.0"),
-            rule(b + "attn2.q_proj", b + "attn2.to_q"),
-            rule(b + "attn2.kv_proj", (b + "attn2.to_k", b + "attn2.to_v"), Fuse()),
-            rule(b + "attn2.out_proj", b + "attn2.to_out.0"),
-            rule(b + "norm3", b + "norm2"),  # before cross-attention
-            rule(b + "norm2", b + "norm3"),  # before the MLP
-            rule(b + "mlp.fc1", b + "ff.net.0.proj"),
-            rule(b + "mlp.fc2", b + "ff.net.2"),
-        ]
-        if qk_norm:
-            out += [rule(f"{b}{attn}.{x}_norm", f"{b}{attn}.norm_{x}") for attn in ("attn1", "attn2") for x in "qk"]
-        if i > depth // 2:  # the second half's long skips from the first half
-            out += same(b + "skip_norm", b + "skip_linear")
+        out += block_rules(i, qk_norm, i > depth // 2)
     return out
 
 

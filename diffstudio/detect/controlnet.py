@@ -276,6 +276,7 @@ def attach_bundled_controlnet(detection, sd: Mapping, stored: Mapping | None = N
 # (diffusers class name in a folder's config.json, family, component architecture in diffstudio.components)
 DIT_CONTROLNETS = (
     ("SD3ControlNetModel", "sd3", "sd3_controlnet"),
+    ("HunyuanDiT2DControlNetModel", "hunyuan_dit", "hunyuan_dit_controlnet"),
 )
 
 

@@ -68,7 +68,18 @@ def derive_flux_controlnet_config(sd: Mapping, hints: Mapping | None = None) -> 
                                 "(truncated file?)")
     modes = sd.get("controlnet_mode_embedder.weight")
     return FluxControlNetConfig(**fields, out_channels=fields["in_channels"],
-                                num_modes=None if modes is None else int(modes.shape[0]))
+                                num_modes=None if modes is None else int(modes.shape[0]),
+                                extra_condition_channels=extra_condition_channels(sd, fields["in_channels"]))
+
+
+def extra_condition_channels(sd: Mapping, in_channels: int) -> int:
+    """What ``controlnet_x_embedder`` reads beyond the packed latent: 0, or alimama's inpainting ControlNets' packed
+    mask (its input is 68 = 64 + 4 wide: 16 latent channels and one mask channel, 2x2-packed)."""
+    extra = int(sd["controlnet_x_embedder.weight"].shape[1]) - in_channels
+    if extra < 0:
+        raise UnknownModelError(f"FLUX ControlNet controlnet_x_embedder reads {in_channels + extra} channels, fewer "
+                                f"than its {in_channels}-wide latent input")
+    return extra
 
 
 def flux_controlnet_config_from_diffusers(config_json: Mapping) -> FluxControlNetConfig:
@@ -81,7 +92,8 @@ def flux_controlnet_config_from_diffusers(config_json: Mapping) -> FluxControlNe
     trunk = config_from_diffusers(cfg).to_dict()
     trunk["out_channels"] = trunk["in_channels"]
     modes = cfg.get("num_mode")
-    return FluxControlNetConfig(**trunk, num_modes=None if modes is None else int(modes))
+    return FluxControlNetConfig(**trunk, num_modes=None if modes is None else int(modes),
+                                extra_condition_channels=int(cfg.get("extra_condition_channels") or 0))
 
 
 # -- XLabs ----------------------------------------------------------------------------------------------------

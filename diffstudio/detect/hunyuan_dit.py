@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import partial
 
 from diffstudio.errors import UnknownModelError
 from diffstudio.models.hunyuan_dit import HunyuanDiTConfig
@@ -60,26 +61,38 @@ def count_blocks(keys, pattern: re.Pattern = _BLOCK) -> int:
 
 def derive_hunyuan_dit_config(sd: Mapping, hints: Mapping | None = None) -> HunyuanDiTConfig:
     """Canonical Hunyuan-DiT state dict (names + shapes) -> HunyuanDiTConfig. See the module docstring."""
-    hints = dict(hints or {})
-    unknown = set(hints) - HINTABLE
-    if unknown:
-        raise ValueError(f"derive_hunyuan_dit_config: hints {sorted(unknown)} are not allowed (shapes decide "
-                         f"them); allowed: {sorted(HINTABLE)}")
     missing = [k for k in HUNYUAN_DIT_SENTINELS if k not in sd]
     if missing:
         raise UnknownModelError(f"not a Hunyuan-DiT state dict in the released layout: missing {missing}. "
                                 "A diffusers HunyuanDiT2DModel goes through "
                                 "diffstudio.convert.hunyuan_dit.hunyuan_dit_from_diffusers first.")
-
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in sd:
-            raise UnknownModelError(f"Hunyuan-DiT state dict lacks '{key}' (truncated or pruned file?)")
-        return tuple(int(d) for d in sd[key].shape)
-
-    hidden, in_channels, patch, _ = shape("x_embedder.proj.weight")
     depth = count_blocks(sd.keys())
     if depth % 2:
         raise UnknownModelError(f"Hunyuan-DiT with {depth} blocks: the long skips need an even count")
+    hidden, in_channels, patch, _ = _shape(sd, "x_embedder.proj.weight")
+    out = _shape(sd, "final_layer.linear.weight")[0] // (patch * patch)
+    if out not in (in_channels, 2 * in_channels):
+        raise UnknownModelError(f"Hunyuan-DiT final layer gives {out} channels per pixel for {in_channels} "
+                                "input channels (expected the same, or twice with learn_sigma)")
+    return config_from_shapes(sd, hints, depth, learn_sigma=out == 2 * in_channels)
+
+
+def _shape(sd: Mapping, key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise UnknownModelError(f"Hunyuan-DiT state dict lacks '{key}' (truncated or pruned file?)")
+    return tuple(int(d) for d in sd[key].shape)
+
+
+def config_from_shapes(sd: Mapping, hints: Mapping | None, depth: int, learn_sigma: bool) -> HunyuanDiTConfig:
+    """The fields the DiT and its ControlNet share, from the embedders and block 0 (the module docstring's
+    table); ``depth`` and ``learn_sigma`` are the caller's."""
+    hints = dict(hints or {})
+    unknown = set(hints) - HINTABLE
+    if unknown:
+        raise ValueError(f"Hunyuan-DiT config: hints {sorted(unknown)} are not allowed (shapes decide "
+                         f"them); allowed: {sorted(HINTABLE)}")
+    shape = partial(_shape, sd)
+    hidden, in_channels, patch, _ = shape("x_embedder.proj.weight")
     qk_norm = "blocks.0.attn1.q_norm.weight" in sd
     if qk_norm:
         head_dim = shape("blocks.0.attn1.q_norm.weight")[0]
@@ -90,10 +103,6 @@ def derive_hunyuan_dit_config(sd: Mapping, hints: Mapping | None = None) -> Huny
         raise UnknownModelError("this Hunyuan-DiT has no QK-norm, so its head count cannot be read from shapes; "
                                 "pass hints={'num_heads': N}")
     mlp_hidden = shape("blocks.0.mlp.fc1.weight")[0]
-    out = shape("final_layer.linear.weight")[0] // (patch * patch)
-    if out not in (in_channels, 2 * in_channels):
-        raise UnknownModelError(f"Hunyuan-DiT final layer gives {out} channels per pixel for {in_channels} "
-                                "input channels (expected the same, or twice with learn_sigma)")
     text_dim = shape("mlp_t5.2.weight")[0]
     text_dim_t5 = shape("mlp_t5.0.weight")[1]
     text_len_t5 = shape("pooler.positional_embedding")[0] - 1
@@ -101,7 +110,7 @@ def derive_hunyuan_dit_config(sd: Mapping, hints: Mapping | None = None) -> Huny
     size_style = "style_embedder.weight" in sd
     config = HunyuanDiTConfig(
         in_channels=in_channels, patch_size=patch, hidden_size=hidden, depth=depth, num_heads=num_heads,
-        mlp_hidden=mlp_hidden, learn_sigma=out == 2 * in_channels, text_dim=text_dim, text_dim_t5=text_dim_t5,
+        mlp_hidden=mlp_hidden, learn_sigma=learn_sigma, text_dim=text_dim, text_dim_t5=text_dim_t5,
         text_len=text_len, text_len_t5=text_len_t5, pooler_heads=int(hints.get("pooler_heads", 8)),
         pooler_dim=shape("pooler.c_proj.weight")[0], size_style_cond=size_style,
         num_styles=shape("style_embedder.weight")[0] if size_style else 1, qk_norm=qk_norm,

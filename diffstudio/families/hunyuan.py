@@ -111,4 +111,6 @@ HUNYUAN_DIT = Family(
     lora_targets=r"blocks\.\d+\.(attn1\.(Wqkv|out_proj)|attn2\.(q_proj|kv_proj|out_proj)|mlp\.fc[12])",
     variant_of=variant_of,
     variants={"v1.0/v1.1": {"schedule": V11_SCHEDULE}},
+    # Tencent's HunyuanDiT-v1.1 / v1.2 ControlNets (models/hunyuan_dit_controlnet.py, docs/controlnet.md).
+    controlnet_loader="diffstudio.hunyuan_controlnet_loading:add_hunyuan_controlnet",
 )

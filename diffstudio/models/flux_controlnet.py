@@ -37,6 +37,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffstudio.errors import InvalidInputError
@@ -57,6 +58,9 @@ class FluxControlNetConfig(FluxConfig):
     depth_single_blocks: int = 10
     num_modes: int | None = None  # rows of controlnet_mode_embedder; None = not a union ControlNet
     hint_channels: int | None = None  # XLabs: its pixel-space hint encoder's input channels (3); None: InstantX
+    # Packed channels the control input has beyond the latent's: alimama's inpainting ControlNets read the masked
+    # image's latent and the mask (1 channel at latent resolution, 2x2-packed: 4). Their release's config name.
+    extra_condition_channels: int = 0
 
 
 def _zero_linear(width_in: int, width_out: int) -> Linear:
@@ -88,12 +92,38 @@ class FluxControlNet(FluxTrunk):
         self.transformer_blocks: tuple[int, int] | None = None
 
     def build_hint_layers(self, c: FluxControlNetConfig) -> None:
-        """The layers that bring the control image in: a zero Linear on its packed latent; the mode table."""
-        self.controlnet_x_embedder = _zero_linear(c.in_channels, c.hidden_size)
+        """The layers that bring the control image in: a zero Linear on its packed latent (and packed mask, for the
+        inpainting ControlNets); the mode table."""
+        self.controlnet_x_embedder = _zero_linear(c.in_channels + c.extra_condition_channels, c.hidden_size)
         self.controlnet_mode_embedder = nn.Embedding(c.num_modes, c.hidden_size) if c.num_modes else None
 
+    @property
+    def takes_mask(self) -> bool:
+        """An inpainting ControlNet (alimama's): its hint is the masked image's latent and the mask."""
+        return self.config.extra_condition_channels > 0
+
+    def latent_hint(self, pixels: torch.Tensor, encode) -> torch.Tensor:
+        """The control image (B, 3, H, W) in [0, 1] -> the latent hint, with ``encode`` (pixels in [-1, 1] -> the
+        model's latent, (B, 16, H/8, W/8)). The pipeline calls this for every ``hint_space = "latent"`` ControlNet.
+
+        An inpainting ControlNet reads an image from ``annotators.inpaint(image, mask)``: the pixels to repaint
+        are negative there (-1). As alimama's pipeline builds its input: the masked image (those pixels black,
+        -1 in [-1, 1]) is encoded, the mask is taken to latent resolution (nearest) and flipped (1 = keep,
+        0 = repaint), and it is appended as a 17th channel: (B, 17, H/8, W/8), packed 2x2 like the latent."""
+        if not self.takes_mask:
+            return encode(pixels * 2 - 1)
+        hole = (pixels < 0).any(dim=1, keepdim=True)  # (B, 1, H, W), True = repaint
+        if not hole.any():
+            raise InvalidInputError("this is an inpainting ControlNet (alimama's): its control image is the picture "
+                                    "with the part to repaint marked, annotators.inpaint(image, mask); this image "
+                                    "marks nothing")
+        latent = encode(torch.where(hole, -1.0, pixels * 2 - 1))
+        keep = 1 - F.interpolate(hole.float(), size=latent.shape[-2:], mode="nearest")
+        return torch.cat([latent, keep.to(latent)], dim=1)
+
     def hint_input(self, hint: torch.Tensor) -> torch.Tensor:
-        """The pipeline's hint (the control image's latent, (B, 16, h, w)) -> what ``residuals`` takes."""
+        """The pipeline's hint (the control image's latent, (B, 16, h, w); an inpainting ControlNet's with the mask,
+        (B, 17, h, w)) -> what ``residuals`` takes."""
         return pack_latents(pad_even(hint))
 
     def embed_hint(self, hint: torch.Tensor) -> torch.Tensor:

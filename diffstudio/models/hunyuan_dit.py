@@ -302,10 +302,9 @@ class FinalLayer(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 
-class HunyuanDiT(nn.Module):
-    # Region prompts (docs/regions.md): forward(context_bias=...) masks the cross-attention; the text
-    # inputs may then hold several prompts' tokens in turn (BERT chunks of text_len, mT5 of text_len_t5).
-    region_attention = "cross"
+class HunyuanDiTInputs(nn.Module):
+    """What the DiT and its ControlNet share ahead of their blocks: the text refiner and padding, the pooler,
+    the patch, timestep and extra embedders, the 2D RoPE (release names, registered in the release's order)."""
 
     def __init__(self, config: HunyuanDiTConfig):
         super().__init__()
@@ -318,9 +317,6 @@ class HunyuanDiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
         self.extra_embedder = _mlp(cfg.extra_in_dim, 4 * cfg.hidden_size, cfg.hidden_size)
-        self.blocks = nn.ModuleList(HunyuanDiTBlock(cfg, skip=i > cfg.depth // 2) for i in range(cfg.depth))
-        self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
-        self.gradient_checkpointing = False
         self._rope_cache: dict = {}
 
     def rope(self, grid_h: int, grid_w: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,29 +355,57 @@ class HunyuanDiT(nn.Module):
             extra += [sizes.to(extra[0].dtype), self.style_embedder(style)]
         return self.t_embedder(t) + self.extra_embedder(torch.cat(extra, dim=1))
 
+
+    def embed_inputs(self, x, t, bert, bert_mask, t5, t5_mask, image_meta_size=None, style=None, cos=None,
+                     sin=None):
+        """-> (image tokens (B, N, D), global condition c (B, D), text states (B, 333, text_dim), RoPE tables)."""
+        p = self.config.patch_size
+        if cos is None or sin is None:
+            cos, sin = self.rope(x.shape[-2] // p, x.shape[-1] // p, x.device)
+        text = self._text_states(bert, bert_mask, t5, t5_mask)
+        c = self._condition(t, t5[:, :self.config.text_len_t5], image_meta_size, style)
+        return self.x_embedder(x), c, text, (cos, sin)
+
+
+class HunyuanDiT(HunyuanDiTInputs):
+    # Region prompts (docs/regions.md): forward(context_bias=...) masks the cross-attention; the text
+    # inputs may then hold several prompts' tokens in turn (BERT chunks of text_len, mT5 of text_len_t5).
+    region_attention = "cross"
+
+    def __init__(self, config: HunyuanDiTConfig):
+        super().__init__(config)
+        cfg = config
+        self.blocks = nn.ModuleList(HunyuanDiTBlock(cfg, skip=i > cfg.depth // 2) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
+        self.gradient_checkpointing = False
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 text_embedding_mask: torch.Tensor, encoder_hidden_states_t5: torch.Tensor,
                 text_embedding_mask_t5: torch.Tensor, image_meta_size: torch.Tensor | None = None,
                 style: torch.Tensor | None = None, cos_cis_img: torch.Tensor | None = None,
-                sin_cis_img: torch.Tensor | None = None, context_bias: dict | None = None) -> torch.Tensor:
+                sin_cis_img: torch.Tensor | None = None, context_bias: dict | None = None,
+                control: list[torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) on the 1000-step scale -> (B, out_channels, H, W).
 
         context_bias: {image tokens: (B|1, 1, image tokens, text tokens)} cross-attention bias (region
-        prompts, pipeline/region_attention.py); the pooled text is then the first (global) prompt's."""
+        prompts, pipeline/region_attention.py); the pooled text is then the first (global) prompt's.
+        control: a Hunyuan-DiT ControlNet's residuals (models/hunyuan_dit_controlnet.py), one (B, N, D) per long
+        skip: residual i is added to the skip that block i hands to block depth - 1 - i (diffusers'
+        ``controlnet_block_samples``, popped in step with the skips)."""
         cfg = self.config
         p = cfg.patch_size
         b, _, height, width = x.shape
         gh, gw = height // p, width // p
-        if cos_cis_img is None or sin_cis_img is None:
-            cos_cis_img, sin_cis_img = self.rope(gh, gw, x.device)
-        rope = (cos_cis_img, sin_cis_img)
-        text = self._text_states(encoder_hidden_states, text_embedding_mask, encoder_hidden_states_t5,
-                                 text_embedding_mask_t5)
-        c = self._condition(t, encoder_hidden_states_t5[:, :cfg.text_len_t5], image_meta_size, style)
+        h, c, text, rope = self.embed_inputs(x, t, encoder_hidden_states, text_embedding_mask,
+                                             encoder_hidden_states_t5, text_embedding_mask_t5, image_meta_size,
+                                             style, cos_cis_img, sin_cis_img)
         text_bias = None if context_bias is None else context_bias[gh * gw].to(text)
-        h = self.x_embedder(x)  # (B, N, D)
+        skipping = cfg.depth // 2 - 1  # blocks 0 .. depth/2 - 2 feed the long skips
+        if control is not None and len(control) != skipping:
+            raise InvalidInputError(f"{len(control)} ControlNet residuals for a Hunyuan-DiT with {skipping} long skips "
+                                    "(one per skip): the ControlNet was made for another depth")
 
-        # Blocks 0 .. depth/2 - 2 feed the long skips; blocks depth/2 + 1 .. depth - 1 take them in reverse.
+        # Blocks depth/2 + 1 .. depth - 1 take the skips in reverse.
         skips = []
         for i, block in enumerate(self.blocks):
             skip = skips.pop() if i > cfg.depth // 2 else None
@@ -389,8 +413,8 @@ class HunyuanDiT(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(block, h, c, text, rope, skip, text_bias, use_reentrant=False)
             else:
                 h = block(h, c, text, rope, skip, text_bias)
-            if i < cfg.depth // 2 - 1:
-                skips.append(h)
+            if i < skipping:
+                skips.append(h if control is None else h + control[i].to(h.dtype))
 
         h = self.final_layer(h, c)  # (B, N, p * p * C_out)
         # Unpatchify: token (r, s) holds a p x p patch, channels last.

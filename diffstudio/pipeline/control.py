@@ -149,10 +149,8 @@ class ControlNets:
                 hint = FrameHints(unit.image, unit.preprocess, r.width, r.height)
             else:
                 hint = control_image(unit.image, unit.preprocess, r.width, r.height)
-                if in_latent:  # DiT ControlNets (SD3, FLUX) read the VAE's latent of the control image
-                    from diffstudio.pipeline.generate import encode_to_latent
-
-                    hint = encode_to_latent(gen.models, hint * 2 - 1, r.tiled_vae)
+                if in_latent:  # DiT ControlNets (SD3, FLUX, Hunyuan-DiT) read the VAE's latent of the control image
+                    hint = latent_hint(model, hint, gen.models, r.tiled_vae)
                 hint = hint.to(gen.models.device, gen.models.dtype)
             hi, lo = gen.sigma_at(unit.start), gen.sigma_at(unit.end)
             loaded.append(Active(unit, model, hint, hi, lo, 1 if in_latent else gen.family.latent.downscale))
@@ -160,6 +158,20 @@ class ControlNets:
             return denoiser
         mark_negative_rows(gen)
         return ControlledDenoiser(denoiser, loaded, gen.models)
+
+
+def latent_hint(model, pixels: torch.Tensor, models, tiled_vae) -> torch.Tensor:
+    """The latent a ``hint_space = "latent"`` ControlNet reads for the control image ``pixels`` (1, 3, H, W) in [0, 1]:
+    the VAE's latent, or what the ControlNet's ``latent_hint(pixels, encode)`` builds with the VAE (FLUX inpainting
+    ControlNets: the masked image's latent and the mask)."""
+    from diffstudio.pipeline.generate import encode_to_latent
+
+    def encode(image):  # (B, 3, H, W) in [-1, 1] -> the model's latent
+        return encode_to_latent(models, image, tiled_vae)
+
+    if hasattr(model, "latent_hint"):
+        return model.latent_hint(pixels, encode)
+    return encode(pixels * 2 - 1)
 
 
 def check_mode(model, unit: ControlNetUnit) -> None:
