@@ -19,7 +19,7 @@ import torch
 
 from diffstudio.components import ARCHS
 from diffstudio.detect import Component, Detection, detect
-from diffstudio.errors import ModelNotFoundError, UnknownModelError
+from diffstudio.errors import InvalidInputError, ModelNotFoundError, UnknownModelError
 from diffstudio.families import get_family
 from diffstudio.families.base import Family
 
@@ -164,6 +164,22 @@ class Models:
             blockwise = {self.family.denoiser_role, *(spec.encoder_role for spec in self.family.text_encoders)}
             self.__dict__["offloader"] = Offloader(modules, device, mode, blockwise)
             self._offload_addons()
+        return self
+
+    def compile(self, backend: str = "inductor", mode: str | None = None, freeze: bool = False) -> Models:
+        """Compile the denoiser with ``torch.compile`` (in place: its names, weights, patches and hooks stay as they
+        are; the first call after this compiles, later calls reuse the code). ``freeze`` (inductor, inference on the
+        CPU) folds the weights into the compiled code as constants (pre-packed for oneDNN): faster, but a LoRA
+        applied, removed or re-weighted afterwards then makes the next call compile again (``Patcher.refresh``).
+        Measured speed and compile time: docs/benchmarks.md ("torch.compile")."""
+        if freeze and backend != "inductor":
+            raise InvalidInputError(f"freeze folds weights in inductor's code; backend {backend!r} has no freezing")
+        options = {"freezing": True} if freeze else None
+        if options and mode:
+            raise InvalidInputError("torch.compile takes a mode or options, not both: leave mode out with freeze")
+        denoiser = self.denoiser
+        denoiser.compile(backend=backend, mode=mode, options=options)
+        denoiser.frozen_weights = freeze  # read by the patcher: weights baked into compiled code
         return self
 
     def _offload_addons(self) -> None:

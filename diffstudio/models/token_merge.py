@@ -64,6 +64,7 @@ class MergePlan:
         self.dst = flat.nonzero().squeeze(1)  # destinations and sources, each in raster order
         self.src = (~flat).nonzero().squeeze(1)
         with torch.no_grad():
+            metric = metric.float()  # the matching in fp32: CPU bf16 batched matmuls of this shape are slow
             unit = metric / metric.norm(dim=-1, keepdim=True)
             scores = unit[:, self.src] @ unit[:, self.dst].transpose(1, 2)  # (B, sources, destinations)
             self.r = min(r, len(self.src))

@@ -151,6 +151,10 @@ class ModulePatcher:
             if not patches:
                 self.patches.pop(name, None)
         self._sync_hooks()
+        if names and getattr(self.module, "frozen_weights", False):  # Models.compile(freeze=True)
+            import torch
+
+            torch.compiler.reset()  # the compiled code holds the old weights as constants: compile again
 
     def _refresh_merged(self, name: str, merged: list[Patch]) -> None:
         param = self._param(name)
