@@ -222,6 +222,8 @@ def cmd_generate(args) -> int:
     for spec in args.lora or ():
         file, strength = lora_spec(spec)
         models.apply_lora(file, strength)
+    if args.compile:
+        models.compile(freeze=args.compile == "freeze")
     pipe = diffstudio.Pipeline(models)
     pipe.lora_dirs = lora_dirs
     options = {"width": args.width, "height": args.height, "steps": args.steps, "cfg_scale": args.cfg,
@@ -499,6 +501,9 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--tome", type=float, metavar="RATIO",
                      help="token merging: the self-attention of a UNet's high-resolution transformers on 1 - RATIO "
                           "of the tokens (e.g. 0.5; faster at large sizes, a quality trade; docs/benchmarks.md)")
+    gen.add_argument("--compile", nargs="?", const="on", choices=["on", "freeze"],
+                     help="torch.compile the denoiser (inductor; the first step compiles, minutes at full size; "
+                          "'freeze' folds the weights in as constants; docs/benchmarks.md)")
     gen.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"],
                      help="weights' precision")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")

@@ -61,6 +61,33 @@ def test_generate_with_offload_and_fp8_flags(tmp_path):
     assert main([*args, "-o", str(tmp_path / "fp8.png"), "--storage", "fp8"]) == 2
 
 
+def test_generate_compile_flag_compiles_the_denoiser_and_keeps_the_image(tmp_path, monkeypatch):
+    """--compile goes through Models.compile (here with dynamo's eager backend: inductor takes minutes) and gives
+    the plain run's image; --compile freeze asks for frozen weights."""
+    import numpy as np
+
+    from diffstudio.loader import Models
+
+    asked, compile_for_real = [], Models.compile
+
+    def eager_compile(self, backend="inductor", mode=None, freeze=False):
+        asked.append(freeze)
+        return compile_for_real(self, backend="eager")
+
+    monkeypatch.setattr(Models, "compile", eager_compile)
+    folder = write_diffusers_folder(tmp_path / "m", *reference_models())
+    args = ["generate", "a red circle", "--model", str(folder), "--steps", "2", "--width", "64", "--height", "64"]
+    images = []
+    for extra in ([], ["--compile"], ["--compile", "freeze"]):
+        out = tmp_path / f"{len(images)}.png"
+        assert main([*args, "-o", str(out), *extra]) == 0
+        with Image.open(out) as image:
+            images.append(np.asarray(image))
+    torch.compiler.reset()
+    assert asked == [False, True]
+    assert all(np.array_equal(images[0], other) for other in images[1:])
+
+
 def test_generate_refuses_a_bad_size(tmp_path, capsys):
     folder = write_diffusers_folder(tmp_path / "m", *reference_models())
     assert main(["generate", "x", "--model", str(folder), "--width", "65", "--steps", "1"]) == 2
