@@ -72,16 +72,16 @@ def _model_state(model, trainable_only: bool) -> dict:
     return {k: v for k, v in state.items() if k in trainable}
 
 
-def _checkpoint_state(model, optimizer, trainable_only: bool, ema, sharded: bool) -> dict:
-    """What a checkpoint holds; a sharded run gathers its shards into full tensors here (every process calls it),
-    so the file is the same whatever the run's process count or sharding."""
+def _checkpoint_state(model, optimizer, trainable_only: bool, ema, sharded: bool, keep: bool) -> dict:
+    """What a checkpoint holds; a sharded run gathers its shards into full tensors here (every process calls it;
+    those of process ``keep`` keep them), so the file is the same whatever the run's process count or sharding."""
     state = {"model": _model_state(model, trainable_only), "optimizer": optimizer.state_dict()}
     if ema is not None:
         state["ema"] = ema.state_dict()
     if sharded:
         from diffstudio.train.sharding import gather_state
 
-        state = gather_state(state)
+        state = gather_state(state, keep)
     return state
 
 
@@ -272,7 +272,7 @@ def _run(accelerator, model, shards, loss_fn, opt, schedule, params, ema, start,
             state = None
             if shards is not None or accelerator.is_main_process:  # gathering shards takes every process
                 state = _checkpoint_state(accelerator.unwrap_model(model), opt, trainable_only, ema,
-                                          sharded=shards is not None)
+                                          sharded=shards is not None, keep=accelerator.is_main_process)
             if accelerator.is_main_process:
                 _save(state, out_dir, step + 1, losses, recipe)
         if stop_after and done >= stop_after:

@@ -96,13 +96,15 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def gather_state(state: dict) -> dict:
-    """``state`` (a model or optimizer state dict, nested) with every sharded tensor gathered whole."""
+def gather_state(state, keep: bool):
+    """``state`` (a model or optimizer state dict, nested) with every sharded tensor gathered whole, one at a time
+    (a collective: every process calls it); only where ``keep`` (the process that writes it) are they kept."""
     if isinstance(state, dict):
-        return {k: gather_state(v) for k, v in state.items()}
+        return {k: gather_state(v, keep) for k, v in state.items()}
     if isinstance(state, list):
-        return [gather_state(v) for v in state]
-    return full_tensor(state)
+        return [gather_state(v, keep) for v in state]
+    whole = full_tensor(state)
+    return whole if keep or whole is state else None
 
 
 def shard_optimizer_state(state: dict, params: list) -> dict:
