@@ -1,7 +1,8 @@
 """One training loop for everything diffstudio trains (VAE, denoiser from scratch, LoRA).
 
-Built on accelerate, so the same code runs on a CPU, one GPU or many (launch with
-``accelerate launch``; DDP/FSDP/DeepSpeed come from the accelerate config).
+Built on accelerate, so the same code runs on a CPU, one GPU or many (launch with ``accelerate launch`` or
+``torchrun``): data parallel, the gradients averaged here, or with ``shard="fsdp"`` sharded by torch's FSDP2
+(``train.sharding``). An accelerate config's DDP/FSDP/DeepSpeed is not used (docs/scale.md).
 
 Exact resume: a batch and its noise are pure functions of (seed, step) — see
 ``step_generator`` and ``train.data.batch_indices`` — and checkpoints hold the model,
