@@ -118,3 +118,16 @@ def test_a_batch_that_does_not_split_evenly_is_refused(monkeypatch):
     assert data_parallel_rows(4) == slice(2, 4)
     with pytest.raises(InvalidInputError, match="multiple of the number of processes"):
         data_parallel_rows(3)
+
+
+def test_unknown_sharding_and_mixed_dtypes_are_refused(tmp_path):
+    from diffstudio.errors import InvalidInputError
+    from diffstudio.train.loop import train
+    from diffstudio.train.sharding import ShardedModel
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(InvalidInputError, match="unknown sharding mode 'zero9'"):
+        train(model, lambda m, step: m(torch.ones(1, 2)).sum(), steps=1, out_dir=tmp_path, shard="zero9")
+    model.bias.data = model.bias.data.bfloat16()  # a bf16 base with fp32 adapters, say: FSDP wants one dtype
+    with pytest.raises(InvalidInputError, match="one parameter dtype"):
+        ShardedModel(model)
