@@ -300,7 +300,7 @@ def cmd_train_lora(args) -> int:
                              optimizer=args.optimizer, caption_dropout=args.caption_dropout, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, workdir=args.workdir,
                              export_format=args.format, restart=args.restart, frames=args.frames,
-                             width=args.width, height=args.height)
+                             width=args.width, height=args.height, shard=args.shard)
     print(f"wrote {train_lora(config)}")
     return 0
 
@@ -329,7 +329,7 @@ def _add_train_parser(sub) -> None:
     lora.add_argument("--frames", type=int, help="CogVideoX: frames per clip, 4k + 1 (default 49)")
     lora.add_argument("--width", type=int, help="CogVideoX: clip width (default the model's, 720)")
     lora.add_argument("--height", type=int, help="CogVideoX: clip height (default the model's, 480)")
-    add_run_options(lora, steps=1000, batch_size=1, lr=1e-4)
+    add_run_options(lora, steps=1000, batch_size=1, lr=1e-4, shard=True)
     lora.set_defaults(func=cmd_train_lora)
     from diffstudio.control import cli as control_cli
 

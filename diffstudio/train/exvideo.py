@@ -52,7 +52,7 @@ KARRAS_STEPS, KARRAS_RHO = 1000, 7.0  # DiffSynth's ContinuousODEScheduler(num_i
 
 # Settings that leave every update as it is: they may change between a run and its resume (train.recipe).
 NOT_IN_RECIPE = ("data", "out", "model", "init", "workdir", "checkpoint_every", "gradient_checkpointing",
-                 "save_dtype", "restart")
+                 "save_dtype", "restart", "shard")
 
 
 def _check(config: ExVideoTrainConfig) -> None:
@@ -352,7 +352,7 @@ def train_exvideo(config: ExVideoTrainConfig, models=None, *, stop_after: int | 
         losses = train(trainee, loss_fn, steps=config.steps, out_dir=config.work_path(), lr=config.lr,
                        warmup=config.warmup, lr_end=config.lr_end, checkpoint_every=config.checkpoint_every,
                        optimizer=config.optimizer, desc="exvideo svd", trainable_only=True,
-                       stop_after=stop_after, recipe=recipe, ema=ema)
+                       stop_after=stop_after, recipe=recipe, ema=ema, shard=config.shard)
         weights = {name[len("unet."):]: (ema.shadow[name] if ema is not None else p.detach())
                    for name, p in trainee.named_parameters() if p.requires_grad}
         if carries_temporal and not config.temporal:  # the init file's temporal weights, kept frozen, go along

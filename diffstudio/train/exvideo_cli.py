@@ -42,7 +42,7 @@ def add_parser(kinds) -> argparse.ArgumentParser:
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     add_run_options(p, steps=d.steps, batch_size=d.batch_size, lr=d.lr, warmup=d.warmup, optimizer=d.optimizer,
-                    seed=d.seed, checkpoint_every=d.checkpoint_every, captions=False)
+                    seed=d.seed, checkpoint_every=d.checkpoint_every, captions=False, shard=True)
     p.add_argument("--save-dtype", default=d.save_dtype, choices=["fp16", "bf16", "fp32"])
     p.set_defaults(func=cmd_train_exvideo)
     return p

@@ -44,6 +44,7 @@ class ExVideoTrainConfig:
     workdir: str | None = None  # checkpoints and caches; None = "<out>.run"
     save_dtype: str = "fp16"  # the written file's weights: fp16 (as the release), bf16 or fp32
     restart: bool = False  # discard the work folder's checkpoint (made with another recipe) and start at step 0
+    shard: str | None = None  # "fsdp": under several processes, shard the UNet and optimizer over them (fp32)
 
     def work_path(self) -> Path:
         return Path(self.workdir) if self.workdir else Path(str(self.out) + ".run")

@@ -1,7 +1,8 @@
 """One training loop for everything diffstudio trains (VAE, denoiser from scratch, LoRA).
 
-Built on accelerate, so the same code runs on a CPU, one GPU or many (launch with
-``accelerate launch``; DDP/FSDP/DeepSpeed come from the accelerate config).
+Built on accelerate, so the same code runs on a CPU, one GPU or many (launch with ``accelerate launch`` or
+``torchrun``): data parallel, the gradients averaged here, or with ``shard="fsdp"`` sharded by torch's FSDP2
+(``train.sharding``). An accelerate config's DDP/FSDP/DeepSpeed is not used (docs/scale.md).
 
 Exact resume: a batch and its noise are pure functions of (seed, step) — see
 ``step_generator`` and ``train.data.batch_indices`` — and checkpoints hold the model,
@@ -72,8 +73,20 @@ def _model_state(model, trainable_only: bool) -> dict:
     return {k: v for k, v in state.items() if k in trainable}
 
 
-def _save(accelerator, model, optimizer, out_dir: Path, step: int, losses: list[float],
-          trainable_only: bool = False, recipe: dict | None = None, ema=None) -> None:
+def _checkpoint_state(model, optimizer, trainable_only: bool, ema, sharded: bool, keep: bool) -> dict:
+    """What a checkpoint holds; a sharded run gathers its shards into full tensors here (every process calls it;
+    those of process ``keep`` keep them), so the file is the same whatever the run's process count or sharding."""
+    state = {"model": _model_state(model, trainable_only), "optimizer": optimizer.state_dict()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    if sharded:
+        from diffstudio.train.sharding import gather_state
+
+        state = gather_state(state, keep)
+    return state
+
+
+def _save(state: dict, out_dir: Path, step: int, losses: list[float], recipe: dict | None = None) -> None:
     """Write the checkpoint next to the old one, then swap, so a kill mid-write loses nothing.
 
     The files are written into ``checkpoint.tmp``; ``progress.json`` comes last, so a folder that has it is
@@ -83,10 +96,6 @@ def _save(accelerator, model, optimizer, out_dir: Path, step: int, losses: list[
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {"model": _model_state(accelerator.unwrap_model(model), trainable_only),
-             "optimizer": optimizer.state_dict()}
-    if ema is not None:
-        state["ema"] = ema.state_dict()
     torch.save(state, tmp / "state.pt")
     if recipe is not None:
         (tmp / RECIPE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
@@ -124,13 +133,16 @@ def discard_checkpoints(out_dir: str | Path) -> None:
         shutil.rmtree(Path(out_dir) / (CHECKPOINT + suffix), ignore_errors=True)
 
 
-def _load(model, optimizer, out_dir: Path, trainable_only: bool = False, ema=None) -> tuple[int, list[float]]:
-    from diffstudio.errors import CorruptFileError
-
+def _read_checkpoint(out_dir: Path) -> tuple[Path, dict] | None:
     ckpt = _checkpoint_dir(out_dir)
     if ckpt is None:
-        return 0, []
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        return None
+    return ckpt, torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+
+
+def _load_model(model, ckpt: Path, state: dict, trainable_only: bool) -> None:
+    from diffstudio.errors import CorruptFileError
+
     try:
         _, unexpected = model.load_state_dict(state["model"], strict=not trainable_only)
     except RuntimeError as exc:  # missing keys or other shapes: torch lists every tensor (hundreds of lines)
@@ -140,7 +152,19 @@ def _load(model, optimizer, out_dir: Path, trainable_only: bool = False, ema=Non
     if unexpected or (trainable_only and set(_model_state(model, True)) - set(state["model"])):
         raise CorruptFileError(f"the checkpoint in {ckpt} does not belong to this model (unexpected keys "
                                f"{unexpected[:3]}); discard it (--restart) or train in another work folder")
-    optimizer.load_state_dict(state["optimizer"])
+
+
+def _load_training(optimizer, ckpt: Path, state: dict, ema=None, params=None) -> tuple[int, list[float]]:
+    """The optimizer's and EMA's state and the progress; ``params``: a sharded run's parameters, whose shards of
+    the checkpoint's full optimizer state this process keeps."""
+    from diffstudio.errors import CorruptFileError
+
+    optimizer_state = state["optimizer"]
+    if params is not None:
+        from diffstudio.train.sharding import shard_optimizer_state
+
+        optimizer_state = shard_optimizer_state(optimizer_state, params)
+    optimizer.load_state_dict(optimizer_state)
     if ema is not None:
         if "ema" not in state:
             raise CorruptFileError(f"the checkpoint in {ckpt} holds no EMA of the weights; discard it (--restart) "
@@ -156,7 +180,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
           mixed_precision: str = "no",
           optimizer: str = "adamw", progress: bool = True, desc: str = "train",
           stop_after: int | None = None, trainable_only: bool = False, recipe: dict | None = None,
-          ema=None) -> list[float]:
+          ema=None, shard: str | None = None) -> list[float]:
     """Minimise ``loss_fn(model, step)`` for `steps` steps; resumes from `out_dir` if a checkpoint is there.
 
     ``stop_after`` ends the run early after that many steps of this call (used by tests to
@@ -168,31 +192,63 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     follows a half cosine down to ``lr_end`` at the last step.
     ``ema``: a ``train.ema.EMA`` of the trainable parameters, updated after every optimizer step and stored with
     (and restored from) every checkpoint.
+    ``shard="fsdp"``: under several processes, each keeps 1/N of the parameters, gradients and optimizer state
+    (``train.sharding``; FSDP2); the module is whole again when ``train`` returns, and the checkpoints are those of
+    an unsharded run. In one process it changes nothing.
     """
     from diffstudio.train.extras import require_train_extra
+    from diffstudio.train.sharding import ShardedModel, check_shard
 
     require_train_extra("accelerate")
+    check_shard(shard)
     from accelerate import Accelerator
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-    params = [p for p in model.parameters() if p.requires_grad]
+    processes = accelerator.num_processes
+    sharded = shard is not None and processes > 1
+    if sharded and ema is not None:
+        from diffstudio.errors import InvalidInputError
+
+        raise InvalidInputError("an EMA of the weights is not kept under sharded training; drop the EMA or the "
+                                "sharding (--shard)")
+    checkpoint = _read_checkpoint(out_dir)
+    if checkpoint is not None:
+        _load_model(model, *checkpoint, trainable_only)
+    if processes > 1:
+        _broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+    shards = ShardedModel(model) if sharded else None
+    params = [p for p in model.parameters() if p.requires_grad]  # sharded: this process's shards
     opt = _optimizer(optimizer, params, lr, weight_decay)
-    start, losses = _load(model, opt, out_dir, trainable_only, ema)
+    start, losses = 0, []
+    if checkpoint is not None:
+        start, losses = _load_training(opt, *checkpoint, ema, params if sharded else None)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s + start, steps, warmup, lr,
                                                                           lr_end))
-    if accelerator.num_processes == 1:
+    if processes == 1:
         model, opt = accelerator.prepare(model, opt)
-    else:  # the losses call the network through the pipeline, not the module's forward, so DDP's hooks would not
-        opt = accelerator.prepare(opt)  # run: the gradients are averaged below instead (what DDP computes)
-        _broadcast_parameters(params)
+    elif not sharded:  # the losses call the network through the pipeline, not the module's forward, so DDP's
+        opt = accelerator.prepare(opt)  # hooks would not run: the gradients are averaged below (what DDP computes)
     model.train()
+    try:
+        _run(accelerator, model, shards, loss_fn, opt, schedule, params, ema, start, steps, losses, out_dir,
+             checkpoint_every, grad_clip, stop_after, trainable_only, recipe, desc, progress)
+    finally:
+        if shards is not None:
+            shards.restore()
+    model.eval()
+    return losses
+
+
+def _run(accelerator, model, shards, loss_fn, opt, schedule, params, ema, start, steps, losses, out_dir,
+         checkpoint_every, grad_clip, stop_after, trainable_only, recipe, desc, progress) -> None:
+    """The steps of ``train`` from ``start``, appending to ``losses`` and checkpointing as they go."""
     bar = tqdm(range(start, steps), desc=desc, disable=not progress or not accelerator.is_main_process,
                initial=start, total=steps)
     done = 0
     for step in bar:
-        loss = loss_fn(model, step)
+        loss = shards.step(loss_fn, step) if shards is not None else loss_fn(model, step)
         if not torch.isfinite(loss):
             from diffstudio.errors import NaNError
 
@@ -200,7 +256,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
                            f"The last checkpoint in {out_dir} is intact.")
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        if accelerator.num_processes > 1:
+        if accelerator.num_processes > 1 and shards is None:  # FSDP's reduce-scatter averages a sharded run's
             _average_gradients(params, accelerator.num_processes)
         if grad_clip:
             accelerator.clip_grad_norm_(params, grad_clip)
@@ -214,13 +270,15 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
         done += 1
         finished = step + 1 == steps
         if (step + 1) % checkpoint_every == 0 or finished or (stop_after and done >= stop_after):
+            state = None
+            if shards is not None or accelerator.is_main_process:  # gathering shards takes every process
+                state = _checkpoint_state(accelerator.unwrap_model(model), opt, trainable_only, ema,
+                                          sharded=shards is not None, keep=accelerator.is_main_process)
             if accelerator.is_main_process:
-                _save(accelerator, model, opt, out_dir, step + 1, losses, trainable_only, recipe, ema)
+                _save(state, out_dir, step + 1, losses, recipe)
         if stop_after and done >= stop_after:
             break
     bar.close()
-    model.eval()
-    return losses
 
 
 def _broadcast_parameters(params) -> None:

@@ -53,6 +53,7 @@ class LoRATrainConfig:
     workdir: str | None = None  # checkpoints and caches; None = "<out>.run"
     export_format: str | None = None  # "kohya" or "peft" (diffusers'); None = the family's (kohya; CogVideoX: peft)
     restart: bool = False  # discard the work folder's checkpoint (made with another recipe) and start at step 0
+    shard: str | None = None  # "fsdp": under several processes, shard the model and optimizer over them
     # Video families (CogVideoX, train/cogvideo_lora.py): frames per training clip and the clip size in pixels
     frames: int | None = None  # None = the family's (CogVideoX: 49)
     width: int | None = None  # None = the model's default width
@@ -126,7 +127,7 @@ class _Trainee(torch.nn.Module):
 # Settings that leave every update as it is (where files go, how often a checkpoint is saved, a memory switch
 # whose recomputation gives the same gradients up to rounding): they may change between a run and its resume.
 NOT_IN_RECIPE = ("data", "out", "model", "workdir", "checkpoint_every", "gradient_checkpointing", "export_format",
-                 "restart")
+                 "restart", "shard")
 # Settings of one kind of trainer only: the other refuses them when set and leaves them out of its recipe.
 IMAGE_ONLY = ("resolution", "buckets")
 VIDEO_ONLY = ("frames", "width", "height")
@@ -267,7 +268,8 @@ def fit_and_export(config: LoRATrainConfig, models, denoiser, names: list[str], 
         losses = train(trainee, loss_fn, steps=config.steps, out_dir=config.work_path(), lr=config.lr,
                        warmup=config.warmup, lr_end=config.lr_end, checkpoint_every=config.checkpoint_every,
                        optimizer=config.optimizer,
-                       desc=f"lora {family.name}", trainable_only=True, stop_after=stop_after, recipe=recipe)
+                       desc=f"lora {family.name}", trainable_only=True, stop_after=stop_after, recipe=recipe,
+                       shard=config.shard)
         weights = adapter_weights(denoiser)
     finally:
         remove_lora(denoiser)
