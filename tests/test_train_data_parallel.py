@@ -1,6 +1,6 @@
 """Training under several processes (`torchrun`/`accelerate launch`, gloo on the CPU) follows the 1-process
 run with the same global batch, and a run resumes under another process count; so does a run sharded with
-FSDP2 (``shard="fsdp"``, train/sharding.py). """
+FSDP2 (``shard="fsdp"``, train/sharding.py). LoRA and ControlNet training (tests/ddp_train_job.py)."""
 
 from __future__ import annotations
 
@@ -36,11 +36,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(processes: int, model, data, out, workdir, steps: int, stop_after: int = 0, shard: str = ""):
+def _launch(processes: int, model, data, out, workdir, steps: int, stop_after: int = 0, shard: str = "",
+            kind: str = "lora"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               str(ROOT / "tests" / "ddp_lora_job.py"),
+               str(ROOT / "tests" / "ddp_train_job.py"), kind,
                str(model), str(data), str(out), str(workdir), str(steps), str(stop_after), *[shard][:bool(shard)]]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -107,6 +108,29 @@ def test_sharded_run_equals_one_process_and_resumes_either_way(job, single, tmp_
                                                                 tmp_path / "wa")))))
     _launch(2, model, data, tmp_path / "b.safetensors", tmp_path / "wb", steps=4, shard="fsdp")
     _assert_equal_runs(single, load_file(str(tmp_path / "b.safetensors")))
+
+
+def test_sharded_controlnet_training_equals_one_process(tmp_path):
+    """A ControlNet trained 4 steps of batch 2 by 2 FSDP-sharded processes (each half of every batch, its control
+    images included) equals the one a single process trains, within fp32 summation order."""
+    from safetensors.torch import load_file
+
+    from diffstudio.demo.controlnet_build import write_control_dataset
+    from diffstudio.train.controlnet import ControlNetTrainConfig, train_controlnet
+
+    model = tiny_sd15.write_single_file(tmp_path / "tiny.safetensors", *tiny_sd15.reference_models())
+    data = write_control_dataset(tmp_path / "data", 4, progress=False)
+    one = train_controlnet(ControlNetTrainConfig(
+        data=str(data), out=str(tmp_path / "one.safetensors"), model=str(model), steps=4, batch_size=2, lr=1e-3,
+        resolution=64, checkpoint_every=1, workdir=str(tmp_path / "w1"), buckets=False,
+        hint_block_channels=[8, 16, 16, 32]))
+    _launch(2, model, data, tmp_path / "two.safetensors", tmp_path / "w2", steps=4, shard="fsdp", kind="controlnet")
+    single, other = load_file(str(one)), load_file(str(tmp_path / "two.safetensors"))
+    assert single.keys() == other.keys()
+    zero_convs = [k for k in single if k.startswith("zero_convs")]
+    assert zero_convs and all(single[k].abs().max() > 0 for k in zero_convs)  # trained away from zero
+    diff = torch.cat([(other[k] - single[k]).abs().flatten() for k in single])
+    assert (diff > 1e-4).float().mean() < 0.01 and diff.median() < 1e-6
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused(monkeypatch):

@@ -19,7 +19,8 @@ def cmd_train_controlnet(args) -> int:
                                    precision=args.precision, optimizer=args.optimizer,
                                    caption_dropout=args.caption_dropout, seed=args.seed,
                                    checkpoint_every=args.checkpoint_every, workdir=args.workdir,
-                                   save_dtype=args.save_dtype, restart=args.restart)
+                                   save_dtype=args.save_dtype, restart=args.restart,
+                                   shard=args.shard)
     print(f"wrote {train_controlnet(config)}")
     return 0
 
@@ -30,7 +31,8 @@ def add_train_parser(kinds) -> None:
 
     p = kinds.add_parser("controlnet", help="train a ControlNet for an SD 1.x / SDXL model",
                          description="Trains a ControlNet initialised from the base UNet's encoder; the base stays "
-                                     "frozen. Runs on accelerate like LoRA training (docs/controlnet.md).")
+                                     "frozen. Runs on accelerate like LoRA training, in one process or several "
+                                     "(docs/controlnet.md, docs/scale.md).")
     p.add_argument("--model", help="base model file or folder (default: the packaged Shapes demo model)")
     p.add_argument("--data", required=True,
                    help="a folder with metadata.csv (file_name,conditioning_image,text) and the images")
@@ -41,7 +43,7 @@ def add_train_parser(kinds) -> None:
     p.add_argument("--no-buckets", action="store_true", help="square crops instead of aspect-ratio buckets")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: the frozen base in bf16 (the ControlNet trains in fp32)")
-    add_run_options(p, steps=1000, batch_size=1, lr=1e-5)
+    add_run_options(p, steps=1000, batch_size=1, lr=1e-5, shard=True)
     p.add_argument("--save-dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="the file's dtype")
     p.set_defaults(func=cmd_train_controlnet)
 

@@ -56,13 +56,14 @@ class ControlNetTrainConfig:
     workdir: str | None = None  # checkpoints and caches; None = "<out>.run"
     save_dtype: str = "fp32"  # the file's dtype: fp32, fp16 or bf16
     restart: bool = False  # discard the work folder's checkpoint (made with another recipe) and start at step 0
+    shard: str | None = None  # "fsdp": under several processes, shard the ControlNet and optimizer over them
 
     def work_path(self) -> Path:
         return Path(self.workdir) if self.workdir else Path(str(self.out) + ".run")
 
 
 # Settings that leave every update as it is: they may change between a run and its resume.
-NOT_IN_RECIPE = ("data", "out", "model", "workdir", "checkpoint_every", "save_dtype", "restart")
+NOT_IN_RECIPE = ("data", "out", "model", "workdir", "checkpoint_every", "save_dtype", "restart", "shard")
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def train_controlnet(config: ControlNetTrainConfig, models=None, *, stop_after: 
     from diffstudio.sampling.prediction import prediction_for
     from diffstudio.train.cache import cache_key, draw_batch, load_or_build_cache, prepare_items
     from diffstudio.train.extras import require_train_extra
-    from diffstudio.train.loop import discard_checkpoints, train
+    from diffstudio.train.loop import data_parallel_rows, discard_checkpoints, main_process_first, process_rank, train
     from diffstudio.train.objectives import diffusion_loss
     from diffstudio.train.recipe import check_resume
 
@@ -211,9 +212,11 @@ def train_controlnet(config: ControlNetTrainConfig, models=None, *, stop_after: 
     rows = read_control_data(config.data)
     recipe = run_recipe(config, models, rows, resolution)
     check_resume(config.work_path(), recipe, restart=config.restart)  # before any work: a stale run stops here
-    data = load_or_build_cache(config.work_path() / "cache.pt", cache_key(recipe), lambda: prepare_items(
-        models, [(image, text) for image, _, text in rows], resolution=resolution, buckets=config.buckets,
-        caption_dropout=config.caption_dropout, hints=[hint for _, hint, _ in rows]))
+    rows_of_process = data_parallel_rows(config.batch_size)  # several processes: each its share of every batch
+    with main_process_first():  # one process writes the work folder's cache, the others read it
+        data = load_or_build_cache(config.work_path() / "cache.pt", cache_key(recipe), lambda: prepare_items(
+            models, [(image, text) for image, _, text in rows], resolution=resolution, buckets=config.buckets,
+            caption_dropout=config.caption_dropout, hints=[hint for _, hint, _ in rows]))
 
     controlnet = controlnet_from_unet(unet, config.hint_block_channels, config.seed).to(models.device)
     prediction = prediction_for(family)
@@ -223,23 +226,24 @@ def train_controlnet(config: ControlNetTrainConfig, models=None, *, stop_after: 
     def loss_fn(model, step):
         idx, gen, x0, cond = draw_batch(data, step, config.seed, config.batch_size, config.caption_dropout)
         hints = torch.stack([items[i]["hint"] for i in idx]).float() / 255.0
-        net = controlled_network(net_fn, models, hints)
+        net = controlled_network(net_fn, models, hints[rows_of_process])
         return diffusion_loss(prediction, lambda x, t, **c: net(model, x, t, **c), x0, cond, gen,
-                              snr_gamma=config.snr_gamma)
+                              snr_gamma=config.snr_gamma, rows=rows_of_process)
 
-    if config.restart:  # the new run is ready: only now does the old one go
-        discard_checkpoints(config.work_path())
+    with main_process_first():
+        if config.restart and process_rank()[0] == 0:  # the new run is ready: only now does the old one go
+            discard_checkpoints(config.work_path())
     frozen = {name: p.requires_grad for name, p in unet.named_parameters()}
     unet.requires_grad_(False)  # the locked copy: gradients flow through it to the residuals, none are kept
     try:
         losses = train(controlnet, loss_fn, steps=config.steps, out_dir=config.work_path(), lr=config.lr,
                        warmup=config.warmup, lr_end=config.lr_end, checkpoint_every=config.checkpoint_every,
                        optimizer=config.optimizer, desc=f"controlnet {family.name}", stop_after=stop_after,
-                       recipe=recipe)
+                       recipe=recipe, shard=config.shard)
     finally:
         for name, p in unet.named_parameters():
             p.requires_grad_(frozen[name])
-    if len(losses) < config.steps:
+    if len(losses) < config.steps or process_rank()[0] != 0:  # interrupted, or not the process that writes
         return None
     metadata = {"diffstudio.controlnet_training": json.dumps({"config": asdict(config), "recipe": recipe,
                                                                "images": len(items), "final_loss": losses[-1]})}
