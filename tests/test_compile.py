@@ -1,7 +1,7 @@
 """``Models.compile``: torch.compile of the denoiser in place. Dynamo's capture is tested with the ``eager`` backend
 (seconds; inductor's code generation takes minutes here and is measured in benchmarks/compile_step.py): the
 compiled model gives the plain image, a LoRA applied afterwards still acts, and frozen weights make a LoRA change
-compile again."""
+compile again; one small inductor compile with frozen weights (our oneDNN linear)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,17 @@ def test_freeze_needs_inductor_and_no_mode():
         models.compile(backend="eager", freeze=True)
     with pytest.raises(InvalidInputError, match="mode"):
         models.compile(mode="max-autotune", freeze=True)
+
+
+def test_our_cpu_linear_compiles_with_inductor_freezing():
+    """Inductor with frozen weights (``compile(freeze=True)``) on layers built from ``cpu_linear.Linear``: the
+    traced forward leaves the linear to inductor (a direct oneDNN call fails its freezing pass) and gives the
+    eager output. Two small layers: inductor's code generation takes seconds here."""
+    from diffstudio.models.cpu_linear import Linear
+
+    model = torch.nn.Sequential(Linear(512, 1024), torch.nn.GELU(), Linear(1024, 512)).eval()
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, options={"freezing": True})(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,9 @@ Results are the same up to fp32 summation order.
 The oneDNN op (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile's CPU backend emits
 for linear layers) has no autograd formula, so it is used for inference only: CPU, float32, nothing
 that needs a gradient, and a weight large enough (``MIN_WEIGHT_NUMEL``) that the primitive's fixed
-cost (~15 us) does not dominate. Everything else goes to ``F.linear``.
+cost (~15 us) does not dominate. Everything else goes to ``F.linear``, and so does a forward that torch.compile
+traces: inductor lowers ``F.linear`` to the same kernel itself (pre-packing the weight when it freezes them),
+while a direct call of the op would defeat its freezing.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ ONEDNN_LINEAR = _has_onednn_linear()
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; on the CPU in float32 inference, through oneDNN (see the module doc)."""
     if (ONEDNN_LINEAR and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
-            and weight.numel() >= MIN_WEIGHT_NUMEL and not x.is_sparse
+            and weight.numel() >= MIN_WEIGHT_NUMEL and not x.is_sparse and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
