@@ -184,3 +184,21 @@ def test_diffusers_layout_is_recognised():
     arch = ARCHS["svd_unet"]
     assert arch.is_diffusers(theirs) and not arch.is_canonical(theirs)
     assert arch.is_canonical(arch.to_canonical(theirs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_keep_the_input_layout(dtype):
+    """Contiguous in, contiguous out of every video block: a channels_last activation (the transformer's output is
+    permuted from (B*T, H*W, C)) would slow every later GroupNorm on the CPU many times over."""
+    from diffstudio.models.svd_blocks import SpatialVideoTransformer, VideoResBlock
+
+    ours, _ = ours_from(reference())
+    ours.to(dtype)
+    layouts = []
+    for module in ours.modules():
+        if isinstance(module, (VideoResBlock, SpatialVideoTransformer)):
+            module.register_forward_hook(lambda m, args, out: layouts.append((type(m).__name__, out.is_contiguous())))
+    x, context, ids = inputs()
+    with torch.inference_mode():
+        ours(x.to(dtype), 0.3, context.to(dtype), ids)
+    assert len(layouts) > 4 and all(contiguous for _, contiguous in layouts), layouts

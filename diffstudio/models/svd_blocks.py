@@ -100,7 +100,9 @@ class TemporalResBlock(nn.Module):
         h = self.in_layers[2](silu_(group_norm(self.in_layers[0], x)))            # (B, C, T, H, W)
         h = h + self.emb_layers[1](F.silu(emb)).permute(0, 2, 1)[..., None, None].to(h.dtype)
         h = self.out_layers[3](silu_(group_norm(self.out_layers[0], h)))
-        return h + x
+        # x first: a sum takes its first operand's memory layout, so the block's output keeps the input's whatever
+        # layout the convolution wrote (a channels_last activation would slow every later CPU GroupNorm many times).
+        return x + h
 
 
 class VideoResBlock(ResBlock):
@@ -197,7 +199,7 @@ class SpatialVideoTransformer(SpatialTransformer):
             mixed = temporal(mixed, time_context, t)
             h = blend(self.time_mixer.mix_factor, h, mixed, frames, frame_axis=0)
         h = self.proj_out(h)
-        return h.view(bt, hgt, wid, c).permute(0, 3, 1, 2) + x
+        return x + h.view(bt, hgt, wid, c).permute(0, 3, 1, 2)  # in x's layout, not the permute's channels_last
 
 
 __all__ = ["AlphaBlender", "Frames", "SpatialVideoTransformer", "TemporalResBlock",
