@@ -139,8 +139,8 @@ def _check_inputs(args) -> None:
 
 
 def _control_specs(args) -> list[dict]:
-    """``--control [PREPROCESS:]FILE:IMAGE[:SCALE]`` -> ControlNetUnit arguments (PREPROCESS: canny, tile, blur,
-    or none when the image is already a control image)."""
+    """``--control [PREPROCESS:]FILE:IMAGE[:SCALE]`` -> ControlNetUnit arguments (PREPROCESS: an annotator of
+    pipeline.control.PREPROCESSORS, or none when the image is already a control image)."""
     units = []
     for spec in getattr(args, "control", None) or ():
         parts = spec.split(":")
@@ -481,7 +481,9 @@ def _add_generate_parser(sub) -> None:
                      help="the reference image steers the style blocks only (InstantStyle)")
     gen.add_argument("--control", action="append", metavar="[PRE:]FILE:IMAGE[:SCALE]",
                      help="a ControlNet unit (repeatable), e.g. canny:control_v11p_sd15_canny.pth:photo.png:0.8; "
-                          "PRE is an annotator run on IMAGE first: canny, tile, blur (docs/controlnet.md); for a "
+                          "PRE is an annotator run on IMAGE first: canny, lineart, softedge, tile, blur, or the "
+                          "learned hed, lineart_realistic, lineart_coarse (weights from $DIFFSTUDIO_ANNOTATORS; "
+                          "docs/controlnet.md); for a "
                           "union ControlNet it is also the mode (depth:union.safetensors:depth.png)")
     gen.add_argument("--regions", metavar="FILE", help="a region layout JSON file: a prompt per area "
                                                        "(docs/regions.md)")

@@ -112,3 +112,9 @@ class MemoryPlanError(DiffstudioError, MemoryError):
     """A model that cannot run in the memory given, whatever the plan (dtype, fp8 storage, offload, VAE tiling);
     raised before anything loads. The message names the smallest plan tried, what it needs on the device and
     on the host, and the shortfall (docs/memory.md)."""
+
+
+class AnnotatorWeightsNotFoundError(ModelNotFoundError):
+    """A learned annotator (HED, line art) whose weight file is not in the annotator folder, or no folder was
+    given. The message names the file to fetch, the repository it comes from (lllyasviel/Annotators) and where
+    it was looked for (``weights_dir=``, ``--annotators``, ``DIFFSTUDIO_ANNOTATORS``)."""

@@ -1,5 +1,7 @@
-"""Control-image annotators that need no weights: canny edges, classical line art and soft edges, tile
-(low-res), blur, and the inpaint hint.
+"""Control-image annotators: weight-free ones (canny edges, classical line art and soft edges, tile (low-res),
+blur, the inpaint hint) and, re-exported from `diffstudio.control.learned`, the learned ones the softedge and
+lineart ControlNets were trained with (`hed`, `lineart_realistic`, `lineart_coarse`), which read their weight
+files (lllyasviel/Annotators) from ``weights_dir=`` or the folder in ``DIFFSTUDIO_ANNOTATORS``.
 
 A ControlNet takes its control image ("hint") as float (B, 3, H, W) in [0, 1] at the generated
 image's pixel size (`hint_tensor`); the inpainting ControlNet (control_v11p_sd15_inpaint) takes the
@@ -11,13 +13,12 @@ blur; 3x3 Sobel with replicated borders; on a colour image, per pixel the channe
 gradient; L1 magnitude |dx| + |dy|; non-maximum suppression in four directions; hysteresis with
 8-connectivity). Canny 1986, "A Computational Approach to Edge Detection".
 
-`lineart` and `softedge` are *classical* stand-ins for the learned annotators the lineart and softedge
-ControlNets were trained with (controlnet-aux's LineartDetector, HED/PiDiNet), which are not built in
-(they need their own weights). `lineart` is a difference of Gaussians (Marr & Hildreth 1980; Winnemoeller
-2011's XDoG without its threshold): pixels darker than their surroundings become white lines on black.
-`softedge` is the Sobel gradient magnitude of the blurred image, scaled to its maximum: soft, thick
-boundaries as HED draws them. Any callable ``image -> image`` can take their place wherever an annotator is
-asked for (``ControlNetUnit(preprocess=fn)``, Diffutoon's ``lineart=fn``), e.g. a controlnet-aux detector.
+`lineart` and `softedge` are *classical*, weight-free stand-ins for the learned annotators (`lineart_realistic`,
+`hed`). `lineart` is a difference of Gaussians (Marr & Hildreth 1980; Winnemoeller 2011's XDoG without its
+threshold): pixels darker than their surroundings become white lines on black. `softedge` is the Sobel gradient
+magnitude of the blurred image, scaled to its maximum: soft, thick boundaries as HED draws them. Any callable
+``image -> image`` can take their place wherever an annotator is asked for (``ControlNetUnit(preprocess=fn)``,
+Diffutoon's ``lineart=fn``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
+from diffstudio.control.learned import ANNOTATORS_ENV, hed, lineart_coarse, lineart_realistic  # noqa: F401
 from diffstudio.errors import InvalidInputError
 from diffstudio.io.images import ImageLike, load_image, load_mask
 
@@ -100,7 +102,7 @@ def lineart(image: ImageLike, sigma: float = 1.0, ratio: float = 1.6, gain: floa
     """Classical line art, white lines on black (the lineart ControlNet's input polarity): the difference of
     Gaussians G(ratio * sigma) - G(sigma) of the luminance, positive where a pixel is darker than its
     surroundings (dark strokes, the dark side of an edge), times ``gain``, clipped to [0, 1]. Weight-free:
-    not the learned LineartDetector the ControlNet was trained on (pass that as a callable for full fidelity).
+    not the learned line art the ControlNet was trained on (`lineart_realistic`, which needs its weights).
     """
     if sigma <= 0 or ratio <= 1 or gain <= 0:
         raise InvalidInputError(f"lineart needs sigma > 0, ratio > 1, gain > 0; got {sigma}, {ratio}, {gain}")
@@ -112,8 +114,8 @@ def lineart(image: ImageLike, sigma: float = 1.0, ratio: float = 1.6, gain: floa
 
 def softedge(image: ImageLike, sigma: float = 2.0) -> Image.Image:
     """Classical soft edges, white on black: the Sobel gradient magnitude of the luminance blurred by ``sigma``,
-    divided by its maximum (a flat image gives black). Weight-free: not HED/PiDiNet, which the softedge
-    ControlNet was trained on (pass one as a callable for full fidelity)."""
+    divided by its maximum (a flat image gives black). Weight-free: not HED, which the softedge
+    ControlNet was trained on (`hed`, which needs its weights)."""
     if sigma < 0:
         raise InvalidInputError(f"softedge sigma must be >= 0, got {sigma}")
     gray = ndimage.gaussian_filter(_gray(image), sigma, mode="nearest") if sigma > 0 else _gray(image)

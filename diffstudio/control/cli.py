@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-ANNOTATORS = ("canny", "tile", "blur")
+ANNOTATORS = ("canny", "lineart", "softedge", "tile", "blur", "hed", "lineart_realistic", "lineart_coarse")
+LEARNED = ("hed", "lineart_realistic", "lineart_coarse")  # read weight files from --annotators
 
 
 def _widths(text: str) -> list[int]:
@@ -51,20 +52,26 @@ def add_train_parser(kinds) -> None:
 def cmd_annotate(args) -> int:
     from diffstudio.control import annotators
 
-    if args.kind == "canny":
-        image = annotators.canny(args.image, args.low, args.high)
-    elif args.kind == "tile":
-        image = annotators.tile(args.image, args.factor)
+    if args.kind in LEARNED:
+        options = {"detect_resolution": args.detect_resolution, "image_resolution": args.image_resolution}
+        if args.kind == "hed":
+            options["safe"] = args.safe
+        image = getattr(annotators, args.kind)(args.image, args.annotators, **options)
     else:
-        image = annotators.blur(args.image, args.radius)
+        options = {"canny": (args.low, args.high), "tile": (args.factor,), "blur": (args.radius,)}
+        image = getattr(annotators, args.kind)(args.image, *options.get(args.kind, ()))
     image.save(args.output)
     print(f"wrote {args.output}")
     return 0
 
 
 def add_annotate_parser(sub) -> None:
-    """``annotate --kind canny IMAGE -o OUT``: a control image from a picture, no weights needed."""
-    p = sub.add_parser("annotate", help="make a ControlNet control image (canny edges, tile, blur) from a picture")
+    """``annotate --kind canny IMAGE -o OUT``: a control image from a picture (hed and lineart_* read weights)."""
+    p = sub.add_parser("annotate", help="make a ControlNet control image (canny edges, line art, soft edges, tile, "
+                                        "blur) from a picture",
+                       description="hed, lineart_realistic and lineart_coarse are the learned annotators: they read "
+                                   "ControlNetHED.pth, sk_model.pth, sk_model2.pth (lllyasviel/Annotators) from "
+                                   "--annotators DIR or $DIFFSTUDIO_ANNOTATORS (docs/controlnet.md).")
     p.add_argument("image")
     p.add_argument("--kind", required=True, choices=ANNOTATORS)
     p.add_argument("-o", "--output", required=True)
@@ -72,4 +79,11 @@ def add_annotate_parser(sub) -> None:
     p.add_argument("--high", type=float, default=200, help="canny: the upper hysteresis threshold")
     p.add_argument("--factor", type=float, default=4.0, help="tile: how many times smaller the averaged image is")
     p.add_argument("--radius", type=float, default=4.0, help="blur: the Gaussian's radius in pixels")
+    p.add_argument("--annotators", help="hed, lineart_*: the folder with the weight files (default: "
+                                        "$DIFFSTUDIO_ANNOTATORS)")
+    p.add_argument("--detect-resolution", type=int, default=512,
+                   help="hed, lineart_*: the short side the network sees (rounded to multiples of 64)")
+    p.add_argument("--image-resolution", type=int,
+                   help="hed, lineart_*: the output's short side, controlnet-aux's sizing (default: the input's size)")
+    p.add_argument("--safe", action="store_true", help="hed: quantise the edges to steps of 1/2 (softedge_hedsafe)")
     p.set_defaults(func=cmd_annotate)

@@ -25,7 +25,8 @@ from diffstudio.pipeline.modules import NEGATIVE_ROWS, NETWORK, Generation, Wrap
 
 CONTROL_MODES = ("balanced", "prompt", "control")
 SOFT_DECAY = 0.825  # A1111's "My prompt is more important" per-layer weight base
-PREPROCESSORS = ("canny", "lineart", "softedge", "tile", "blur")  # ControlNetUnit.preprocess names (annotators)
+# ControlNetUnit.preprocess names (annotators); the learned ones read their weights from $DIFFSTUDIO_ANNOTATORS
+PREPROCESSORS = ("canny", "lineart", "softedge", "tile", "blur", "hed", "lineart_realistic", "lineart_coarse")
 FRAMES = "frames"  # video runs: the frame indices of the rows' video window (video/animatediff.py)
 
 
@@ -38,7 +39,8 @@ class ControlNetUnit:
         hint tensor (1, C, H, W), e.g. ``annotators.inpaint(image, mask)`` for the inpainting ControlNet; in a
         video run, a list of them (one per frame, read when a window needs them).
     preprocess: an annotator run on ``image`` first (``"canny"``, ``"lineart"``, ``"softedge"``, ``"tile"``,
-        ``"blur"``, or any callable image -> image, e.g. a controlnet-aux detector; None = use as is).
+        ``"blur"``; the learned ``"hed"``, ``"lineart_realistic"``, ``"lineart_coarse"``, whose weight files are
+        read from the folder in ``DIFFSTUDIO_ANNOTATORS``; or any callable image -> image; None = use as is).
     start / end: the fraction of the steps during which the unit acts (0 = first step, 1 = last).
     mode: what the control image is, for ControlNets that take modes (union ControlNets: the SDXL ControlNet-Union's
         ``"canny"``, ``"depth"``, ``"openpose"`` ..., FLUX union's ``"canny"``, ``"depth"`` ...; or an index). A

@@ -326,11 +326,12 @@ def count_frames(video, spec: InputSpec) -> int:
 
 
 def _annotator(annotator) -> Callable | None:
-    """An annotator by name (diffstudio.control's weight-free ones) or a callable image -> image; None: none."""
+    """An annotator by name (diffstudio.control's; the learned ones read $DIFFSTUDIO_ANNOTATORS) or a callable
+    image -> image; None: none."""
     from diffstudio.control import annotators
+    from diffstudio.pipeline.control import PREPROCESSORS
 
-    named = {"lineart": annotators.lineart, "softedge": annotators.softedge, "canny": annotators.canny,
-             "tile": annotators.tile, "blur": annotators.blur}
+    named = {name: getattr(annotators, name) for name in PREPROCESSORS}
     if annotator is None or callable(annotator):
         return annotator
     if isinstance(annotator, str) and annotator in named:
