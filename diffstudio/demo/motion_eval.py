@@ -3,7 +3,8 @@
 A deliberately small sampler (the video pipeline is ``diffstudio.video``'s job): the F frames are the batch, the
 prompt's conditioning is repeated for every frame, the UNet gets ``motion=`` and ``num_frames=`` through its
 temporal hook, classifier-free guidance runs the unconditional and the conditional video in one call (two videos
-of F frames). Noise is drawn per frame from one seeded CPU generator.
+of F frames). Noise is drawn per frame from one seeded CPU generator, or once for every frame (``same_noise``,
+as ``VideoPipeline(..., same_noise=True)``): the frames then differ only by what the motion module makes of them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ DIRECTION_AXES = {"right": (0, 1), "left": (0, -1), "bottom": (1, 1), "top": (1,
 @torch.no_grad()
 def sample_clip(models, motion, prompt: str, *, frames: int = 16, seed: int = 0, steps: int | None = None,
                 cfg: float | None = None, schedule: str = "linear", sampler: str = "euler",
-                scheduler: str = "normal", negative: str = ""):
+                scheduler: str = "normal", negative: str = "", same_noise: bool = False):
     """``frames`` PIL images of one clip. ``schedule``: the noise schedule the modules were trained on
-    (``train.motion.motion_training_info(path)["schedule"]``; "linear" for AnimateDiff's)."""
+    (``train.motion.motion_training_info(path)["schedule"]``; "linear" for AnimateDiff's). ``same_noise``: one
+    noise draw shared by every frame."""
     from diffstudio.io.images import tensor_to_images
     from diffstudio.pipeline.denoiser import network_fn
     from diffstudio.pipeline.generate import Pipeline
@@ -52,7 +54,9 @@ def sample_clip(models, motion, prompt: str, *, frames: int = 16, seed: int = 0,
 
     f = models.family.latent
     shape = (frames, f.channels, height // f.downscale, width // f.downscale)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((1, *shape[1:]), generator=generator).repeat(frames, 1, 1, 1) if same_noise else \
+        torch.randn(shape, generator=generator)
     sigmas = get_sigmas(scheduler, denoiser, steps)
     x = denoiser.noise_scaling(sigmas[0], noise, torch.zeros_like(noise))
     z = get_sampler(sampler)(Guided(), x, sigmas)
