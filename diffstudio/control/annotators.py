@@ -1,7 +1,9 @@
 """Control-image annotators: weight-free ones (canny edges, classical line art and soft edges, tile (low-res),
 blur, the inpaint hint) and, re-exported from `diffstudio.control.learned`, the learned ones the softedge and
 lineart ControlNets were trained with (`hed`, `lineart_realistic`, `lineart_coarse`), which read their weight
-files (lllyasviel/Annotators) from ``weights_dir=`` or the folder in ``DIFFSTUDIO_ANNOTATORS``.
+files (lllyasviel/Annotators) from ``weights_dir=`` or the folder in ``DIFFSTUDIO_ANNOTATORS``; and, from
+`diffstudio.control.detectors`, those run through controlnet-aux from the same folder (`depth`, `openpose`,
+`normal`, `mlsd`, `pidinet`).
 
 A ControlNet takes its control image ("hint") as float (B, 3, H, W) in [0, 1] at the generated
 image's pixel size (`hint_tensor`); the inpainting ControlNet (control_v11p_sd15_inpaint) takes the
@@ -28,6 +30,7 @@ import torch
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
+from diffstudio.control.detectors import depth, mlsd, normal, openpose, pidinet  # noqa: F401
 from diffstudio.control.learned import ANNOTATORS_ENV, hed, lineart_coarse, lineart_realistic  # noqa: F401
 from diffstudio.errors import InvalidInputError
 from diffstudio.io.images import ImageLike, load_image, load_mask

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-ANNOTATORS = ("canny", "lineart", "softedge", "tile", "blur", "hed", "lineart_realistic", "lineart_coarse")
-LEARNED = ("hed", "lineart_realistic", "lineart_coarse")  # read weight files from --annotators
+LEARNED = ("hed", "lineart_realistic", "lineart_coarse")  # built in; read weight files from --annotators
+DETECTED = ("depth", "openpose", "normal", "mlsd", "pidinet")  # controlnet-aux's; weight files from --annotators
+ANNOTATORS = ("canny", "lineart", "softedge", "tile", "blur", *LEARNED, *DETECTED)
 
 
 def _widths(text: str) -> list[int]:
@@ -57,6 +58,11 @@ def cmd_annotate(args) -> int:
         if args.kind == "hed":
             options["safe"] = args.safe
         image = getattr(annotators, args.kind)(args.image, args.annotators, **options)
+    elif args.kind in DETECTED:
+        options = {"detect_resolution": args.detect_resolution}
+        if args.image_resolution is not None:
+            options["image_resolution"] = args.image_resolution
+        image = getattr(annotators, args.kind)(args.image, args.annotators, **options)
     else:
         options = {"canny": (args.low, args.high), "tile": (args.factor,), "blur": (args.radius,)}
         image = getattr(annotators, args.kind)(args.image, *options.get(args.kind, ()))
@@ -71,7 +77,9 @@ def add_annotate_parser(sub) -> None:
                                         "blur) from a picture",
                        description="hed, lineart_realistic and lineart_coarse are the learned annotators: they read "
                                    "ControlNetHED.pth, sk_model.pth, sk_model2.pth (lllyasviel/Annotators) from "
-                                   "--annotators DIR or $DIFFSTUDIO_ANNOTATORS (docs/controlnet.md).")
+                                   "--annotators DIR or $DIFFSTUDIO_ANNOTATORS. depth, openpose, normal, mlsd and "
+                                   "pidinet run through controlnet-aux (installed separately) with their files from "
+                                   "that folder (docs/controlnet.md).")
     p.add_argument("image")
     p.add_argument("--kind", required=True, choices=ANNOTATORS)
     p.add_argument("-o", "--output", required=True)
@@ -79,11 +87,13 @@ def add_annotate_parser(sub) -> None:
     p.add_argument("--high", type=float, default=200, help="canny: the upper hysteresis threshold")
     p.add_argument("--factor", type=float, default=4.0, help="tile: how many times smaller the averaged image is")
     p.add_argument("--radius", type=float, default=4.0, help="blur: the Gaussian's radius in pixels")
-    p.add_argument("--annotators", help="hed, lineart_*: the folder with the weight files (default: "
-                                        "$DIFFSTUDIO_ANNOTATORS)")
+    p.add_argument("--annotators", help="the learned and controlnet-aux kinds: the folder with the weight files "
+                                        "(default: $DIFFSTUDIO_ANNOTATORS)")
     p.add_argument("--detect-resolution", type=int, default=512,
-                   help="hed, lineart_*: the short side the network sees (rounded to multiples of 64)")
+                   help="learned and controlnet-aux kinds: the short side the network sees (rounded to "
+                        "multiples of 64)")
     p.add_argument("--image-resolution", type=int,
-                   help="hed, lineart_*: the output's short side, controlnet-aux's sizing (default: the input's size)")
+                   help="learned and controlnet-aux kinds: the output's short side, controlnet-aux's sizing "
+                        "(default: the input's size; 512 for the controlnet-aux kinds)")
     p.add_argument("--safe", action="store_true", help="hed: quantise the edges to steps of 1/2 (softedge_hedsafe)")
     p.set_defaults(func=cmd_annotate)

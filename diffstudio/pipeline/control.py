@@ -26,7 +26,8 @@ from diffstudio.pipeline.modules import NEGATIVE_ROWS, NETWORK, Generation, Wrap
 CONTROL_MODES = ("balanced", "prompt", "control")
 SOFT_DECAY = 0.825  # A1111's "My prompt is more important" per-layer weight base
 # ControlNetUnit.preprocess names (annotators); the learned ones read their weights from $DIFFSTUDIO_ANNOTATORS
-PREPROCESSORS = ("canny", "lineart", "softedge", "tile", "blur", "hed", "lineart_realistic", "lineart_coarse")
+PREPROCESSORS = ("canny", "lineart", "softedge", "tile", "blur", "hed", "lineart_realistic", "lineart_coarse",
+                 "depth", "openpose", "normal", "mlsd", "pidinet")  # the last five through controlnet-aux
 FRAMES = "frames"  # video runs: the frame indices of the rows' video window (video/animatediff.py)
 
 
@@ -40,7 +41,8 @@ class ControlNetUnit:
         video run, a list of them (one per frame, read when a window needs them).
     preprocess: an annotator run on ``image`` first (``"canny"``, ``"lineart"``, ``"softedge"``, ``"tile"``,
         ``"blur"``; the learned ``"hed"``, ``"lineart_realistic"``, ``"lineart_coarse"``, whose weight files are
-        read from the folder in ``DIFFSTUDIO_ANNOTATORS``; or any callable image -> image; None = use as is).
+        read from the folder in ``DIFFSTUDIO_ANNOTATORS``; ``"depth"``, ``"openpose"``, ``"normal"``, ``"mlsd"``,
+        ``"pidinet"`` through controlnet-aux from that folder; or any callable image -> image; None = use as is).
     start / end: the fraction of the steps during which the unit acts (0 = first step, 1 = last).
     mode: what the control image is, for ControlNets that take modes (union ControlNets: the SDXL ControlNet-Union's
         ``"canny"``, ``"depth"``, ``"openpose"`` ..., FLUX union's ``"canny"``, ``"depth"`` ...; or an index). A
