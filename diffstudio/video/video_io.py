@@ -11,6 +11,7 @@ place when done (``VideoWriter``). Missing inputs raise ``InputFileNotFoundError
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -28,6 +29,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_FPS = 30.0
 
 
+@functools.cache
 def _x264_determinism() -> dict[str, str]:
     """x264 options that make the same frames encode to the same bytes on this machine.
 
@@ -43,8 +45,6 @@ def _x264_determinism() -> dict[str, str]:
         return {}
     return {"x264-params": "asm=AVX2"} if "avx512f" in flags and "avx2" in flags else {}
 
-
-_X264_DETERMINISM = _x264_determinism()
 
 
 def _natural_key(name: str) -> list:
@@ -238,7 +238,7 @@ class VideoWriter:
         self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
-        self._stream.options = {"crf": str(self.crf), **_X264_DETERMINISM}
+        self._stream.options = {"crf": str(self.crf), **_x264_determinism()}
 
     def close(self) -> None:
         """Finish the output and put it in place of ``path``."""
