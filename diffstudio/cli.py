@@ -161,14 +161,15 @@ def _control_specs(args) -> list[dict]:
 
 
 def _union_mode(models, unit: dict) -> dict:
-    """A ``--control`` unit for a union ControlNet (one that takes modes) takes its PREPROCESS word as the mode too
-    (``canny:union.safetensors:photo.png`` runs the canny annotator and uses mode canny; ``depth:...`` names a
-    mode that has no annotator here, so the image is used as it is)."""
-    from diffstudio.pipeline.control import PREPROCESSORS
+    """A ``--control`` unit for a union ControlNet (one that takes modes) takes its PREPROCESS word as the mode too.
+    The word runs its annotator only when that annotator reads no weight files (``canny:union.safetensors:photo.png``
+    finds edges and uses mode canny); ``depth:``, ``openpose:``, ``hed:`` ... name a mode and the image is used as it
+    is: a union's control image is usually made beforehand (``diffstudio annotate --kind depth``)."""
+    from diffstudio.control.cli import WEIGHT_FREE
 
     if unit["preprocess"] and getattr(models.add_controlnet(unit["model"]), "is_union", False):
         unit = {**unit, "mode": unit["preprocess"]}
-        if unit["preprocess"] not in PREPROCESSORS:
+        if unit["preprocess"] not in WEIGHT_FREE:
             unit["preprocess"] = None
     return unit
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 LEARNED = ("hed", "lineart_realistic", "lineart_coarse")  # built in; read weight files from --annotators
 DETECTED = ("depth", "openpose", "normal", "mlsd", "pidinet")  # controlnet-aux's; weight files from --annotators
-ANNOTATORS = ("canny", "lineart", "softedge", "tile", "blur", *LEARNED, *DETECTED)
+WEIGHT_FREE = ("canny", "lineart", "softedge", "tile", "blur")  # ours, from the pixels alone
+ANNOTATORS = (*WEIGHT_FREE, *LEARNED, *DETECTED)
 
 
 def _widths(text: str) -> list[int]:
