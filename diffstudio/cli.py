@@ -165,7 +165,7 @@ def _union_mode(models, unit: dict) -> dict:
     The word runs its annotator only when that annotator reads no weight files (``canny:union.safetensors:photo.png``
     finds edges and uses mode canny); ``depth:``, ``openpose:``, ``hed:`` ... name a mode and the image is used as it
     is: a union's control image is usually made beforehand (``diffstudio annotate --kind depth``)."""
-    from diffstudio.control.cli import WEIGHT_FREE
+    from diffstudio.control.names import WEIGHT_FREE
 
     if unit["preprocess"] and getattr(models.add_controlnet(unit["model"]), "is_union", False):
         unit = {**unit, "mode": unit["preprocess"]}

@@ -154,3 +154,17 @@ def test_a_controlnet_unit_and_the_cli_take_the_names(fake_aux, folder, tmp_path
     _, calls = fake_aux
     assert calls[-1][2]["detect_resolution"] == 384 and "image_resolution" not in calls[-1][2]
     assert Image.open(out).size == (48, 32)
+
+
+def test_the_files_an_annotator_reads_are_checked_before_any_work(tmp_path):
+    assert annotators.weight_files("canny") == () and annotators.weight_files("tile") == ()
+    assert annotators.weight_files("hed") == ("ControlNetHED.pth",)
+    assert annotators.weight_files("lineart_coarse") == ("sk_model2.pth",)
+    assert annotators.weight_files("openpose") == ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
+    annotators.check_weight_files("canny", tmp_path)  # weight-free: nothing to find
+    (tmp_path / "body_pose_model.pth").write_bytes(b"")
+    with pytest.raises(AnnotatorWeightsNotFoundError, match="hand_pose_model.pth"):
+        annotators.check_weight_files("openpose", tmp_path)
+    for name in ("hand_pose_model.pth", "facenet.pth"):
+        (tmp_path / name).write_bytes(b"")
+    annotators.check_weight_files("openpose", tmp_path)

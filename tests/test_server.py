@@ -233,11 +233,15 @@ BAD_REQUESTS = {
                                                                     "headers": {"content-type": "application/json"}},
                                        413, "limit"),
     "an unknown job": ("get", "/v1/jobs/" + "0" * 32, {}, 404, "no job"),
+    "an annotator whose weight file is not on the server": ("post", "/v1/generate", {"json": {
+        "prompt": "x", "controlnets": [{"model": "shapes_edges", "image": b64_png(picture(1)), "preprocess": "hed"}],
+        **FAST}}, 422, "ControlNetHED.pth"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_requests_are_4xx_with_a_message(server, case):
+def test_bad_requests_are_4xx_with_a_message(server, case, monkeypatch):
+    monkeypatch.delenv("DIFFSTUDIO_ANNOTATORS", raising=False)
     method, path, kwargs, status, words = BAD_REQUESTS[case]
     r = getattr(server.client, method)(path, **kwargs)
     assert r.status_code == status, r.text

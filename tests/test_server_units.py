@@ -216,3 +216,4 @@ def test_serve_listens_on_loopback_unless_told_otherwise():
     assert (args.host, args.port, args.queue_size, args.models, args.token) == ("127.0.0.1", 7860, 8, None, None)
     args = build_parser().parse_args(["serve", "--models", "m", "--outputs", "o", "--queue-size", "3", "--token", "t"])
     assert (args.models, args.outputs, args.queue_size, args.token) == ("m", "o", 3, "t")
+    assert build_parser().parse_args(["serve", "--annotators", "weights"]).annotators == "weights"

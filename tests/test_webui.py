@@ -69,6 +69,21 @@ def test_img2img_without_an_image_is_refused_with_a_message():
         to_payload(ImageForm("x", ip_adapter=ImagePromptRow("shapes-ip-adapter")))
 
 
+def test_the_annotator_preview_offers_every_annotator_and_names_a_missing_weight_file(monkeypatch, tmp_path):
+    import gradio as gr
+
+    from diffstudio.control import annotators
+    from diffstudio.webui.form import PREPROCESSORS
+    from diffstudio.webui.network_panel import annotate
+
+    assert {"none", "canny", "hed", "lineart_realistic", "depth", "openpose"} <= set(PREPROCESSORS)
+    image = picture(2)
+    assert np.array_equal(np.asarray(annotate(image, "canny")), np.asarray(annotators.canny(image)))
+    monkeypatch.setenv("DIFFSTUDIO_ANNOTATORS", str(tmp_path))
+    with pytest.raises(gr.Error, match="AnnotatorWeightsNotFoundError.*ControlNetHED.pth"):
+        annotate(image, "hed")
+
+
 def test_the_ip_adapter_panel_reads_gallery_items():
     from types import SimpleNamespace
 

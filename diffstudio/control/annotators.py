@@ -30,8 +30,16 @@ import torch
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
-from diffstudio.control.detectors import depth, mlsd, normal, openpose, pidinet  # noqa: F401
-from diffstudio.control.learned import ANNOTATORS_ENV, hed, lineart_coarse, lineart_realistic  # noqa: F401
+from diffstudio.control.detectors import DETECTORS, depth, mlsd, normal, openpose, pidinet  # noqa: F401
+from diffstudio.control.learned import (  # noqa: F401
+    ANNOTATORS_ENV,
+    HED_FILE,
+    LINEART_FILES,
+    hed,
+    lineart_coarse,
+    lineart_realistic,
+    weights_file,
+)
 from diffstudio.errors import InvalidInputError
 from diffstudio.io.images import ImageLike, load_image, load_mask
 
@@ -160,3 +168,20 @@ def inpaint(image: ImageLike, mask: ImageLike, fill: float = -1.0) -> torch.Tens
     hint = hint_tensor(image)
     mask = load_mask(mask, size=(hint.shape[-1], hint.shape[-2]))                      # (1, 1, H, W)
     return hint.masked_fill(mask > 0.5, fill)
+
+
+def weight_files(kind: str) -> tuple[str, ...]:
+    """The lllyasviel/Annotators files the annotator ``kind`` reads; none for the weight-free ones."""
+    if kind == "hed":
+        return (HED_FILE,)
+    if kind.removeprefix("lineart_") in LINEART_FILES:
+        return (LINEART_FILES[kind.removeprefix("lineart_")],)
+    return DETECTORS[kind].files if kind in DETECTORS else ()
+
+
+def check_weight_files(kind: str, weights_dir=None) -> None:
+    """Raise ``AnnotatorWeightsNotFoundError`` (naming the file to fetch) now, before any work, if the annotator
+    ``kind`` reads a file that is not in ``weights_dir`` (default: $DIFFSTUDIO_ANNOTATORS)."""
+    for filename in weight_files(kind):
+        weights_file(filename, weights_dir, f"the {kind} annotator")
+

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-LEARNED = ("hed", "lineart_realistic", "lineart_coarse")  # built in; read weight files from --annotators
-DETECTED = ("depth", "openpose", "normal", "mlsd", "pidinet")  # controlnet-aux's; weight files from --annotators
-WEIGHT_FREE = ("canny", "lineart", "softedge", "tile", "blur")  # ours, from the pixels alone
-ANNOTATORS = (*WEIGHT_FREE, *LEARNED, *DETECTED)
+from diffstudio.control.names import ANNOTATORS, DETECTED, LEARNED
 
 
 def _widths(text: str) -> list[int]:

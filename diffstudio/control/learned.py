@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffstudio.control.names import ANNOTATORS_ENV
 from diffstudio.errors import AnnotatorWeightsNotFoundError, InvalidInputError, UnknownModelError
 from diffstudio.io.images import ImageLike, load_image
 
-ANNOTATORS_ENV = "DIFFSTUDIO_ANNOTATORS"
 SOURCE_REPO = "lllyasviel/Annotators"
 HED_FILE = "ControlNetHED.pth"
 LINEART_FILES = {"realistic": "sk_model.pth", "coarse": "sk_model2.pth"}

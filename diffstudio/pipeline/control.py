@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from PIL import Image
 
+from diffstudio.control.names import ANNOTATORS
 from diffstudio.errors import InvalidInputError
 from diffstudio.pipeline.modules import NEGATIVE_ROWS, NETWORK, Generation, Wrapper, is_active, mark_negative_rows
 
 CONTROL_MODES = ("balanced", "prompt", "control")
 SOFT_DECAY = 0.825  # A1111's "My prompt is more important" per-layer weight base
 # ControlNetUnit.preprocess names (annotators); the learned ones read their weights from $DIFFSTUDIO_ANNOTATORS
-PREPROCESSORS = ("canny", "lineart", "softedge", "tile", "blur", "hed", "lineart_realistic", "lineart_coarse",
-                 "depth", "openpose", "normal", "mlsd", "pidinet")  # the last five through controlnet-aux
+PREPROCESSORS = ANNOTATORS  # the learned and controlnet-aux ones read weight files
 FRAMES = "frames"  # video runs: the frame indices of the rows' video window (video/animatediff.py)
 
 

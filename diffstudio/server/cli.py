@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     serve.add_argument("--loaded-models", type=int, default=1, help="models kept in memory (least recently used "
                                                                      "dropped)")
     serve.add_argument("--no-ui", action="store_true", help="the HTTP API only, no web UI at /ui")
+    serve.add_argument("--annotators", help="the folder of annotator weight files (lllyasviel/Annotators) that the "
+                                            "hed, lineart_*, depth, openpose, normal, mlsd and pidinet annotators "
+                                            "read (default: $DIFFSTUDIO_ANNOTATORS)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -41,6 +44,12 @@ def cmd_serve(args) -> int:
     if args.host not in LOOPBACK and not args.token:
         log.warning("listening on %s without --token: anyone who can reach this address can use the server",
                     args.host)
+    if args.annotators:
+        import os
+
+        from diffstudio.control.names import ANNOTATORS_ENV
+
+        os.environ[ANNOTATORS_ENV] = args.annotators  # read by every annotator that needs a file
     ui = None
     if not args.no_ui:
         from diffstudio.webui import UI_PATH, gradio_available, mount_ui

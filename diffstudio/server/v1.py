@@ -16,6 +16,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from diffstudio.control.names import ANNOTATORS
 from diffstudio.server.a1111 import SEED_END
 from diffstudio.server.checks import check_counts, check_lora_tags, sampler_and_scheduler
 from diffstudio.server.jobs import Job
@@ -48,7 +49,9 @@ class ControlNetSpec(Strict):
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
-    preprocess: Literal["canny", "tile", "blur"] | None = None
+    preprocess: Literal[ANNOTATORS] | None = Field(
+        None, description="an annotator run on the image first; those with weight files read them from the "
+                          "server's annotator folder (serve --annotators)")
     control_mode: Literal["balanced", "prompt", "control"] = "balanced"
     mode: str | int | None = Field(None, description="union ControlNets: what the control image is (canny, depth ...)")
 
@@ -122,6 +125,11 @@ def _spec(req: GenerateRequest, state) -> GenerationSpec:
                    for i, r in enumerate(req.regions)]
         if req.global_weight is not None:
             regions = RegionLayout(regions, global_weight=req.global_weight)
+    from diffstudio.control.annotators import check_weight_files
+
+    for c in req.controlnets:
+        if c.preprocess:
+            check_weight_files(c.preprocess)
     units = [ControlNetUnit(str(state.catalog.controlnet(c.model).path),
                             decode_image(c.image, f"controlnets[{i}].image", limit), scale=c.scale, start=c.start,
                             end=c.end, preprocess=c.preprocess, control_mode=c.control_mode, mode=c.mode)

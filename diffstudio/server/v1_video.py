@@ -16,6 +16,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from diffstudio.control.names import ANNOTATORS
 from diffstudio.errors import InvalidInputError
 from diffstudio.server.a1111 import SEED_END
 from diffstudio.server.payloads import decode_bytes, decode_image
@@ -82,8 +83,8 @@ class DiffutoonRequest(Strict):
     video: str | None = Field(None, description="the input video file, base64 (left out with resume)")
     frames: list[str] | None = Field(None, min_length=1, description="or the input as frames, base64 images")
     video_format: Literal["mp4", "mov", "mkv", "avi", "webm", "m4v", "gif"] = "mp4"
-    lineart: Literal["lineart", "softedge", "canny", "tile", "blur"] = "lineart"
-    tile: Literal["lineart", "softedge", "canny", "tile", "blur"] | None = None
+    lineart: Literal[ANNOTATORS] = "lineart"
+    tile: Literal[ANNOTATORS] | None = None
     lineart_scale: float = 0.5
     tile_scale: float = 0.5
     width: int = Field(0, description="0: the input's (multiples of 64)")

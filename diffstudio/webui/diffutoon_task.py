@@ -18,11 +18,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from diffstudio.control.names import ANNOTATORS
 from diffstudio.errors import InvalidInputError
 from diffstudio.webui.video_jobs import check_resume, check_size, work_folder
 from diffstudio.webui.video_task import video_output_name
 
-ANNOTATORS = ("lineart", "softedge", "canny", "tile", "blur")
 SMOOTHERS = ("accurate", "fast", "none")
 SOURCE = "source"  # the input's stem in the work folder (a render's recipe fingerprints the name too)
 
@@ -79,6 +79,10 @@ class DiffutoonTask:
             if name is not None and name not in ANNOTATORS:
                 raise InvalidInputError(f"unknown {what} annotator {name!r}; choose one of {', '.join(ANNOTATORS)} "
                                         f"(tile: none = the frame itself)")
+            if name is not None:
+                from diffstudio.control.annotators import check_weight_files
+
+                check_weight_files(name)  # a missing weight file is named before the job is queued
         if self.smoother not in SMOOTHERS:
             raise InvalidInputError(f"unknown smoother {self.smoother!r}; choose one of {', '.join(SMOOTHERS)}")
         if not 1 <= self.context_stride <= self.context_length:

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from diffstudio.control.names import ANNOTATORS
+
 MODES = ("txt2img", "img2img", "inpaint")
-PREPROCESSORS = ("none", "canny", "tile", "blur")
+PREPROCESSORS = ("none", *ANNOTATORS)
 
 
 @dataclass

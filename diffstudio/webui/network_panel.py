@@ -59,14 +59,19 @@ def image_prompt_row(data: dict, panel: NetworkPanel) -> ImagePromptRow | None:
 
 
 def annotate(image, preprocess: str):
-    """What the ControlNet will see: the image through its annotator (canny, tile, blur) or as is."""
+    """What the ControlNet will see: the image through its annotator or as is. Annotators with weight files read
+    them from the server's annotator folder (``serve --annotators``); a missing file is named in the message."""
     from diffstudio.control import annotators
+    from diffstudio.errors import DiffstudioError
 
     if image is None:
         raise gr.Error("upload a control image first")
     if preprocess == "none":
         return image
-    return {"canny": annotators.canny, "tile": annotators.tile, "blur": annotators.blur}[preprocess](image)
+    try:
+        return getattr(annotators, preprocess)(image)
+    except DiffstudioError as err:
+        raise gr.Error(f"{type(err).__name__}: {err}") from None
 
 
 def build_network_panel(catalog) -> NetworkPanel:
