@@ -18,7 +18,9 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -231,9 +233,10 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     elif not sharded:  # the losses call the network through the pipeline, not the module's forward, so DDP's
         opt = accelerator.prepare(opt)  # hooks would not run: the gradients are averaged below (what DDP computes)
     model.train()
+    run = _Run(accelerator, model, shards, loss_fn, opt, schedule, params, ema, out_dir, steps, checkpoint_every,
+               grad_clip, trainable_only, recipe)
     try:
-        _run(accelerator, model, shards, loss_fn, opt, schedule, params, ema, start, steps, losses, out_dir,
-             checkpoint_every, grad_clip, stop_after, trainable_only, recipe, desc, progress)
+        run.steps_from(start, losses, stop_after, desc, progress)
     finally:
         if shards is not None:
             shards.restore()
@@ -241,44 +244,74 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, int], torc
     return losses
 
 
-def _run(accelerator, model, shards, loss_fn, opt, schedule, params, ema, start, steps, losses, out_dir,
-         checkpoint_every, grad_clip, stop_after, trainable_only, recipe, desc, progress) -> None:
-    """The steps of ``train`` from ``start``, appending to ``losses`` and checkpointing as they go."""
-    bar = tqdm(range(start, steps), desc=desc, disable=not progress or not accelerator.is_main_process,
-               initial=start, total=steps)
-    done = 0
-    for step in bar:
-        loss = shards.step(loss_fn, step) if shards is not None else loss_fn(model, step)
+@dataclass
+class _Run:
+    """What the steps of one ``train`` call work with, once the model, optimizer and checkpoint are set up."""
+
+    accelerator: Any
+    model: torch.nn.Module
+    shards: Any  # a train.sharding.ShardedModel, or None
+    loss_fn: Callable[[torch.nn.Module, int], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.nn.Parameter]  # the trainable ones (sharded: this process's shards)
+    ema: Any
+    out_dir: Path
+    steps: int
+    checkpoint_every: int
+    grad_clip: float | None
+    trainable_only: bool
+    recipe: dict | None
+
+    def steps_from(self, start: int, losses: list[float], stop_after: int | None, desc: str,
+                   progress: bool) -> None:
+        """The steps from ``start``, appending to ``losses`` and checkpointing as they go."""
+        main = self.accelerator.is_main_process
+        bar = tqdm(range(start, self.steps), desc=desc, disable=not progress or not main, initial=start,
+                   total=self.steps)
+        done = 0
+        for step in bar:
+            losses.append(self.step(step))
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            done += 1
+            stopping = bool(stop_after and done >= stop_after)
+            if (step + 1) % self.checkpoint_every == 0 or step + 1 == self.steps or stopping:
+                self.checkpoint(step + 1, losses)
+            if stopping:
+                break
+        bar.close()
+
+    def step(self, step: int) -> float:
+        """One optimizer step; its loss."""
+        shards = self.shards
+        loss = shards.step(self.loss_fn, step) if shards is not None else self.loss_fn(self.model, step)
         if not torch.isfinite(loss):
             from diffstudio.errors import NaNError
 
             raise NaNError(f"loss became {loss.item()} at step {step}; lower the learning rate or use fp32. "
-                           f"The last checkpoint in {out_dir} is intact.")
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if accelerator.num_processes > 1 and shards is None:  # FSDP's reduce-scatter averages a sharded run's
-            _average_gradients(params, accelerator.num_processes)
-        if grad_clip:
-            accelerator.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        schedule.step()
-        if ema is not None:
-            ema.update()
-        losses.append(float(loss.detach()))
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-        done += 1
-        finished = step + 1 == steps
-        if (step + 1) % checkpoint_every == 0 or finished or (stop_after and done >= stop_after):
-            state = None
-            if shards is not None or accelerator.is_main_process:  # gathering shards takes every process
-                state = _checkpoint_state(accelerator.unwrap_model(model), opt, trainable_only, ema,
-                                          sharded=shards is not None, keep=accelerator.is_main_process)
-            if accelerator.is_main_process:
-                _save(state, out_dir, step + 1, losses, recipe)
-        if stop_after and done >= stop_after:
-            break
-    bar.close()
+                           f"The last checkpoint in {self.out_dir} is intact.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if self.accelerator.num_processes > 1 and shards is None:  # FSDP's reduce-scatter averages a sharded
+            _average_gradients(self.params, self.accelerator.num_processes)  # run's
+        if self.grad_clip:
+            self.accelerator.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        if self.ema is not None:
+            self.ema.update()
+        return float(loss.detach())
+
+    def checkpoint(self, step: int, losses: list[float]) -> None:
+        """Save the state after ``step`` steps (gathering a sharded model's shards takes every process)."""
+        main = self.accelerator.is_main_process
+        state = None
+        if self.shards is not None or main:
+            state = _checkpoint_state(self.accelerator.unwrap_model(self.model), self.optimizer, self.trainable_only,
+                                      self.ema, sharded=self.shards is not None, keep=main)
+        if main:
+            _save(state, self.out_dir, step, losses, self.recipe)
 
 
 def _broadcast_parameters(params) -> None:
