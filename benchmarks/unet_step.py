@@ -10,6 +10,7 @@ other processes hits both alike; we print medians and the ratio ours / diffusers
     python benchmarks/unet_step.py --tiny               # a seconds-long smoke run
     python benchmarks/unet_step.py --sizes 64 --tome 0.5     # ours with token merging vs plain diffusers
     python benchmarks/unet_step.py --sizes 64 --tome 0.5 --tome-reference   # vs diffusers patched by tomesd
+    python benchmarks/unet_step.py --sizes 64 32 --dtypes fp32 --winograd   # ours with Winograd convolutions
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--tome", type=float, help="token merging ratio for our UNet (ToMe; the error column is then "
                                                    "the merge's effect unless --tome-reference)")
     parser.add_argument("--tome-reference", action="store_true", help="patch diffusers' UNet with tomesd too")
+    parser.add_argument("--winograd", action="store_true", help="our UNet's 3x3 convolutions by Winograd F(4x4, 3x3) "
+                                                                "(Models.winograd; fp32 on the CPU)")
     args = parser.parse_args()
     sync = start(args)
     config = TINY_UNET if args.tiny else CONFIGS[args.model]
@@ -74,6 +77,10 @@ def main() -> None:
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         ours, ref = build(config, dtype, args.device)
+        if args.winograd:
+            from diffstudio.models.winograd import use_winograd
+
+            use_winograd(ours)
         if args.diffusers_channels_last:
             ref.to(memory_format=torch.channels_last)
         if args.tome and args.tome_reference:

@@ -34,6 +34,13 @@ def build_pair(dtype_variants: list[str]) -> dict[str, callable]:
     ours = AutoencoderKL(config).eval()
     ours.load_state_dict(vae_from_diffusers(theirs.state_dict()))
     runners = {"diffusers fp32": lambda z: theirs.decode(z).sample, "ours fp32": ours.decode}
+    if "winograd" in dtype_variants:  # fp32, the 3x3 convolutions by Winograd F(4x4, 3x3) (Models.winograd)
+        from diffstudio.models.winograd import use_winograd
+
+        model = AutoencoderKL(config).eval()
+        model.load_state_dict(ours.state_dict())
+        use_winograd(model)
+        runners["ours fp32 winograd"] = model.decode
     for variant in dtype_variants:
         if not variant.startswith("bf16"):
             continue
@@ -61,7 +68,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
     parser.add_argument("--variants", default="bf16",
                         help="extra variants, comma-separated: bf16 (all levels), bf16:N (the N "
-                             "highest-resolution levels in bf16, the rest fp32), diffusers-bf16")
+                             "highest-resolution levels in bf16, the rest fp32), diffusers-bf16, winograd (ours fp32 "
+                             "with Winograd convolutions)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:

@@ -124,6 +124,10 @@ class Models:
         key = str(Path(path).expanduser().resolve())
         if key not in self.controlnets:
             self.controlnets[key] = add_controlnet(self, path)
+            if self.__dict__.get("winograd_enabled"):
+                from diffstudio.models.winograd import use_winograd
+
+                use_winograd(self.controlnets[key])
             self._offload_addons()
         return self.controlnets[key]
 
@@ -180,6 +184,20 @@ class Models:
         denoiser = self.denoiser
         denoiser.compile(backend=backend, mode=mode, options=options)
         denoiser.frozen_weights = freeze  # read by the patcher: weights baked into compiled code
+        return self
+
+    def winograd(self, enabled: bool = True) -> Models:
+        """Run the large 3x3 convolutions of the denoiser, the VAE and the ControlNets (those added later too) by
+        Winograd's F(4x4, 3x3) in float32 on the CPU (``models/winograd.py``): about half the time of those
+        convolutions, a relative error of about 3e-6 each, and the transformed kernels cached at 4x those layers'
+        weight memory. Other dtypes and devices run as before. ``enabled=False`` switches back. Measured speed and
+        error: docs/benchmarks.md ("Winograd convolutions")."""
+        from diffstudio.models.winograd import use_winograd
+
+        self.__dict__["winograd_enabled"] = enabled
+        for module in (self.denoiser, self.components.get("vae"), *self.controlnets.values()):
+            if isinstance(module, torch.nn.Module):
+                use_winograd(module, enabled)
         return self
 
     def _offload_addons(self) -> None:
