@@ -10,7 +10,7 @@ other processes hits both alike; we print medians and the ratio ours / diffusers
     python benchmarks/unet_step.py --tiny               # a seconds-long smoke run
     python benchmarks/unet_step.py --sizes 64 --tome 0.5     # ours with token merging vs plain diffusers
     python benchmarks/unet_step.py --sizes 64 --tome 0.5 --tome-reference   # vs diffusers patched by tomesd
-    python benchmarks/unet_step.py --sizes 64 32 --dtypes fp32 --winograd   # ours with Winograd convolutions
+    python benchmarks/unet_step.py --sizes 64 32 --dtypes fp32 --winograd [wide]   # ours with Winograd convolutions
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def main() -> None:
     parser.add_argument("--tome", type=float, help="token merging ratio for our UNet (ToMe; the error column is then "
                                                    "the merge's effect unless --tome-reference)")
     parser.add_argument("--tome-reference", action="store_true", help="patch diffusers' UNet with tomesd too")
-    parser.add_argument("--winograd", action="store_true", help="our UNet's 3x3 convolutions by Winograd F(4x4, 3x3) "
-                                                                "(Models.winograd; fp32 on the CPU)")
+    parser.add_argument("--winograd", nargs="?", const="on", choices=["on", "wide"],
+                        help="our UNet's 3x3 convolutions by Winograd F(4x4, 3x3) (Models.winograd; fp32 on the "
+                             "CPU); wide: the widest layers too")
     args = parser.parse_args()
     sync = start(args)
     config = TINY_UNET if args.tiny else CONFIGS[args.model]
@@ -80,7 +81,7 @@ def main() -> None:
         if args.winograd:
             from diffstudio.models.winograd import use_winograd
 
-            use_winograd(ours)
+            use_winograd(ours, wide=args.winograd == "wide")
         if args.diffusers_channels_last:
             ref.to(memory_format=torch.channels_last)
         if args.tome and args.tome_reference:

@@ -124,10 +124,11 @@ class Models:
         key = str(Path(path).expanduser().resolve())
         if key not in self.controlnets:
             self.controlnets[key] = add_controlnet(self, path)
-            if self.__dict__.get("winograd_enabled"):
+            enabled, wide = self.__dict__.get("winograd_enabled", (False, False))
+            if enabled:
                 from diffstudio.models.winograd import use_winograd
 
-                use_winograd(self.controlnets[key])
+                use_winograd(self.controlnets[key], wide=wide)
             self._offload_addons()
         return self.controlnets[key]
 
@@ -186,18 +187,19 @@ class Models:
         denoiser.frozen_weights = freeze  # read by the patcher: weights baked into compiled code
         return self
 
-    def winograd(self, enabled: bool = True) -> Models:
+    def winograd(self, enabled: bool = True, wide: bool = False) -> Models:
         """Run the large 3x3 convolutions of the denoiser, the VAE and the ControlNets (those added later too) by
-        Winograd's F(4x4, 3x3) in float32 on the CPU (``models/winograd.py``): about half the time of those
-        convolutions, a relative error of about 3e-6 each, and the transformed kernels cached at 4x those layers'
-        weight memory. Other dtypes and devices run as before. ``enabled=False`` switches back. Measured speed and
-        error: docs/benchmarks.md ("Winograd convolutions")."""
+        Winograd's F(4x4, 3x3) in float32 on the CPU (``models/winograd.py``): a relative error of about 3e-6 a
+        convolution; the transformed kernels take 4x those layers' weight memory (about 1.2 GB for SD 1.5 or
+        SDXL). ``wide`` switches the widest layers too (faster still; 8.3 GB for SD 1.5, 5 GB for SDXL). Other
+        dtypes and devices run as before; ``enabled=False`` switches back and frees the kernels. Measured speed:
+        docs/benchmarks.md ("Winograd convolutions")."""
         from diffstudio.models.winograd import use_winograd
 
-        self.__dict__["winograd_enabled"] = enabled
+        self.__dict__["winograd_enabled"] = (enabled, wide)
         for module in (self.denoiser, self.components.get("vae"), *self.controlnets.values()):
             if isinstance(module, torch.nn.Module):
-                use_winograd(module, enabled)
+                use_winograd(module, enabled, wide)
         return self
 
     def _offload_addons(self) -> None:

@@ -81,8 +81,22 @@ def test_a_weight_changed_in_place_is_transformed_again(every_size):
     x = torch.randn(1, 8, 12, 12)
     with torch.no_grad():
         conv(x)
+        assert "_winograd_kernels" in conv.__dict__
         conv.weight.mul_(2)  # what merging a LoRA does
         assert relative(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
+
+
+def test_wide_layers_are_left_to_torch_unless_asked(every_size, monkeypatch):
+    monkeypatch.setattr(winograd, "NARROW_KERNELS", 8 * 8)
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    x = torch.randn(1, 16, 12, 12)
+    with torch.no_grad():
+        use_winograd(conv)
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+        use_winograd(conv, wide=True)
+        got = conv(x)
+        assert not torch.equal(got, F.conv2d(x, conv.weight, conv.bias, padding=1))
+        assert relative(got, F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
 
 
 def test_training_bf16_and_small_convolutions_use_the_direct_kernel(monkeypatch):

@@ -35,11 +35,17 @@ from diffstudio.demo.shapes import (
 DIRECTIONS = ("right", "left", "top", "bottom")
 START, END = 0.2, 0.8  # the travel along the axis: the side slots' centres (shapes.SLOT_CENTERS)
 JITTER = 0.05  # +- on the start, the end and the cross-axis position
+SLOW = 3  # a slow clip's crossing lasts this many clips' frames
 
 
-def motion_clip(rng: np.random.Generator, n_frames: int = 16, size: int = 64, directions=DIRECTIONS):
+def motion_clip(rng: np.random.Generator, n_frames: int = 16, size: int = 64, directions=DIRECTIONS,
+                slow_prob: float = 0.0):
     """(frames, caption): one shape crossing the picture towards ``direction`` at constant speed, e.g.
-    "a red circle moving to the right" or "a small blue star moving to the top, gray background"."""
+    "a red circle moving to the right" or "a small blue star moving to the top, gray background".
+
+    With probability ``slow_prob`` the crossing takes ``SLOW`` times as many frames and the clip is a window of
+    ``n_frames`` cut from it at a random frame, captioned "... moving slowly to the ...": a long render made of
+    context windows (docs/animatediff.md) then has a motion that a window can continue rather than restart."""
     direction = directions[rng.integers(len(directions))]
     kind, color = KINDS[rng.integers(len(KINDS))], tuple(COLORS)[rng.integers(len(COLORS))]
     size_word = SIZES[rng.integers(len(SIZES))]
@@ -49,32 +55,44 @@ def motion_clip(rng: np.random.Generator, n_frames: int = 16, size: int = 64, di
     if direction in ("left", "top"):
         start, end = 1 - start, 1 - end
     horizontal = direction in ("left", "right")
+    slow = slow_prob > 0 and rng.random() < slow_prob  # no draw at 0: the same clips as before
+    if slow:  # the window [k, k + n_frames) of a crossing over SLOW * n_frames frames
+        span = SLOW * n_frames - 1
+        k = int(rng.integers(span - n_frames + 2))
+        start, end = start + (end - start) * k / span, start + (end - start) * (k + n_frames - 1) / span
     a = (start, cross) if horizontal else (cross, start)
     b = (end, cross) if horizontal else (cross, end)
     background = sample_background(rng, split_prob=0.0)
     shape = ShapeSpec(kind=kind, color=color, size=size_word, center=a, radius=radius)
     frames, _ = render_video(Scene((shape,), background), None, n_frames, size, motion=[(b[0] - a[0], b[1] - a[1])])
-    words = ["a"] + ([size_word] if rng.random() < 0.3 else []) + [color, kind, "moving to the", direction]
+    words = ["a"] + ([size_word] if rng.random() < 0.3 else []) + [color, kind, "moving"]
+    words += (["slowly"] if slow else []) + ["to the", direction]
     text = " ".join(words) + (", " + background_phrase(background) if rng.random() < 0.5 else "")
     return frames, text
 
 
-def write_motion_dataset(folder: str | Path, n: int, n_frames: int = 16, size: int = 64, seed: int = 0) -> Path:
+def write_motion_dataset(folder: str | Path, n: int, n_frames: int = 16, size: int = 64, seed: int = 0,
+                         slow_prob: float = 0.0) -> Path:
     """``n`` clips as folders ``00000/0.png ...`` and ``metadata.csv`` (file_name,text); clip i depends on
-    (seed, i) only. An existing complete dataset of the same size is kept."""
+    (seed, i, slow_prob) only. An existing complete dataset written with the same arguments is kept."""
+    import json
+
     folder = Path(folder)
-    meta = folder / "metadata.csv"
-    if meta.exists() and sum(1 for _ in meta.open()) == n + 1:
+    meta, recipe = folder / "metadata.csv", folder / "dataset.json"
+    wanted = {"clips": n, "frames": n_frames, "size": size, "seed": seed, "slow_prob": slow_prob}
+    if meta.exists() and recipe.exists() and json.loads(recipe.read_text()) == wanted:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    meta.unlink(missing_ok=True)
     rows = []
     for i in range(n):
-        frames, text = motion_clip(np.random.default_rng([seed, i]), n_frames, size)
+        frames, text = motion_clip(np.random.default_rng([seed, i]), n_frames, size, slow_prob=slow_prob)
         clip = folder / f"{i:05d}"
         clip.mkdir(exist_ok=True)
         for k, frame in enumerate(frames):
             frame.save(clip / f"{k}.png")
         rows.append((clip.name, text))
+    recipe.write_text(json.dumps(wanted))
     tmp = meta.with_suffix(".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as f:  # written last: its presence marks a whole dataset
         csv.writer(f).writerows([("file_name", "text"), *rows])
@@ -85,12 +103,13 @@ def write_motion_dataset(folder: str | Path, n: int, n_frames: int = 16, size: i
 def build_motion(out: str | Path = "diffstudio/demo/weights/shapes-motion.safetensors",
                  workdir: str | Path = "runs/shapes-motion", *, n_clips: int = 1000, frames: int = 16,
                  steps: int = 1500, batch_size: int = 4, lr: float = 1e-3, lr_end: float | None = 5e-5,
-                 warmup: int = 50, schedule: str = "linear", seed: int = 0, restart: bool = False) -> Path | None:
+                 warmup: int = 50, schedule: str = "linear", seed: int = 0, slow_prob: float = 0.0,
+                 restart: bool = False) -> Path | None:
     """Write the clips into ``workdir/data`` and train the module into ``out`` (see the module docstring)."""
     from diffstudio.train.motion import MotionTrainConfig, train_motion
 
     workdir = Path(workdir)
-    data = write_motion_dataset(workdir / "data", n_clips, frames, seed=seed)
+    data = write_motion_dataset(workdir / "data", n_clips, frames, seed=seed, slow_prob=slow_prob)
     config = MotionTrainConfig(data=str(data), out=str(out), frames=frames, steps=steps, batch_size=batch_size,
                                lr=lr, lr_end=lr_end, warmup=warmup, schedule=schedule, seed=seed,
                                optimizer="adamw_fused", checkpoint_every=100, workdir=str(workdir / "run"),
@@ -114,6 +133,8 @@ def add_motion_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=d["lr"])
     p.add_argument("--schedule", default=d["schedule"], choices=["linear", "model"])
     p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--slow", type=float, default=d["slow_prob"],
+                   help="the share of clips cut from crossings 3x slower, captioned 'moving slowly to the ...'")
     p.add_argument("--restart", action="store_true", help="discard the work folder's checkpoint and start over")
     p.add_argument("--score-only", action="store_true", help="only score the file at --out")
     p.add_argument("--seeds", type=int, default=12, help="clips sampled for the score")
@@ -132,7 +153,7 @@ def run_motion_command(args) -> None:
         started = time.time()
         build_motion(args.out, args.workdir, n_clips=args.clips, frames=args.frames, steps=args.steps,
                      batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, seed=args.seed,
-                     restart=args.restart)
+                     slow_prob=args.slow, restart=args.restart)
         print(f"wrote {args.out} in {(time.time() - started) / 60:.1f} minutes")
     models = diffstudio.load()
     motion = add_motion_module(models, args.out)

@@ -109,3 +109,53 @@ def evaluate_motion(models, motion, prompt: str = "a red circle moving to the ri
     return {"prompt": prompt, "frames": frames, "seeds": len(per_seed),
             "ok": sum(s["ok"] for s in per_seed), "monotonic": sum(s["monotonic"] for s in per_seed),
             "found_mean": sum(s["found"] for s in per_seed) / len(per_seed), "per_seed": per_seed}
+
+
+def long_render_score(frames, color: str, kind: str, direction: str, *, length: int = 16, stride: int = 8,
+                      span: int = 4, tolerance: float = 0.01) -> dict:
+    """Does a render longer than one context window keep moving, without a jump where windows meet?
+
+    The scorer reads centres to the pixel, and a slow shape moves less than a pixel a frame, so motion is measured
+    over ``span`` frames: ``steps[i]`` is the centre's advance from frame i to i + span along the direction.
+    ``border_ratio``: the largest step across a window border (a frame where a window of
+    ``video.context.context_windows`` starts or ends) over the median step; ``monotonic``: no frame-to-frame step
+    back beyond ``tolerance``; ``keeps_moving``: monotonic, no step under half the median step (no stall), and the
+    border ratio under 2 (no jump)."""
+    from diffstudio.video.context import context_windows
+
+    axis, sign = DIRECTION_AXES[direction]
+    centres = track(frames, color, kind)
+    coord = [None if c is None else sign * c[axis] for c in centres]
+    steps = {i: coord[i + span] - coord[i] for i in range(len(coord) - span)
+             if coord[i] is not None and coord[i + span] is not None}
+    found = [c for c in coord if c is not None]
+    monotonic = len(found) >= 2 and min(b - a for a, b in zip(found, found[1:])) >= -tolerance
+    borders = sorted({w[0] for w in context_windows(len(frames), length, stride)[1:]} |
+                     {w[-1] + 1 for w in context_windows(len(frames), length, stride)[:-1]})
+    across = [steps[b - span // 2] for b in borders if b - span // 2 in steps]
+    median = float(sorted(steps.values())[len(steps) // 2]) if steps else 0.0
+    ratio = max(across) / median if across and median > 0 else float("inf")
+    return {"found": len(found), "monotonic": bool(monotonic), "travel": found[-1] - found[0] if found else 0.0,
+            "median_step": median, "border_ratio": ratio, "min_step": min(steps.values(), default=0.0),
+            "keeps_moving": bool(monotonic and steps and min(steps.values()) >= median / 2 > 0 and ratio < 2),
+            "centres": centres}
+
+
+def evaluate_long_render(models, prompt: str = "a red circle moving slowly to the right", *, seeds=range(3),
+                         frames: int = 48, length: int = 16, stride: int = 8, **pipe_kwargs) -> dict:
+    """``VideoPipeline`` renders of ``frames`` frames in context windows, one per seed, scored by
+    ``long_render_score``; the models hold the motion module."""
+    from diffstudio.demo.score import parse_caption
+    from diffstudio.video.render import VideoPipeline
+
+    shape = parse_caption(prompt)[0]
+    direction = next(d for d in DIRECTION_AXES if f"to the {d}" in prompt)
+    pipe, per_seed = VideoPipeline(models), []
+    for seed in seeds:
+        clip = pipe(prompt, num_frames=frames, seed=seed, context_length=length, context_stride=stride,
+                    progress=False, **pipe_kwargs)
+        score = long_render_score(clip, shape.color, shape.kind, direction, length=length, stride=stride)
+        per_seed.append({"seed": seed, **{k: v for k, v in score.items() if k != "centres"},
+                         "x": [None if c is None else round(c[0], 3) for c in score["centres"]]})
+    return {"prompt": prompt, "frames": frames, "keeps_moving": sum(s["keeps_moving"] for s in per_seed),
+            "per_seed": per_seed}

@@ -11,8 +11,8 @@ and summed over input channels the 36 elementwise products become 36 matrix prod
 
 1. input transform ``V = Bᵀ d B`` of every 6x6 patch (stride 4) for every channel: one convolution of each channel
    with the 36 fixed 6x6 kernels ``B[:, u] B[:, v]ᵀ`` (stride 4), which oneDNN runs at full speed;
-2. 36 matrix products ``U[k] @ V[k]`` with the kernels transformed once, ``U = G g Gᵀ`` (cached per weight
-   version: 4x the layer's weight memory);
+2. 36 matrix products ``U[k] @ V[k]`` with the transformed kernels ``U = G g Gᵀ``, kept per weight version
+   (4x the layer's weight memory; transforming them at every call costs about what the products save);
 3. output transform ``Y = Aᵀ M A``: one (16 x 36) matrix product, then the 4x4 tiles put back in place.
 
 The matrices are Lavin & Gray's for the interpolation points 0, ±1, ±2 (and ∞). The arithmetic differs from a
@@ -33,6 +33,10 @@ M, R = 4, 3  # output tile side, kernel side
 A_SIDE = M + R - 1  # input patch side (6)
 MIN_IN_CHANNELS = 128  # fewer, or less work than MIN_MACS a picture: the transforms cost more than they save
 MIN_MACS = 2 ** 26  # multiply-adds of the direct convolution, per picture
+# Kernels (in x out) of the widest layer switched by default. The kept kernels take 4x a layer's weights, and the
+# wide layers (SD's and SDXL's 1280-channel levels) hold most of a UNet's weights but, at low resolution, little of
+# its convolution time: switching them too (wide=True) costs 8.3 GB more for SD 1.5 in fp32, 5 GB for SDXL
+NARROW_KERNELS = 1920 * 640
 BAND_COLUMNS = 512  # tiles (over the batch) per matrix product: larger maps are done in bands of tile rows
 
 # Lavin & Gray's F(4, 3) matrices (points 0, 1, -1, 2, -2, infinity)
@@ -52,11 +56,18 @@ def _transforms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor,
     return patch.to(dtype=dtype, device=device), tile.to(dtype=dtype, device=device)
 
 
+@functools.cache
+def _kernel_transform(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """G ⊗ G as (36, 9): ``U[6a + b] = Σ_jk G[a, j] G[b, k] g[3j + k]``."""
+    g = torch.tensor(G, dtype=torch.float64)
+    return torch.kron(g, g).to(dtype=dtype, device=device)
+
+
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``U = G g Gᵀ`` of every (out, in) 3x3 kernel, as (36, out, in) in the weight's dtype."""
-    g = torch.tensor(G, dtype=torch.float64, device=weight.device)
-    u = g @ weight.detach().double() @ g.T  # (out, in, 6, 6)
-    return u.permute(2, 3, 0, 1).reshape(A_SIDE * A_SIDE, *weight.shape[:2]).to(weight.dtype).contiguous()
+    """``U = G g Gᵀ`` of every (out, in) 3x3 kernel, as (36, out, in) in the weight's dtype: one matrix product."""
+    out, inputs = weight.shape[:2]
+    flat = weight.detach().reshape(out * inputs, R * R)
+    return (_kernel_transform(weight.dtype, weight.device) @ flat.T).view(A_SIDE * A_SIDE, out, inputs)
 
 
 def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,36 +111,40 @@ def eligible(conv: nn.Module) -> bool:
 
 class WinogradConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (same parameters and state dict) whose large fp32 CPU inference calls run
-    ``winograd_conv3x3``; made by ``use_winograd`` from a plain one."""
+    ``winograd_conv3x3`` with its transformed kernels kept between calls (per weight version: a merged LoRA or a
+    move to another device transforms them again); made by ``use_winograd`` from a plain one. Layers with more than
+    ``NARROW_KERNELS`` kernels (in x out) keep torch's convolution unless ``wide``."""
+
+    wide: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (x.dim() != 4 or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
                 or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
                 or self.in_channels < MIN_IN_CHANNELS
+                or (not self.wide and self.in_channels * self.out_channels > NARROW_KERNELS)
                 or 9 * self.in_channels * self.out_channels * x.shape[-2] * x.shape[-1] < MIN_MACS):
             return super().forward(x)
-        return winograd_conv3x3(x, self._transformed(weight), self.bias)
-
-    def _transformed(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight._version, weight.data_ptr(), weight.device)  # a merged LoRA or a move makes a new one
-        cached = self.__dict__.get("_winograd_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, transform_weight(weight))
-            self.__dict__["_winograd_cache"] = cached
-        return cached[1]
+        key = (weight._version, weight.data_ptr(), weight.device)
+        kept = self.__dict__.get("_winograd_kernels")
+        if kept is None or kept[0] != key:
+            kept = (key, transform_weight(weight))
+            self.__dict__["_winograd_kernels"] = kept
+        return winograd_conv3x3(x, kept[1], self.bias)
 
 
-def use_winograd(module: nn.Module, enabled: bool = True) -> int:
+def use_winograd(module: nn.Module, enabled: bool = True, wide: bool = False) -> int:
     """Switch every eligible 3x3 convolution in ``module`` to ``WinogradConv2d`` (or back with ``enabled=False``,
-    dropping the cached kernels). Returns how many convolutions were switched."""
+    dropping the kept kernels); ``wide``: see ``WinogradConv2d``. Returns how many were switched."""
     switched = 0
     for conv in module.modules():
-        if enabled and eligible(conv):
+        if enabled and (eligible(conv) or type(conv) is WinogradConv2d):
             conv.__class__ = WinogradConv2d
+            conv.wide = wide
             switched += 1
         elif not enabled and type(conv) is WinogradConv2d:
             conv.__class__ = nn.Conv2d
-            conv.__dict__.pop("_winograd_cache", None)
+            conv.__dict__.pop("_winograd_kernels", None)
+            conv.__dict__.pop("wide", None)
             switched += 1
     return switched
