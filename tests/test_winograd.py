@@ -141,3 +141,12 @@ def test_models_winograd_covers_the_denoiser_vae_and_controlnets_added_later(eve
     assert np.abs(got - want).max() <= 2  # 8-bit levels: fp32 rounding differences only
     models.winograd(False)
     assert not any(type(m) is WinogradConv2d for m in models.unet.modules())
+
+
+def test_generate_takes_winograd(tmp_path):
+    from diffstudio.cli import build_parser, main
+
+    assert build_parser().parse_args(["generate", "x", "--winograd"]).winograd == "on"
+    assert build_parser().parse_args(["generate", "x", "--winograd", "wide"]).winograd == "wide"
+    out = tmp_path / "w.png"
+    assert main(["generate", "a red circle", "--steps", "1", "--winograd", "-o", str(out)]) == 0 and out.exists()
