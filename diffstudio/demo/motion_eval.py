@@ -155,7 +155,6 @@ def evaluate_long_render(models, prompt: str = "a red circle moving slowly to th
         clip = pipe(prompt, num_frames=frames, seed=seed, context_length=length, context_stride=stride,
                     progress=False, **pipe_kwargs)
         score = long_render_score(clip, shape.color, shape.kind, direction, length=length, stride=stride)
-        per_seed.append({"seed": seed, **{k: v for k, v in score.items() if k != "centres"},
-                         "x": [None if c is None else round(c[0], 3) for c in score["centres"]]})
+        per_seed.append({"seed": seed, **score})
     return {"prompt": prompt, "frames": frames, "keeps_moving": sum(s["keeps_moving"] for s in per_seed),
             "per_seed": per_seed}

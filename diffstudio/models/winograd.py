@@ -141,6 +141,7 @@ def use_winograd(module: nn.Module, enabled: bool = True, wide: bool = False) ->
         if enabled and (eligible(conv) or type(conv) is WinogradConv2d):
             conv.__class__ = WinogradConv2d
             conv.wide = wide
+            conv.__dict__.pop("_winograd_kernels", None)  # made again on the next call that uses them
             switched += 1
         elif not enabled and type(conv) is WinogradConv2d:
             conv.__class__ = nn.Conv2d
