@@ -120,6 +120,22 @@ def test_sizes_round_to_multiples_of_64_and_presets_resolve():
 # ------------------------------------------------------------------------------------------------ wiring
 
 
+def test_the_editing_depth_can_be_an_annotator_by_name(models, tmp_path, monkeypatch):
+    clip = moving_square()
+    calls = []
+
+    def midas(picture, *args, **options):  # stands in for controlnet-aux's MiDaS (docs/controlnet.md)
+        calls.append(picture.size)
+        return picture.convert("L").convert("RGB")
+
+    monkeypatch.setattr(annotators, "depth", midas)
+    net, tile_net, depth_net = (controlnet(models, s) for s in range(3))
+    toon_shade(models, clip, "a red square", edit_prompt="a blue square", lineart_controlnet=net,
+               tile_controlnet=tile_net, edit_depth_controlnet=depth_net, edit_depth="depth", edit_size=64, context_length=4, context_stride=2,
+               edit_context_length=4, edit_context_stride=2, work_dir=tmp_path, **FAST)
+    assert calls == [(64, 64)] * len(clip)
+
+
 def test_lineart_comes_from_the_input_and_the_tile_net_gets_stage_one(models, tmp_path):
     clip = moving_square()
     lineart_net, tile_net, softedge_net, depth_net = (controlnet(models, s) for s in range(4))

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffstudio.control.names import ANNOTATORS
 from diffstudio.errors import InvalidInputError, InvalidSizeError
 
 SIZE_MULTIPLE = 64  # the paper renders at multiples of 64 (the UNet halves the latent three times, and tiles)
@@ -49,8 +50,8 @@ class DiffutoonSetupError(InvalidInputError):
 
 
 class MissingDepthError(DiffutoonSetupError):
-    """The editing branch has a depth ControlNet but no depth for it: give ``edit_depth`` (a callable
-    frame -> depth image, e.g. a MiDaS/Depth-Anything detector, or a precomputed depth video)."""
+    """The editing branch has a depth ControlNet but no depth for it: give ``edit_depth`` (``"depth"``, a callable
+    frame -> depth image, or a precomputed depth video)."""
 
 
 class WindowTooLongError(InvalidSizeError):
@@ -451,9 +452,10 @@ def toon_shade(models, video, prompt: str, negative_prompt: str = "", *, edit_pr
         raise DiffutoonSetupError("the editing branch hands its video to the tile ControlNet: give tile_controlnet="
                                   "'control_v11f1e_sd15_tile.pth' (config: controlnets.tile.model)")
     if editing and edit_depth_controlnet is not None and edit_depth is None:
-        raise MissingDepthError("stage 1 of the editing branch has a depth ControlNet but no depth: pass edit_depth="
-                                "a callable frame -> depth image (e.g. controlnet_aux.MidasDetector) or a depth "
-                                "video (file, folder or list of frames); no depth estimator is built in")
+        raise MissingDepthError("stage 1 of the editing branch has a depth ControlNet but no depth: pass "
+                                "edit_depth=\"depth\" (MiDaS through controlnet-aux, its weight file in the annotator "
+                                "folder), a callable frame -> depth image, or a depth video (file, folder or list of "
+                                "frames)")
     main_smoother, main_smoother_steps = resolve_smoother(smoother, smoother_steps, steps)
     edit_smoother_obj, edit_smoother_steps = resolve_smoother(edit_smoother, None, edit_steps) if editing \
         else (None, ())
@@ -536,7 +538,7 @@ def _stage_one(models, inputs, root, source_key, prompt, negative, width, height
     if softedge_controlnet is not None:
         units.append(_unit(softedge_controlnet, _annotate(small, softedge, root / "edit_softedge", key), scales[0]))
     if depth_controlnet is not None:
-        if callable(depth) or isinstance(depth, str) and depth in ("lineart", "softedge", "canny", "tile", "blur"):
+        if callable(depth) or isinstance(depth, str) and depth in ANNOTATORS:  # else a depth video
             depth_images = _annotate(small, depth, root / "edit_depth", key)
         else:
             depth_images = _frames_of(depth, width, height, root / "edit_depth_video",
