@@ -131,8 +131,9 @@ def test_the_editing_depth_can_be_an_annotator_by_name(models, tmp_path, monkeyp
     monkeypatch.setattr(annotators, "depth", midas)
     net, tile_net, depth_net = (controlnet(models, s) for s in range(3))
     toon_shade(models, clip, "a red square", edit_prompt="a blue square", lineart_controlnet=net,
-               tile_controlnet=tile_net, edit_depth_controlnet=depth_net, edit_depth="depth", edit_size=64, context_length=4, context_stride=2,
-               edit_context_length=4, edit_context_stride=2, work_dir=tmp_path, **FAST)
+               tile_controlnet=tile_net, edit_depth_controlnet=depth_net, edit_depth="depth", edit_size=64,
+               context_length=4, context_stride=2, edit_context_length=4, edit_context_stride=2, work_dir=tmp_path,
+               **FAST)
     assert calls == [(64, 64)] * len(clip)
 
 

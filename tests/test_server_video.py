@@ -167,8 +167,14 @@ def test_cogvideox_job_equals_the_python_api(client, folder, tmp_path):
                        "video": "AAAA"}, "cannot be read"),
     ("/v1/diffutoon", {"prompt": "x", "motion": "shapes-motion", "lineart_controlnet": "shapes-controlnet",
                        "resume": "0" * 32}, "no diffutoon job"),
+    ("/v1/diffutoon", {"prompt": "x", "motion": "shapes-motion", "lineart_controlnet": "shapes-controlnet",
+                       "edit_prompt": "y"}, "tile ControlNet"),
+    ("/v1/diffutoon", {"prompt": "x", "motion": "shapes-motion", "lineart_controlnet": "shapes-controlnet",
+                       "tile_controlnet": "shapes-controlnet", "edit_prompt": "y",
+                       "edit_depth_controlnet": "shapes-controlnet"}, "dpt_hybrid-midas-501f0c75.pt"),
 ])
-def test_bad_requests_are_named_4xx_errors(client, route, body, message):
+def test_bad_requests_are_named_4xx_errors(client, route, body, message, monkeypatch):
+    monkeypatch.delenv("DIFFSTUDIO_ANNOTATORS", raising=False)
     if body.get("image") == "IMAGE":
         body = {**body, "image": b64_png(_first_frame())}
     before = client.app.state.server.jobs.waiting
@@ -243,6 +249,26 @@ def test_diffutoon_job_equals_the_python_api_and_resumes_after_a_cancel(client, 
     np.testing.assert_array_equal(_frames(client, job), expected)
     done = client.post("/v1/diffutoon", json={**body, "frames": None, "resume": resumed.id})
     assert done.status_code == 422 and "finished" in done.text
+
+
+def test_a_diffutoon_job_with_the_editing_branch_equals_the_python_api(client, tmp_path):
+    from diffstudio.video.diffutoon import toon_shade
+
+    frames = _input_frames()
+    edit = {"edit_prompt": "a blue circle", "edit_softedge_controlnet": "shapes-controlnet", "edit_size": 64}
+    body = {"prompt": "a red circle", "motion": "shapes-motion", "lineart_controlnet": "shapes-controlnet",
+            "tile_controlnet": "shapes-controlnet", "frames": [b64_png(Image.fromarray(f)) for f in frames],
+            **TOON_RUN, **edit}
+    job = _run(client, "/v1/diffutoon", body)
+    models = diffstudio.load()
+    models.add_motion_module(WEIGHTS / "shapes-motion.safetensors")
+    expected = toon_shade(models, frames, "a red circle", lineart_controlnet=str(CONTROLNET),
+                          tile_controlnet=str(CONTROLNET), edit_prompt="a blue circle",
+                          edit_softedge_controlnet=str(CONTROLNET), edit_size=64, output=str(tmp_path / "toon.mp4"),
+                          progress=False, **{k: None if v == "none" else v for k, v in TOON_RUN.items()})
+    np.testing.assert_array_equal(_frames(client, job), np.stack(video_io.read_frames(expected)))
+    stage_one = client.app.state.server.outputs / "work" / job["id"] / "render" / "stage1"
+    assert len(list(stage_one.glob("*.png"))) == len(frames)  # the editing branch ran
 
 
 def test_the_video_tab_panels_queue_the_api_tasks(client, folder):

@@ -100,6 +100,13 @@ class DiffutoonRequest(Strict):
     context_stride: int = 8
     smoother: Literal["accurate", "fast", "none"] = "accurate"
     fps: float = 0.0
+    edit_prompt: str = Field("", description="not empty: the editing branch (stage 1 recolours the video at "
+                                             "edit_size; needs tile_controlnet)")
+    edit_softedge_controlnet: str | None = None
+    edit_softedge: Literal[ANNOTATORS] = "softedge"
+    edit_depth_controlnet: str | None = None
+    edit_depth: Literal[ANNOTATORS] = Field("depth", description="depth: MiDaS through controlnet-aux")
+    edit_size: int = 512
     resume: str | None = Field(None, description="an interrupted or failed Diffutoon job's id: continue its render")
 
 

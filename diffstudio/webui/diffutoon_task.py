@@ -24,6 +24,8 @@ from diffstudio.webui.video_jobs import check_resume, check_size, work_folder
 from diffstudio.webui.video_task import video_output_name
 
 SMOOTHERS = ("accurate", "fast", "none")
+# the task's ControlNet fields (catalog names): the main pass's two, then the editing branch's
+CONTROLNETS = ("lineart_controlnet", "tile_controlnet", "edit_softedge_controlnet", "edit_depth_controlnet")
 SOURCE = "source"  # the input's stem in the work folder (a render's recipe fingerprints the name too)
 
 
@@ -60,6 +62,12 @@ class DiffutoonTask:
     context_stride: int = 8
     smoother: str = "accurate"
     fps: float = 0.0
+    edit_prompt: str = ""  # not empty: the editing branch (stage 1 recolours, the tile ControlNet then follows it)
+    edit_softedge_controlnet: str | None = None
+    edit_softedge: str = "softedge"
+    edit_depth_controlnet: str | None = None
+    edit_depth: str = "depth"
+    edit_size: int = 512
     resume: str | None = None
     work_id: str | None = None  # set by check(): the work folder ``resume`` continues (None: this job's own)
 
@@ -70,12 +78,19 @@ class DiffutoonTask:
         catalog = state.catalog
         catalog.checkpoint(self.model)
         catalog.motion_module(self.motion)
-        catalog.controlnet(self.lineart_controlnet)
-        if self.tile_controlnet:
-            catalog.controlnet(self.tile_controlnet)
+        for name in CONTROLNETS:
+            if getattr(self, name):
+                catalog.controlnet(getattr(self, name))
         if not self.prompt.strip():
             raise InvalidInputError("a Diffutoon job needs a prompt")
-        for what, name in (("lineart", self.lineart), ("tile", self.tile)):
+        annotators = [("lineart", self.lineart), ("tile", self.tile)]
+        if self.edit_prompt.strip():
+            if not self.tile_controlnet:
+                raise InvalidInputError("the editing branch hands its video to the tile ControlNet: choose one")
+            annotators += [("edit softedge", self.edit_softedge if self.edit_softedge_controlnet else None),
+                           ("edit depth", self.edit_depth if self.edit_depth_controlnet else None)]
+            check_size(state.limits, self.edit_size, self.edit_size, 64, self.steps)
+        for what, name in annotators:
             if name is not None and name not in ANNOTATORS:
                 raise InvalidInputError(f"unknown {what} annotator {name!r}; choose one of {', '.join(ANNOTATORS)} "
                                         f"(tile: none = the frame itself)")
@@ -158,9 +173,8 @@ class DiffutoonTask:
         models.add_motion_module(cache.catalog.motion_module(self.motion).path)
         controlnet = cache.catalog.controlnet
         job.check_stop()
-        arguments = self.arguments(
-            str(controlnet(self.lineart_controlnet).path),
-            str(controlnet(self.tile_controlnet).path) if self.tile_controlnet else None)
+        arguments = self.arguments({name: str(controlnet(getattr(self, name)).path) if getattr(self, name) else None
+                                    for name in CONTROLNETS})
         progress = WindowProgress(job)
         name = video_output_name(job.id)
         toon_shade(models, str(source), self.prompt, self.negative_prompt, output=str(outputs / name),
@@ -168,14 +182,19 @@ class DiffutoonTask:
         job.outputs.append(name)
         job.info = {**job.info, "work_folder": folder.name, "resumed_from": self.resume}
 
-    def arguments(self, lineart_controlnet: str, tile_controlnet: str | None) -> dict:
-        """``toon_shade``'s settings for this task (models, input and output aside)."""
+    def arguments(self, controlnet_paths: dict[str, str | None]) -> dict:
+        """``toon_shade``'s settings for this task (models, input and output aside); ``controlnet_paths``: the
+        files of the ``CONTROLNETS`` fields (None where not given)."""
+        editing = bool(self.edit_prompt.strip())
+        edit = dict(edit_prompt=self.edit_prompt, edit_size=self.edit_size, edit_softedge=self.edit_softedge,
+                    edit_depth=self.edit_depth, **{name: controlnet_paths[name] for name in CONTROLNETS[2:]})
         return dict(width=self.width or None, height=self.height or None, start=self.start, end=self.end,
-                    lineart_controlnet=lineart_controlnet, lineart=self.lineart, lineart_scale=self.lineart_scale,
-                    tile_controlnet=tile_controlnet, tile=self.tile, tile_scale=self.tile_scale, steps=self.steps,
-                    cfg_scale=self.cfg_scale, clip_skip=self.clip_skip, strength=self.strength, seed=self.seed,
-                    context_length=self.context_length, context_stride=self.context_stride,
-                    smoother=None if self.smoother == "none" else self.smoother, fps=self.fps or None)
+                    lineart=self.lineart, lineart_scale=self.lineart_scale, tile=self.tile,
+                    tile_scale=self.tile_scale, steps=self.steps, cfg_scale=self.cfg_scale, clip_skip=self.clip_skip,
+                    strength=self.strength, seed=self.seed, context_length=self.context_length,
+                    context_stride=self.context_stride, smoother=None if self.smoother == "none" else self.smoother,
+                    fps=self.fps or None, **{name: controlnet_paths[name] for name in CONTROLNETS[:2]},
+                    **(edit if editing else {}))
 
 
 class WindowProgress:

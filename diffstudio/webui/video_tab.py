@@ -227,7 +227,8 @@ def build_diffutoon_panel(state) -> None:
     gr.Markdown("**Diffutoon** (docs/diffutoon.md): toon shading of a video with an SD 1.x checkpoint, a motion "
                 "module and a lineart ControlNet (a tile ControlNet optional). Progress counts context windows; a "
                 "cancelled or failed render continues from its last step when run again with its job id under "
-                "*Resume job* and the same settings. The editing branch: `diffstudio diffutoon`.")
+                "*Resume job* and the same settings. With an *edit prompt* the editing branch first recolours the "
+                "video at low resolution and the tile ControlNet follows that.")
     with gr.Row():
         with gr.Column():
             i = dict(video=gr.Video(label="Input video", elem_id="diffutoon-video"),
@@ -253,6 +254,17 @@ def build_diffutoon_panel(state) -> None:
                 i["stride"] = gr.Number(value=8, precision=0, label="Window stride")
                 i["width"] = gr.Number(value=0, precision=0, label="Width (0 = the input's)")
                 i["height"] = gr.Number(value=0, precision=0, label="Height (0 = the input's)")
+            with gr.Accordion("Editing branch (optional; needs the tile ControlNet)", open=False):
+                i["edit_prompt"] = gr.Textbox(label="Edit prompt (empty = no editing)", elem_id="diffutoon-edit")
+                with gr.Row():
+                    i["edit_softedge_controlnet"] = gr.Dropdown(["", *controlnets], value="",
+                                                                label="Softedge ControlNet")
+                    i["edit_softedge"] = gr.Dropdown(list(ANNOTATORS), value="softedge", label="Softedge annotator")
+                with gr.Row():
+                    i["edit_depth_controlnet"] = gr.Dropdown(["", *controlnets], value="", label="Depth ControlNet")
+                    i["edit_depth"] = gr.Dropdown(list(ANNOTATORS), value="depth",
+                                                  label="Depth annotator (depth: MiDaS, a weight file)")
+                    i["edit_size"] = gr.Number(value=512, precision=0, label="Edit size (longer side)")
             resume = gr.Textbox(label="Resume job (the id of a cancelled or failed render; empty = a new one)",
                                 elem_id="diffutoon-resume")
             i["resume"] = resume
@@ -267,7 +279,10 @@ def build_diffutoon_panel(state) -> None:
                 lineart=v["lineart"], width=int(v["width"] or 0), height=int(v["height"] or 0),
                 steps=int(v["steps"] or 0), cfg_scale=float(v["cfg"] or 0), seed=int(v["seed"] or 0),
                 context_length=int(v["context"] or 0), context_stride=int(v["stride"] or 0),
-                smoother=v["smoother"], resume=resume_id))
+                smoother=v["smoother"], edit_prompt=v["edit_prompt"] or "",
+                edit_softedge_controlnet=v["edit_softedge_controlnet"] or None, edit_softedge=v["edit_softedge"],
+                edit_depth_controlnet=v["edit_depth_controlnet"] or None, edit_depth=v["edit_depth"],
+                edit_size=int(v["edit_size"] or 512), resume=resume_id))
 
         job_panel(state, i, make_job, "Toon-shade video", "diffutoon", unit="windows", resume=resume,
                   previews=False)
