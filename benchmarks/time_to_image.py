@@ -1,8 +1,9 @@
 """Time to image, cold: a fresh process that imports, loads a single file, encodes the prompt, samples N steps,
 decodes and saves a PNG -- diffstudio against diffusers (``StableDiffusionPipeline.from_single_file``).
 
-One SD 1.5-size single file (original layout, random weights, 4.3 GB in fp32) is written once to a temporary
-folder, with the diffusers config folder its ``from_single_file`` needs offline. Each run is a new Python
+One SD 1.5-size single file (original layout, random weights, 4.3 GB in fp32; or SDXL-size with ``--kind sdxl``,
+13.9 GB) is written once to a temporary folder, with the diffusers config folder its ``from_single_file`` needs
+offline. Each run is a new Python
 process (so imports and page-cache misses count as they do for a user); runs alternate ours / diffusers.
 Every child reports per phase its wall time and the peak resident memory so far (``ru_maxrss``), and the
 load's peak above the memory held before it, against the file's weight bytes: with memory-mapped, zero-copy
@@ -11,6 +12,7 @@ loading that ratio stays near 1.0 (the bar: <= 1.1).
     python benchmarks/time_to_image.py                       # SD 1.5 size, 256x256, 2 steps, 2 runs each
     python benchmarks/time_to_image.py --size 512 --steps 4 --runs 3 --keep /tmp/sd15-random
     python benchmarks/time_to_image.py --tiny                # a seconds-long smoke run
+    python benchmarks/time_to_image.py --kind sdxl --dtype bf16 --size 512 --keep /tmp/sdxl-random   # SDXL size
 
 It also measures ``import diffstudio`` and the imports a generation needs (``python -X importtime`` in a
 subprocess, best of three).
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 PROMPT = "a red circle on a blue square"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # this checkout's diffstudio, wherever the script is started from
@@ -37,55 +40,76 @@ from diffstudio.threads import WAIT_POLICY  # noqa: E402  (no torch: safe before
 
 
 # -- the file: SD 1.5 layout, random weights ---------------------------------------------------------------------
-def _configs(tiny: bool) -> tuple[dict, dict, dict]:
-    from diffstudio.release_configs import CLIP_L, SD15_UNET, SD15_VAE
+def _configs(kind: str, tiny: bool) -> tuple[dict, dict, list[dict]]:
+    """(UNet, VAE, [text encoders]) diffusers/transformers configs of an SD 1.5- or SDXL-size model."""
+    from diffstudio.release_configs import CLIP_G, CLIP_L, SD15_UNET, SD15_VAE, SDXL_UNET, SDXL_VAE
 
+    unet, vae, clips = (SD15_UNET, SD15_VAE, [CLIP_L]) if kind == "sd15" else (SDXL_UNET, SDXL_VAE, [CLIP_L, CLIP_G])
     if not tiny:
-        return SD15_UNET, SD15_VAE, CLIP_L
-    unet = {**SD15_UNET, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 64, "attention_head_dim": 8}
-    vae = {**SD15_VAE, "block_out_channels": (32, 32, 32, 32)}
-    clip = {**CLIP_L, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "projection_dim": 64}
-    return unet, vae, clip
+        return unet, vae, clips
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+    clips = [{**clip, **small, "projection_dim": 64} for clip in clips]
+    if kind == "sd15":
+        unet = {**unet, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 64, "attention_head_dim": 8}
+    else:  # two 64-wide encoders: context 128; pooled 64 + 6 size values of 256
+        unet = {**unet, "block_out_channels": (32, 64, 64), "cross_attention_dim": 128, "attention_head_dim": 8,
+                "transformer_layers_per_block": (1, 1, 1), "projection_class_embeddings_input_dim": 64 + 6 * 256}
+    return unet, {**vae, "block_out_channels": (32, 32, 32, 32)}, clips
 
 
-def write_model(folder: Path, tiny: bool) -> Path:
-    """``folder/model.safetensors`` (original layout, random fp32 weights) and ``folder/config/`` (diffusers)."""
+# per model kind: the single file's prefixes of the text encoders, diffusers' pipeline and its folder names
+TEXT_PREFIXES = {"sd15": ["cond_stage_model.transformer."],
+                 "sdxl": ["conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."]}
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def write_model(folder: Path, tiny: bool, kind: str = "sd15", dtype: str = "fp32") -> Path:
+    """``folder/model.safetensors`` (original layout, random weights stored in ``dtype``) and ``folder/config/``
+    (diffusers)."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from diffstudio.conditioning.tokenizers import load_clip_tokenizer
-    from diffstudio.convert.clip import canonical_clip_keys
+    from diffstudio.convert.clip import canonical_clip_keys, clip_to_openclip
     from diffstudio.convert.unet import unet_from_diffusers
     from diffstudio.convert.vae import vae_from_diffusers
 
     path = folder / "model.safetensors"
     if path.exists():
         return path
-    unet_cfg, vae_cfg, clip_cfg = _configs(tiny)
+    unet_cfg, vae_cfg, clip_cfgs = _configs(kind, tiny)
     config = folder / "config"
+    names = ["text_encoder", "text_encoder_2"][:len(clip_cfgs)]
     with torch.device("meta"):  # shapes and names only
         unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
-        text = CLIPTextModel(CLIPTextConfig(**clip_cfg))
+        texts = [CLIPTextModel(CLIPTextConfig(**cfg)) if i == 0 else
+                 CLIPTextModelWithProjection(CLIPTextConfig(**cfg)) for i, cfg in enumerate(clip_cfgs)]
     unet.save_config(config / "unet")
     vae.save_config(config / "vae")
-    text.config.save_pretrained(config / "text_encoder")
-    load_clip_tokenizer().save_pretrained(config / "tokenizer")
+    index = {"_class_name": PIPELINES[kind], "_diffusers_version": "0.42.1",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    for name, text in zip(names, texts):
+        text.config.save_pretrained(config / name)
+        load_clip_tokenizer().save_pretrained(config / name.replace("text_encoder", "tokenizer"))
+        index[name] = ["transformers", type(text).__name__]
+        index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
     EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(
         config / "scheduler")
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "EulerDiscreteScheduler"], "safety_checker": [None, None],
-             "feature_extractor": [None, None], "requires_safety_checker": False}
+    if kind == "sd15":
+        index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
+                      "requires_safety_checker": False})
     (config / "model_index.json").write_text(json.dumps(index))
 
     meta = {}
     meta.update({"model.diffusion_model." + k: v for k, v in unet_from_diffusers(unet.state_dict()).items()})
     meta.update({"first_stage_model." + k: v for k, v in vae_from_diffusers(vae.state_dict()).items()})
-    meta.update({"cond_stage_model.transformer." + k: v for k, v in canonical_clip_keys(text.state_dict()).items()})
+    for prefix, text in zip(TEXT_PREFIXES[kind], texts):
+        keys = canonical_clip_keys(text.state_dict())
+        meta.update({prefix + k: v for k, v in (clip_to_openclip(keys) if prefix.endswith(".model.")
+                                                 else keys).items()})
     g = torch.Generator().manual_seed(0)
     tensors = {}
     for name, m in meta.items():
@@ -97,6 +121,7 @@ def write_model(folder: Path, tiny: bool) -> Path:
             tensors[name] = 0.02 * torch.randn(m.shape, generator=g)
         else:  # fan-in scaled, so activations stay finite through 25 blocks
             tensors[name] = torch.randn(m.shape, generator=g) * (0.7 / max(1, m[0].numel()) ** 0.5)
+        tensors[name] = tensors[name].to(getattr(torch, DTYPES[dtype])) if m.is_floating_point() else tensors[name]
     tensors["alphas_cumprod"] = torch.linspace(0.99, 0.01, 1000)
     save_file(tensors, str(path))
     return path
@@ -164,7 +189,9 @@ def child_ours(args) -> list[dict]:
     import diffstudio.pipeline.generate  # noqa: F401  (what `generate` imports: torch, the loop)
     phases.mark("import")
     before = _rss_mib()
-    models = diffstudio.load(args.model)
+    import torch
+
+    models = diffstudio.load(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
     phases.mark("load")
     load_extra = phases.rows[-1]["peak_mib"] - before
     pipe = diffstudio.Pipeline(models)
@@ -190,16 +217,19 @@ def child_ours(args) -> list[dict]:
 
 def child_diffusers(args) -> list[dict]:
     phases = Phases()
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
     phases.mark("import")
     before = _rss_mib()
-    pipe = StableDiffusionPipeline.from_single_file(args.model, config=str(Path(args.model).parent / "config"),
-                                                    local_files_only=True, safety_checker=None,
-                                                    requires_safety_checker=False, torch_dtype=torch.float32)
+    config = Path(args.model).parent / "config"
+    pipeline = getattr(diffusers, json.loads((config / "model_index.json").read_text())["_class_name"])
+    extra = {"safety_checker": None, "requires_safety_checker": False} if pipeline.__name__ == PIPELINES["sd15"] \
+        else {}
+    pipe = pipeline.from_single_file(args.model, config=str(config), local_files_only=True,
+                                     torch_dtype=getattr(torch, DTYPES[args.dtype]), **extra)
     phases.mark("load")
     load_extra = phases.rows[-1]["peak_mib"] - before
     encode_s, decode_s = [], []
@@ -225,7 +255,7 @@ def child_diffusers(args) -> list[dict]:
 # -- the parent -----------------------------------------------------------------------------------------------------
 def run_child(side: str, args, model: Path, out: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--model", str(model), "--out", str(out),
-           "--steps", str(args.steps), "--size", str(args.size)]
+           "--steps", str(args.steps), "--size", str(args.size), "--dtype", args.dtype]
     t = time.perf_counter()
     # both sides get the passive OpenMP wait policy diffstudio's command line sets (diffstudio/threads.py): with
     # spinning threads a loaded machine would measure the other jobs, not the libraries
@@ -285,6 +315,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="cold runs per side, alternating")
     parser.add_argument("--keep", help="write (or reuse) the model in this folder instead of a temporary one")
     parser.add_argument("--tiny", action="store_true", help="tiny widths (smoke test)")
+    parser.add_argument("--kind", default="sd15", choices=list(PIPELINES), help="an SD 1.5- or SDXL-size file")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="both sides load the weights so")
     parser.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -300,18 +332,18 @@ def main() -> None:
     for label, statement in (("import diffstudio", "import diffstudio"),
                              ("import diffstudio + its generate loop (torch)",
                               "import diffstudio, diffstudio.loader, diffstudio.pipeline.generate"),
-                             ("import diffusers' StableDiffusionPipeline",
-                              "from diffusers import StableDiffusionPipeline")):
+                             (f"import diffusers' {PIPELINES[args.kind]}",
+                              f"from diffusers import {PIPELINES[args.kind]}")):
         print(f"{label}: {import_time(statement):.3f} s (-X importtime, best of 3; load "
               f"{os.getloadavg()[0]:.1f})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        model = write_model(folder, args.tiny)
+        model = write_model(folder, args.tiny, args.kind, args.dtype)
         weights = weight_bytes(model)
         print(f"model: {model} ({weights / 1e9:.2f} GB of weights; ready in {time.perf_counter() - t:.0f} s); "
-              f"{args.size}x{args.size}, {args.steps} steps, CFG 7, Euler", flush=True)
+              f"{args.size}x{args.size}, {args.steps} steps, CFG 7, Euler, {args.dtype}", flush=True)
         out = Path(tmp) / "images"
         out.mkdir(exist_ok=True)
         results = {"ours": [], "diffusers": []}
