@@ -148,6 +148,13 @@ def _rss_mib() -> float:
 
 
 def _peak_mib() -> float:
+    """This process's peak resident memory: the address space's high-water mark (VmHWM), which starts anew at exec.
+    (``ru_maxrss`` would not do: Linux carries it over fork and exec, so a child would report the parent's peak,
+    e.g. that of writing the model file.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
