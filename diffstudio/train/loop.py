@@ -293,8 +293,9 @@ class _Run:
                            f"The last checkpoint in {self.out_dir} is intact.")
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
-        if self.accelerator.num_processes > 1 and shards is None:  # FSDP's reduce-scatter averages a sharded
-            _average_gradients(self.params, self.accelerator.num_processes)  # run's
+        # several processes: their gradients are averaged here (a sharded run's by FSDP's reduce-scatter)
+        if self.accelerator.num_processes > 1 and shards is None:
+            _average_gradients(self.params, self.accelerator.num_processes)
         if self.grad_clip:
             self.accelerator.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
