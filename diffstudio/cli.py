@@ -138,6 +138,19 @@ def _check_inputs(args) -> None:
             existing_path(path, kind)
 
 
+def add_winograd_option(parser) -> None:
+    """``--winograd [wide]`` (generate, video, img2vid): ``Models.winograd`` after loading."""
+    parser.add_argument("--winograd", nargs="?", const="on", choices=["on", "wide"],
+                        help="fp32 on the CPU: the large 3x3 convolutions by Winograd's F(4x4, 3x3) (faster; "
+                             "relative error about 3e-6 a convolution; about 1.2 GB more memory at SD sizes); 'wide' "
+                             "also the widest layers (faster still, 8.3 GB more for SD 1.5; docs/benchmarks.md)")
+
+
+def apply_winograd_option(models, args) -> None:
+    if getattr(args, "winograd", None):
+        models.winograd(wide=args.winograd == "wide")
+
+
 def _control_specs(args) -> list[dict]:
     """``--control [PREPROCESS:]FILE:IMAGE[:SCALE]`` -> ControlNetUnit arguments (PREPROCESS: an annotator of
     pipeline.control.PREPROCESSORS, or none when the image is already a control image)."""
@@ -223,8 +236,7 @@ def cmd_generate(args) -> int:
     for spec in args.lora or ():
         file, strength = lora_spec(spec)
         models.apply_lora(file, strength)
-    if args.winograd:
-        models.winograd(wide=args.winograd == "wide")
+    apply_winograd_option(models, args)
     if args.compile:
         models.compile(freeze=args.compile == "freeze")
     pipe = diffstudio.Pipeline(models)
@@ -506,10 +518,7 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--tome", type=float, metavar="RATIO",
                      help="token merging: the self-attention of a UNet's high-resolution transformers on 1 - RATIO "
                           "of the tokens (e.g. 0.5; faster at large sizes, a quality trade; docs/benchmarks.md)")
-    gen.add_argument("--winograd", nargs="?", const="on", choices=["on", "wide"],
-                     help="fp32 on the CPU: the large 3x3 convolutions by Winograd's F(4x4, 3x3) (faster; relative "
-                          "error about 3e-6 a convolution; about 1.2 GB more memory at SD sizes); 'wide' also the "
-                          "widest layers (faster still, 8.3 GB more for SD 1.5; docs/benchmarks.md)")
+    add_winograd_option(gen)
     gen.add_argument("--compile", nargs="?", const="on", choices=["on", "freeze"],
                      help="torch.compile the denoiser (inductor; the first step compiles, minutes at full size; "
                           "'freeze' folds the weights in as constants; docs/benchmarks.md)")

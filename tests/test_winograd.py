@@ -150,3 +150,20 @@ def test_generate_takes_winograd(tmp_path):
     assert build_parser().parse_args(["generate", "x", "--winograd", "wide"]).winograd == "wide"
     out = tmp_path / "w.png"
     assert main(["generate", "a red circle", "--steps", "1", "--winograd", "-o", str(out)]) == 0 and out.exists()
+
+
+def test_the_video_commands_take_winograd(tmp_path, monkeypatch):
+    from diffstudio.cli import build_parser, main
+    from diffstudio.loader import Models
+    from diffstudio.video import video_io
+    from tests.test_video_pipeline_cli import write_motion_module
+
+    switched = []
+    original = Models.winograd
+    monkeypatch.setattr(Models, "winograd", lambda self, *a, **k: switched.append(k) or original(self, *a, **k))
+    assert build_parser().parse_args(["img2vid", "x.png", "--model", "m", "--winograd", "wide"]).winograd == "wide"
+    out = tmp_path / "out.mp4"
+    motion = write_motion_module(tmp_path / "mm.safetensors")
+    assert main(["video", "a red circle moving to the right", "--motion", motion, "--frames", "4", "--steps", "1",
+                 "--context-length", "4", "--winograd", "-o", str(out), "--quiet"]) == 0
+    assert switched == [{"wide": False}] and len(video_io.read_frames(str(out))) == 4

@@ -30,6 +30,8 @@ def _steps(text: str) -> list[int]:
 
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from diffstudio.cli import add_winograd_option
+
     parser.add_argument("prompt")
     parser.add_argument("--motion", help="AnimateDiff motion module (.ckpt/.safetensors or a MotionAdapter folder)")
     parser.add_argument("--model", help="model file or diffusers folder (default: the packaged Shapes demo model)")
@@ -62,6 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", help="apply a LoRA (repeatable)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"])
     parser.add_argument("--device", default="cpu")
+    add_winograd_option(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -77,7 +80,7 @@ def add_video_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     import diffstudio
-    from diffstudio.cli import check_device, lora_spec, torch_dtype
+    from diffstudio.cli import apply_winograd_option, check_device, lora_spec, torch_dtype
     from diffstudio.video import video_io
     from diffstudio.video.render import VideoPipeline
     from diffstudio.video.workdir import check_sampler
@@ -96,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.vae:
         paths.append(args.vae)
     models = diffstudio.load(*paths, dtype=torch_dtype(args.dtype), device=args.device)
+    apply_winograd_option(models, args)
     if models.family.name == "cogvideox":
         return _run_cogvideox(models, args)
     if args.image is not None:

@@ -20,6 +20,8 @@ PRESET_NEEDS_EXTENSION = {"exvideo-128": 128}  # position-table rows the preset'
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from diffstudio.cli import add_winograd_option
+
     parser = subparsers.add_parser("img2vid", help="Stable Video Diffusion: animate an image",
                                    description=__doc__.split("\n\n")[0])
     parser.add_argument("image")
@@ -48,6 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--decode-chunk", type=int, help="frames decoded at once (default 8; memory grows with it)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"])
     parser.add_argument("--device", default="cpu")
+    add_winograd_option(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -67,7 +70,7 @@ def pipeline_settings(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffstudio.cli import check_device, torch_dtype
+    from diffstudio.cli import apply_winograd_option, check_device, torch_dtype
     from diffstudio.io.folders import existing_path
     from diffstudio.video import video_io
     from diffstudio.video.svd import SVDPipeline
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
                                 "ExVideo-SVD-128f-v1.safetensors (or one trained with `diffstudio train exvideo`)")
     settings = pipeline_settings(args)
     models = load_svd(args.model, *args.extension, dtype=torch_dtype(args.dtype), device=args.device)
+    apply_winograd_option(models, args)
     out = SVDPipeline(models)(args.image, seed=args.seed, output=args.output, progress=not args.quiet, **settings)
     if not args.quiet:
         print(f"wrote {out}", file=sys.stderr)
