@@ -51,15 +51,12 @@ def add_train_parser(kinds) -> None:
 def cmd_annotate(args) -> int:
     from diffstudio.control import annotators
 
-    if args.kind in LEARNED:
-        options = {"detect_resolution": args.detect_resolution, "image_resolution": args.image_resolution}
+    if args.kind in LEARNED or args.kind in DETECTED:  # networks with weight files from the annotator folder
+        options = {"detect_resolution": args.detect_resolution}
+        if args.image_resolution is not None:  # else each annotator's own default
+            options["image_resolution"] = args.image_resolution
         if args.kind == "hed":
             options["safe"] = args.safe
-        image = getattr(annotators, args.kind)(args.image, args.annotators, **options)
-    elif args.kind in DETECTED:
-        options = {"detect_resolution": args.detect_resolution}
-        if args.image_resolution is not None:
-            options["image_resolution"] = args.image_resolution
         image = getattr(annotators, args.kind)(args.image, args.annotators, **options)
     else:
         options = {"canny": (args.low, args.high), "tile": (args.factor,), "blur": (args.radius,)}

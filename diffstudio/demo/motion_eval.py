@@ -130,8 +130,8 @@ def long_render_score(frames, color: str, kind: str, direction: str, *, length: 
              if coord[i] is not None and coord[i + span] is not None}
     found = [c for c in coord if c is not None]
     monotonic = len(found) >= 2 and min(b - a for a, b in zip(found, found[1:])) >= -tolerance
-    borders = sorted({w[0] for w in context_windows(len(frames), length, stride)[1:]} |
-                     {w[-1] + 1 for w in context_windows(len(frames), length, stride)[:-1]})
+    windows = context_windows(len(frames), length, stride)
+    borders = sorted({w[0] for w in windows[1:]} | {w[-1] + 1 for w in windows[:-1]})
     across = [steps[b - span // 2] for b in borders if b - span // 2 in steps]
     median = float(sorted(steps.values())[len(steps) // 2]) if steps else 0.0
     ratio = max(across) / median if across and median > 0 else float("inf")

@@ -46,7 +46,6 @@ def _x264_determinism() -> dict[str, str]:
     return {"x264-params": "asm=AVX2"} if "avx512f" in flags and "avx2" in flags else {}
 
 
-
 def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
