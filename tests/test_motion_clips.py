@@ -54,3 +54,14 @@ def test_a_steady_long_crossing_keeps_moving_and_a_stall_does_not():
     score = long_render_score(stalled, "red", "circle", "right")
     assert score["border_ratio"] < 2, score  # no jump: the stall is what fails it
     assert not score["keeps_moving"] and score["min_step"] < score["median_step"] / 10, score
+
+
+def test_a_long_render_without_a_motion_module_does_not_move():
+    import diffstudio
+    from diffstudio.demo.motion_eval import evaluate_long_render
+
+    result = evaluate_long_render(diffstudio.load(), "a red circle moving to the right", seeds=[0], frames=20,
+                                  length=8, stride=4, steps=4)
+    (score,) = result["per_seed"]
+    assert len(score["centres"]) == 20 and score["found"] >= 16, score
+    assert abs(score["travel"]) < 0.1 and not score["keeps_moving"] and result["keeps_moving"] == 0, score

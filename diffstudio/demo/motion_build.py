@@ -138,6 +138,11 @@ def add_motion_parser(sub) -> None:
     p.add_argument("--restart", action="store_true", help="discard the work folder's checkpoint and start over")
     p.add_argument("--score-only", action="store_true", help="only score the file at --out")
     p.add_argument("--seeds", type=int, default=12, help="clips sampled for the score")
+    p.add_argument("--long", type=int, metavar="FRAMES",
+                   help="score a render of FRAMES frames in context windows instead (motion_eval.evaluate_long_render)")
+    p.add_argument("--stride", type=int, default=8, help="--long: the context windows' stride (length 16)")
+    p.add_argument("--same-noise", action="store_true", help="--long: one noise draw for every frame")
+    p.add_argument("--prompt", default="a red circle moving to the right", help="--long: the prompt")
 
 
 def run_motion_command(args) -> None:
@@ -157,6 +162,16 @@ def run_motion_command(args) -> None:
         print(f"wrote {args.out} in {(time.time() - started) / 60:.1f} minutes")
     models = diffstudio.load()
     motion = add_motion_module(models, args.out)
+    if args.long:
+        from diffstudio.demo.motion_eval import evaluate_long_render
+
+        result = evaluate_long_render(models, args.prompt, seeds=range(args.seeds), frames=args.long,
+                                      stride=args.stride, same_noise=args.same_noise)
+        for score in result["per_seed"]:
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in score.items()
+                              if k != "centres"}))
+        print(f"keeps moving: {result['keeps_moving']} of {len(result['per_seed'])}")
+        return
     result = evaluate_motion(models, motion, seeds=range(args.seeds), frames=args.frames,
                              schedule=motion_training_info(args.out).get("schedule", "linear"))
     print(json.dumps({k: v for k, v in result.items() if k != "per_seed"}, indent=1))
