@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffstudio.errors import InvalidInputError
-from diffstudio.video.context import context_windows, tent_weights, windowed
+from diffstudio.video.context import context_windows, tent_weights, window_positions, windowed
 
 GRID = [(f, n, s) for f in (1, 2, 5, 8, 16, 17, 24, 33) for n in (1, 4, 8, 16) for s in (1, 3, 4, 8) if s <= n]
 
@@ -34,7 +34,7 @@ def test_window_placement_examples():
 
 
 def test_bad_arguments_raise_named_errors():
-    for args in [(0, 16, 8), (8, 0, 1), (8, 4, 0), (20, 4, 5)]:
+    for args in [(0, 16, 8), (8, 0, 1), (8, 4, 0), (20, 4, 5), (20, 4, 2, 0)]:
         with pytest.raises(InvalidInputError):
             context_windows(*args)
     with pytest.raises(InvalidInputError, match="keep the shape"):
@@ -91,3 +91,43 @@ def test_windowed_keeps_dtype_and_passes_indices():
     out = windowed(lambda v, idx: (seen.append(idx), v)[1], x, 8, 4)
     assert out.dtype == torch.bfloat16 and torch.equal(out, x)
     assert seen == [list(range(0, 8)), list(range(4, 12))]
+
+
+DILATED = [(f, n, s, d) for f in (1, 5, 17, 48, 50, 97) for n in (4, 16) for s in (2, 8) for d in (2, 3, 7) if s <= n]
+
+
+@pytest.mark.parametrize("frames,length,stride,dilation", DILATED)
+def test_dilated_windows_lay_out_each_interleaved_sequence(frames, length, stride, dilation):
+    """Dilation d: the frames j, j + d, j + 2d, ... of each j < d are laid out as a video of their own."""
+    windows = context_windows(frames, length, stride, dilation)
+    assert sorted({i for w in windows for i in w}) == list(range(frames))
+    for j in range(min(dilation, frames)):
+        sequence = list(range(j, frames, dilation))
+        own = [w for w in windows if w[0] % dilation == j]
+        assert own == [[sequence[i] for i in w] for w in context_windows(len(sequence), length, stride)]
+    for w in windows:
+        assert all(b - a == dilation for a, b in zip(w, w[1:]))  # d apart
+        assert len(w) <= length
+
+
+def test_dilated_window_examples():
+    assert context_windows(48, 16, 8, 3) == [list(range(j, 48, 3)) for j in range(3)]  # one window per sequence
+    assert context_windows(2, 16, 8, 3) == [[0], [1]]
+    assert [w[:2] for w in context_windows(96, 16, 8, 3)] == [[0, 3], [24, 27], [48, 51], [1, 4], [25, 28],
+                                                              [49, 52], [2, 5], [26, 29], [50, 53]]
+
+
+@pytest.mark.parametrize("frames,length,stride,dilation", DILATED[::5])
+def test_framewise_denoiser_dilated_windows_equal_one_call(frames, length, stride, dilation):
+    x = torch.randn(frames, 3, 4)
+    out = windowed(lambda v, idx: torch.tanh(v) * 2, x, length, stride, dilation=dilation)
+    assert torch.allclose(out, torch.tanh(x) * 2, atol=1e-6, rtol=1e-6)
+
+
+def test_window_positions_count_time_in_the_window_spacing():
+    assert window_positions(list(range(8, 24))).tolist() == list(range(16))  # consecutive: 0, 1, 2, ...
+    assert window_positions(list(range(0, 48, 3)), 3).tolist() == list(range(16))
+    # the sequence starting at frame 2 runs 2/3 of a step behind frame 0's (sub-frame positions)
+    assert window_positions(list(range(2, 48, 3)), 3) == pytest.approx([k + 2 / 3 for k in range(16)])
+    # a later window of the same sequence: whole steps from its own start, the same fraction
+    assert window_positions([49, 52, 55], 3) == pytest.approx([1 / 3, 4 / 3, 7 / 3])

@@ -9,7 +9,7 @@ from tiny_motion import SETUPS, inputs, ours, reference, rel_err, run_ours, run_
 from torch import nn
 
 from diffstudio.errors import InvalidInputError, InvalidSizeError, MotionModuleMismatchError
-from diffstudio.models.motion import MotionConfig, MotionModules
+from diffstudio.models.motion import MotionConfig, MotionModules, PositionalEncoding
 
 
 class PerFrameGroupNorm(nn.Module):
@@ -130,3 +130,39 @@ def test_hook_sites_follow_the_unet_structure():
     assert sites["input"] == [None, ("down", 0, 0), None, ("down", 1, 0), None, ("down", 2, 0)]
     assert sites["middle"] == [("mid", 0, 0)]
     assert sites["output"] == [("up", u, j) for u in range(3) for j in range(2)]
+
+
+def test_positions_give_the_stored_rows_at_whole_positions_and_the_sinusoid_between():
+    """Sub-frame positions (dilated context windows): at whole positions the stored table's rows whatever it holds;
+    between them the sinusoid of Vaswani et al. evaluated there, plus the table's departure from it interpolated
+    linearly (here the departure is a ramp in the position, so its interpolation is exact)."""
+    import math
+
+    dim, rows = 8, 6
+    encoding = PositionalEncoding(dim, rows)
+    ramp = torch.arange(rows, dtype=torch.float32)[:, None] * torch.linspace(-1, 1, dim)
+    encoding.pe += ramp  # a file whose table is not the plain sinusoid
+    x = torch.zeros(2, 4, dim)
+    whole = torch.tensor([0.0, 1.0, 2.0, 5.0])
+    assert torch.allclose(encoding(x, whole)[0], encoding.pe[0, [0, 1, 2, 5]], atol=1e-6)
+    assert torch.equal(encoding(x[:, :3]), encoding.pe[:, :3].expand(2, 3, dim))  # no positions: the rows
+    between = torch.tensor([0.5, 1 / 3, 2.25, 4.75])
+    expected = torch.tensor([[math.sin(p * 10000 ** (-(c - c % 2) / dim)) if c % 2 == 0
+                              else math.cos(p * 10000 ** (-(c - c % 2) / dim)) for c in range(dim)]
+                             for p in between.tolist()]) + between[:, None] * torch.linspace(-1, 1, dim)
+    assert torch.allclose(encoding(x, between)[1], expected, atol=1e-5)
+    with pytest.raises(InvalidSizeError, match="positions up to 5.5"):
+        encoding(x, torch.tensor([0.0, 1.0, 2.0, 5.5]))
+
+
+def test_motion_at_positions_is_the_module_at_whole_positions_and_differs_between():
+    unet, adapter, _ = reference("sd15_v2")
+    model, motion = ours("sd15_v2", unet, adapter, norm_across_frames=False)
+    data = inputs("sd15_v2", batch=1, frames=4)
+    plain = run_ours(model, "sd15_v2", data, motion=motion, num_frames=4)
+    whole = run_ours(model, "sd15_v2", data, motion=motion.at(torch.arange(4.0)), num_frames=4)
+    assert rel_err(whole, plain) < 1e-6
+    shifted = run_ours(model, "sd15_v2", data, motion=motion.at(torch.arange(4.0) + 1 / 3), num_frames=4)
+    assert rel_err(shifted, plain) > 1e-4
+    with pytest.raises(InvalidSizeError):
+        run_ours(model, "sd15_v2", data, motion=motion.at(torch.arange(3.0)), num_frames=4)  # one per frame

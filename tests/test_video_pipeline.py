@@ -95,6 +95,24 @@ def test_window_layouts_agree_while_the_motion_modules_are_zero(models):
     assert not torch.allclose(frame_wise, layouts[0], atol=1e-3)  # the motion schedule is another schedule
 
 
+def test_dilated_windows_share_noise_per_place_and_pass_sub_frame_positions(models):
+    """Dilation 3: frames 3k, 3k + 1, 3k + 2 start from the noise of seed + k. While the modules are zero the
+    frames are frame-wise images, so those three are one image; a nonzero module sees the sub-frame positions
+    and renders them as three moments."""
+    zero = VideoPipeline(with_motion(models, motion_modules(models)))
+    dilated = latent(zero, num_frames=9, context_length=4, context_stride=2, context_dilation=3)
+    plain = latent(zero, num_frames=3, context_length=4)  # frames seeded 7, 8, 9
+    for k in range(3):
+        for j in range(3):
+            assert torch.allclose(dilated[3 * k + j], plain[k], atol=1e-5), (k, j)
+    moving = VideoPipeline(with_motion(models, motion_modules(models, scale=0.05)))
+    frames = latent(moving, num_frames=9, context_length=4, context_stride=2, context_dilation=3)
+    assert all(rel_err(frames[3 * k + 1], frames[3 * k]) > 1e-4 for k in range(3))
+    with pytest.raises(InvalidSizeError, match="sub-frame"):  # positions up to 3 + 2/3 need a fifth table row
+        latent(VideoPipeline(with_motion(models, motion_modules(models, max_frames=4))), num_frames=8,
+               context_length=4, context_dilation=2)
+
+
 def test_a_nonzero_motion_module_changes_the_video(models):
     zero = latent(VideoPipeline(with_motion(models, motion_modules(models))), num_frames=8, context_length=8)
     moving = latent(VideoPipeline(with_motion(models, motion_modules(models, scale=0.05))), num_frames=8,

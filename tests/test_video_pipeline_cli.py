@@ -32,7 +32,8 @@ def test_video_command_end_to_end(tmp_path, capsys):
     motion = write_motion_module(tmp_path / "mm_tiny.safetensors")
     out = tmp_path / "out.mp4"
     assert main(["video", "a red circle moving to the right", "--motion", motion, "--frames", "6", "--steps", "2",
-                 "--context-length", "4", "--context-stride", "2", "-o", str(out), "--quiet"]) == 0
+                 "--context-length", "4", "--context-stride", "2", "--context-dilation", "2", "-o", str(out),
+                 "--quiet"]) == 0
     frames = video_io.read_frames(str(out))
     assert len(frames) == 6 and frames[0].shape == (64, 64, 3)
 

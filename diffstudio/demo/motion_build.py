@@ -142,6 +142,7 @@ def add_motion_parser(sub) -> None:
                    help="score a render of FRAMES frames in context windows instead (motion_eval.evaluate_long_render)")
     p.add_argument("--stride", type=int, default=8, help="--long: the context windows' stride (length 16)")
     p.add_argument("--same-noise", action="store_true", help="--long: one noise draw for every frame")
+    p.add_argument("--dilation", type=int, default=1, help="--long: the context windows' dilation (frames apart)")
     p.add_argument("--prompt", default="a red circle moving to the right", help="--long: the prompt")
 
 
@@ -166,7 +167,7 @@ def run_motion_command(args) -> None:
         from diffstudio.demo.motion_eval import evaluate_long_render
 
         result = evaluate_long_render(models, args.prompt, seeds=range(args.seeds), frames=args.long,
-                                      stride=args.stride, same_noise=args.same_noise)
+                                      stride=args.stride, same_noise=args.same_noise, context_dilation=args.dilation)
         for score in result["per_seed"]:
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in score.items()
                               if k != "centres"}))

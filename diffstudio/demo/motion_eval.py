@@ -118,9 +118,10 @@ def long_render_score(frames, color: str, kind: str, direction: str, *, length: 
     The scorer reads centres to the pixel, and a slow shape moves less than a pixel a frame, so motion is measured
     over ``span`` frames: ``steps[i]`` is the centre's advance from frame i to i + span along the direction.
     ``border_ratio``: the largest step across a window border (a frame where a window of
-    ``video.context.context_windows`` starts or ends) over the median step; ``monotonic``: no frame-to-frame step
-    back beyond ``tolerance``; ``keeps_moving``: monotonic, no step under half the median step (no stall), and the
-    border ratio under 2 (no jump)."""
+    ``video.context.context_windows`` starts or ends; undilated windows, whatever the render used) over the median
+    step; ``monotonic``: no frame-to-frame step back beyond ``tolerance`` (``back_step``: the largest);
+    ``keeps_moving``: monotonic, no step under half the median step (no stall), and the border ratio under 2 (no
+    jump)."""
     from diffstudio.video.context import context_windows
 
     axis, sign = DIRECTION_AXES[direction]
@@ -129,13 +130,15 @@ def long_render_score(frames, color: str, kind: str, direction: str, *, length: 
     steps = {i: coord[i + span] - coord[i] for i in range(len(coord) - span)
              if coord[i] is not None and coord[i + span] is not None}
     found = [c for c in coord if c is not None]
-    monotonic = len(found) >= 2 and min(b - a for a, b in zip(found, found[1:])) >= -tolerance
+    back = max((a - b for a, b in zip(found, found[1:])), default=0.0)
+    monotonic = len(found) >= 2 and back <= tolerance
     windows = context_windows(len(frames), length, stride)
     borders = sorted({w[0] for w in windows[1:]} | {w[-1] + 1 for w in windows[:-1]})
     across = [steps[b - span // 2] for b in borders if b - span // 2 in steps]
     median = float(sorted(steps.values())[len(steps) // 2]) if steps else 0.0
     ratio = max(across) / median if across and median > 0 else float("inf")
-    return {"found": len(found), "monotonic": bool(monotonic), "travel": found[-1] - found[0] if found else 0.0,
+    return {"found": len(found), "monotonic": bool(monotonic), "back_step": max(back, 0.0),
+            "travel": found[-1] - found[0] if found else 0.0,
             "median_step": median, "border_ratio": ratio, "min_step": min(steps.values(), default=0.0),
             "keeps_moving": bool(monotonic and steps and min(steps.values()) >= median / 2 > 0 and ratio < 2),
             "centres": centres}

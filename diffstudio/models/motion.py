@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -77,33 +78,48 @@ class MotionConfig:
         return cls(**data)
 
 
-def sinusoidal_positions(max_frames: int, dim: int) -> torch.Tensor:
+def sinusoidal_positions(max_frames: int, dim: int, positions: torch.Tensor | None = None) -> torch.Tensor:
     """(1, max_frames, dim) table of Vaswani et al. 2017, sec. 3.5: sin on even, cos on odd channels,
-    frequencies 10000^(-2i/dim). The released files store exactly this table as ``pos_encoder.pe``."""
-    position = torch.arange(max_frames, dtype=torch.float32)[:, None]
+    frequencies 10000^(-2i/dim). The released files store exactly this table as ``pos_encoder.pe``.
+    ``positions`` (float, one per row) evaluates the same code at other, possibly fractional, positions."""
+    position = torch.arange(max_frames, dtype=torch.float32) if positions is None else positions.float()
     freqs = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(1, max_frames, dim)
-    table[0, :, 0::2] = torch.sin(position * freqs)
-    table[0, :, 1::2] = torch.cos(position * freqs)
+    table = torch.zeros(1, len(position), dim)
+    table[0, :, 0::2] = torch.sin(position[:, None] * freqs)
+    table[0, :, 1::2] = torch.cos(position[:, None] * freqs)
     return table
 
 
 class PositionalEncoding(nn.Module):
-    """Adds the frame index's sinusoidal code to each token of a frame sequence (N, F, C)."""
+    """Adds the frame position's code to each token of a frame sequence (N, F, C): row f of the stored table,
+    or for ``positions`` (F floats: the sub-frame positions of dilated context windows, video.context) the
+    sinusoid at each position plus the table's departure from the sinusoid interpolated linearly between
+    rows, which is the stored row itself at whole positions whatever the file holds."""
 
     def __init__(self, dim: int, max_frames: int):
         super().__init__()
         self.register_buffer("pe", sinusoidal_positions(max_frames, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frames = x.shape[1]
-        if frames > self.pe.shape[1]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        frames, known = x.shape[1], self.pe.shape[1]
+        last = frames - 1 if positions is None else float(positions.max())
+        if last > known - 1 or (positions is not None and (len(positions) != frames or positions.min() < 0)):
             from diffstudio.errors import InvalidSizeError
 
-            raise InvalidSizeError(f"this motion module knows {self.pe.shape[1]} frame positions; got {frames} "
-                                   "frames in one call. Denoise longer videos in context windows "
-                                   "(diffstudio.video.context) of at most that many frames.")
-        return x + self.pe[:, :frames].to(x.dtype)
+            got = f"{frames} frames" if positions is None else f"{frames} frames at positions up to {last:g}"
+            raise InvalidSizeError(f"this motion module knows frame positions 0 .. {known - 1}; got {got} in one "
+                                   "call. Denoise longer videos in context windows (diffstudio.video.context) of "
+                                   "at most that many frames.")
+        if positions is None:
+            return x + self.pe[:, :frames].to(x.dtype)
+        positions = positions.to(self.pe.device, torch.float32)
+        departure = self.pe.float() - sinusoidal_positions(known, self.pe.shape[2]).to(self.pe.device)
+        below = positions.floor().long().clamp(max=known - 1)
+        above = (below + 1).clamp(max=known - 1)
+        t = (positions - below)[:, None]
+        code = sinusoidal_positions(frames, self.pe.shape[2], positions).to(self.pe.device)
+        code = code + (1 - t) * departure[:, below] + t * departure[:, above]
+        return x + code.to(x.dtype)
 
 
 class TemporalAttention(nn.Module):
@@ -119,8 +135,8 @@ class TemporalAttention(nn.Module):
         self.to_out = nn.Sequential(Linear(dim, dim), nn.Identity())  # (projection, dropout) as released
         self.pos_encoder = PositionalEncoding(dim, max_frames)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pos_encoder(x)  # positions enter queries, keys and values alike
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.pos_encoder(x, positions)  # positions enter queries, keys and values alike
         return self.to_out[0](unet_attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads))
 
 
@@ -134,9 +150,9 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         for attention_block, norm in zip(self.attention_blocks, self.norms):
-            x = x + attention_block(norm(x))
+            x = x + attention_block(norm(x), positions)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -153,7 +169,7 @@ class TemporalTransformer(nn.Module):
             TemporalTransformerBlock(channels, heads, max_frames) for _ in range(depth))
         self.proj_out = Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int, positions: torch.Tensor | None = None) -> torch.Tensor:
         bf, c, hgt, wid = x.shape
         b = bf // num_frames
         if self.norm_across_frames:  # statistics over (C/groups, F, H, W) of each video
@@ -167,7 +183,7 @@ class TemporalTransformer(nn.Module):
         h = h.permute(0, 3, 4, 1, 2).reshape(b * hgt * wid, num_frames, c)
         h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h)
+            h = block(h, positions)
         h = self.proj_out(h)
         # (B*H*W, F, C) -> (B, H, W, F, C) -> (B*F, C, H, W)
         h = h.view(b, hgt, wid, num_frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, hgt, wid)
@@ -186,8 +202,9 @@ class MotionModule(nn.Module):
         nn.init.zeros_(self.temporal_transformer.proj_out.weight)
         nn.init.zeros_(self.temporal_transformer.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return self.temporal_transformer(x, num_frames)
+    def forward(self, x: torch.Tensor, num_frames: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions``: the frames' positions (PositionalEncoding); by default 0 .. num_frames - 1."""
+        return self.temporal_transformer(x, num_frames, positions)
 
 
 class MotionLevel(nn.Module):
@@ -227,6 +244,10 @@ class MotionModules(nn.Module):
             return None if self.mid_block is None else self.mid_block.motion_modules[index]
         raise ValueError(f"unknown motion hook site {part!r}; expected 'down', 'mid' or 'up'")
 
+    def at(self, positions: torch.Tensor) -> MotionAtPositions:
+        """These modules with every frame sequence at ``positions`` (sub-frame positions, video.context)."""
+        return MotionAtPositions(self, positions)
+
     def mismatch(self, unet: UNetConfig) -> str | None:
         """Why these modules do not fit a UNet of config `unet` (None when they do)."""
         widths = [m * unet.model_channels for m in unet.channel_mult]
@@ -237,3 +258,18 @@ class MotionModules(nn.Module):
             return (f"the motion modules have {self.config.modules_per_level} modules per level, the UNet has "
                     f"{list(unet.num_res_blocks)} ResBlocks per level")
         return None
+
+
+class MotionAtPositions:
+    """``MotionModules.at(positions)``: passed to the UNet as ``motion=`` like the modules themselves; each hook
+    site's module runs with the frame positions given."""
+
+    def __init__(self, modules: MotionModules, positions: torch.Tensor):
+        self.modules, self.positions = modules, positions
+
+    def site(self, part: str, level: int, index: int):
+        module = self.modules.site(part, level, index)
+        return None if module is None else partial(module, positions=self.positions)
+
+    def mismatch(self, unet: UNetConfig) -> str | None:
+        return self.modules.mismatch(unet)

@@ -207,6 +207,7 @@ class AnimateDiffRequest(Strict):
     seed: int = 0
     context_length: int = 16
     fps: float = 8.0
+    context_dilation: int = Field(1, description="a window's frames lie this many apart (docs/animatediff.md)")
 
 
 @router.post("/animatediff", status_code=202)
@@ -217,7 +218,8 @@ def animatediff(req: AnimateDiffRequest, request: Request) -> dict:
     state = request.app.state.server
     model = state.catalog.checkpoint(req.model or state.options["sd_model_checkpoint"]).name
     task = AnimateDiffTask(model, req.motion, req.prompt, req.negative_prompt, req.frames, req.width or 0,
-                           req.height or 0, req.steps or 0, req.cfg_scale or 0.0, req.seed, req.context_length, req.fps)
+                           req.height or 0, req.steps or 0, req.cfg_scale or 0.0, req.seed, req.context_length, req.fps,
+                           req.context_dilation)
     task.check(state.catalog)
     job = state.jobs.submit(Job.new("animatediff", task.params(), task))
     return {"id": job.id, "state": job.state, "url": f"/v1/jobs/{job.id}"}

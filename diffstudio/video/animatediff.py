@@ -6,10 +6,12 @@ A video run denoises one latent of shape (F, C, h, w): F frames of one video, th
 * ``ContextWindows`` (LATENT stage) calls the guided denoiser once per context window with ``x[window]``,
   the window's sigmas and the keyword ``frames`` (a LongTensor of the window's frame indices), and blends
   the x0 predictions of overlapping windows with the tent weights of ``video.context``. CFG passes
-  ``frames`` down with the conditional and unconditional rows stacked (cond rows first).
+  ``frames`` down with the conditional and unconditional rows stacked (cond rows first). Dilated windows
+  also pass ``frame_positions``, the window's sub-frame positions (``video.context.window_positions``).
 * ``Frames`` (NETWORK stage) turns that call into the network's: it takes ``frames`` out, repeats every
   conditioning row once per frame (rows = x rows // len(frames) videos, frame index fastest) and hands the
-  UNet its temporal hook, ``motion=`` the motion modules and ``num_frames=len(frames)``. Without a motion
+  UNet its temporal hook, ``motion=`` the motion modules (at ``frame_positions`` where given) and
+  ``num_frames=len(frames)``. Without a motion
   module the same call renders each frame on its own. Modules inside it that read per-frame inputs declare
   ``takes_frames = True`` (the ControlNet units' per-frame control images) and get ``frames`` passed on.
   With ``cross_frame_attention`` it also passes ``frame_attention=len(frames)``: the UNet's self-attention then
@@ -28,7 +30,9 @@ from diffstudio.errors import InvalidInputError
 from diffstudio.pipeline.control import FRAMES
 from diffstudio.pipeline.modules import LATENT, NETWORK, Generation, Wrapper
 from diffstudio.pipeline.start import TextToImage
-from diffstudio.video.context import context_windows, windowed
+from diffstudio.video.context import context_windows, window_positions, windowed
+
+FRAME_POSITIONS = "frame_positions"  # dilated context windows: the motion module's positions of the window's frames
 
 
 def rows_per_frame(cond: dict, videos: int, num_frames: int) -> dict:
@@ -62,6 +66,7 @@ class Frames:
         class FrameRows(Wrapper):
             def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
                 frames = cond.pop(FRAMES, None)
+                positions = cond.pop(FRAME_POSITIONS, None)
                 if frames is None:
                     return self.inner(x, sigma, **cond)
                 count = len(frames)
@@ -69,7 +74,7 @@ class Frames:
                     raise InvalidInputError(f"{x.shape[0]} latent rows do not split into videos of {count} frames")
                 cond = rows_per_frame(cond, x.shape[0] // count, count)
                 if motion is not None:
-                    cond.update(motion=motion, num_frames=count)
+                    cond.update(motion=motion if positions is None else motion.at(positions), num_frames=count)
                 if across:
                     cond["frame_attention"] = count
                 if pass_frames:
@@ -80,19 +85,22 @@ class Frames:
 
 
 class ContextWindows:
-    """Denoise the frame axis in overlapping windows of ``length`` frames, one every ``stride`` frames
-    (``video.context.context_windows``); ``on_window(index, count)`` is called after each window."""
+    """Denoise the frame axis in overlapping windows of ``length`` frames, one every ``stride`` frames, their
+    frames ``dilation`` apart (``video.context.context_windows``); ``on_window(index, count)`` is called after
+    each window."""
 
     order = LATENT
 
-    def __init__(self, length: int = 16, stride: int = 8, on_window: Callable[[int, int], None] | None = None):
-        if length < 1 or stride < 1 or stride > length:
-            raise InvalidInputError(f"context windows need 1 <= stride <= length; got length {length}, stride "
-                                    f"{stride} (half the length is usual)")
-        self.length, self.stride, self.on_window = length, stride, on_window
+    def __init__(self, length: int = 16, stride: int = 8, on_window: Callable[[int, int], None] | None = None,
+                 dilation: int = 1):
+        if length < 1 or stride < 1 or stride > length or dilation < 1:
+            raise InvalidInputError(f"context windows need 1 <= stride <= length and dilation >= 1; got length "
+                                    f"{length}, stride {stride}, dilation {dilation} (half the length is usual)")
+        self.length, self.stride, self.dilation, self.on_window = length, stride, dilation, on_window
 
     def recipe(self) -> dict:
-        return {"context_length": self.length, "context_stride": self.stride}
+        dilated = {"context_dilation": self.dilation} if self.dilation > 1 else {}
+        return {"context_length": self.length, "context_stride": self.stride, **dilated}
 
     def wrap(self, denoiser, gen: Generation):
         module = self
@@ -100,18 +108,21 @@ class ContextWindows:
         class Windowed(Wrapper):
             def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
                 sigma = torch.as_tensor(sigma).reshape(-1).expand(x.shape[0])
-                count = len(context_windows(x.shape[0], module.length, module.stride))
+                count = len(context_windows(x.shape[0], module.length, module.stride, module.dilation))
                 done = []
 
                 def one(window: torch.Tensor, frames) -> torch.Tensor:
                     index = torch.tensor(frames, dtype=torch.long)
-                    out = self.inner(window, sigma[index], **cond, **{FRAMES: index})
+                    extra = {FRAMES: index}
+                    if module.dilation > 1:
+                        extra[FRAME_POSITIONS] = window_positions(frames, module.dilation)
+                    out = self.inner(window, sigma[index], **cond, **extra)
                     done.append(1)
                     if module.on_window is not None:
                         module.on_window(len(done), count)
                     return out
 
-                return windowed(one, x, module.length, module.stride)
+                return windowed(one, x, module.length, module.stride, dilation=module.dilation)
 
         return Windowed(denoiser)
 

@@ -54,6 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--clip-skip", type=int)
     parser.add_argument("--context-length", type=int, default=16, help="frames the network sees at once (16)")
     parser.add_argument("--context-stride", type=int, help="frames between window starts (default: half the length)")
+    parser.add_argument("--context-dilation", type=int, default=1, metavar="D",
+                        help="a window's frames lie D apart, so the module's motion spans D times as many frames "
+                             "(frames / context length: one motion over the whole video)")
     parser.add_argument("--same-noise", action="store_true", help="start every frame from the same noise")
     parser.add_argument("--smoother", choices=["fastblend"], help="in-loop deflicker (DiffSynth's method)")
     parser.add_argument("--smoother-steps", type=_steps, default=[],
@@ -116,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         args.prompt, args.negative, num_frames=args.frames, width=args.width, height=args.height,
         steps=args.steps, cfg_scale=args.cfg, seed=args.seed, sampler=args.sampler, scheduler=args.scheduler,
         clip_skip=args.clip_skip, init_video=args.input, strength=args.strength,
-        context_length=args.context_length, context_stride=args.context_stride, same_noise=args.same_noise,
+        context_length=args.context_length, context_stride=args.context_stride,
+        context_dilation=args.context_dilation, same_noise=args.same_noise,
         smoother=args.smoother, smoother_steps=args.smoother_steps, work_dir=args.work_dir, restart=args.restart,
         output=args.output, fps=args.fps, progress=not args.quiet)
     if not args.quiet:

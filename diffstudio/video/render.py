@@ -51,13 +51,16 @@ def motion_view(models):
     return view
 
 
-def frame_noise(seed: int, num_frames: int, latent_shape, same_noise: bool = False):
+def frame_noise(seed: int, num_frames: int, latent_shape, same_noise: bool = False, dilation: int = 1):
     """The noise of a render: one CPU generator per frame, frame i seeded ``seed + i`` (every frame ``seed`` with
     ``same_noise``), so a frame's noise - the start and every later draw - is the same whatever the video's
-    length and window layout (the batch convention of the image pipeline, frames taking the place of images)."""
+    length and window layout (the batch convention of the image pipeline, frames taking the place of images).
+    With dilated context windows frame i is seeded ``seed + i // dilation``: the frames at one place of the
+    interleaved windows share their noise, so those windows differ only in their sub-frame positions and render
+    one motion at shifted times (video.context)."""
     from diffstudio.sampling.noise import SeededNoise
 
-    seeds = [seed] * num_frames if same_noise else [seed + i for i in range(num_frames)]
+    seeds = [seed] * num_frames if same_noise else [seed + i // dilation for i in range(num_frames)]
     return SeededNoise(seeds, latent_shape, dtype=torch.float32, device="cpu")
 
 
@@ -88,8 +91,8 @@ class VideoPipeline:
                  cfg_scale: float | None = None, seed: int = 0, sampler: str | None = None,
                  scheduler: str | None = None, sigmas=None, clip_skip: int | None = None, init_video=None,
                  strength: float | None = None, controlnets: Sequence = (), context_length: int = 16,
-                 context_stride: int | None = None, same_noise: bool = False, cross_frame_attention: bool = False,
-                 smoother=None, smoother_steps=(),
+                 context_stride: int | None = None, context_dilation: int = 1, same_noise: bool = False,
+                 cross_frame_attention: bool = False, smoother=None, smoother_steps=(),
                  work_dir=None, restart: bool = False, output=None, fps: float | None = None,
                  tiled_vae: bool | None = None, vae_batch: int = 8, progress: bool = True,
                  callback: Callable | None = None, on_window: Callable | None = None, modules: Sequence = ()):
@@ -97,7 +100,9 @@ class VideoPipeline:
         of frames or a list of frames) its length, or its first ``num_frames``. ``strength``: how much of the
         input to repaint (default 0.75). ``controlnets``: ``ControlNetUnit``s whose image is one control image
         or a list with one per frame. ``context_length`` / ``context_stride``: the frames the network sees at
-        once and the step between windows (default: half the length). ``same_noise``: every frame starts from
+        once and the step between windows (default: half the length). ``context_dilation`` d: a window's frames
+        lie d apart, so the module's motion over ``context_length`` frames spans d times as many (d = frames /
+        length for one motion over the whole video; docs/animatediff.md). ``same_noise``: every frame starts from
         the same noise. ``cross_frame_attention``: each frame's self-attention spans every frame of its
         window (consistent frame-wise re-rendering without a motion module). ``smoother`` ("fastblend" or a
         ``FastBlendSmoother``) at ``smoother_steps`` (-1: after decoding).
@@ -117,9 +122,13 @@ class VideoPipeline:
             raise InvalidInputError("smoother_steps needs a smoother (smoother='fastblend', CLI: --smoother)")
         if smoother is not None and not smoother_steps:
             smoother_steps = (-1,)
-        if self.motion is not None and context_length > self.motion.config.max_frames:
+        if not isinstance(context_dilation, int) or context_dilation < 1:
+            raise InvalidInputError(f"context_dilation must be a whole number >= 1, got {context_dilation!r}")
+        if self.motion is not None and context_length + (context_dilation > 1) > self.motion.config.max_frames:
+            dilated = " with sub-frame positions (a dilation over 1)" if context_dilation > 1 else ""
             raise InvalidSizeError(f"the motion module knows {self.motion.config.max_frames} frame positions; use "
-                                   f"a context length of at most that (got {context_length})")
+                                   f"a context length{dilated} of at most "
+                                   f"{self.motion.config.max_frames - (context_dilation > 1)} (got {context_length})")
         if strength is not None and init_video is None:
             raise InvalidInputError("strength is how much of an input video to repaint; it needs init_video= "
                                     "(CLI: --input)")
@@ -143,7 +152,7 @@ class VideoPipeline:
             check_sampler(resolved.sampler)
             workdir = WorkDir(work_dir, self._recipe(resolved, init_video, num_frames, strength, controlnets,
                                                      context_length, context_stride, same_noise, smoother,
-                                                     smoother_steps, cross_frame_attention))
+                                                     smoother_steps, cross_frame_attention, context_dilation))
             saved = workdir.load(restart)
         else:
             workdir = saved = None
@@ -175,7 +184,7 @@ class VideoPipeline:
                 if on_window is not None:
                     on_window(sampling[0], total, i, n)
 
-            windows = ContextWindows(context_length, context_stride, on_window=window_done)
+            windows = ContextWindows(context_length, context_stride, on_window=window_done, dilation=context_dilation)
             run_modules = [Frames(self.motion, cross_frame_attention), windows, *modules]
             if controlnets:
                 from diffstudio.pipeline.control import ControlNets
@@ -187,8 +196,8 @@ class VideoPipeline:
                 run_modules.append(smoothing)
             gen = pipe.prepare(request, run_modules, start=VideoStart(known, strength))
             total = len(gen.sigmas) - 1
-            per_step = len(context_windows(num_frames, context_length, context_stride))
-            noise = frame_noise(seed, num_frames, gen.latent_shape, same_noise)
+            per_step = len(context_windows(num_frames, context_length, context_stride, context_dilation))
+            noise = frame_noise(seed, num_frames, gen.latent_shape, same_noise, context_dilation)
             if saved is not None:
                 restore_noise(noise, saved)
                 x, first = saved.x, saved.step
@@ -233,7 +242,7 @@ class VideoPipeline:
 
     # -- recipes ----------------------------------------------------------------------------------------
     def _recipe(self, r, init_video, num_frames, strength, controlnets, context_length, context_stride,
-                same_noise, smoother, smoother_steps, cross_frame_attention=False) -> dict:
+                same_noise, smoother, smoother_steps, cross_frame_attention=False, context_dilation=1) -> dict:
         """Everything that decides a render's result, inputs by content: what a work folder must match."""
         from diffstudio.patches.apply import lora_recipe
         from diffstudio.train.recipe import model_fingerprint
@@ -252,6 +261,7 @@ class VideoPipeline:
             "same_noise": same_noise, "smoother": None if smoother is None else smoother.describe(),
             "smoother_steps": [int(s) for s in smoother_steps], "models": models,
             **({"cross_frame_attention": True} if cross_frame_attention else {}),
+            **({"context_dilation": context_dilation} if context_dilation > 1 else {}),
             "dtype": str(self.models.dtype), "device": str(self.models.device), **lora_recipe(self.models),
         }
 

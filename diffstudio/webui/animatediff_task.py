@@ -30,6 +30,7 @@ class AnimateDiffTask:
     seed: int = 0
     context_length: int = 16
     fps: float = 8.0
+    context_dilation: int = 1
 
     def check(self, catalog) -> None:
         """Refuse what cannot run before the job is queued (named errors; nothing is loaded)."""
@@ -42,8 +43,8 @@ class AnimateDiffTask:
         if not 1 <= self.frames <= MAX_FRAMES:
             raise InvalidInputError(f"frames must be 1..{MAX_FRAMES}, got {self.frames} (longer videos: the "
                                     "`diffstudio video` command, which renders any length)")
-        if self.context_length < 1 or self.steps < 0 or self.cfg_scale < 0 or self.fps <= 0:
-            raise InvalidInputError("context length and fps must be positive, steps and CFG not negative")
+        if min(self.context_length, self.context_dilation) < 1 or self.steps < 0 or self.cfg_scale < 0 or self.fps <= 0:
+            raise InvalidInputError("context length, dilation and fps must be positive, steps and CFG not negative")
 
     def params(self) -> dict:
         return asdict(self)
@@ -64,7 +65,7 @@ class AnimateDiffTask:
         VideoPipeline(models, lora_dirs=pipe.lora_dirs)(
             self.prompt, self.negative_prompt, num_frames=self.frames, width=self.width or None,
             height=self.height or None, steps=self.steps or None, cfg_scale=self.cfg_scale or None, seed=self.seed,
-            context_length=self.context_length, output=outputs / name, fps=self.fps, progress=False,
-            callback=on_step)
+            context_length=self.context_length, context_dilation=self.context_dilation, output=outputs / name,
+            fps=self.fps, progress=False, callback=on_step)
         job.outputs.append(name)
         job.info = {**job.info, "frames": self.frames}

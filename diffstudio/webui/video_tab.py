@@ -121,6 +121,7 @@ def build_animatediff_panel(state) -> None:
             with gr.Row():
                 i["frames"] = gr.Slider(1, MAX_FRAMES, value=16, step=1, label="Frames")
                 i["context"] = gr.Slider(1, 32, value=16, step=1, label="Context window (frames)")
+                i["dilation"] = gr.Number(value=1, precision=0, minimum=1, label="Window dilation (frames apart)")
                 i["fps"] = gr.Number(value=8, label="FPS")
             with gr.Row():
                 i["steps"] = gr.Number(value=0, precision=0, label="Steps (0 = the model's)")
@@ -131,7 +132,8 @@ def build_animatediff_panel(state) -> None:
             return queue_animatediff(state, AnimateDiffTask(
                 v["model"], v["motion"] or "", v["prompt"], v["negative"], int(v["frames"]),
                 steps=int(v["steps"] or 0), cfg_scale=float(v["cfg"] or 0), seed=int(v["seed"] or 0),
-                context_length=int(v["context"]), fps=float(v["fps"] or 8)))
+                context_length=int(v["context"]), fps=float(v["fps"] or 8),
+                context_dilation=int(v["dilation"] or 1)))
 
         job_panel(state, i, make_job, "Render video", "animatediff", previews=False)
 
