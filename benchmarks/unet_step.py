@@ -11,6 +11,12 @@ other processes hits both alike; we print medians and the ratio ours / diffusers
     python benchmarks/unet_step.py --sizes 64 --tome 0.5     # ours with token merging vs plain diffusers
     python benchmarks/unet_step.py --sizes 64 --tome 0.5 --tome-reference   # vs diffusers patched by tomesd
     python benchmarks/unet_step.py --sizes 64 32 --dtypes fp32 --winograd [wide]   # ours with Winograd convolutions
+    python benchmarks/unet_step.py --sizes 64 --deep-cache 2   # per step over DeepCache cycles (1 full + 2 reused)
+
+With ``--deep-cache K`` a timed run is K + 1 calls on each side: ours one full pass and K DeepCache passes from its
+feature (pipeline/deep_cache.py, branch 0), diffusers K + 1 full passes; the ratio is then per sampling step. Each
+pass sees the same input, from which a reused pass equals the full one (the error column); in sampling the inputs
+move between steps, and DeepCache's effect on quality is measured on the Shapes model (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -55,6 +61,22 @@ def compare(ours, ref, config: dict, size: int, dtype: torch.dtype, args, sync):
 
         settings = TokenMerge(args.tome)
         ours_kw["token_merge"] = TokenMerging(settings, torch.Generator().manual_seed(0))
+    if args.deep_cache:
+        from diffstudio.pipeline.deep_cache import FeatureSlot
+
+        def cycle():
+            slot = FeatureSlot(branch=0)
+            for call in range(args.deep_cache + 1):
+                slot.reuse = call > 0
+                out = ours(x, t, ctx, feature_cache=slot, **ours_kw)
+            return out
+
+        def reference_cycle():
+            for _ in range(args.deep_cache + 1):
+                out = ref(x, t, ctx, **ref_kw).sample
+            return out
+
+        return race(cycle, reference_cycle, args.repeats, sync)
     return race(lambda: ours(x, t, ctx, **ours_kw), lambda: ref(x, t, ctx, **ref_kw).sample, args.repeats, sync)
 
 
@@ -68,6 +90,8 @@ def main() -> None:
     parser.add_argument("--tome", type=float, help="token merging ratio for our UNet (ToMe; the error column is then "
                                                    "the merge's effect unless --tome-reference)")
     parser.add_argument("--tome-reference", action="store_true", help="patch diffusers' UNet with tomesd too")
+    parser.add_argument("--deep-cache", type=int, metavar="K",
+                        help="time DeepCache cycles: ours 1 full + K reused passes against K + 1 diffusers passes")
     parser.add_argument("--winograd", nargs="?", const="on", choices=["on", "wide"],
                         help="our UNet's 3x3 convolutions by Winograd F(4x4, 3x3) (Models.winograd; fp32 on the "
                              "CPU); wide: the widest layers too")

@@ -102,7 +102,7 @@ def write_motion_dataset(folder: str | Path, n: int, n_frames: int = 16, size: i
 
 def build_motion(out: str | Path = "diffstudio/demo/weights/shapes-motion.safetensors",
                  workdir: str | Path = "runs/shapes-motion", *, n_clips: int = 1000, frames: int = 16,
-                 steps: int = 1500, batch_size: int = 4, lr: float = 1e-3, lr_end: float | None = 5e-5,
+                 steps: int = 3000, batch_size: int = 4, lr: float = 1e-3, lr_end: float | None = 5e-5,
                  warmup: int = 50, schedule: str = "linear", seed: int = 0, slow_prob: float = 0.0,
                  restart: bool = False) -> Path | None:
     """Write the clips into ``workdir/data`` and train the module into ``out`` (see the module docstring)."""
